@@ -1,0 +1,155 @@
+"""Calibration statistics of one linear layer: the Gram ``H = X^T X`` and what the sets need.
+
+Everything here is a pure function of tensors. ``LayerInputs`` keeps a reference to the
+calibration activations of a layer (so that CTE can weight samples and the ellipsoid set can
+bootstrap its radius) and reduces them to Grams in chunks: a ``(samples, tokens, n)`` tensor of
+any size is never copied to float64 as a whole.
+
+Samples are the unit of CTE and of the bootstrap: with a 3-D input ``(S, T, n)`` a sample is one
+image or sequence (``T`` tokens); with a 2-D input ``(N, n)`` every row is its own sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["LayerInputs", "as_layer_inputs"]
+
+# Rows (tokens) of a chunk multiplied at once. 16k x 4096 floats = 256 MB in float32.
+_CHUNK_ELEMENTS = 1 << 26
+
+
+def _check_finite(t: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(t).all():
+        raise ValueError(
+            f"{what} contains NaN or Inf values. Pruning needs finite calibration statistics: "
+            "check the calibration data and the layers before this one (an overflow in half "
+            "precision is the usual cause; calibrate in float32 or bfloat16)."
+        )
+
+
+@dataclass
+class LayerInputs:
+    """Calibration activations of one layer, viewed as ``samples`` of ``tokens`` rows each.
+
+    Args:
+        x: ``(S, T, n)`` or ``(N, n)`` activations (any float dtype, any device).
+        name: used in error messages.
+    """
+
+    x: torch.Tensor
+    name: str = "inputs"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.x, torch.Tensor):
+            raise ValueError(f"{self.name} must be a torch.Tensor, got {type(self.x).__name__}.")
+        if self.x.dim() == 2:
+            self.x = self.x.unsqueeze(1)  # every row is its own sample
+        if self.x.dim() != 3:
+            raise ValueError(
+                f"{self.name} must have shape (samples, tokens, in_features) or (N, in_features), "
+                f"got {tuple(self.x.shape)}."
+            )
+        if not self.x.is_floating_point():
+            raise ValueError(f"{self.name} must be a float tensor, got {self.x.dtype}.")
+        if self.x.shape[0] == 0 or self.x.shape[1] == 0:
+            raise ValueError(
+                f"{self.name} is empty (shape {tuple(self.x.shape)}): pass at least one calibration sample."
+            )
+        self._gram: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ shape
+    @property
+    def num_samples(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def tokens_per_sample(self) -> int:
+        return self.x.shape[1]
+
+    @property
+    def in_features(self) -> int:
+        return self.x.shape[2]
+
+    def _sample_chunks(self):
+        """Yield (start, stop) ranges of samples whose token count stays within one chunk."""
+        per_sample = self.tokens_per_sample * self.in_features
+        step = max(1, _CHUNK_ELEMENTS // max(per_sample, 1))
+        for start in range(0, self.num_samples, step):
+            yield start, min(start + step, self.num_samples)
+
+    # ------------------------------------------------------------------ Grams
+    def gram(self, sample_weights: torch.Tensor | None = None, device=None) -> torch.Tensor:
+        """``sum_s w_s X_s^T X_s`` in float64 (``w = 1`` gives ``H``); cached when unweighted.
+
+        Each chunk is multiplied in float32 and summed into a float64 accumulator.
+        """
+        if sample_weights is None and self._gram is not None:
+            return self._gram if device is None else self._gram.to(device)
+        device = self.x.device if device is None else torch.device(device)
+        n = self.in_features
+        acc = torch.zeros(n, n, dtype=torch.float64, device=device)
+        for a, b in self._sample_chunks():
+            xc = self.x[a:b].to(device=device, dtype=torch.float32)
+            if sample_weights is not None:
+                w = sample_weights[a:b].to(device=device, dtype=torch.float32)
+                keep = w != 0
+                if not keep.any():
+                    continue
+                xc = xc[keep] * w[keep].clamp_min(0).sqrt().view(-1, 1, 1)
+            xc = xc.reshape(-1, n)
+            acc += (xc.T @ xc).double()
+        _check_finite(acc, self.name)
+        acc = 0.5 * (acc + acc.T)
+        if sample_weights is None:
+            self._gram = acc
+        return acc
+
+    def sample_losses(self, error: torch.Tensor) -> torch.Tensor:
+        """Per-sample losses ``l_s = ||X_s E^T||_F^2`` (float64, shape ``(S,)``)."""
+        device = error.device
+        e = error.to(dtype=torch.float32)
+        out = torch.empty(self.num_samples, dtype=torch.float64, device=device)
+        for a, b in self._sample_chunks():
+            xc = self.x[a:b].to(device=device, dtype=torch.float32)
+            out[a:b] = (xc @ e.T).double().pow(2).sum(dim=(1, 2))
+        return out
+
+    def bootstrap_radius(self, resamples: int = 16, quantile: float = 0.9, seed: int = 0) -> float:
+        """Data-driven radius of the ellipsoid set (SPEC §2, E).
+
+        The ``quantile`` of ``||H~_b - H~||_F / ||H~||_F`` over bootstrap resamples of the
+        calibration samples, with ``H~`` the Jacobi-normalised Gram (the same scaling for all).
+        Returns 0 for a single sample (nothing to resample).
+        """
+        s = self.num_samples
+        if s < 2:
+            return 0.0
+        h = self.gram()
+        d = h.diagonal().clamp_min(torch.finfo(torch.float64).tiny).rsqrt()
+        ht = h * d[:, None] * d[None, :]
+        norm = torch.linalg.matrix_norm(ht).item()
+        if norm == 0:
+            return 0.0
+        gen = torch.Generator().manual_seed(seed)
+        ratios = []
+        for _ in range(resamples):
+            idx = torch.randint(0, s, (s,), generator=gen)
+            counts = torch.bincount(idx, minlength=s).to(torch.float64)
+            hb = self.gram(sample_weights=counts.to(h.device), device=h.device)
+            hbt = hb * d[:, None] * d[None, :]
+            ratios.append(torch.linalg.matrix_norm(hbt - ht).item() / norm)
+        return float(torch.tensor(ratios).quantile(quantile))
+
+
+def as_layer_inputs(inputs, in_features: int, name: str = "inputs") -> LayerInputs:
+    """Wrap a tensor (or pass through a ``LayerInputs``) and check its width."""
+    li = inputs if isinstance(inputs, LayerInputs) else LayerInputs(inputs, name=name)
+    if li.in_features != in_features:
+        raise ValueError(
+            f"{name} have {li.in_features} features but the weight has in_features={in_features}: "
+            "pass the inputs of this layer (what its forward receives), shaped (..., in_features)."
+        )
+    return li

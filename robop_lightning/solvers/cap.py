@@ -1,0 +1,135 @@
+"""CAP (Kuznedelev et al., NeurIPS 2023): correlation-aware OBS elimination (the OBC recurrence).
+
+Per output row, weights are removed one at a time. Each step removes
+``q* = argmin_q w_q^2 / [H^-1]_qq`` (its exact loss increase), updates the survivors with the OBS
+correction ``w -= (w_q / [H^-1]_qq) H^-1[:, q]`` and down-dates the inverse by the rank-one
+elimination of ``q``, so later saliencies see earlier removals.
+
+The loss of every step is recorded (made non-decreasing by a running max); one threshold across
+all rows (``"unstructured"``) or within each row (``"row"``) then decides how many weights each
+row loses, and the elimination is replayed up to that count to produce the weights. For ``N:M``
+the step only considers groups that still have fewer than ``M - N`` removals.
+
+The curvature is the (effective, damped) layer Gram. ``block_size`` restricts it to diagonal
+blocks of that many inputs, CAP's block approximation, which turns ``O(n^3)`` per row into
+``O(n B^2)``. Rows are processed in chunks bounded by ``chunk_bytes``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from robop_lightning.patterns import Pattern
+
+
+def _eliminate(w, hinv, removed, steps, pattern, forced=None, counts=None):
+    """Run ``steps`` OBS eliminations on a batch of independent problems (in place)."""
+    c, size = w.shape
+    idx = torch.arange(c, device=w.device)
+    order = torch.zeros(c, steps, dtype=torch.long, device=w.device)
+    losses = torch.full((c, steps), math.inf, dtype=w.dtype, device=w.device)
+    tiny = torch.finfo(w.dtype).tiny
+    for t in range(steps):
+        diag = hinv.diagonal(dim1=1, dim2=2)
+        if forced is None:
+            score = (w * w / diag.clamp_min(tiny)).masked_fill(removed, math.inf)
+            if pattern.kind == "nm":
+                full = removed.view(c, -1, pattern.m).sum(-1) >= pattern.m - pattern.n
+                score = score.masked_fill(full.repeat_interleave(pattern.m, dim=1), math.inf)
+            loss, q = score.min(dim=1)
+            valid = torch.isfinite(loss)
+            losses[:, t] = loss
+        else:
+            q = forced[:, t]
+            valid = counts > t
+            if not bool(valid.any()):
+                break
+        order[:, t] = q
+        col = hinv[idx, :, q]
+        dq = diag[idx, q].clamp_min(tiny)
+        coef = torch.where(valid, w[idx, q] / dq, torch.zeros_like(dq))
+        w -= coef[:, None] * col
+        w[idx, q] = torch.where(valid, torch.zeros_like(dq), w[idx, q])
+        scale = torch.where(valid, 1.0 / dq, torch.zeros_like(dq))
+        hinv -= scale[:, None, None] * col[:, :, None] * col[:, None, :]
+        removed[idx, q] |= valid
+    return order, losses
+
+
+def cap(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    pattern: Pattern,
+    *,
+    block_size: int | None = None,
+    chunk_bytes: int = 1 << 28,
+    dtype: torch.dtype = torch.float64,
+    **_,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = w.shape
+    dev = w.device
+    size = cols if block_size is None or block_size >= cols else int(block_size)
+    if pattern.kind == "nm" and size % pattern.m:
+        raise ValueError(f"CAP block_size={size} must be a multiple of M={pattern.m} for pattern {pattern}.")
+    nb = math.ceil(cols / size)
+    padded = nb * size
+    hp = torch.eye(padded, dtype=dtype, device=dev)
+    hp[:cols, :cols] = h.to(device=dev, dtype=dtype)
+    blocks = torch.stack([hp[b * size : (b + 1) * size, b * size : (b + 1) * size] for b in range(nb)])
+    hinv_blocks = torch.cholesky_inverse(torch.linalg.cholesky(blocks))
+    pad = torch.zeros(padded, dtype=torch.bool, device=dev)
+    pad[cols:] = True
+
+    wp = torch.zeros(rows, padded, dtype=dtype, device=dev)
+    wp[:, :cols] = w.to(dtype)
+    problems = wp.view(rows * nb, size)
+    num = problems.shape[0]
+    block_of = torch.arange(num, device=dev) % nb
+    pad_of = pad.view(nb, size)
+    chunk = max(1, chunk_bytes // (size * size * torch.finfo(dtype).bits // 8))
+
+    def batch(a, b):
+        return (
+            problems[a:b].clone(),
+            hinv_blocks[block_of[a:b]].clone(),
+            pad_of[block_of[a:b]].clone(),
+        )
+
+    out = torch.empty_like(problems)
+    kept = torch.empty(num, size, dtype=torch.bool, device=dev)
+    if pattern.kind == "nm":
+        steps = size // pattern.m * (pattern.m - pattern.n)
+        for a in range(0, num, chunk):
+            b = min(a + chunk, num)
+            wc, hc, rc = batch(a, b)
+            _eliminate(wc, hc, rc, steps, pattern)
+            out[a:b], kept[a:b] = wc, ~rc
+    else:
+        orders = torch.empty(num, size, dtype=torch.long, device=dev)
+        losses = torch.empty(num, size, dtype=dtype, device=dev)
+        for a in range(0, num, chunk):
+            b = min(a + chunk, num)
+            wc, hc, rc = batch(a, b)
+            orders[a:b], losses[a:b] = _eliminate(wc, hc, rc, size, pattern)
+        losses = torch.cummax(losses, dim=1).values
+        if pattern.kind == "unstructured":
+            prune = rows * cols - pattern.keep_count(rows, cols)
+            chosen = torch.sort(losses.reshape(-1), stable=True).indices[:prune]
+            counts = torch.bincount(chosen // size, minlength=num)
+        else:
+            prune = cols - pattern.keep_per_row(cols)
+            per_row = losses.view(rows, nb * size)
+            chosen = torch.sort(per_row, dim=1, stable=True).indices[:, :prune]
+            counts = torch.zeros(rows, nb, dtype=torch.long, device=dev)
+            counts.scatter_add_(1, chosen // size, torch.ones_like(chosen))
+            counts = counts.view(-1)
+        for a in range(0, num, chunk):
+            b = min(a + chunk, num)
+            wc, hc, rc = batch(a, b)
+            _eliminate(wc, hc, rc, size, pattern, forced=orders[a:b], counts=counts[a:b])
+            out[a:b], kept[a:b] = wc, ~rc
+    mask = kept.view(rows, padded)[:, :cols].contiguous()
+    w_hat = out.view(rows, padded)[:, :cols].to(torch.float32)
+    return w_hat * mask, mask

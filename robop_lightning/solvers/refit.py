@@ -1,0 +1,88 @@
+"""Least-squares refit of the kept weights on a fixed mask (the plug-in theorem, SPEC §1).
+
+For each output row ``i`` with kept set ``S``:
+``w_hat_S = w_S + H_SS^-1 H_{S,Sc} w_Sc``, i.e. ``argmin_{w_hat supported on S} (w_hat - w)^T H (w_hat - w)``.
+Two ways: an exact per-row back-solve (small layers, tests) and a batched preconditioned
+conjugate gradient on all rows at once (large layers; ALPS's PCG step).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["refit", "masked_pcg", "exact_refit"]
+
+
+def exact_refit(w: torch.Tensor, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Exact per-row solution in float64 (``O(m k^3)``: for small layers and tests)."""
+    w64, h64 = w.double(), h.double().to(w.device)
+    out = torch.zeros_like(w64)
+    for i in range(w64.shape[0]):
+        s = mask[i]
+        if not s.any():
+            continue
+        sc = ~s
+        rhs = h64[s][:, s] @ w64[i, s] + h64[s][:, sc] @ w64[i, sc]
+        out[i, s] = torch.linalg.solve(h64[s][:, s], rhs)
+    return out.to(w.dtype)
+
+
+def masked_pcg(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    mask: torch.Tensor,
+    x0: torch.Tensor | None = None,
+    iters: int = 10,
+    tol: float = 0.0,
+) -> torch.Tensor:
+    """Batched Jacobi-preconditioned CG for ``min_{X on mask} tr((X - W) H (X - W)^T)``.
+
+    Args:
+        w: ``(m, n)`` target weights.
+        h: ``(n, n)`` positive definite Gram (damped).
+        mask: ``(m, n)`` bool, True where a weight is free.
+        x0: warm start (zeros outside the mask are enforced); ``w * mask`` by default.
+        iters: maximum CG iterations.
+        tol: stop when every row's relative residual is below ``tol`` (0 = run ``iters``).
+
+    Returns:
+        ``(m, n)`` solution in ``w``'s dtype with exact zeros outside ``mask``.
+    """
+    dtype = w.dtype
+    hm = h.to(device=w.device, dtype=dtype)
+    p = mask.T.to(dtype)  # (n, m): columns are rows of W
+    wt = w.T
+    x = (w if x0 is None else x0).T.to(dtype) * p
+    b = (hm @ wt) * p
+    r = b - (hm @ x) * p
+    diag = hm.diagonal().clamp_min(torch.finfo(dtype).tiny)[:, None]
+    z = r / diag
+    d = z.clone()
+    rz = (r * z).sum(0)
+    b_norm = b.norm(dim=0).clamp_min(torch.finfo(dtype).tiny)
+    for _ in range(iters):
+        if tol > 0 and bool((r.norm(dim=0) <= tol * b_norm).all()):
+            break
+        ad = (hm @ d) * p
+        dad = (d * ad).sum(0)
+        alpha = torch.where(dad > 0, rz / dad.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(rz))
+        x += alpha * d
+        r -= alpha * ad
+        z = r / diag
+        rz_new = (r * z).sum(0)
+        beta = torch.where(rz > 0, rz_new / rz.clamp_min(torch.finfo(dtype).tiny), torch.zeros_like(rz))
+        d = z + beta * d
+        rz = rz_new
+    return (x * p).T.contiguous()
+
+
+def refit(w: torch.Tensor, h: torch.Tensor, mask: torch.Tensor, exact: bool | None = None,
+          x0: torch.Tensor | None = None) -> torch.Tensor:
+    """Least-squares optimal kept weights on ``mask`` under ``h`` (exact for small layers)."""
+    n = w.shape[1]
+    if exact is None:
+        exact = n <= 128 and w.shape[0] * n <= 1 << 16
+    if exact:
+        return exact_refit(w, h, mask)
+    out = masked_pcg(w.double() if n <= 1024 else w.float(), h, mask, x0=x0, iters=200, tol=1e-7)
+    return out.to(w.dtype)
