@@ -2,7 +2,17 @@
 
 from robop_lightning.gram import LayerInputs
 from robop_lightning.layer import LayerResult, prune_layer
+from robop_lightning.model import PruneReport, prune_model
+from robop_lightning.callback import RobOPCallback
 
 __version__ = "0.1.0"
 
-__all__ = ["prune_layer", "LayerResult", "LayerInputs", "__version__"]
+__all__ = [
+    "prune_layer",
+    "LayerResult",
+    "LayerInputs",
+    "prune_model",
+    "PruneReport",
+    "RobOPCallback",
+    "__version__",
+]

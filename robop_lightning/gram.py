@@ -17,7 +17,7 @@ import torch
 
 __all__ = ["LayerInputs", "as_layer_inputs"]
 
-# Rows (tokens) of a chunk multiplied at once. 16k x 4096 floats = 256 MB in float32.
+# Elements of a chunk converted and multiplied at once: 2**26 doubles = 512 MB.
 _CHUNK_ELEMENTS = 1 << 26
 
 
@@ -84,7 +84,8 @@ class LayerInputs:
     def gram(self, sample_weights: torch.Tensor | None = None, device=None) -> torch.Tensor:
         """``sum_s w_s X_s^T X_s`` in float64 (``w = 1`` gives ``H``); cached when unweighted.
 
-        Each chunk is multiplied in float32 and summed into a float64 accumulator.
+        Accumulated in float64, chunk by chunk: pruning errors are small next to ``W`` and a
+        float32 Gram of a rank-deficient layer loses them to cancellation.
         """
         if sample_weights is None and self._gram is not None:
             return self._gram if device is None else self._gram.to(device)
@@ -92,15 +93,15 @@ class LayerInputs:
         n = self.in_features
         acc = torch.zeros(n, n, dtype=torch.float64, device=device)
         for a, b in self._sample_chunks():
-            xc = self.x[a:b].to(device=device, dtype=torch.float32)
+            xc = self.x[a:b].to(device=device, dtype=torch.float64)
             if sample_weights is not None:
-                w = sample_weights[a:b].to(device=device, dtype=torch.float32)
+                w = sample_weights[a:b].to(device=device, dtype=torch.float64)
                 keep = w != 0
                 if not keep.any():
                     continue
                 xc = xc[keep] * w[keep].clamp_min(0).sqrt().view(-1, 1, 1)
             xc = xc.reshape(-1, n)
-            acc += (xc.T @ xc).double()
+            acc += xc.T @ xc
         _check_finite(acc, self.name)
         acc = 0.5 * (acc + acc.T)
         if sample_weights is None:
@@ -108,13 +109,13 @@ class LayerInputs:
         return acc
 
     def sample_losses(self, error: torch.Tensor) -> torch.Tensor:
-        """Per-sample losses ``l_s = ||X_s E^T||_F^2`` (float64, shape ``(S,)``)."""
+        """Per-sample losses ``l_s = ||X_s E^T||_F^2`` (computed in float64, shape ``(S,)``)."""
         device = error.device
-        e = error.to(dtype=torch.float32)
+        e = error.to(dtype=torch.float64)
         out = torch.empty(self.num_samples, dtype=torch.float64, device=device)
         for a, b in self._sample_chunks():
-            xc = self.x[a:b].to(device=device, dtype=torch.float32)
-            out[a:b] = (xc @ e.T).double().pow(2).sum(dim=(1, 2))
+            xc = self.x[a:b].to(device=device, dtype=torch.float64)
+            out[a:b] = (xc @ e.T).pow(2).sum(dim=(1, 2))
         return out
 
     def bootstrap_radius(self, resamples: int = 16, quantile: float = 0.9, seed: int = 0) -> float:

@@ -96,8 +96,9 @@ def _relative(num: float, den: float) -> float:
 
 
 def _quad(h: torch.Tensor, e: torch.Tensor) -> float:
-    eh = e.float() @ h.to(device=e.device, dtype=torch.float32)
-    return float((eh.double() * e.double()).sum())
+    """``tr(E H E^T)`` in float64 (the error can be tiny next to ``W``: no float32 cancellation)."""
+    e64 = e.double()
+    return float(((e64 @ h.to(device=e.device, dtype=torch.float64)) * e64).sum())
 
 
 def _damp(h_eff: torch.Tensor, lam: float, name: str) -> tuple[torch.Tensor, float]:
@@ -115,7 +116,7 @@ def _damp(h_eff: torch.Tensor, lam: float, name: str) -> tuple[torch.Tensor, flo
                     stacklevel=3,
                 )
             return hd, lam
-        lam *= 10
+        lam = lam * 10 if lam > 0 else 1e-6 * max(float(h_eff.diagonal().mean()), 1e-12)
     raise ValueError(
         f"{name}: the calibration Gram stays singular even with damping {lam:.3g}; the inputs of this "
         "layer are degenerate. Use more calibration data or a larger `damping`."
@@ -217,27 +218,30 @@ def prune_layer(
             RuntimeWarning,
             stacklevel=2,
         )
-        lam0 = 1.0
-    uset.prepare(h, li, lam0)
+        lam0 = 0.0
+    # With all-zero inputs every mask is optimal; the identity makes every solver pick by magnitude.
+    h_solve = h if mean_diag > 0 else torch.eye(cols, dtype=h.dtype, device=device)
+    uset.prepare(h_solve, li, lam0)
     history: list[dict[str, Any]] = []
     used_lam = [lam0]
 
     def solve(h_eff: torch.Tensor, warm: torch.Tensor | None = None):
-        h_solve = h_eff
+        h_damped = h_eff
         if solver in USES_FULL_GRAM:
-            h_solve, used_lam[0] = _damp(h_eff, lam0, name)
-        return SOLVERS[solver](w, h_solve, pat, h_diag=h_eff.diagonal(), warm=warm, **options)
+            h_damped, used_lam[0] = _damp(h_eff, lam0, name)
+        fn = SOLVERS[solver] if mean_diag > 0 else SOLVERS["magnitude"]
+        return fn(w, h_damped, pat, h_diag=h_eff.diagonal(), warm=warm, **options)
 
     if pat.kind != "nm" and pat.keep_count(rows, cols) == rows * cols:
         w_hat, mask = w.clone(), torch.ones(rows, cols, dtype=torch.bool, device=device)
     elif not uset.dynamic or solver in DATA_FREE:
         w_hat, mask = solve(uset.effective())
     else:
-        h_k = h
+        h_k = h_solve
         w_hat, mask = solve(h_k)
         phi = uset.robust_loss(w - w_hat)
         best = (phi, w_hat, mask, h_k)
-        history.append({"round": 0, "robust_loss": phi, "nominal_loss": _quad(h, w - w_hat), "mask_change": 1.0})
+        history.append({"round": 0, "robust_loss": phi, "nominal_loss": _quad(h, w - w_hat), "mask_change": 0.0})
         for k in range(rounds):
             h_k = (1 - 2 / (k + 2)) * h_k + (2 / (k + 2)) * uset.worst_case(w - w_hat)
             prev_mask = mask

@@ -37,9 +37,9 @@ __all__ = ["UncertaintySet", "Baseline", "Trace", "Ellipsoid", "CTE", "make_unce
 
 
 def _inner(h: torch.Tensor, e: torch.Tensor) -> float:
-    """``<H, E^T E> = tr(E H E^T)``, with the product in float32 and the sum in float64."""
-    eh = e.float() @ h.to(device=e.device, dtype=torch.float32)
-    return float((eh.double() * e.double()).sum())
+    """``<H, E^T E> = tr(E H E^T)`` in float64."""
+    e64 = e.double()
+    return float(((e64 @ h.to(device=e.device, dtype=torch.float64)) * e64).sum())
 
 
 def spectral_norm_sq(e: torch.Tensor, iters: int = 100, tol: float = 1e-7) -> tuple[float, torch.Tensor]:
@@ -127,6 +127,7 @@ class Trace(UncertaintySet):
         n = h.shape[0]
         self.rho = self._rho if self._rho is not None else (0.01 if self.coupled else 0.05 / n)
         self.r = self.rho * float(h.diagonal().sum())
+        self.dynamic = self.coupled and self.r > 0
 
     def effective(self):
         return self.h + self.r * torch.eye(self.h.shape[0], dtype=self.h.dtype, device=self.h.device)
@@ -167,6 +168,7 @@ class Ellipsoid(UncertaintySet):
         s = self.diag.sqrt()
         ht_norm = float(torch.linalg.matrix_norm(h / torch.outer(s, s).clamp_min(torch.finfo(h.dtype).tiny)))
         self.r = self.rho * ht_norm
+        self.dynamic = self.coupled and self.r > 0
 
     def _gt_norm(self, e: torch.Tensor) -> float:
         et = e.double() * self.diag.to(e.device).sqrt()[None, :]
@@ -217,10 +219,11 @@ class CTE(UncertaintySet):
     """
 
     name = "cte"
-    dynamic = True
 
     def __init__(self, alpha: float | None = None):
         self.alpha = 0.5 if alpha is None else alpha
+        # alpha = 1 is the singleton {H}: no worst case to chase, exactly the nominal problem.
+        self.dynamic = self.alpha < 1.0
 
     def _q(self, e):
         return cvar_weights(self.inputs.sample_losses(e), self.alpha)

@@ -9,7 +9,7 @@ In Jacobi-normalised coordinates (``S = diag(H)^1/2``, ``H~ = S^-1 H S^-1``, ``B
 
 Every ``check_every`` iterations the number of support flips ``s`` sets rho (k = kept weights):
 ``s/k > 0.1`` -> x1.3; ``> 0.005`` -> x1.2; at least one flip -> x1.1, or /5 and a dual restart if
-rho was never raised; no flip -> stop if rho was raised before, else /5. Stop once
+rho was never raised; no flip -> stop if rho was raised before (x1.1 before ``min_iter``), else /5. Stop once
 ``it >= min_iter`` and ``s/k < 3e-4``, or at ``max_iter``. A few PCG iterations on the final support
 (warm-started at ``D``) then give the weights. With a robust Gram both the quadratic and the linear
 term (``H~_eff B0``) use the effective matrix.
@@ -90,9 +90,11 @@ def alps(
             else:
                 rho /= 5
                 v.zero_()
-        else:
-            if raised:
+        elif raised:
+            if it >= min_iter:
                 break
+            rho *= 1.1  # stable support, but too early to trust it: keep tightening
+        else:
             rho /= 5
         rho = min(rho, rho_max)
     supp = new_supp

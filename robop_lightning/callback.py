@@ -1,0 +1,407 @@
+"""``RobOPCallback``: RobOP pruning as a Lightning callback (glue over :func:`prune_model`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from itertools import islice
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from typing_extensions import override
+
+from robop_lightning.masks import SparsityMasks
+from robop_lightning.model import PruneReport, prune_model
+from robop_lightning.patterns import parse_pattern
+from robop_lightning.solvers import SOLVERS
+from robop_lightning.uncertainty import make_uncertainty
+
+__all__ = ["RobOPCallback"]
+
+_ALIASES = {"validation": "val"}
+_STATE_VERSION = 1
+
+
+class RobOPCallback(Callback):
+    r"""Prune a LightningModule with RobOP, then keep the pruned weights at zero while it trains.
+
+    Lifecycle, hook by hook (the one-off job follows ``BatchSizeFinder``: it runs at whatever entry
+    point was called):
+
+    * ``setup``: refuse sharded strategies (FSDP, DeepSpeed, model parallel).
+    * ``on_fit_start``: with ``prune_at="start"`` (and no ``schedule``), prune now, so the whole of
+      ``fit`` is recovery fine-tuning. When the callback's state came from a checkpoint
+      (``ckpt_path=``), nothing is pruned again: the saved masks are re-installed.
+    * ``on_train_start`` / ``on_train_epoch_start``: with a ``schedule``, prune to the sparsity of
+      every milestone ``<=`` the current epoch that is not done yet (``{0: 0.5, 2: 0.6, 4: 0.75}``
+      prunes 50 % before epoch 0, 60 % before epoch 2, 75 % before epoch 4; earlier zeros are
+      kept). A ``prune_at`` epoch missed because fit resumed after it is caught up here too.
+    * ``on_train_epoch_end``: with ``prune_at=<epoch>``, prune at the end of that epoch.
+    * ``on_before_optimizer_step``: zero the gradients of pruned weights (before clipping).
+      The optimizer step post-hooks of :class:`SparsityMasks` re-zero the weights after every
+      step, through gradient accumulation, AMP, clipping, momentum and weight decay.
+    * ``on_validation_start`` (``trainer.validate`` only) / ``on_test_start``: prune, then evaluate.
+    * ``state_dict`` / ``load_state_dict``: masks and progress; the model's own ``state_dict``
+      stays dense with the stock keys, so a checkpoint loads strictly into the stock module.
+    * ``teardown``: remove the hooks (the masks are kept).
+
+    Calibration batches come from a dataloader (``calibration``), moved to the device with the
+    module's batch-transfer hooks, and are run through the module as ``module(batch[0])`` for a
+    tuple / list, ``module(**batch)`` for a dict, ``module(batch)`` otherwise. Under DDP every
+    rank calibrates on its own shard; the captured activations are gathered so that every rank
+    prunes on all of them, and the callback checks that every rank ends with identical masks.
+
+    Args:
+        sparsity: fraction of weights set to zero in every target layer (``None``: implied by an
+            ``N:M`` pattern).
+        pattern: ``"unstructured"``, ``"row"`` or ``"N:M"`` such as ``"2:4"``.
+        solver: ``"alps"``, ``"cap"``, ``"sparsegpt"``, ``"wanda"`` or ``"magnitude"``.
+        uncertainty: ``"baseline"``, ``"trace"``, ``"e"`` or ``"cte"``.
+        radius: the uncertainty set's relative size; ``None`` takes the engine's default.
+        targets: linear layers to prune: module names or ``"re:<regex>"`` patterns. ``None``:
+            every linear inside the repeated blocks (output heads stay dense).
+        ignore: names or patterns left dense.
+        calibration_batches: number of batches used for calibration.
+        calibration: which dataloader calibrates: ``"train"`` (default), ``"val"``, ``"test"``,
+            ``"predict"``, or any name ``X`` whose ``X_dataloader()`` the datamodule (or the
+            module) defines.
+        prune_at: ``"start"`` (fit start) or an epoch at whose end to prune.
+        schedule: ``{epoch: sparsity}`` for gradual pruning (overrides ``sparsity``); sparsities
+            must rise with the epochs.
+        heldout_fraction: share of the calibration samples held out to report held-out errors.
+        progress: show a progress bar over blocks (on a terminal, rank 0).
+        verbose: print the per-layer table (rank 0).
+
+    Raises:
+        ValueError: an argument is invalid (raised in ``__init__``, with what to pass instead).
+        MisconfigurationException: used with FSDP, DeepSpeed or model-parallel strategies.
+
+    Example::
+
+        from lightning.pytorch import Trainer
+        from robop_lightning import RobOPCallback
+
+        # prune at fit start, then fine-tune the sparse model for two epochs
+        trainer = Trainer(max_epochs=2, callbacks=[RobOPCallback(sparsity=0.5, solver="sparsegpt")])
+        trainer.fit(model, datamodule=dm)
+
+        # the equivalent LightningCLI config:
+        # trainer:
+        #   callbacks:
+        #     - class_path: robop_lightning.RobOPCallback
+        #       init_args: {sparsity: 0.5, solver: sparsegpt, schedule: {0: 0.5, 2: 0.6, 4: 0.75}}
+    """
+
+    def __init__(
+        self,
+        sparsity: float | None = 0.5,
+        pattern: str = "unstructured",
+        solver: Literal["alps", "cap", "sparsegpt", "wanda", "magnitude"] = "cap",
+        uncertainty: Literal["baseline", "trace", "e", "cte"] = "cte",
+        radius: float | None = None,
+        targets: list[str] | None = None,
+        ignore: list[str] | None = None,
+        calibration_batches: int = 16,
+        calibration: str = "train",
+        prune_at: Literal["start"] | int = "start",
+        schedule: dict[int, float] | None = None,
+        heldout_fraction: float = 0.0,
+        progress: bool = True,
+        verbose: bool = True,
+    ) -> None:
+        super().__init__()
+        parse_pattern(pattern, sparsity)
+        if not isinstance(solver, str) or solver.lower() not in SOLVERS:
+            raise ValueError(f"unknown solver {solver!r}: use one of {', '.join(SOLVERS)}.")
+        make_uncertainty(uncertainty, radius, True)
+        for what, value in (("targets", targets), ("ignore", ignore)):
+            if value is not None and (
+                isinstance(value, str) or not all(isinstance(v, str) and v for v in value)
+            ):
+                raise ValueError(
+                    f"{what} must be a list of module names or 're:<regex>' patterns, got {value!r} "
+                    f"(for one name write [{value!r}])."
+                )
+        if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
+            raise ValueError(f"calibration_batches must be a positive integer, got {calibration_batches!r}.")
+        if not isinstance(calibration, str) or not calibration.strip().isidentifier():
+            raise ValueError(
+                f"calibration must name a dataloader: 'train', 'val', 'test', 'predict', or X for a "
+                f"datamodule method X_dataloader(); got {calibration!r}."
+            )
+        if prune_at != "start" and (isinstance(prune_at, bool) or not isinstance(prune_at, int) or prune_at < 0):
+            raise ValueError(f"prune_at must be 'start' or an epoch number >= 0 (prune at its end), got {prune_at!r}.")
+        if schedule is not None:
+            schedule = self._check_schedule(schedule, pattern)
+            if prune_at != "start":
+                raise ValueError("pass either prune_at=<epoch> or a schedule: the schedule's epochs say when to prune.")
+        if (
+            isinstance(heldout_fraction, bool)
+            or not isinstance(heldout_fraction, (int, float))
+            or not 0.0 <= heldout_fraction < 1.0
+        ):
+            raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction!r}.")
+        for what, value in (("progress", progress), ("verbose", verbose)):
+            if not isinstance(value, bool):
+                raise ValueError(f"{what} must be true or false, got {value!r}.")
+
+        self.sparsity = sparsity
+        self.pattern = pattern
+        self.solver = solver.lower()
+        self.uncertainty = uncertainty.lower()
+        self.radius = radius
+        self.targets = list(targets) if targets is not None else None
+        self.ignore = list(ignore) if ignore is not None else None
+        self.calibration_batches = calibration_batches
+        self.calibration = _ALIASES.get(calibration.strip(), calibration.strip())
+        self.prune_at = prune_at
+        self.schedule = schedule
+        self.heldout_fraction = float(heldout_fraction)
+        self.progress = progress
+        self.verbose = verbose
+
+        self.masks: SparsityMasks | None = None
+        self.reports: list[PruneReport] = []
+        self._done: list[str] = []  # milestones already pruned: "start", "epoch_end:3", "schedule:2"
+        self._current_sparsity: float | None = None
+
+    @staticmethod
+    def _check_schedule(schedule: Any, pattern: str) -> dict[int, float]:
+        if not isinstance(schedule, Mapping) or not schedule:
+            raise ValueError(f"schedule must be a non-empty mapping {{epoch: sparsity}}, got {schedule!r}.")
+        out: dict[int, float] = {}
+        for epoch, value in schedule.items():
+            try:
+                key = int(epoch)
+            except (TypeError, ValueError):
+                key = -1
+            if isinstance(epoch, bool) or key < 0 or str(key) != str(epoch).strip():
+                raise ValueError(f"schedule keys must be epoch numbers >= 0, got {epoch!r}.")
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"schedule[{key}] must be a sparsity in [0, 1), got {value!r}.")
+            parse_pattern(pattern, float(value))
+            out[key] = float(value)
+        ordered = sorted(out.items())
+        if any(b[1] < a[1] for a, b in zip(ordered, ordered[1:])):
+            raise ValueError(
+                f"schedule sparsities must not decrease with the epochs (pruned weights stay pruned), got {schedule!r}."
+            )
+        if parse_pattern(pattern, None).kind == "nm" and len(ordered) > 1:
+            raise ValueError(f"pattern {pattern!r} fixes the sparsity; a gradual schedule needs 'unstructured' or 'row'.")
+        return dict(ordered)
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def pruned(self) -> bool:
+        """Whether this callback has pruned the model (possibly in the run a checkpoint came from)."""
+        return bool(self._done)
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
+            raise MisconfigurationException(
+                f"RobOPCallback does not support {type(trainer.strategy).__name__}: pruning needs every rank to hold "
+                "whole weights. Use strategy='ddp' (or a single device), or prune first with prune_model and "
+                "fine-tune under a sharded strategy without the callback."
+            )
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.masks is not None:
+            self.masks.attach(pl_module, trainer.optimizers)
+            self._check_ranks(trainer)
+        if self.schedule is not None:
+            self._catch_up(trainer, pl_module, epoch=trainer.current_epoch)
+        elif self.prune_at == "start" and "start" not in self._done:
+            self._prune(trainer, pl_module, self.sparsity, "start")
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # the epoch counter is restored from a checkpoint only after on_fit_start
+        self._catch_up(trainer, pl_module, epoch=trainer.current_epoch)
+        if self.masks is not None:
+            for optimizer in trainer.optimizers:
+                self.masks.add_optimizer(optimizer)
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._catch_up(trainer, pl_module, epoch=trainer.current_epoch)
+
+    @override
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if isinstance(self.prune_at, int) and self.schedule is None and trainer.current_epoch == self.prune_at:
+            key = f"epoch_end:{self.prune_at}"
+            if key not in self._done:
+                self._prune(trainer, pl_module, self.sparsity, key)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self.masks is not None:
+            self.masks.mask_gradients()
+
+    @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "validate":
+            return
+        self._prune_once(trainer, pl_module)
+
+    @override
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._prune_once(trainer, pl_module)
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if self.masks is not None:
+            self.masks.detach()
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "version": _STATE_VERSION,
+            "done": list(self._done),
+            "sparsity": self._current_sparsity,
+            "masks": self.masks.state_dict() if self.masks is not None else None,
+            "reports": [r.to_dict() for r in self.reports],
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._done = list(state_dict.get("done", []))
+        self._current_sparsity = state_dict.get("sparsity")
+        if self.masks is not None:
+            self.masks.detach()
+        masks = state_dict.get("masks")
+        self.masks = SparsityMasks(masks) if masks else None
+        self.reports = [
+            PruneReport(layers=r["layers"], config=r["config"], seconds=r["totals"]["seconds"])
+            for r in state_dict.get("reports", [])
+        ]
+
+    # ------------------------------------------------------------------ pruning
+    def _prune_once(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.pruned:
+            target = max(self.schedule.values()) if self.schedule else self.sparsity
+            self._prune(trainer, pl_module, target, "start")
+        elif self.masks is not None and not self.masks.attached:
+            self.masks.attach(pl_module)
+
+    def _catch_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
+        """Prune for every milestone at or before ``epoch`` that is not done yet (once, to the highest)."""
+        if self.schedule is not None:
+            due = [k for k in self.schedule if k <= epoch and f"schedule:{k}" not in self._done]
+            if due:
+                self._prune(trainer, pl_module, self.schedule[max(due)], *(f"schedule:{k}" for k in due))
+        elif isinstance(self.prune_at, int) and epoch > self.prune_at and f"epoch_end:{self.prune_at}" not in self._done:
+            self._prune(trainer, pl_module, self.sparsity, f"epoch_end:{self.prune_at}")
+
+    def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, sparsity: float | None, *keys: str) -> None:
+        previous = self.masks
+        if previous is not None:
+            previous.detach()
+        try:
+            report = prune_model(
+                pl_module,
+                self._calibration_batches(trainer, pl_module),
+                sparsity=sparsity,
+                pattern=self.pattern,
+                solver=self.solver,
+                uncertainty=self.uncertainty,
+                radius=self.radius,
+                targets=self.targets,
+                ignore=self.ignore,
+                heldout_fraction=self.heldout_fraction,
+                progress=self.progress and trainer.is_global_zero,
+            )
+        except BaseException:
+            if previous is not None:  # prune_model restored the weights; restore the hooks too
+                previous.attach(pl_module, trainer.optimizers)
+            raise
+        masks = dict(report.masks)
+        if previous is not None:  # gradual pruning: weights pruned earlier stay pruned
+            for row in report.layers:
+                name = row["name"]
+                if name in previous:
+                    masks[name] = masks[name] & previous[name]
+                    row["sparsity"] = 1.0 - float(masks[name].float().mean())
+            report.masks = masks
+        self.masks = SparsityMasks(masks)
+        self.masks.attach(pl_module, trainer.optimizers)
+        self._check_ranks(trainer)
+        self._done.extend(keys)
+        self._current_sparsity = report.totals["sparsity"]
+        self.reports.append(report)
+        self._log(trainer, report)
+
+    def _calibration_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[Any]:
+        loader = self._calibration_loader(trainer, pl_module)
+        for batch in islice(loader, self.calibration_batches):
+            yield trainer.strategy.batch_to_device(batch)
+
+    def _calibration_loader(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        name, fn = self.calibration, trainer.state.fn
+        loader = None
+        if name == "train" and fn == "fit":
+            trainer.fit_loop.setup_data()
+            loader = trainer.train_dataloader
+        elif name == "val" and fn in ("fit", "validate"):
+            loop = trainer.fit_loop.epoch_loop.val_loop if fn == "fit" else trainer.validate_loop
+            loop.setup_data()
+            loader = trainer.val_dataloaders
+        elif name == "test" and fn == "test":
+            trainer.test_loop.setup_data()
+            loader = trainer.test_dataloaders
+        if loader is None:
+            hook = f"{name}_dataloader"
+            sources = [s for s in (trainer.datamodule, pl_module) if s is not None and callable(getattr(s, hook, None))]
+            for source in sources:
+                try:
+                    loader = getattr(source, hook)()
+                except NotImplementedError:  # LightningModule's stub hooks raise / warn
+                    continue
+                if loader is not None:
+                    break
+        if isinstance(loader, (list, tuple)):
+            loader = loader[0] if loader else None
+        elif isinstance(loader, Mapping):
+            loader = next(iter(loader.values()), None)
+        if loader is None:
+            raise MisconfigurationException(
+                f"RobOPCallback(calibration={self.calibration!r}) found no dataloader: define {name}_dataloader() in "
+                "the datamodule or the LightningModule, or pass another calibration (e.g. calibration='val' "
+                "with trainer.validate)."
+            )
+        return loader
+
+    def _check_ranks(self, trainer: pl.Trainer) -> None:
+        if trainer.world_size <= 1 or self.masks is None:
+            return
+        mine = self.masks.state_dict()
+        reference = trainer.strategy.broadcast(mine, src=0)
+        same = reference.keys() == mine.keys() and all(torch.equal(reference[k], mine[k]) for k in mine)
+        if not trainer.strategy.reduce_boolean_decision(same, all=True):
+            raise RuntimeError(
+                "RobOPCallback: ranks hold different pruning masks. Every rank must prune on the same gathered "
+                "calibration activations; check that the module is deterministic across ranks."
+            )
+
+    def _log(self, trainer: pl.Trainer, report: PruneReport) -> None:
+        totals = report.totals
+        metrics = {"robop/sparsity": totals["sparsity"]}
+        for key in ("nominal_error", "robust_error", "heldout_error"):
+            if totals[key] is not None:
+                metrics[f"robop/{key}"] = totals[key]
+        for row in report.layers:
+            for key in ("sparsity", "nominal_error", "robust_error", "heldout_error", "srank"):
+                if row.get(key) is not None:
+                    metrics[f"robop/{row['name']}/{key}"] = row[key]
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=trainer.global_step)
+        if self.verbose:
+            rank_zero_info(str(report))

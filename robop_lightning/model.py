@@ -1,0 +1,399 @@
+"""``prune_model``: prune every target linear of a model block by block (SPEC §5), plain PyTorch.
+
+The pipeline, for a model with repeated blocks (timm ``blocks``, Hugging Face ``model.layers``)::
+
+    record the first block's inputs for every batch (the forward stops there: embeddings etc. run once)
+    for each block:
+        run the block, capturing the inputs of its target linears (all from the same block input)
+        prune every target with prune_layer
+        run the pruned block again: its outputs are the next block's inputs
+
+A model without repeated blocks (an MLP) has its linears pruned one at a time in forward order,
+each from inputs that already went through the pruned earlier layers. Targets outside the blocks
+(named explicitly) are pruned the same way, before or after the blocks.
+
+The whole call is a transaction: every target weight is copied to CPU first and restored on any
+exception (``KeyboardInterrupt`` included), so a failure leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from robop_lightning.calibration import (
+    capture_block_inputs,
+    capture_linear_input,
+    default_forward,
+    find_blocks,
+    forward_order,
+    gather_samples,
+    resolve_targets,
+    run_block,
+    same_on_all_ranks,
+)
+from robop_lightning.layer import prune_layer
+from robop_lightning.patterns import parse_pattern
+from robop_lightning.solvers import SOLVERS
+from robop_lightning.uncertainty import make_uncertainty
+
+__all__ = ["PruneReport", "prune_model"]
+
+_ENGINE_KWARGS = ("coupled", "rounds", "damping", "solver_options")
+
+
+@dataclass
+class PruneReport:
+    """What :func:`prune_model` did, layer by layer.
+
+    Attributes:
+        layers: one row per pruned linear: ``name``, ``shape``, ``parameters``, ``sparsity``
+            (achieved), ``nominal_error``, ``robust_error``, ``heldout_error`` (None without a
+            held-out split), ``srank`` (stable rank of the error, coupled sets only), ``seconds``.
+        config: the arguments of the call.
+        seconds: wall time of the whole call (capture and propagation included).
+        masks: ``{name: bool keep-mask}`` on CPU (not part of :meth:`to_dict`).
+
+    Example:
+        >>> report = PruneReport(layers=[{"name": "fc1", "shape": [4, 8], "parameters": 32,
+        ...     "sparsity": 0.5, "nominal_error": 0.1, "robust_error": 0.2, "heldout_error": None,
+        ...     "srank": None, "seconds": 0.01}])
+        >>> report.totals["sparsity"]
+        0.5
+    """
+
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def totals(self) -> dict[str, Any]:
+        """Totals over the pruned layers: parameters, zeros, overall sparsity, mean errors."""
+        params = sum(r["parameters"] for r in self.layers)
+        zeros = sum(round(r["sparsity"] * r["parameters"]) for r in self.layers)
+
+        def mean(key: str) -> float | None:
+            values = [r[key] for r in self.layers if r.get(key) is not None]
+            return sum(values) / len(values) if values else None
+
+        return {
+            "layers": len(self.layers),
+            "parameters": params,
+            "zeros": zeros,
+            "sparsity": zeros / params if params else 0.0,
+            "nominal_error": mean("nominal_error"),
+            "robust_error": mean("robust_error"),
+            "heldout_error": mean("heldout_error"),
+            "srank": mean("srank"),
+            "solve_seconds": sum(r["seconds"] for r in self.layers),
+            "seconds": self.seconds,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"config", "layers", "totals"}``, JSON-serialisable (no tensors)."""
+        return {"config": dict(self.config), "layers": [dict(r) for r in self.layers], "totals": self.totals}
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The report as JSON text, also written to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    def __str__(self) -> str:
+        def num(v: float | None, fmt: str = ".4f") -> str:
+            return "-" if v is None else format(v, fmt)
+
+        c = self.config
+        head = (
+            f"RobOP pruning: solver={c.get('solver')} uncertainty={c.get('uncertainty')} "
+            f"pattern={c.get('pattern')} target sparsity={num(c.get('sparsity'), '.2f')}"
+        )
+        cols = ("layer", "shape", "sparsity", "nominal", "robust", "heldout", "srank", "seconds")
+        rows = [
+            (
+                r["name"],
+                "x".join(str(d) for d in r["shape"]),
+                num(r["sparsity"]),
+                num(r["nominal_error"]),
+                num(r["robust_error"]),
+                num(r["heldout_error"]),
+                num(r["srank"], ".2f"),
+                num(r["seconds"], ".2f"),
+            )
+            for r in self.layers
+        ]
+        t = self.totals
+        rows.append(
+            (
+                f"total ({t['layers']} layers)",
+                f"{t['parameters']:,}",
+                num(t["sparsity"]),
+                num(t["nominal_error"]),
+                num(t["robust_error"]),
+                num(t["heldout_error"]),
+                num(t["srank"], ".2f"),
+                num(t["seconds"], ".2f"),
+            )
+        )
+        widths = [max(len(cols[i]), *(len(r[i]) for r in rows)) for i in range(len(cols))]
+        fmt = "  ".join(f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
+        rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
+        lines = [head, fmt.format(*cols), rule, *(fmt.format(*r) for r in rows[:-1]), rule, fmt.format(*rows[-1])]
+        return "\n".join(lines)
+
+
+def _check_arguments(sparsity, pattern, solver, uncertainty, radius, heldout_fraction, engine_kwargs) -> None:
+    parse_pattern(pattern, sparsity)
+    if not isinstance(solver, str) or solver.lower() not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}: use one of {', '.join(SOLVERS)}.")
+    unknown = sorted(set(engine_kwargs) - set(_ENGINE_KWARGS))
+    if unknown:
+        raise TypeError(
+            f"prune_model() got unexpected keyword argument(s) {', '.join(unknown)}; the extra arguments "
+            f"passed to prune_layer are {', '.join(_ENGINE_KWARGS)}."
+        )
+    make_uncertainty(uncertainty, radius, engine_kwargs.get("coupled", True))
+    if (
+        isinstance(heldout_fraction, bool)
+        or not isinstance(heldout_fraction, (int, float))
+        or not 0.0 <= heldout_fraction < 1.0
+    ):
+        raise ValueError(
+            f"heldout_fraction must be in [0, 1) (the share of calibration samples kept out of pruning to "
+            f"measure held-out error), got {heldout_fraction!r}."
+        )
+
+
+def _split(x: torch.Tensor, fraction: float, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Calibration and held-out samples: the last ``fraction`` of the samples are held out."""
+    if fraction <= 0:
+        return x, None
+    n = x.shape[0]
+    held = max(1, int(round(fraction * n)))
+    if n - held < 1:
+        raise ValueError(
+            f"{name}: heldout_fraction={fraction} of {n} calibration sample(s) leaves none to prune with; "
+            "pass more calibration batches or a smaller heldout_fraction."
+        )
+    return x[: n - held], x[n - held :]
+
+
+def _renamed(err: BaseException, name: str) -> BaseException:
+    """The exception to raise for ``err`` raised while pruning ``name``: the name in its message."""
+    note = f"while pruning {name} (every weight of the model was restored)"
+    if type(err) in (ValueError, RuntimeError, TypeError) and name not in str(err):
+        return type(err)(f"{name}: {err} [{note}]")
+    if hasattr(err, "add_note"):
+        err.add_note(note)
+    return err
+
+
+def prune_model(
+    model: nn.Module,
+    calibration: Iterable[Any],
+    sparsity: float | None = 0.5,
+    pattern: str = "unstructured",
+    solver: str = "cap",
+    uncertainty: str = "cte",
+    radius: float | None = None,
+    targets: list[str] | str | None = None,
+    ignore: list[str] | str | None = None,
+    blocks: str | None = None,
+    heldout_fraction: float = 0.0,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    progress: bool | None = None,
+    **engine_kwargs: Any,
+) -> PruneReport:
+    """Prune the linear layers of ``model`` in place, block by block, with :func:`prune_layer`.
+
+    Args:
+        model: any ``nn.Module`` (a LightningModule works too); stays on its device.
+        calibration: an iterable of batches, iterated once: tensors, tuples / lists (the first
+            item is the input) or dicts (passed as keyword arguments).
+        sparsity: fraction of weights set to zero in every target (``None``: implied by an
+            ``N:M`` pattern).
+        pattern: ``"unstructured"``, ``"row"`` or ``"N:M"`` such as ``"2:4"``.
+        solver: ``"alps"``, ``"cap"``, ``"sparsegpt"``, ``"wanda"`` or ``"magnitude"``.
+        uncertainty: ``"baseline"``, ``"trace"``, ``"e"`` or ``"cte"``.
+        radius: the set's relative size (``None``: the engine's default).
+        targets: linears to prune: module names (a container selects all linears in it) or
+            ``"re:<regex>"`` patterns. ``None``: every linear inside the repeated blocks, or for a
+            model without blocks every linear except output heads (``head``, ``head_dist``,
+            ``lm_head``, ``classifier``, ``score``, a top-level ``fc``).
+        ignore: names or patterns left dense (wins over ``targets``).
+        blocks: dotted name of the module list holding the blocks; ``None`` finds it.
+        heldout_fraction: share of the calibration samples (the last ones) kept out of pruning
+            and used to report each layer's held-out error.
+        forward: ``forward(model, batch)`` for batches the default rule cannot run.
+        progress: show a progress bar over blocks (``None`` / ``True``: only on a terminal).
+        **engine_kwargs: passed to :func:`prune_layer`: ``coupled``, ``rounds``, ``damping``,
+            ``solver_options``.
+
+    Returns:
+        A :class:`PruneReport` (``str(report)`` is a table; ``report.masks`` holds the masks).
+
+    Raises:
+        ValueError: empty calibration, NaN / Inf activations, bad arguments, targets that match
+            nothing; the message names the layer. On any exception every weight is restored.
+        RuntimeError: ranks of a process group ended with different masks.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        >>> batches = [torch.randn(8, 16) for _ in range(4)]
+        >>> report = prune_model(model, batches, sparsity=0.5, solver="sparsegpt", uncertainty="baseline")
+        >>> round(report.totals["sparsity"], 2)
+        0.5
+    """
+    start = time.perf_counter()
+    _check_arguments(sparsity, pattern, solver, uncertainty, radius, heldout_fraction, engine_kwargs)
+    forward = forward or default_forward
+    structure = find_blocks(model, blocks)
+    block_list = structure[1] if structure else []
+    names = resolve_targets(model, targets, ignore, [b for b, _ in block_list] if structure else None)
+    modules = {n: model.get_submodule(n) for n in names}
+
+    batches = list(calibration)
+    if not batches:
+        raise ValueError("calibration is empty: pass an iterable with at least one batch.")
+    device = next(iter(modules.values())).weight.device
+    storage = torch.device("cpu") if device.type != "cpu" else device
+
+    report = PruneReport(
+        config={
+            "sparsity": parse_pattern(pattern, sparsity).sparsity,
+            "pattern": pattern,
+            "solver": solver,
+            "uncertainty": uncertainty,
+            "radius": radius,
+            "heldout_fraction": heldout_fraction,
+            "blocks": structure[0] if structure else None,
+            "calibration_batches": len(batches),
+            **{k: v for k, v in engine_kwargs.items() if k != "solver_options"},
+        }
+    )
+    snapshot = {n: m.weight.detach().to("cpu", copy=True) for n, m in modules.items()}
+    modes = {m: m.training for m in model.modules()}
+    current = [type(model).__name__]
+
+    def prune(name: str, x: torch.Tensor) -> None:
+        current[0] = name
+        x = gather_samples(x)
+        if not torch.isfinite(x).all():
+            raise ValueError(
+                f"{name}: its calibration inputs contain NaN or Inf. Check the calibration data and the layers "
+                "before this one (an overflow in half precision is the usual cause)."
+            )
+        inputs, heldout = _split(x, heldout_fraction, name)
+        weight = modules[name].weight
+        result = prune_layer(
+            weight.detach(),
+            inputs,
+            sparsity=sparsity,
+            pattern=pattern,
+            solver=solver,
+            uncertainty=uncertainty,
+            radius=radius,
+            heldout=heldout,
+            name=name,
+            **engine_kwargs,
+        )
+        if not same_on_all_ranks(result.mask):
+            raise RuntimeError(f"{name}: ranks computed different masks; pruning must be deterministic across ranks.")
+        weight.data.copy_(result.weight)
+        report.masks[name] = result.mask.detach().to("cpu", copy=True)
+        report.layers.append(
+            {
+                "name": name,
+                "shape": list(weight.shape),
+                "parameters": weight.numel(),
+                "sparsity": float(result.sparsity),
+                "nominal_error": float(result.nominal_error),
+                "robust_error": float(result.robust_error),
+                "heldout_error": None if result.heldout_error is None else float(result.heldout_error),
+                "srank": None if result.srank is None or not math.isfinite(result.srank) else float(result.srank),
+                "seconds": float(result.seconds),
+            }
+        )
+
+    def prune_sequentially(order: list[str], bar_desc: str | None = None) -> None:
+        for name in _progress(order, progress, bar_desc) if bar_desc else order:
+            current[0] = name
+            prune(name, capture_linear_input(model, modules[name], batches, forward, device, storage, name))
+
+    try:
+        model.eval()
+        with torch.no_grad():
+            if not structure:
+                order = forward_order(model, modules, batches[0], forward, device)
+                prune_sequentially(order, "pruning layers")
+            else:
+                inside = {b: [n for n in names if n.startswith(b + ".")] for b, _ in block_list}
+                outside = [n for n in names if not any(n in group for group in inside.values())]
+                before, after = [], []
+                if outside:
+                    first_block = block_list[0][0]
+                    order = forward_order(
+                        model, {**{n: modules[n] for n in outside}, first_block: block_list[0][1]},
+                        batches[0], forward, device,
+                    )
+                    split = order.index(first_block)
+                    before, after = order[:split], order[split + 1 :]
+                prune_sequentially(before)
+                last = max((i for i, (b, _) in enumerate(block_list) if inside[b]), default=-1)
+                if last >= 0:
+                    current[0] = block_list[0][0]
+                    calls = capture_block_inputs(
+                        model, block_list[0][1], batches, forward, device, storage, block_list[0][0]
+                    )
+                    for i, (bname, block) in enumerate(_progress(block_list[: last + 1], progress, "pruning blocks")):
+                        current[0] = bname
+                        if inside[bname]:
+                            captured = run_block(
+                                block, calls, device, storage, {n: modules[n] for n in inside[bname]}, propagate=False
+                            )
+                            for name in inside[bname]:
+                                prune(name, captured.pop(name))
+                            del captured
+                        if i < last:
+                            current[0] = bname
+                            run_block(block, calls, device, storage)
+                    del calls
+                prune_sequentially(after)
+    except BaseException as err:
+        with torch.no_grad():
+            for n, m in modules.items():
+                m.weight.data.copy_(snapshot[n])
+        report.masks.clear()
+        renamed = _renamed(err, current[0])
+        if renamed is err:
+            raise
+        raise renamed from err
+    finally:
+        for m, mode in modes.items():
+            m.training = mode
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _progress(items: list, progress: bool | None, desc: str):
+    """``items`` wrapped in a tqdm bar when asked for and stderr is a terminal."""
+    if progress is False or not sys.stderr.isatty():
+        return items
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return items
+    return tqdm(items, desc=desc, leave=False)

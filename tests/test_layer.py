@@ -1,0 +1,218 @@
+"""``prune_layer``: the public contract, the alternating scheme, bad input, quality ordering."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import robop_lightning.gram as gram_module
+from robop_lightning import LayerInputs, prune_layer
+from robop_lightning.patterns import parse_pattern
+from robop_lightning.solvers.refit import exact_refit
+from tests.engine_helpers import correlated_inputs, quad, random_weight
+
+SOLVERS = ["alps", "cap", "sparsegpt", "wanda", "magnitude"]
+SETS = ["baseline", "trace", "e", "cte"]
+
+
+@pytest.fixture(scope="module")
+def layer():
+    return random_weight(16, 32, 0), correlated_inputs(24, 4, 32, 0)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("uncertainty", SETS)
+def test_contract_every_solver_every_set(layer, solver, uncertainty):
+    w, x = layer
+    w0, x0 = w.clone(), x.clone()
+    r = prune_layer(w, x, sparsity=0.6, solver=solver, uncertainty=uncertainty, rounds=2, heldout=x[:6] * 1.1)
+    assert torch.equal(w, w0) and torch.equal(x, x0)  # inputs untouched
+    assert r.weight.shape == w.shape and r.weight.dtype == w.dtype and r.mask.dtype == torch.bool
+    assert int(r.mask.sum()) == round(0.4 * w.numel())
+    assert bool((r.weight[~r.mask] == 0).all())
+    assert r.sparsity == pytest.approx(0.6, abs=1 / w.numel())
+    assert r.robust_error >= r.nominal_error >= 0
+    assert r.heldout_error is not None and r.heldout_error >= 0
+    assert (r.srank is not None) == (uncertainty in ("trace", "e", "cte"))
+    assert solver in repr(r) and r.to_dict()["solver"] == solver
+
+
+@pytest.mark.parametrize("solver", ["alps", "cap", "sparsegpt", "wanda"])
+def test_alternating_scheme_never_worse_than_first_round(solver):
+    for uncertainty, radius in (("trace", 0.05), ("e", 0.3), ("cte", 0.3)):
+        w, x = random_weight(12, 24, 3), correlated_inputs(30, 2, 24, 3)
+        r = prune_layer(w, x, sparsity=0.5, solver=solver, uncertainty=uncertainty, radius=radius, rounds=3)
+        assert len(r.history) == 4
+        first = r.history[0]["robust_loss"] / quad(LayerInputs(x).gram(), w)
+        assert r.robust_error <= first * (1 + 1e-6)
+
+
+def test_cte_alpha_one_is_exactly_baseline(layer):
+    w, x = layer
+    for solver in SOLVERS:
+        a = prune_layer(w, x, sparsity=0.5, solver=solver, uncertainty="baseline")
+        b = prune_layer(w, x, sparsity=0.5, solver=solver, uncertainty="cte", radius=1.0)
+        assert torch.equal(a.mask, b.mask) and torch.equal(a.weight, b.weight)
+        assert a.nominal_error == b.nominal_error
+        assert b.robust_error == pytest.approx(b.nominal_error, rel=1e-6)
+
+
+def test_baseline_sparsegpt_reproduces_sparsegpt_damping(layer):
+    """The baseline set hands the solver exactly H + 0.01 mean(diag H) I."""
+    from robop_lightning.solvers import SOLVERS as table
+
+    w, x = layer
+    h = LayerInputs(x).gram()
+    hd = h + 0.01 * float(h.diagonal().mean()) * torch.eye(32, dtype=torch.float64)
+    ref_w, ref_mask = table["sparsegpt"](w, hd, parse_pattern("unstructured", 0.5))
+    r = prune_layer(w, x, sparsity=0.5, solver="sparsegpt", uncertainty="baseline")
+    assert torch.equal(r.mask, ref_mask) and torch.equal(r.weight, ref_w)
+    assert r.damping == pytest.approx(0.01 * float(h.diagonal().mean()))
+
+
+def test_final_refit_is_least_squares_on_the_mask():
+    w, x = random_weight(8, 16, 5), correlated_inputs(40, 2, 16, 5)
+    r = prune_layer(w, x, sparsity=0.5, solver="alps", uncertainty="trace", radius=0.0)  # static: one solve
+    h = LayerInputs(x).gram()
+    hd = h + r.damping * torch.eye(16, dtype=torch.float64)
+    best = exact_refit(w.double(), hd, r.mask)
+    # ALPS's PCG on its support is (close to) the least-squares optimum
+    assert quad(hd, w - r.weight) <= quad(hd, w - best) * 1.001
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dtype_preserved(dtype, layer):
+    w, x = layer
+    r = prune_layer(w.to(dtype), x.to(dtype), sparsity=0.5, solver="sparsegpt")
+    assert r.weight.dtype == dtype and bool((r.weight[~r.mask] == 0).all())
+
+
+def test_nm_and_row_patterns(layer):
+    w, x = layer
+    r = prune_layer(w, x, pattern="2:4", solver="alps")
+    assert bool((r.mask.view(16, 8, 4).sum(-1) == 2).all()) and r.sparsity == 0.5
+    r = prune_layer(w, x, sparsity=0.75, pattern="row", solver="cap")
+    assert bool((r.mask.sum(1) == 8).all())
+
+
+def test_sparsity_zero_keeps_everything(layer):
+    w, x = layer
+    r = prune_layer(w, x, sparsity=0.0, solver="alps")
+    assert bool(r.mask.all()) and torch.equal(r.weight, w) and r.nominal_error == 0
+
+
+def test_dead_features_and_rank_deficient_gram():
+    w = random_weight(8, 32, 1)
+    x = correlated_inputs(3, 2, 32, 1)  # 6 tokens, 32 features: rank <= 6
+    x[..., :5] = 0  # dead inputs
+    for solver in SOLVERS:
+        for uncertainty in SETS:
+            r = prune_layer(w, x, sparsity=0.5, solver=solver, uncertainty=uncertainty)
+            assert torch.isfinite(r.weight).all() and int(r.mask.sum()) == 128
+            assert 0 <= r.nominal_error <= 1.0 + 1e-6 or solver == "magnitude"
+
+
+def test_all_zero_inputs_warn_and_fall_back_to_magnitude():
+    w = random_weight(4, 8, 2)
+    with pytest.warns(RuntimeWarning, match="all calibration inputs are zero"):
+        r = prune_layer(w, torch.zeros(5, 8), sparsity=0.5, solver="alps")
+    assert torch.equal(r.mask, parse_pattern("unstructured", 0.5).select(w.abs()))
+
+
+def test_chunked_gram_equals_direct(monkeypatch):
+    x = correlated_inputs(37, 5, 24, 4)
+    direct = (x.reshape(-1, 24).double().T @ x.reshape(-1, 24).double())
+    monkeypatch.setattr(gram_module, "_CHUNK_ELEMENTS", 24 * 5 * 3)  # 3 samples per chunk
+    li = LayerInputs(x)
+    assert list(li._sample_chunks())[:2] == [(0, 3), (3, 6)]
+    assert torch.allclose(li.gram(), direct, rtol=1e-5)
+
+
+def test_quality_ordering_on_correlated_uneven_inputs():
+    """alps <= sparsegpt < wanda < magnitude in nominal error at 60 %, cap close to sparsegpt."""
+    totals = dict.fromkeys(SOLVERS, 0.0)
+    for seed in range(4):
+        w, x = random_weight(32, 64, seed), correlated_inputs(64, 4, 64, seed)
+        for solver in SOLVERS:
+            totals[solver] += prune_layer(w, x, sparsity=0.6, solver=solver).nominal_error / 4
+    assert totals["alps"] <= totals["sparsegpt"] < totals["wanda"] < totals["magnitude"]
+    assert totals["cap"] <= 1.1 * totals["sparsegpt"]
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(sparsity=1.0), r"sparsity must be in \[0, 1\)"),
+        (dict(sparsity=-0.1), r"sparsity must be in \[0, 1\)"),
+        (dict(sparsity="half"), "sparsity must be a number"),
+        (dict(pattern="3:8", sparsity=0.5), "sparsity=0.625 or sparsity=None"),
+        (dict(pattern="4:3"), "0 < N < M"),
+        (dict(pattern="blocky"), "unknown pattern"),
+        (dict(pattern="2:5", sparsity=None), "divisible by 5"),
+        (dict(solver="obs"), "unknown solver"),
+        (dict(uncertainty="box"), "unknown uncertainty"),
+        (dict(uncertainty="cte", radius=2.0), r"\(0, 1\]"),
+        (dict(rounds=-1), "rounds"),
+        (dict(damping=-1.0), "damping"),
+    ],
+)
+def test_bad_arguments_raise_clear_errors(layer, kwargs, match):
+    w, x = layer
+    with pytest.raises(ValueError, match=match):
+        prune_layer(w, x, **kwargs)
+
+
+def test_bad_tensors_raise_clear_errors(layer):
+    w, x = layer
+    bad = x.clone()
+    bad[3, 1, 7] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        prune_layer(w, bad, name="blocks.0.fc1")
+    bad[3, 1, 7] = float("inf")
+    with pytest.raises(ValueError, match="blocks.0.fc1"):
+        prune_layer(w, bad, name="blocks.0.fc1")
+    wbad = w.clone()
+    wbad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="weight contains NaN"):
+        prune_layer(wbad, x)
+    with pytest.raises(ValueError, match="in_features=32"):
+        prune_layer(w, x[..., :31])
+    with pytest.raises(ValueError, match="2-D"):
+        prune_layer(w[0], x)
+    with pytest.raises(ValueError, match="empty"):
+        prune_layer(w, x[:0])
+    with pytest.raises(ValueError, match="shape"):
+        prune_layer(w, x.unsqueeze(0))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    m=st.integers(1, 9),
+    groups=st.integers(1, 6),
+    samples=st.integers(1, 6),
+    sparsity=st.sampled_from([0.0, 0.3, 0.5, 0.9]),
+    pattern=st.sampled_from(["unstructured", "row", "2:4", "1:4"]),
+    solver=st.sampled_from(SOLVERS),
+    uncertainty=st.sampled_from(SETS),
+    seed=st.integers(0, 1000),
+)
+def test_property_exact_budget_finite_unmutated(m, groups, samples, sparsity, pattern, solver, uncertainty, seed):
+    n = 4 * groups
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(m, n, generator=g)
+    x = torch.randn(samples, 3, n, generator=g)
+    w0, x0 = w.clone(), x.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        r = prune_layer(w, x, sparsity=None if ":" in pattern else sparsity, pattern=pattern,
+                        solver=solver, uncertainty=uncertainty, rounds=1)
+    pat = parse_pattern(pattern, None if ":" in pattern else sparsity)
+    assert pat.validate_mask(r.mask)
+    assert torch.isfinite(r.weight).all()
+    assert bool((r.weight[~r.mask] == 0).all())
+    assert torch.equal(w, w0) and torch.equal(x, x0)
+    assert r.robust_error >= r.nominal_error
