@@ -23,6 +23,7 @@ a per-sample loss (a zero row contributes nothing to either).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -118,7 +119,9 @@ def find_blocks(model: nn.Module, blocks: str | None = None) -> tuple[str, list[
     """
     if blocks is not None:
         if not isinstance(blocks, str) or not blocks:
-            raise ValueError(f"blocks must be the dotted name of a module list, such as 'model.layers', got {blocks!r}.")
+            raise ValueError(
+                f"blocks must be the dotted name of a module list, such as 'model.layers', got {blocks!r}."
+            )
         try:
             container = model.get_submodule(blocks)
         except AttributeError:
@@ -371,10 +374,8 @@ def capture_block_inputs(
         hooks.pre_hook(block, catcher, with_kwargs=True)
         for batch in batches:
             before = len(calls)
-            try:
+            with contextlib.suppress(_StopForward):
                 forward(model, move_to(batch, device))
-            except _StopForward:
-                pass
             if len(calls) == before:
                 raise ValueError(
                     f"the forward pass finished without calling {name}; pass blocks= the module list that "
@@ -465,10 +466,8 @@ def capture_linear_input(
         hooks.pre_hook(linear, hook)
         for batch in batches:
             before = len(chunks)
-            try:
+            with contextlib.suppress(_StopForward):
                 forward(model, move_to(batch, device))
-            except _StopForward:
-                pass
             if len(chunks) == before:
                 raise ValueError(f"{name} was not called by the model's forward; it cannot be calibrated.")
     return _stack(chunks)
@@ -534,7 +533,7 @@ def gather_samples(x: torch.Tensor) -> torch.Tensor:
     padded[: x.shape[0], : x.shape[1]] = x.to(comm)
     parts = [torch.empty_like(padded) for _ in shapes]
     dist.all_gather(parts, padded)
-    out = torch.cat([p[: int(s[0])] for p, s in zip(parts, shapes)])
+    out = torch.cat([p[: int(s[0])] for p, s in zip(parts, shapes, strict=True)])
     return out.to(x.device)
 
 

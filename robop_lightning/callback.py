@@ -68,7 +68,7 @@ class RobOPCallback(Callback):
         calibration_batches: number of batches used for calibration.
         calibration: which dataloader calibrates: ``"train"`` (default), ``"val"``, ``"test"``,
             ``"predict"``, or any name ``X`` whose ``X_dataloader()`` the datamodule (or the
-            module) defines.
+            module) defines (``"calib"`` or ``"calib_dataloader"`` calls ``calib_dataloader()``).
         prune_at: ``"start"`` (fit start) or an epoch at whose end to prune.
         schedule: ``{epoch: sparsity}`` for gradual pruning (overrides ``sparsity``); sparsities
             must rise with the epochs.
@@ -80,20 +80,35 @@ class RobOPCallback(Callback):
         ValueError: an argument is invalid (raised in ``__init__``, with what to pass instead).
         MisconfigurationException: used with FSDP, DeepSpeed or model-parallel strategies.
 
-    Example::
+    Example:
+        >>> import torch
+        >>> from torch.utils.data import DataLoader, TensorDataset
+        >>> from lightning.pytorch import LightningModule, Trainer
+        >>> class Boring(LightningModule):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 2))
+        ...     def forward(self, x):
+        ...         return self.net(x)
+        ...     def training_step(self, batch, batch_idx):
+        ...         return torch.nn.functional.cross_entropy(self(batch[0]), batch[1])
+        ...     def configure_optimizers(self):
+        ...         return torch.optim.AdamW(self.parameters(), lr=1e-3)
+        >>> data = DataLoader(TensorDataset(torch.randn(64, 8), torch.randint(0, 2, (64,))), batch_size=16)
+        >>> model = Boring()
+        >>> robop = RobOPCallback(sparsity=0.5, solver="sparsegpt", uncertainty="baseline", verbose=False)
+        >>> trainer = Trainer(max_epochs=1, callbacks=[robop], logger=False, enable_checkpointing=False,
+        ...                   enable_progress_bar=False, enable_model_summary=False)
+        >>> trainer.fit(model, data)
+        >>> float((model.net[0].weight == 0).float().mean())  # pruned at start, still 50 % after training
+        0.5
 
-        from lightning.pytorch import Trainer
-        from robop_lightning import RobOPCallback
+    In a LightningCLI config::
 
-        # prune at fit start, then fine-tune the sparse model for two epochs
-        trainer = Trainer(max_epochs=2, callbacks=[RobOPCallback(sparsity=0.5, solver="sparsegpt")])
-        trainer.fit(model, datamodule=dm)
-
-        # the equivalent LightningCLI config:
-        # trainer:
-        #   callbacks:
-        #     - class_path: robop_lightning.RobOPCallback
-        #       init_args: {sparsity: 0.5, solver: sparsegpt, schedule: {0: 0.5, 2: 0.6, 4: 0.75}}
+        trainer:
+          callbacks:
+            - class_path: robop_lightning.RobOPCallback
+              init_args: {solver: sparsegpt, schedule: {0: 0.5, 2: 0.6, 4: 0.75}}
     """
 
     def __init__(
@@ -119,9 +134,7 @@ class RobOPCallback(Callback):
             raise ValueError(f"unknown solver {solver!r}: use one of {', '.join(SOLVERS)}.")
         make_uncertainty(uncertainty, radius, True)
         for what, value in (("targets", targets), ("ignore", ignore)):
-            if value is not None and (
-                isinstance(value, str) or not all(isinstance(v, str) and v for v in value)
-            ):
+            if value is not None and (isinstance(value, str) or not all(isinstance(v, str) and v for v in value)):
                 raise ValueError(
                     f"{what} must be a list of module names or 're:<regex>' patterns, got {value!r} "
                     f"(for one name write [{value!r}])."
@@ -186,12 +199,14 @@ class RobOPCallback(Callback):
             parse_pattern(pattern, float(value))
             out[key] = float(value)
         ordered = sorted(out.items())
-        if any(b[1] < a[1] for a, b in zip(ordered, ordered[1:])):
+        if any(b[1] < a[1] for a, b in zip(ordered[:-1], ordered[1:], strict=True)):
             raise ValueError(
                 f"schedule sparsities must not decrease with the epochs (pruned weights stay pruned), got {schedule!r}."
             )
         if parse_pattern(pattern, None).kind == "nm" and len(ordered) > 1:
-            raise ValueError(f"pattern {pattern!r} fixes the sparsity; a gradual schedule needs 'unstructured' or 'row'.")
+            raise ValueError(
+                f"pattern {pattern!r} fixes the sparsity; a gradual schedule needs 'unstructured' or 'row'."
+            )
         return dict(ordered)
 
     # ------------------------------------------------------------------ lifecycle
@@ -278,7 +293,7 @@ class RobOPCallback(Callback):
         if self.masks is not None:
             self.masks.detach()
         masks = state_dict.get("masks")
-        self.masks = SparsityMasks(masks) if masks else None
+        self.masks = SparsityMasks.from_state_dict(masks) if masks else None
         self.reports = [
             PruneReport(layers=r["layers"], config=r["config"], seconds=r["totals"]["seconds"])
             for r in state_dict.get("reports", [])
@@ -298,7 +313,9 @@ class RobOPCallback(Callback):
             due = [k for k in self.schedule if k <= epoch and f"schedule:{k}" not in self._done]
             if due:
                 self._prune(trainer, pl_module, self.schedule[max(due)], *(f"schedule:{k}" for k in due))
-        elif isinstance(self.prune_at, int) and epoch > self.prune_at and f"epoch_end:{self.prune_at}" not in self._done:
+        elif (
+            isinstance(self.prune_at, int) and epoch > self.prune_at and f"epoch_end:{self.prune_at}" not in self._done
+        ):
             self._prune(trainer, pl_module, self.sparsity, f"epoch_end:{self.prune_at}")
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, sparsity: float | None, *keys: str) -> None:
@@ -358,7 +375,7 @@ class RobOPCallback(Callback):
             trainer.test_loop.setup_data()
             loader = trainer.test_dataloaders
         if loader is None:
-            hook = f"{name}_dataloader"
+            hook = name if name.endswith("_dataloader") else f"{name}_dataloader"
             sources = [s for s in (trainer.datamodule, pl_module) if s is not None and callable(getattr(s, hook, None))]
             for source in sources:
                 try:
@@ -382,7 +399,7 @@ class RobOPCallback(Callback):
     def _check_ranks(self, trainer: pl.Trainer) -> None:
         if trainer.world_size <= 1 or self.masks is None:
             return
-        mine = self.masks.state_dict()
+        mine = self.masks.to_dict()
         reference = trainer.strategy.broadcast(mine, src=0)
         same = reference.keys() == mine.keys() and all(torch.equal(reference[k], mine[k]) for k in mine)
         if not trainer.strategy.reduce_boolean_decision(same, all=True):

@@ -39,11 +39,31 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 __all__ = ["SparsityMasks"]
+
+_BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.int32)
+
+
+def _pack(mask: torch.Tensor) -> torch.Tensor:
+    """A bool tensor as uint8, 8 entries per byte (little-endian bit order)."""
+    flat = mask.detach().reshape(-1).to("cpu", torch.int32)
+    flat = torch.nn.functional.pad(flat, (0, (-flat.numel()) % 8))
+    return (flat.view(-1, 8) * _BITS).sum(1).to(torch.uint8)
+
+
+def _unpack(bits: torch.Tensor, shape: Iterable[int]) -> torch.Tensor:
+    """Inverse of :func:`_pack`."""
+    shape = tuple(int(d) for d in shape)
+    numel = 1
+    for d in shape:
+        numel *= d
+    flat = (bits.to(torch.int32).unsqueeze(1) & _BITS).ne(0).reshape(-1)
+    return flat[:numel].reshape(shape).clone()
 
 
 class SparsityMasks:
@@ -95,9 +115,21 @@ class SparsityMasks:
         kept = sum(int(m.sum()) for m in self._masks.values())
         return 1.0 - kept / total if total else 0.0
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """``{name: bool mask}`` on CPU."""
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        """``{name: bool mask}`` on CPU (copies)."""
         return {n: m.clone() for n, m in self._masks.items()}
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        """Compact form for checkpoints: ``{name: {"shape": [m, n], "bits": uint8 tensor}}``.
+
+        Masks are bit-packed (8 per byte), so a checkpoint grows by 1/32 of the float32 weights.
+        """
+        return {n: {"shape": list(m.shape), "bits": _pack(m)} for n, m in self._masks.items()}
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping[str, Mapping[str, Any]]) -> SparsityMasks:
+        """Inverse of :meth:`state_dict`."""
+        return cls({n: _unpack(s["bits"], s["shape"]) for n, s in state.items()})
 
     # ------------------------------------------------------------------ hooks
     def attach(self, model: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:

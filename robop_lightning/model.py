@@ -137,7 +137,7 @@ class PruneReport:
         rows.append(
             (
                 f"total ({t['layers']} layers)",
-                f"{t['parameters']:,}",
+                f"{t['parameters']:,} weights",
                 num(t["sparsity"]),
                 num(t["nominal_error"]),
                 num(t["robust_error"]),
@@ -346,8 +346,11 @@ def prune_model(
                 if outside:
                     first_block = block_list[0][0]
                     order = forward_order(
-                        model, {**{n: modules[n] for n in outside}, first_block: block_list[0][1]},
-                        batches[0], forward, device,
+                        model,
+                        {**{n: modules[n] for n in outside}, first_block: block_list[0][1]},
+                        batches[0],
+                        forward,
+                        device,
                     )
                     split = order.index(first_block)
                     before, after = order[:split], order[split + 1 :]

@@ -24,37 +24,46 @@ import torch
 from robop_lightning.patterns import Pattern
 
 
-def _eliminate(w, hinv, removed, steps, pattern, forced=None, counts=None):
-    """Run ``steps`` OBS eliminations on a batch of independent problems (in place)."""
+def _eliminate(w, hinv, removed, steps, pattern, trajectory=None, forced=None, counts=None):
+    """Run ``steps`` OBS eliminations on a batch of independent problems (in place).
+
+    Returns the removal order and the loss of each step; with ``trajectory`` (a ``(c, steps + 1,
+    size)`` buffer) the weights after every step are stored as well, so that any prefix of the
+    elimination can be read back without replaying it. With ``forced`` (an order) and ``counts``
+    it replays the first ``counts[i]`` removals of problem ``i`` instead of choosing them.
+    """
     c, size = w.shape
     idx = torch.arange(c, device=w.device)
     order = torch.zeros(c, steps, dtype=torch.long, device=w.device)
     losses = torch.full((c, steps), math.inf, dtype=w.dtype, device=w.device)
     tiny = torch.finfo(w.dtype).tiny
+    zero = torch.zeros(c, dtype=w.dtype, device=w.device)
+    if trajectory is not None:
+        trajectory[:, 0] = w
     for t in range(steps):
         diag = hinv.diagonal(dim1=1, dim2=2)
+        score = (w * w / diag.clamp_min(tiny)).masked_fill(removed, math.inf)
+        if pattern.kind == "nm":
+            full = removed.view(c, -1, pattern.m).sum(-1) >= pattern.m - pattern.n
+            score = score.masked_fill(full.repeat_interleave(pattern.m, dim=1), math.inf)
         if forced is None:
-            score = (w * w / diag.clamp_min(tiny)).masked_fill(removed, math.inf)
-            if pattern.kind == "nm":
-                full = removed.view(c, -1, pattern.m).sum(-1) >= pattern.m - pattern.n
-                score = score.masked_fill(full.repeat_interleave(pattern.m, dim=1), math.inf)
             loss, q = score.min(dim=1)
             valid = torch.isfinite(loss)
-            losses[:, t] = loss
         else:
-            q = forced[:, t]
-            valid = counts > t
-            if not bool(valid.any()):
-                break
+            q, valid = forced[:, t], counts > t
+            loss = torch.where(valid, score[idx, q], math.inf)
+        losses[:, t] = loss
         order[:, t] = q
         col = hinv[idx, :, q]
         dq = diag[idx, q].clamp_min(tiny)
-        coef = torch.where(valid, w[idx, q] / dq, torch.zeros_like(dq))
-        w -= coef[:, None] * col
-        w[idx, q] = torch.where(valid, torch.zeros_like(dq), w[idx, q])
-        scale = torch.where(valid, 1.0 / dq, torch.zeros_like(dq))
-        hinv -= scale[:, None, None] * col[:, :, None] * col[:, None, :]
+        coef = torch.where(valid, w[idx, q] / dq, zero)
+        w.sub_(coef[:, None] * col)
+        w[idx, q] = torch.where(valid, zero, w[idx, q])
+        scale = torch.where(valid, -1.0 / dq, zero)
+        hinv.baddbmm_(col[:, :, None], (col * scale[:, None])[:, None, :])  # rank-one down-date
         removed[idx, q] |= valid
+        if trajectory is not None:
+            trajectory[:, t + 1] = w
     return order, losses
 
 
@@ -64,8 +73,9 @@ def cap(
     pattern: Pattern,
     *,
     block_size: int | None = None,
-    chunk_bytes: int = 1 << 28,
-    dtype: torch.dtype = torch.float64,
+    chunk_bytes: int = 1 << 24,
+    trajectory_bytes: int = 1 << 31,
+    dtype: torch.dtype = torch.float32,
     **_,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = w.shape
@@ -75,10 +85,10 @@ def cap(
         raise ValueError(f"CAP block_size={size} must be a multiple of M={pattern.m} for pattern {pattern}.")
     nb = math.ceil(cols / size)
     padded = nb * size
-    hp = torch.eye(padded, dtype=dtype, device=dev)
-    hp[:cols, :cols] = h.to(device=dev, dtype=dtype)
+    hp = torch.eye(padded, dtype=torch.float64, device=dev)
+    hp[:cols, :cols] = h.to(device=dev, dtype=torch.float64)
     blocks = torch.stack([hp[b * size : (b + 1) * size, b * size : (b + 1) * size] for b in range(nb)])
-    hinv_blocks = torch.cholesky_inverse(torch.linalg.cholesky(blocks))
+    hinv_blocks = torch.cholesky_inverse(torch.linalg.cholesky(blocks)).to(dtype)
     pad = torch.zeros(padded, dtype=torch.bool, device=dev)
     pad[cols:] = True
 
@@ -88,7 +98,9 @@ def cap(
     num = problems.shape[0]
     block_of = torch.arange(num, device=dev) % nb
     pad_of = pad.view(nb, size)
-    chunk = max(1, chunk_bytes // (size * size * torch.finfo(dtype).bits // 8))
+    itemsize = torch.finfo(dtype).bits // 8
+    chunk = max(1, chunk_bytes // (size * size * itemsize))
+    store = rows * nb * (size + 1) * size * itemsize <= trajectory_bytes
 
     def batch(a, b):
         return (
@@ -107,12 +119,16 @@ def cap(
             _eliminate(wc, hc, rc, steps, pattern)
             out[a:b], kept[a:b] = wc, ~rc
     else:
+        # Pass over all rows recording every step's loss, the order and the weights after each
+        # step (the trajectory costs as much memory as the inverse it rides along with).
         orders = torch.empty(num, size, dtype=torch.long, device=dev)
         losses = torch.empty(num, size, dtype=dtype, device=dev)
+        trajectory = torch.empty(num, size + 1, size, dtype=dtype, device=dev) if store else None
         for a in range(0, num, chunk):
             b = min(a + chunk, num)
             wc, hc, rc = batch(a, b)
-            orders[a:b], losses[a:b] = _eliminate(wc, hc, rc, size, pattern)
+            traj = None if trajectory is None else trajectory[a:b]
+            orders[a:b], losses[a:b] = _eliminate(wc, hc, rc, size, pattern, trajectory=traj)
         losses = torch.cummax(losses, dim=1).values
         if pattern.kind == "unstructured":
             prune = rows * cols - pattern.keep_count(rows, cols)
@@ -125,11 +141,18 @@ def cap(
             counts = torch.zeros(rows, nb, dtype=torch.long, device=dev)
             counts.scatter_add_(1, chosen // size, torch.ones_like(chosen))
             counts = counts.view(-1)
-        for a in range(0, num, chunk):
-            b = min(a + chunk, num)
-            wc, hc, rc = batch(a, b)
-            _eliminate(wc, hc, rc, size, pattern, forced=orders[a:b], counts=counts[a:b])
-            out[a:b], kept[a:b] = wc, ~rc
+        steps = torch.arange(size, device=dev)[None, :]
+        removed = torch.zeros(num, size, dtype=torch.bool, device=dev)
+        removed.scatter_(1, orders, steps < counts[:, None])
+        kept = ~(removed | pad_of[block_of])
+        if trajectory is not None:
+            out = trajectory[torch.arange(num, device=dev), counts]
+        else:  # no room for the trajectory: replay each problem's first counts[i] removals
+            for a in range(0, num, chunk):
+                b = min(a + chunk, num)
+                wc, hc, rc = batch(a, b)
+                _eliminate(wc, hc, rc, size, pattern, forced=orders[a:b], counts=counts[a:b])
+                out[a:b] = wc
     mask = kept.view(rows, padded)[:, :cols].contiguous()
     w_hat = out.view(rows, padded)[:, :cols].to(torch.float32)
     return w_hat * mask, mask
