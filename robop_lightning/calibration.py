@@ -49,8 +49,8 @@ __all__ = [
     "same_on_all_ranks",
 ]
 
-# Last path components that mark an output head (timm head / head_dist, HF lm_head / classifier /
-# score). A top-level linear named ``fc`` (torchvision ResNet) is a head too.
+# Path components that mark an output head (timm head / head_dist, HF lm_head / classifier /
+# score). A linear whose own name is ``fc`` (torchvision and timm ResNets) is a head too.
 _HEAD_NAMES = frozenset({"head", "head_dist", "lm_head", "classifier", "score"})
 # Keyword arguments of HF blocks that carry a KV cache: calibration runs every block several
 # times, so a cache would make later runs attend to stale keys.
@@ -163,7 +163,7 @@ def _list_names(model: nn.Module) -> str:
 def is_head(name: str) -> bool:
     """Whether a linear's name marks an output head, left dense unless targeted explicitly."""
     parts = name.split(".")
-    return any(p in _HEAD_NAMES for p in parts) or name == "fc"
+    return any(p in _HEAD_NAMES for p in parts) or parts[-1] == "fc"
 
 
 def _match(spec: str, name: str) -> bool:

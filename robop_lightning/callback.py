@@ -62,8 +62,9 @@ class RobOPCallback(Callback):
         solver: ``"alps"``, ``"cap"``, ``"sparsegpt"``, ``"wanda"`` or ``"magnitude"``.
         uncertainty: ``"baseline"``, ``"trace"``, ``"e"`` or ``"cte"``.
         radius: the uncertainty set's relative size; ``None`` takes the engine's default.
-        targets: linear layers to prune: module names or ``"re:<regex>"`` patterns. ``None``:
-            every linear inside the repeated blocks (output heads stay dense).
+        targets: linear layers to prune: module names relative to the LightningModule (such as
+            ``"model.layers.0.mlp"``) or ``"re:<regex>"`` patterns. ``None``: every linear inside
+            the repeated blocks (output heads stay dense).
         ignore: names or patterns left dense.
         calibration_batches: number of batches used for calibration.
         calibration: which dataloader calibrates: ``"train"`` (default), ``"val"``, ``"test"``,
@@ -380,7 +381,7 @@ class RobOPCallback(Callback):
             for source in sources:
                 try:
                     loader = getattr(source, hook)()
-                except NotImplementedError:  # LightningModule's stub hooks raise / warn
+                except (NotImplementedError, MisconfigurationException):  # the LightningModule's stub hooks
                     continue
                 if loader is not None:
                     break
@@ -399,9 +400,8 @@ class RobOPCallback(Callback):
     def _check_ranks(self, trainer: pl.Trainer) -> None:
         if trainer.world_size <= 1 or self.masks is None:
             return
-        mine = self.masks.to_dict()
-        reference = trainer.strategy.broadcast(mine, src=0)
-        same = reference.keys() == mine.keys() and all(torch.equal(reference[k], mine[k]) for k in mine)
+        mine = self.masks.digest()  # a hash, not the masks: cheap for any model size
+        same = trainer.strategy.broadcast(mine, src=0) == mine
         if not trainer.strategy.reduce_boolean_decision(same, all=True):
             raise RuntimeError(
                 "RobOPCallback: ranks hold different pruning masks. Every rank must prune on the same gathered "

@@ -38,6 +38,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
@@ -125,6 +126,14 @@ class SparsityMasks:
         Masks are bit-packed (8 per byte), so a checkpoint grows by 1/32 of the float32 weights.
         """
         return {n: {"shape": list(m.shape), "bits": _pack(m)} for n, m in self._masks.items()}
+
+    def digest(self) -> str:
+        """SHA-256 of the names, shapes and bits of every mask: equal digests, identical masks."""
+        h = hashlib.sha256()
+        for name, mask in sorted(self._masks.items()):
+            h.update(f"{name}:{tuple(mask.shape)};".encode())
+            h.update(_pack(mask).numpy().tobytes())
+        return h.hexdigest()
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Mapping[str, Any]]) -> SparsityMasks:

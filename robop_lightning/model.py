@@ -230,7 +230,7 @@ def prune_model(
         targets: linears to prune: module names (a container selects all linears in it) or
             ``"re:<regex>"`` patterns. ``None``: every linear inside the repeated blocks, or for a
             model without blocks every linear except output heads (``head``, ``head_dist``,
-            ``lm_head``, ``classifier``, ``score``, a top-level ``fc``).
+            ``lm_head``, ``classifier``, ``score``, or a linear named ``fc``).
         ignore: names or patterns left dense (wins over ``targets``).
         blocks: dotted name of the module list holding the blocks; ``None`` finds it.
         heldout_fraction: share of the calibration samples (the last ones) kept out of pruning

@@ -12,6 +12,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
@@ -295,6 +296,25 @@ def test_prune_at_epoch_end(tmp_path):
     assert float(next(r[header.index("robop/sparsity")] for r in rows if r[header.index("robop/sparsity")])) == 0.5
 
 
+def test_prune_at_epoch_missed_by_a_checkpoint_is_caught_up_on_resume(tmp_path):
+    """A checkpoint saved at validation end comes before the epoch-end pruning: resuming must prune."""
+    pl.seed_everything(0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_on_train_epoch_end=False)
+    first = RobOPCallback(solver="wanda", uncertainty="baseline", prune_at=1, calibration_batches=2, verbose=False)
+    _trainer(tmp_path, [first, ckpt], max_epochs=2, enable_checkpointing=True).fit(Classifier(), datamodule=BlobData())
+    assert first._done == ["epoch_end:1"]
+    state = torch.load(ckpt.last_model_path, weights_only=False)
+    assert next(v for k, v in state["callbacks"].items() if "RobOPCallback" in k)["done"] == []  # saved before
+
+    resumed = Classifier()
+    second = RobOPCallback(solver="wanda", uncertainty="baseline", prune_at=1, calibration_batches=2, verbose=False)
+    watch = _WeightWatch(second)
+    trainer = _trainer(tmp_path, [second, watch], max_epochs=3)
+    trainer.fit(resumed, datamodule=BlobData(), ckpt_path=ckpt.last_model_path)
+    assert second._done == ["epoch_end:1"] and len(second.reports) == 1
+    assert watch.zeros_per_epoch == {2: pytest.approx(0.5)}  # pruned before the first resumed step
+
+
 def test_gradual_schedule_keeps_earlier_zeros(tmp_path):
     pl.seed_everything(0)
     model = Classifier("mlp")
@@ -336,6 +356,11 @@ def test_validate_prunes_then_evaluates(tmp_path):
     tested = _trainer(tmp_path, [robop]).test(model, datamodule=BlobData(), verbose=False)[0]
     assert tested["val_loss"] == pytest.approx(again["val_loss"])  # already pruned: not pruned again
     assert len(robop.reports) == 1
+
+    # calibration="train" with loaders passed straight to validate(): no train loader to be found
+    loader = BlobData().val_dataloader()
+    with pytest.raises(MisconfigurationException, match="found no dataloader"):
+        _trainer(tmp_path, [RobOPCallback(solver="wanda")]).validate(Classifier("mlp"), loader, verbose=False)
 
 
 @pytest.mark.gpu

@@ -334,6 +334,10 @@ def test_masks_state_dict_is_bit_packed_and_round_trips():
     assert state["b"]["bits"].numel() == 64
     again = SparsityMasks.from_state_dict(state)
     assert all(torch.equal(again[n], masks[n]) for n in ("a", "b"))
+    assert again.digest() == masks.digest()  # what DDP ranks compare
+    flipped = again.to_dict()
+    flipped["b"][0, 0] = ~flipped["b"][0, 0]
+    assert SparsityMasks(flipped).digest() != masks.digest()
 
 
 @pytest.mark.gpu

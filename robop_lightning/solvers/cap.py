@@ -142,8 +142,10 @@ def cap(
             counts.scatter_add_(1, chosen // size, torch.ones_like(chosen))
             counts = counts.view(-1)
         steps = torch.arange(size, device=dev)[None, :]
-        removed = torch.zeros(num, size, dtype=torch.bool, device=dev)
-        removed.scatter_(1, orders, steps < counts[:, None])
+        # (steps past a problem's last finite loss repeat an index: count, don't overwrite)
+        hits = torch.zeros(num, size, dtype=torch.long, device=dev)
+        hits.scatter_add_(1, orders, (steps < counts[:, None]).long())
+        removed = hits > 0
         kept = ~(removed | pad_of[block_of])
         if trajectory is not None:
             out = trajectory[torch.arange(num, device=dev), counts]
