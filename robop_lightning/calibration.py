@@ -14,7 +14,7 @@ The pieces :func:`robop_lightning.model.prune_model` is assembled from:
 * :func:`run_block`: run a block on the recorded calls, capturing target inputs and/or
   propagating its outputs to the next block.
 * :func:`capture_linear_input`: one linear's inputs from whole-model forwards (stopped early).
-* :func:`gather_samples`: under ``torch.distributed``, every rank's captured samples on every rank.
+* :func:`same_on_all_ranks`: under ``torch.distributed``, checks that every rank holds the same mask.
 
 Activations are stored as ``(samples, tokens, in_features)``: a sample is one image or sequence,
 the unit of CTE. Sequences of different lengths are zero-padded, which changes neither a Gram nor
@@ -41,7 +41,6 @@ __all__ = [
     "default_forward",
     "find_blocks",
     "forward_order",
-    "gather_samples",
     "is_head",
     "move_to",
     "resolve_targets",
@@ -511,30 +510,6 @@ def _distributed() -> bool:
         and torch.distributed.is_initialized()
         and torch.distributed.get_world_size() > 1
     )
-
-
-def gather_samples(x: torch.Tensor) -> torch.Tensor:
-    """Under ``torch.distributed``, every rank's ``(S_r, T_r, n)`` samples concatenated in rank order.
-
-    Every rank gets the same tensor, so every rank computes the same masks. Ranks may hold
-    different numbers of samples and tokens (tokens are zero-padded). Without an initialised
-    process group (or with one process) ``x`` is returned as is.
-    """
-    if not _distributed():
-        return x
-    dist = torch.distributed
-    comm = x.device if dist.get_backend() == "nccl" else torch.device("cpu")
-    shape = torch.tensor([x.shape[0], x.shape[1]], dtype=torch.long, device=comm)
-    shapes = [torch.zeros_like(shape) for _ in range(dist.get_world_size())]
-    dist.all_gather(shapes, shape)
-    s_max = max(int(s[0]) for s in shapes)
-    t_max = max(int(s[1]) for s in shapes)
-    padded = torch.zeros(s_max, t_max, x.shape[2], dtype=x.dtype, device=comm)
-    padded[: x.shape[0], : x.shape[1]] = x.to(comm)
-    parts = [torch.empty_like(padded) for _ in shapes]
-    dist.all_gather(parts, padded)
-    out = torch.cat([p[: int(s[0])] for p, s in zip(parts, shapes, strict=True)])
-    return out.to(x.device)
 
 
 def same_on_all_ranks(mask: torch.Tensor) -> bool:

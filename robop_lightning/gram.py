@@ -7,6 +7,12 @@ any size is never copied to float64 as a whole.
 
 Samples are the unit of CTE and of the bootstrap: with a 3-D input ``(S, T, n)`` a sample is one
 image or sequence (``T`` tokens); with a 2-D input ``(N, n)`` every row is its own sample.
+
+Under ``torch.distributed`` (``distributed=True`` and an initialised process group) each rank holds
+only its own samples: Grams are accumulated locally and summed across ranks (``all_reduce``),
+per-sample losses are gathered (a few floats per sample), and sample indices are global (rank 0's
+samples first). Every rank therefore sees bit-identical statistics and computes the same masks,
+while no rank ever holds another rank's activations.
 """
 
 from __future__ import annotations
@@ -19,6 +25,19 @@ __all__ = ["LayerInputs", "as_layer_inputs"]
 
 # Elements of a chunk converted and multiplied at once: 2**26 doubles = 512 MB.
 _CHUNK_ELEMENTS = 1 << 26
+
+
+def _process_group_size() -> int:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def _comm_device() -> torch.device:
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:
@@ -41,6 +60,7 @@ class LayerInputs:
 
     x: torch.Tensor
     name: str = "inputs"
+    distributed: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.x, torch.Tensor):
@@ -54,15 +74,37 @@ class LayerInputs:
             )
         if not self.x.is_floating_point():
             raise ValueError(f"{self.name} must be a float tensor, got {self.x.dtype}.")
-        if self.x.shape[0] == 0 or self.x.shape[1] == 0:
+        self._world = _process_group_size() if self.distributed else 1
+        counts = [self.x.shape[0]]
+        if self._world > 1:
+            local = torch.tensor([self.x.shape[0]], dtype=torch.long, device=_comm_device())
+            gathered = [torch.zeros_like(local) for _ in range(self._world)]
+            torch.distributed.all_gather(gathered, local)
+            counts = [int(c) for c in gathered]
+        rank = torch.distributed.get_rank() if self._world > 1 else 0
+        self._offset = sum(counts[:rank])
+        self._counts = counts
+        if sum(counts) == 0 or self.x.shape[1] == 0:
             raise ValueError(
                 f"{self.name} is empty (shape {tuple(self.x.shape)}): pass at least one calibration sample."
             )
         self._gram: torch.Tensor | None = None
 
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self._world > 1:
+            buf = t.to(_comm_device())
+            torch.distributed.all_reduce(buf)
+            t = buf.to(t.device)
+        return t
+
     # ------------------------------------------------------------------ shape
     @property
     def num_samples(self) -> int:
+        """Samples over all ranks."""
+        return sum(self._counts)
+
+    @property
+    def local_samples(self) -> int:
         return self.x.shape[0]
 
     @property
@@ -77,8 +119,8 @@ class LayerInputs:
         """Yield (start, stop) ranges of samples whose token count stays within one chunk."""
         per_sample = self.tokens_per_sample * self.in_features
         step = max(1, _CHUNK_ELEMENTS // max(per_sample, 1))
-        for start in range(0, self.num_samples, step):
-            yield start, min(start + step, self.num_samples)
+        for start in range(0, self.local_samples, step):
+            yield start, min(start + step, self.local_samples)
 
     # ------------------------------------------------------------------ Grams
     def gram(self, sample_weights: torch.Tensor | None = None, device=None) -> torch.Tensor:
@@ -92,6 +134,8 @@ class LayerInputs:
         device = self.x.device if device is None else torch.device(device)
         n = self.in_features
         acc = torch.zeros(n, n, dtype=torch.float64, device=device)
+        if sample_weights is not None:  # global weights: this rank's slice
+            sample_weights = sample_weights[self._offset : self._offset + self.local_samples]
         for a, b in self._sample_chunks():
             xc = self.x[a:b].to(device=device, dtype=torch.float64)
             if sample_weights is not None:
@@ -102,6 +146,7 @@ class LayerInputs:
                 xc = xc[keep] * w[keep].clamp_min(0).sqrt().view(-1, 1, 1)
             xc = xc.reshape(-1, n)
             acc += xc.T @ xc
+        acc = self._all_reduce(acc)
         _check_finite(acc, self.name)
         acc = 0.5 * (acc + acc.T)
         if sample_weights is None:
@@ -112,11 +157,11 @@ class LayerInputs:
         """Per-sample losses ``l_s = ||X_s E^T||_F^2`` (computed in float64, shape ``(S,)``)."""
         device = error.device
         e = error.to(dtype=torch.float64)
-        out = torch.empty(self.num_samples, dtype=torch.float64, device=device)
+        out = torch.zeros(self.num_samples, dtype=torch.float64, device=device)
         for a, b in self._sample_chunks():
             xc = self.x[a:b].to(device=device, dtype=torch.float64)
-            out[a:b] = (xc @ e.T).pow(2).sum(dim=(1, 2))
-        return out
+            out[self._offset + a : self._offset + b] = (xc @ e.T).pow(2).sum(dim=(1, 2))
+        return self._all_reduce(out)  # each rank filled its own slice: the sum is the gather
 
     def bootstrap_radius(self, resamples: int = 16, quantile: float = 0.9, seed: int = 0) -> float:
         """Data-driven radius of the ellipsoid set (SPEC §2, E).

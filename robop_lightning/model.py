@@ -36,11 +36,11 @@ from robop_lightning.calibration import (
     default_forward,
     find_blocks,
     forward_order,
-    gather_samples,
     resolve_targets,
     run_block,
     same_on_all_ranks,
 )
+from robop_lightning.gram import LayerInputs
 from robop_lightning.layer import prune_layer
 from robop_lightning.patterns import parse_pattern
 from robop_lightning.solvers import SOLVERS
@@ -290,13 +290,12 @@ def prune_model(
 
     def prune(name: str, x: torch.Tensor) -> None:
         current[0] = name
-        x = gather_samples(x)
-        if not torch.isfinite(x).all():
-            raise ValueError(
-                f"{name}: its calibration inputs contain NaN or Inf. Check the calibration data and the layers "
-                "before this one (an overflow in half precision is the usual cause)."
-            )
+        # Under torch.distributed each rank keeps its own samples; LayerInputs sums the partial
+        # Grams (and gathers per-sample losses) across ranks, and a NaN on any rank fails all.
         inputs, heldout = _split(x, heldout_fraction, name)
+        inputs = LayerInputs(inputs, name=f"{name}: calibration inputs", distributed=True)
+        if heldout is not None:
+            heldout = LayerInputs(heldout, name=f"{name}: held-out inputs", distributed=True)
         weight = modules[name].weight
         result = prune_layer(
             weight.detach(),

@@ -1,0 +1,63 @@
+"""LayerInputs under a real 2-process gloo group: partial Grams summed, losses gathered, same masks."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from robop_lightning import LayerInputs, prune_layer
+from tests.engine_helpers import correlated_inputs, random_weight
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        x = correlated_inputs(10, 3, 16, 0)
+        w = random_weight(8, 16, 0)
+        shard = x[:4] if rank == 0 else x[4:]  # uneven shards: 4 and 6 samples
+        li = LayerInputs(shard, distributed=True)
+        e = w * 0.1
+        result = prune_layer(w, li, sparsity=0.5, solver="alps", uncertainty="cte", radius=0.3)
+        torch.save(
+            {
+                "gram": li.gram(),
+                "losses": li.sample_losses(e.double()),
+                "radius": li.bootstrap_radius(),
+                "num_samples": li.num_samples,
+                "mask": result.mask,
+                "weight": result.weight,
+            },
+            os.path.join(out, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_two_ranks_equal_one_process(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    x = correlated_inputs(10, 3, 16, 0)
+    w = random_weight(8, 16, 0)
+    full = LayerInputs(x)
+    assert r0["num_samples"] == r1["num_samples"] == 10
+    for key in ("gram", "losses", "mask", "weight"):
+        assert torch.equal(r0[key], r1[key]), key  # bit-identical across ranks
+    assert r0["radius"] == r1["radius"] == pytest.approx(full.bootstrap_radius(), rel=1e-9)
+    assert torch.allclose(r0["gram"], full.gram(), rtol=1e-12)
+    assert torch.allclose(r0["losses"], full.sample_losses((w * 0.1).double()), rtol=1e-12)
+    single = prune_layer(w, x, sparsity=0.5, solver="alps", uncertainty="cte", radius=0.3)
+    assert torch.equal(r0["mask"], single.mask)
