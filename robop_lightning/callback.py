@@ -52,8 +52,9 @@ class RobOPCallback(Callback):
     Calibration batches come from a dataloader (``calibration``), moved to the device with the
     module's batch-transfer hooks, and are run through the module as ``module(batch[0])`` for a
     tuple / list, ``module(**batch)`` for a dict, ``module(batch)`` otherwise. Under DDP every
-    rank calibrates on its own shard; the captured activations are gathered so that every rank
-    prunes on all of them, and the callback checks that every rank ends with identical masks.
+    rank calibrates on its own shard and keeps its own activations; the partial Grams are summed
+    across ranks (per-sample losses for CTE are gathered) before each layer is solved, so every rank
+    solves the same problem, and the callback checks that every rank ends with identical masks.
 
     Args:
         sparsity: fraction of weights set to zero in every target layer (``None``: implied by an
@@ -336,20 +337,14 @@ class RobOPCallback(Callback):
                 ignore=self.ignore,
                 heldout_fraction=self.heldout_fraction,
                 progress=self.progress and trainer.is_global_zero,
+                prior_masks=previous.to_dict() if previous is not None else None,
             )
         except BaseException:
             if previous is not None:  # prune_model restored the weights; restore the hooks too
                 previous.attach(pl_module, trainer.optimizers)
             raise
-        masks = dict(report.masks)
-        if previous is not None:  # gradual pruning: weights pruned earlier stay pruned
-            for row in report.layers:
-                name = row["name"]
-                if name in previous:
-                    masks[name] = masks[name] & previous[name]
-                    row["sparsity"] = 1.0 - float(masks[name].float().mean())
-            report.masks = masks
-        self.masks = SparsityMasks(masks)
+        # gradual pruning: prune_model kept the earlier zeros (prior_masks), so masks only shrink
+        self.masks = SparsityMasks(dict(report.masks))
         self.masks.attach(pl_module, trainer.optimizers)
         self._check_ranks(trainer)
         self._done.extend(keys)
@@ -404,8 +399,8 @@ class RobOPCallback(Callback):
         same = trainer.strategy.broadcast(mine, src=0) == mine
         if not trainer.strategy.reduce_boolean_decision(same, all=True):
             raise RuntimeError(
-                "RobOPCallback: ranks hold different pruning masks. Every rank must prune on the same gathered "
-                "calibration activations; check that the module is deterministic across ranks."
+                "RobOPCallback: ranks hold different pruning masks although they solved on the same summed Grams; "
+                "check that the module and the solver options are the same on every rank."
             )
 
     def _log(self, trainer: pl.Trainer, report: PruneReport) -> None:

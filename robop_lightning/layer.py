@@ -148,6 +148,7 @@ def prune_layer(
     heldout: torch.Tensor | LayerInputs | None = None,
     damping: float = 0.01,
     solver_options: dict[str, Any] | None = None,
+    prior_mask: torch.Tensor | None = None,
     name: str = "layer",
 ) -> LayerResult:
     """Prune one linear layer robustly.
@@ -170,6 +171,8 @@ def prune_layer(
         damping: base damping relative to ``mean(diag H)`` (SparseGPT's ``percdamp``).
         solver_options: extra keyword arguments for the solver (e.g. ``{"block_size": 128}`` for
             cap, ``{"max_iter": 100}`` for alps, ``{"blocksize": 64}`` for sparsegpt).
+        prior_mask: keep-mask of an earlier pruning (gradual schedules): weights outside it stay
+            pruned and count towards the budget; solvers prune them first, with compensation.
         name: the layer's name in messages.
 
     Returns:
@@ -203,11 +206,24 @@ def prune_layer(
         raise ValueError(f"{name}: damping must be a number >= 0 (relative to mean(diag H)), got {damping!r}.")
     options = dict(solver_options or {})
 
+    if prior_mask is not None:
+        if not isinstance(prior_mask, torch.Tensor) or prior_mask.dtype != torch.bool or prior_mask.shape != weight.shape:
+            raise ValueError(
+                f"{name}: prior_mask must be a bool tensor shaped like the weight {tuple(weight.shape)} (True = kept)."
+            )
+        prior_mask = prior_mask.to(weight.device)
+        if pat.keep_count(rows, cols) > int(prior_mask.sum()):
+            raise ValueError(
+                f"{name}: the earlier mask keeps {int(prior_mask.sum())} weights, fewer than the {pat.keep_count(rows, cols)} "
+                f"that sparsity {pat.sparsity:g} keeps; a schedule must not lower the sparsity."
+            )
     li = as_layer_inputs(inputs, cols, name=f"{name}: inputs")
     held = None if heldout is None else as_layer_inputs(heldout, cols, name=f"{name}: heldout")
     device = weight.device
     h = li.gram(device=device)
     w = weight.detach().to(dtype=torch.float32).clone()
+    if prior_mask is not None:
+        w = w * prior_mask
 
     mean_diag = float(h.diagonal().mean())
     lam0 = damping * mean_diag
@@ -230,9 +246,9 @@ def prune_layer(
         if solver in USES_FULL_GRAM:
             h_damped, used_lam[0] = _damp(h_eff, lam0, name)
         fn = SOLVERS[solver] if mean_diag > 0 else SOLVERS["magnitude"]
-        return fn(w, h_damped, pat, h_diag=h_eff.diagonal(), warm=warm, **options)
+        return fn(w, h_damped, pat, h_diag=h_eff.diagonal(), warm=warm, prior=prior_mask, **options)
 
-    if pat.kind != "nm" and pat.keep_count(rows, cols) == rows * cols:
+    if pat.kind != "nm" and pat.keep_count(rows, cols) == rows * cols and prior_mask is None:
         w_hat, mask = w.clone(), torch.ones(rows, cols, dtype=torch.bool, device=device)
     elif not uset.dynamic or solver in DATA_FREE:
         w_hat, mask = solve(uset.effective())
@@ -264,9 +280,12 @@ def prune_layer(
             if uset.robust_loss(w - refitted) < phi:
                 w_hat = refitted
 
+    if prior_mask is not None:
+        mask = mask & prior_mask
     w_hat = torch.where(mask, w_hat, torch.zeros_like(w_hat))
-    err = w - w_hat
-    denom = _quad(h, w)
+    w_in = weight.detach().to(torch.float32)
+    err = w_in - w_hat
+    denom = _quad(h, w_in)
     nominal = _relative(_quad(h, err), denom)
     robust = _relative(uset.robust_loss(err), denom)
     if nominal - 1e-6 * max(nominal, 1e-30) <= robust < nominal:
@@ -274,7 +293,7 @@ def prune_layer(
     heldout_error = None
     if held is not None:
         hh = held.gram(device=device)
-        heldout_error = _relative(_quad(hh, err), _quad(hh, w))
+        heldout_error = _relative(_quad(hh, err), _quad(hh, w_in))
     srank = None
     if uset.dynamic:
         top, _ = spectral_norm_sq(err)

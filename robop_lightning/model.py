@@ -213,6 +213,7 @@ def prune_model(
     heldout_fraction: float = 0.0,
     forward: Callable[[nn.Module, Any], Any] | None = None,
     progress: bool | None = None,
+    prior_masks: dict[str, torch.Tensor] | None = None,
     **engine_kwargs: Any,
 ) -> PruneReport:
     """Prune the linear layers of ``model`` in place, block by block, with :func:`prune_layer`.
@@ -237,6 +238,8 @@ def prune_model(
             and used to report each layer's held-out error.
         forward: ``forward(model, batch)`` for batches the default rule cannot run.
         progress: show a progress bar over blocks (``None`` / ``True``: only on a terminal).
+        prior_masks: ``{layer name: keep-mask}`` of an earlier pruning (gradual schedules): those
+            zeros stay, count towards the budget and are compensated by the solver.
         **engine_kwargs: passed to :func:`prune_layer`: ``coupled``, ``rounds``, ``damping``,
             ``solver_options``.
 
@@ -307,6 +310,7 @@ def prune_model(
             radius=radius,
             heldout=heldout,
             name=name,
+            prior_mask=None if prior_masks is None or name not in prior_masks else prior_masks[name].to(weight.device),
             **engine_kwargs,
         )
         if not same_on_all_ranks(result.mask):

@@ -9,6 +9,7 @@ Three patterns (SPEC §4):
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -58,14 +59,22 @@ class Pattern:
             )
 
     # ----------------------------------------------------------- projection
-    def select(self, scores: torch.Tensor) -> torch.Tensor:
+    def select(self, scores: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
         """Boolean keep-mask of the pattern's budget with the largest ``scores`` (rows x cols).
 
-        Ties are broken deterministically (by position), so the count is always exact.
+        ``prior`` (a keep-mask of an earlier pruning) excludes weights that must stay pruned;
+        they count towards the budget. Ties are broken deterministically, so counts are exact.
         """
         rows, cols = scores.shape
         self.check_shape(rows, cols)
         scores = scores.float()
+        if prior is not None:
+            scores = scores.masked_fill(~prior, -math.inf)
+            return self._select(scores) & prior
+        return self._select(scores)
+
+    def _select(self, scores: torch.Tensor) -> torch.Tensor:
+        rows, cols = scores.shape
         if self.kind == "unstructured":
             k = self.keep_count(rows, cols)
             mask = torch.zeros(rows * cols, dtype=torch.bool, device=scores.device)

@@ -216,3 +216,29 @@ def test_property_exact_budget_finite_unmutated(m, groups, samples, sparsity, pa
     assert bool((r.weight[~r.mask] == 0).all())
     assert torch.equal(w, w0) and torch.equal(x, x0)
     assert r.robust_error >= r.nominal_error
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("pattern", ["unstructured", "row"])
+def test_prior_mask_keeps_earlier_zeros_and_exact_budget(solver, pattern):
+    """Gradual schedules: 50 % then 75 %, the second step never revives a pruned weight."""
+    w, x = random_weight(12, 32, 7), correlated_inputs(24, 2, 32, 7)
+    first = prune_layer(w, x, sparsity=0.5, pattern=pattern, solver=solver)
+    second = prune_layer(first.weight, x, sparsity=0.75, pattern=pattern, solver=solver, prior_mask=first.mask)
+    assert not bool((second.mask & ~first.mask).any())
+    assert parse_pattern(pattern, 0.75).validate_mask(second.mask)
+    assert bool((second.weight[~second.mask] == 0).all())
+    # compensating for the earlier zeros beats ignoring them (solvers that update weights)
+    if solver in ("sparsegpt", "alps", "cap"):
+        fresh = prune_layer(first.weight, x, sparsity=0.75, pattern=pattern, solver=solver)
+        assert second.nominal_error <= fresh.nominal_error * 1.5
+
+
+def test_prior_mask_validation(layer):
+    w, x = layer
+    with pytest.raises(ValueError, match="bool tensor shaped like the weight"):
+        prune_layer(w, x, prior_mask=torch.ones(3, 3, dtype=torch.bool))
+    keep = torch.zeros_like(w, dtype=torch.bool)
+    keep[:, :4] = True
+    with pytest.raises(ValueError, match="must not lower the sparsity"):
+        prune_layer(w, x, sparsity=0.5, prior_mask=keep)

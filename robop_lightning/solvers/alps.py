@@ -36,6 +36,7 @@ def alps(
     rho_max: float = 1e6,
     pcg_iters: int = 10,
     history: list | None = None,
+    prior: torch.Tensor | None = None,
     **_,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = w.shape
@@ -54,7 +55,7 @@ def alps(
     k = max(pattern.keep_count(rows, cols), 1)
 
     def project(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        keep = pattern.select(x.abs().T).T
+        keep = pattern.select(x.abs().T, prior=prior).T
         return x * keep, keep
 
     if warm is not None:

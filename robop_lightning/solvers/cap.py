@@ -24,13 +24,15 @@ import torch
 from robop_lightning.patterns import Pattern
 
 
-def _eliminate(w, hinv, removed, steps, pattern, trajectory=None, forced=None, counts=None):
+def _eliminate(w, hinv, removed, steps, pattern, trajectory=None, forced=None, counts=None, first=None):
     """Run ``steps`` OBS eliminations on a batch of independent problems (in place).
 
     Returns the removal order and the loss of each step; with ``trajectory`` (a ``(c, steps + 1,
     size)`` buffer) the weights after every step are stored as well, so that any prefix of the
     elimination can be read back without replaying it. With ``forced`` (an order) and ``counts``
-    it replays the first ``counts[i]`` removals of problem ``i`` instead of choosing them.
+    it replays the first ``counts[i]`` removals of problem ``i`` instead of choosing them. ``first``
+    marks weights pruned earlier (gradual schedules): they are eliminated before any other, with
+    their OBS compensation, and their steps report a loss of ``-inf``.
     """
     c, size = w.shape
     idx = torch.arange(c, device=w.device)
@@ -47,8 +49,10 @@ def _eliminate(w, hinv, removed, steps, pattern, trajectory=None, forced=None, c
             full = removed.view(c, -1, pattern.m).sum(-1) >= pattern.m - pattern.n
             score = score.masked_fill(full.repeat_interleave(pattern.m, dim=1), math.inf)
         if forced is None:
+            if first is not None:
+                score = score.masked_fill(first & ~removed, -math.inf)
             loss, q = score.min(dim=1)
-            valid = torch.isfinite(loss)
+            valid = loss < math.inf
         else:
             q, valid = forced[:, t], counts > t
             loss = torch.where(valid, score[idx, q], math.inf)
@@ -76,6 +80,7 @@ def cap(
     chunk_bytes: int = 1 << 24,
     trajectory_bytes: int = 1 << 31,
     dtype: torch.dtype = torch.float32,
+    prior: torch.Tensor | None = None,
     **_,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = w.shape
@@ -102,12 +107,23 @@ def cap(
     chunk = max(1, chunk_bytes // (size * size * itemsize))
     store = rows * nb * (size + 1) * size * itemsize <= trajectory_bytes
 
+    first_all = None
+    if prior is not None:
+        if pattern.kind == "nm":
+            raise ValueError("CAP cannot keep an earlier mask with an N:M pattern; use 'unstructured' or 'row'.")
+        first_all = torch.zeros(rows, padded, dtype=torch.bool, device=dev)
+        first_all[:, :cols] = ~prior.to(dev)
+        first_all = first_all.view(rows * nb, size)
+
     def batch(a, b):
         return (
             problems[a:b].clone(),
             hinv_blocks[block_of[a:b]].clone(),
             pad_of[block_of[a:b]].clone(),
         )
+
+    def first(a, b):
+        return None if first_all is None else first_all[a:b]
 
     out = torch.empty_like(problems)
     kept = torch.empty(num, size, dtype=torch.bool, device=dev)
@@ -128,7 +144,7 @@ def cap(
             b = min(a + chunk, num)
             wc, hc, rc = batch(a, b)
             traj = None if trajectory is None else trajectory[a:b]
-            orders[a:b], losses[a:b] = _eliminate(wc, hc, rc, size, pattern, trajectory=traj)
+            orders[a:b], losses[a:b] = _eliminate(wc, hc, rc, size, pattern, trajectory=traj, first=first(a, b))
         losses = torch.cummax(losses, dim=1).values
         if pattern.kind == "unstructured":
             prune = rows * cols - pattern.keep_count(rows, cols)

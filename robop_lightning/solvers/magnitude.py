@@ -7,6 +7,6 @@ import torch
 from robop_lightning.patterns import Pattern
 
 
-def magnitude(w: torch.Tensor, h: torch.Tensor, pattern: Pattern, **_) -> tuple[torch.Tensor, torch.Tensor]:
-    mask = pattern.select(w.abs())
+def magnitude(w: torch.Tensor, h: torch.Tensor, pattern: Pattern, *, prior: torch.Tensor | None = None, **_):
+    mask = pattern.select(w.abs(), prior=prior)
     return w * mask, mask

@@ -10,6 +10,8 @@ Dead inputs (``H_jj = 0``) have their weights zeroed first, as in the reference.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from robop_lightning.patterns import Pattern
@@ -33,6 +35,7 @@ def sparsegpt(
     *,
     h_diag: torch.Tensor | None = None,
     blocksize: int = 128,
+    prior: torch.Tensor | None = None,
     **_,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = w.shape
@@ -53,21 +56,35 @@ def sparsegpt(
         u1 = u[i1:i2, i1:i2]
         d1 = u1.diagonal()
         mask1 = torch.zeros_like(w1, dtype=torch.bool)  # True = pruned
+        tmp = w1.pow(2) / d1.pow(2)[None, :]
+        if prior is not None:  # weights pruned earlier go first, whatever their score
+            tmp = tmp.masked_fill(~prior[:, i1:i2], -math.inf)
         if pattern.kind == "unstructured":
-            p = _spread(total_prune, cols, i1, i2)
+            if prior is None:
+                p = _spread(total_prune, cols, i1, i2)
+            else:  # spread what is left of the budget, never below what must stay pruned
+                forced = int((~prior[:, i1:i2]).sum())
+                p = max(forced, round((total_prune - int(pruned.sum())) * count / (cols - i1)))
             if p > 0:
-                tmp = (w1.pow(2) / d1.pow(2)[None, :]).reshape(-1)
-                mask1.view(-1)[torch.topk(tmp, p, largest=False).indices] = True
+                mask1.view(-1)[torch.topk(tmp.reshape(-1), min(p, tmp.numel()), largest=False).indices] = True
         elif pattern.kind == "row":
-            p = _spread(row_prune, cols, i1, i2)
-            if p > 0:
-                tmp = w1.pow(2) / d1.pow(2)[None, :]
-                mask1.scatter_(1, torch.topk(tmp, p, dim=1, largest=False).indices, True)
+            if prior is None:
+                p = _spread(row_prune, cols, i1, i2)
+                if p > 0:
+                    mask1.scatter_(1, torch.topk(tmp, p, dim=1, largest=False).indices, True)
+            else:
+                forced = (~prior[:, i1:i2]).sum(1)
+                left = row_prune - pruned.sum(1)
+                per_row = torch.maximum(forced, torch.round(left * count / (cols - i1)).long())
+                rank = torch.argsort(torch.argsort(tmp, dim=1, stable=True), dim=1)
+                mask1 = rank < per_row[:, None]
         for i in range(count):
             col = w1[:, i]
             d = u1[i, i]
             if pattern.kind == "nm" and i % pattern.m == 0:
                 tmp = w1[:, i : i + pattern.m].pow(2) / d1[i : i + pattern.m].pow(2)[None, :]
+                if prior is not None:
+                    tmp = tmp.masked_fill(~prior[:, i1 + i : i1 + i + pattern.m], -math.inf)
                 drop = torch.topk(tmp, pattern.m - pattern.n, dim=1, largest=False).indices
                 mask1[:, i : i + pattern.m].scatter_(1, drop, True)
             q = col.clone()

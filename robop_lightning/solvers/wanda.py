@@ -11,8 +11,9 @@ import torch
 from robop_lightning.patterns import Pattern
 
 
-def wanda(w: torch.Tensor, h: torch.Tensor, pattern: Pattern, *, h_diag: torch.Tensor | None = None, **_):
+def wanda(w: torch.Tensor, h: torch.Tensor, pattern: Pattern, *, h_diag: torch.Tensor | None = None,
+          prior: torch.Tensor | None = None, **_):
     d = h.diagonal() if h_diag is None else h_diag
     scores = w.abs() * d.to(device=w.device, dtype=torch.float32).clamp_min(0).sqrt()[None, :]
-    mask = pattern.select(scores)
+    mask = pattern.select(scores, prior=prior)
     return w * mask, mask
