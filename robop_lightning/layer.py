@@ -32,6 +32,8 @@ from robop_lightning.uncertainty import UncertaintySet, make_uncertainty, spectr
 
 __all__ = ["prune_layer", "LayerResult"]
 
+_STEP = lambda k: 2 / (k + 2)  # noqa: E731
+
 
 @dataclass
 class LayerResult:
@@ -78,7 +80,7 @@ class LayerResult:
             "srank": self.srank,
             "seconds": self.seconds,
             "damping": self.damping,
-            "rounds": len(self.history),
+            "solves": len(self.history),
         }
 
     def __repr__(self) -> str:
@@ -259,7 +261,8 @@ def prune_layer(
         best = (phi, w_hat, mask, h_k)
         history.append({"round": 0, "robust_loss": phi, "nominal_loss": _quad(h, w - w_hat), "mask_change": 0.0})
         for k in range(rounds):
-            h_k = (1 - 2 / (k + 2)) * h_k + (2 / (k + 2)) * uset.worst_case(w - w_hat)
+            g = _STEP(k)
+            h_k = (1 - g) * h_k + g * uset.worst_case(w - w_hat)
             prev_mask = mask
             w_hat, mask = solve(h_k, warm=w_hat)
             phi = uset.robust_loss(w - w_hat)
@@ -275,10 +278,27 @@ def prune_layer(
                 best = (phi, w_hat, mask, h_k)
         phi, w_hat, mask, h_k = best
         if solver in USES_FULL_GRAM:
-            h_fit, _ = _damp(h_k, lam0, name)
-            refitted = refit(w, h_fit, mask, x0=w_hat)
-            if uset.robust_loss(w - refitted) < phi:
-                w_hat = refitted
+            # With the mask fixed the problem is convex-concave and the robust optimum is the
+            # least-squares refit under the saddle-point Gram (plug-in theorem). First the exact
+            # refit under the best round's Gram, then short Frank-Wolfe steps towards the current
+            # worst case (long steps overshoot: the worst case of a few samples or one direction
+            # is far from H*), each kept only if it lowers the robust loss.
+            h_fit = h_k
+            candidates = [(h_k, "refit")]
+            for j in range(rounds + 1):
+                improved = False
+                for h_try, label in candidates:
+                    refitted = refit(w, _damp(h_try, lam0, name)[0], mask, x0=w_hat)
+                    phi_fit = uset.robust_loss(w - refitted)
+                    history.append({"round": label, "robust_loss": phi_fit,
+                                    "nominal_loss": _quad(h, w - refitted), "mask_change": 0.0})
+                    if phi_fit < phi:
+                        phi, w_hat, h_fit, improved = phi_fit, refitted, h_try, True
+                        break
+                if j and not improved:
+                    break
+                worst = uset.worst_case(w - w_hat)
+                candidates = [((1 - g) * h_fit + g * worst, f"refit step {g:g}") for g in (0.2, 0.05)]
 
     if prior_mask is not None:
         mask = mask & prior_mask
