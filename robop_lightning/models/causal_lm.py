@@ -113,6 +113,8 @@ def load_causal_lm(model: str | nn.Module) -> nn.Module:
 
 def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     if isinstance(batch, torch.Tensor):
+        if batch.ndim != 2:
+            raise ValueError(f"a batch of ids must be (batch, seqlen), got shape {tuple(batch.shape)}")
         return batch, None, batch
     if isinstance(batch, Mapping):
         ids = batch["input_ids"]
@@ -166,9 +168,9 @@ class CausalLMModule(LightningModule):
         >>> tiny = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         ...     num_attention_heads=4, num_key_value_heads=2, vocab_size=64))
         >>> module = CausalLMModule(tiny)
-        >>> data = [torch.randint(0, 64, (4, 16)) for _ in range(2)]
+        >>> windows = torch.utils.data.DataLoader(torch.randint(0, 64, (8, 16)), batch_size=4)
         >>> trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False)
-        >>> out = trainer.test(module, [data, data], verbose=False)
+        >>> out = trainer.test(module, [windows, windows], verbose=False)
         >>> sorted(out[1])
         ['test/ood/next_token_acc', 'test/ood/ppl']
     """

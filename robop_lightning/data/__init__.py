@@ -1,0 +1,1 @@
+from robop_lightning.data.text import TextDataModule  # noqa: F401

@@ -1,0 +1,5 @@
+"""LightningModules for the models RobOP prunes."""
+
+from robop_lightning.models.deit import DeiTClassifier
+
+__all__ = ["DeiTClassifier"]
