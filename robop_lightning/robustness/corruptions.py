@@ -8,13 +8,15 @@ it sits in, and a dense and a pruned model see exactly the same corrupted inputs
 
 Two parameter tables (s = 1..5):
 
-* ``"imagenet"``: Hendrycks' ImageNet-C values (``make_imagenet_c.py``) for 224 px images. The
-  spatial parameters (disk and motion radii, blur sigmas, elastic displacements) are in pixels
-  at 224 px and are scaled by ``side / 224`` for other sizes (identity at 224).
-* ``"small"``: Hendrycks' CIFAR-10-C values (``make_cifar_c.py``) for 32 px images, used as
-  they are at 28-32 px (the elastic ones are fractions of the side). EVAL.md lists the noise, contrast,
-  brightness, pixelate and JPEG values; the others (defocus, zoom, motion, elastic, speckle,
-  gaussian_blur, saturate) are taken from ``make_cifar_c.py`` too, not invented.
+* ``"imagenet"``: Hendrycks' ImageNet-C values (``make_imagenet_c.py``), meant for 224 px.
+* ``"small"``: Hendrycks' CIFAR-10-C values (``make_cifar_c.py``), meant for 28-32 px. EVAL.md
+  lists the noise, contrast, brightness, pixelate and JPEG values; the others (defocus, zoom,
+  motion, elastic, speckle, gaussian_blur, saturate) are taken from ``make_cifar_c.py`` too, not
+  invented.
+
+Spatial parameters (disk and motion radii, blur sigmas) are in pixels, as in the reference,
+and are not rescaled for other image sizes; the elastic parameters are fractions of the image
+side in both references (``IMSIZE * f``, ``244 * f`` at 224 px) and scale with the side.
 
 The table is chosen by image size (``max(H, W) <= 32`` -> ``"small"``) unless ``table`` is given.
 
@@ -197,10 +199,8 @@ def corrupt(
             raise ValueError(f"indices must give one dataset index per image: {len(index_list)} for {n} images.")
     if n == 0:
         return images.clone()
-    # ImageNet pixel values scale with the image; CIFAR-10-C values are used as they are at
-    # 28-32 px (EVAL.md), except the elastic ones, which Hendrycks wrote as fractions of the side
-    side = max(images.shape[-2:])
-    scale = side / _REFERENCE_SIDE[table] if table == "imagenet" or name == "elastic_transform" else 1.0
+    # pixel parameters are used as the reference wrote them; the elastic ones are fractions of the side
+    scale = max(images.shape[-2:]) / _REFERENCE_SIDE[table] if name == "elastic_transform" else 1.0
     generators = [_sample_generator(seed, index, name, severity) for index in index_list]
     x = images.detach().float()
     out = _CORRUPTION_FUNCTIONS[name](x, parameter, scale, generators)

@@ -103,7 +103,8 @@ class RobustnessEvaluator(nn.Module):
         table: corruption parameter table, ``"imagenet"``, ``"small"`` or ``None`` (by image size).
 
     Raises:
-        ValueError: unknown corruption, severity outside 1..5, negative eps, bad norm / steps.
+        ValueError: unknown corruption, severity outside 1..5, non-positive eps, bad norm, steps
+            or restarts.
 
     Example:
         >>> evaluator = RobustnessEvaluator(10, corruptions=["gaussian_noise"], severities=[1], eps=[])
@@ -139,6 +140,8 @@ class RobustnessEvaluator(nn.Module):
             raise ValueError(f"norm must be 'linf' or 'l2', got {norm!r}.")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be a positive integer, got {steps!r}.")
+        if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
+            raise ValueError(f"restarts must be a positive integer, got {restarts!r}.")
         if table not in (None, "imagenet", "small"):
             raise ValueError(f"table must be 'imagenet', 'small' or None, got {table!r}.")
         self.num_classes = int(num_classes)
