@@ -154,7 +154,7 @@ ASSETS: dict[str, Asset] = {
             "gpt2-tokenizer",
             "GPT-2 BPE ranks gpt2.tiktoken from the openai-whisper sdist (MIT)",
             "pip download --no-deps --no-binary :all: openai-whisper==20250625  (whisper/assets/gpt2.tiktoken)",
-            {"gpt2.tiktoken": None},
+            {"gpt2.tiktoken": "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"},
             optional=True,
         ),
         Asset(
@@ -162,7 +162,7 @@ ASSETS: dict[str, Asset] = {
             "Llama/Mistral SentencePiece model from the mistral-common wheel, loads with LlamaTokenizer "
             "(Apache-2.0)",
             "pip download --no-deps mistral-common==1.13.1  (mistral_common/data/tokenizer.model.v1)",
-            {"tokenizer.model": None},
+            {"tokenizer.model": "dadfd56d766715c61d2ef780a525ab43b8e6da4de6865bda3d95fdef5e134055"},
             optional=True,
         ),
     )

@@ -13,5 +13,5 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
     *) .venv/bin/pip install -q torch torchvision ;;
   esac
 fi
-.venv/bin/pip install -q -e ".[dev]"
+.venv/bin/pip install -q -e ".[dev,llm]"
 .venv/bin/python -c "import robop_lightning, torch; print('robop-lightning', robop_lightning.__version__, '| torch', torch.__version__)"

@@ -1,5 +1,9 @@
-"""Robustness evaluation: ImageNet-C-style corruptions, PGD / FGSM, and the metrics over both."""
+"""Robustness evaluation: ImageNet-C-style corruptions, PGD / FGSM, and the metrics over both.
 
+Language-model probes (corrupted context, embedding-space PGD) live in :mod:`robop_lightning.robustness.text`.
+"""
+
+from robop_lightning.robustness import text
 from robop_lightning.robustness.attacks import fgsm, pgd, uniform_noise
 from robop_lightning.robustness.corruptions import ALL_CORRUPTIONS, CORRUPTIONS, HELD_OUT_CORRUPTIONS, corrupt
 from robop_lightning.robustness.metrics import (
@@ -13,6 +17,7 @@ from robop_lightning.robustness.metrics import (
 )
 
 __all__ = [
+    "text",
     "CORRUPTIONS",
     "HELD_OUT_CORRUPTIONS",
     "ALL_CORRUPTIONS",
