@@ -158,3 +158,16 @@ def test_cap_block_approximation_and_chunks_agree_with_full():
     assert pat.validate_mask(mblk)
     # the block approximation is worse than (or equal to) full curvature in nominal loss
     assert quad(hd, w - full) <= quad(hd, w - SOLVERS["cap"](w, hd, pat, block_size=8)[0]) * (1 + 1e-9)
+
+
+def test_cap_truncated_first_pass_is_exact_when_rows_need_very_different_counts():
+    """Rows scaled by 1e-3..1e3 need from almost none to almost all removals: the saturated
+    problems are re-run in full and the result equals a full elimination of every row."""
+    x = correlated_inputs(24, 2, 64, 3)
+    w = random_weight(16, 64, 3) * torch.logspace(-3, 3, 16)[:, None]
+    hd = _damped(x)
+    pat = parse_pattern("unstructured", 0.5)
+    quick, mq = SOLVERS["cap"](w, hd, pat)
+    full, mf = SOLVERS["cap"](w, hd, pat, truncate=False)
+    assert torch.equal(mq, mf) and torch.allclose(quick, full)
+    assert int((~mq[0]).sum()) > 0.9 * 64  # the tiny row really went past the first pass's depth
