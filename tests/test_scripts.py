@@ -58,3 +58,18 @@ def test_readme_opens_with_the_two_commands():
     commands = [line for line in first if line and not line.startswith("#")]
     assert len(commands) == 2
     assert commands[1] in (ROOT / ".ci" / "run").read_text()  # CI runs the README's test command
+
+
+def _fashion_mnist_present() -> bool:
+    from robop_lightning.data.vision import find_fashion_mnist
+
+    return find_fashion_mnist(None) is not None
+
+
+def test_prune_then_finetune_fast(tmp_path):
+    if not _fashion_mnist_present():
+        pytest.skip("Fashion-MNIST not found: python -m robop_lightning.assets fetch fashion-mnist")
+    summary = _load("recipes/prune_then_finetune.py").main(["--fast", "--out", str(tmp_path)])
+    assert sorted(summary["val_acc_per_epoch"]) == [0, 1]  # dense epoch 0, pruned at its end, epoch 1 fine-tunes
+    assert abs(summary["sparsity"] - 0.6) < 1e-3 and summary["layers"] == 16
+    assert summary["test_acc"] > 0.3  # ten classes: far above chance after a few dozen steps
