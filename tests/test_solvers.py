@@ -171,3 +171,12 @@ def test_cap_truncated_first_pass_is_exact_when_rows_need_very_different_counts(
     full, mf = SOLVERS["cap"](w, hd, pat, truncate=False)
     assert torch.equal(mq, mf) and torch.allclose(quick, full)
     assert int((~mq[0]).sum()) > 0.9 * 64  # the tiny row really went past the first pass's depth
+
+
+def test_alps_on_an_identity_gram_finds_the_magnitude_optimum():
+    """With H = I the optimum keeps the largest |w|; ADMM must not return a worse support."""
+    w = random_weight(32, 64, 4)
+    pat = parse_pattern("unstructured", 0.5)
+    w_hat, mask = SOLVERS["alps"](w, torch.eye(64, dtype=torch.float64), pat)
+    assert torch.equal(mask, pat.select(w.abs()))
+    assert torch.allclose(w_hat, w * mask, atol=1e-5)

@@ -64,6 +64,7 @@ def alps(
     else:
         d, supp = project(b0)
         b = b0.clone()
+    start_d, start_supp = d, supp
     v = torch.zeros_like(b0)
     rho = rho0
     raised = False
@@ -100,7 +101,18 @@ def alps(
         rho = min(rho, rho_max)
     supp = new_supp
 
-    bt = masked_pcg(b0.T, ht, supp.T, x0=d.T, iters=pcg_iters)
+    def fitted(support, start):
+        bt = masked_pcg(b0.T, ht, support.T, x0=start.T, iters=pcg_iters)
+        e = bt - b0.T
+        return bt, support, float(((e @ ht) * e).sum())
+
+    # ADMM is a heuristic on a non-convex set: never return worse than the support it started
+    # from (on a well-conditioned H~ that start, normalised magnitude, can be the optimum).
+    bt, supp, loss = fitted(supp, d)
+    if not torch.equal(supp, start_supp):
+        bt0, supp0, loss0 = fitted(start_supp, start_d)
+        if loss0 < loss:
+            bt, supp = bt0, supp0
     w_hat = bt / s32[None, :]
     mask = supp.T.contiguous()
     return w_hat * mask, mask
