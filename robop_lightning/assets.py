@@ -332,7 +332,14 @@ def _safe_extract(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> 
 def _build_fashion_mnist(out: Path, work: Path) -> None:
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
         raise AssetError("fashion-mnist needs apt-get and dpkg-deb (a Debian / Ubuntu machine)")
-    _run(["apt-get", "download", "dataset-fashion-mnist"], work)
+    try:
+        _run(["apt-get", "download", "dataset-fashion-mnist"], work)
+    except AssetError:
+        # a fresh machine may have no package lists yet; refreshing them needs root
+        if not hasattr(os, "geteuid") or os.geteuid() != 0:
+            raise
+        _run(["apt-get", "update", "-qq"], work)
+        _run(["apt-get", "download", "dataset-fashion-mnist"], work)
     deb = _one(str(work / "dataset-fashion-mnist_*.deb"))
     _run(["dpkg-deb", "-x", str(deb), str(work / "root")], work)
     src = work / "root" / "usr" / "share" / "datasets" / "fashion-mnist"
