@@ -15,3 +15,4 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
 fi
 .venv/bin/pip install -q -e ".[dev,llm]"
 .venv/bin/python -c "import robop_lightning, torch; print('robop-lightning', robop_lightning.__version__, '| torch', torch.__version__)"
+.venv/bin/python -m robop_lightning.assets fetch fashion-mnist || echo "fashion-mnist not fetched: recipes will say how to get it"

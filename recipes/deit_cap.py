@@ -1,0 +1,557 @@
+"""RobOP-CAP on a DeiT: train once, prune one-shot, fine-tune, and measure clean / corrupted / adversarial accuracy.
+
+    python recipes/deit_cap.py                    # Fashion-MNIST, tiny DeiT, ~15 min on 2 CPU cores
+    python recipes/deit_cap.py --fast             # the same path in a minute or two (CI)
+    python recipes/deit_cap.py --sparsity 0.5 0.6 0.7 --eval-size 1000 --pgd-steps 50 --pgd-restarts 2
+    python recipes/deit_cap.py --model deit_small_patch16_224 --pretrained --data /path/to/imagenet --devices 4
+
+Steps (each cached or timed, every number written to ``--out``):
+
+1. The dense model: a small timm DeiT (``VisionTransformerDistilled``: 28 px, 7 px patches, dim 96,
+   depth 4, 3 heads, 456k parameters) trained on Fashion-MNIST once; the checkpoint is cached under
+   ``~/.cache/robop_lightning/recipes/`` (``$ROBOP_CACHE``), keyed by everything that shapes it.
+   With ``--pretrained`` (ImageNet) timm's weights are used and nothing is trained.
+2. One-shot ``prune_model`` at every sparsity: RobOP-CAP (``solver="cap"``) under the Baseline,
+   Trace, E and CTE sets, beside SparseGPT, Wanda and magnitude pruning, all on the SAME fixed
+   calibration subset (``--calibration-size`` training images).
+3. Recovery fine-tuning with ``RobOPCallback`` (masks held) of the best RobOP model and the best
+   other method at the highest sparsity, "best" by validation accuracy (never the test set).
+4. Every model is scored on identical inputs (corruption and attack noise seeded by dataset index):
+   clean accuracy on the whole test set; ImageNet-C-style corruptions x 5 severities (CIFAR-10-C
+   parameters for small images) on a fixed random test subset (``--eval-size``); PGD L-inf and FGSM
+   on a random ``--adv-size`` of those images; relative mCE against the dense model.
+5. ``--out`` gets ``results.json``, ``results.csv``, ``table.txt``, three PNG plots and checkpoints
+   that load with the stock ``DeiTClassifier.load_from_checkpoint``. Files are written to a
+   temporary name and renamed, never overwritten in place.
+
+PGD here runs ``--pgd-steps 10`` with one restart (EVAL.md's development setting) so that every
+model fits the CPU budget; pass ``--pgd-steps 50 --pgd-restarts 2`` for numbers to publish.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import hashlib
+import io
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+from robop_lightning import RobOPCallback, prune_model
+from robop_lightning.data import FashionMNISTDataModule, ImageFolderDataModule
+from robop_lightning.data.vision import cache_dir
+from robop_lightning.models import DeiTClassifier
+from robop_lightning.robustness import CORRUPTIONS, evaluate_robustness, relative_mce
+from robop_lightning.robustness.metrics import format_eps, mce
+
+# ----------------------------------------------------------------------------- defaults
+config = dict(
+    # model: the tiny DeiT of ASSETS.md (86.5 % after 3 epochs, ~3 min on 2 cores); any timm DeiT / ViT works
+    model="deit_tiny_distilled_patch16_224",
+    model_kwargs=None,  # JSON; None: the tiny Fashion-MNIST DeiT below, or {} for --data (timm's own sizes)
+    pretrained=False,  # timm's ImageNet weights (needs hub access); then --epochs defaults to 0
+    data=None,  # None: Fashion-MNIST (offline); else an ImageNet-style folder with train/ and val/
+    img_size=None,  # None: 28 for Fashion-MNIST, 224 for --data
+    # training (once; cached)
+    epochs=None,  # None: 3 (Fashion-MNIST), 0 with --pretrained
+    train_batches=None,  # limit batches per epoch (None: all)
+    batch_size=128,
+    lr=1e-3,
+    weight_decay=0.05,
+    warmup_epochs=0.3,
+    label_smoothing=0.1,
+    devices=1,  # >1: training and fine-tuning use DDP (spawned); pruning and evaluation run on one device
+    # pruning
+    sparsity=[0.5, 0.7],
+    robop_sets=["baseline", "trace", "e", "cte"],  # RobOP-CAP under each uncertainty set
+    baselines=["sparsegpt", "wanda", "magnitude"],  # the same engine, Baseline set, same calibration data
+    calibration_size=256,  # images; 256 x 18 tokens = 4.6k rows per Gram, enough for 96..384 inputs
+    # recovery fine-tuning with RobOPCallback (masks held) at the highest sparsity
+    finetune_epochs=1,
+    finetune_batches=100,  # 100 x 128 = 12.8k images: ~25 s on 2 cores; recovers most of 70 %'s loss
+    finetune_lr=2e-4,
+    finetune=["best-robop", "best-baseline"],  # or method names such as robop-cap/cte, sparsegpt; [] for none
+    # robustness evaluation (paired: every model sees identical corrupted / attacked inputs)
+    eval_size=1000,  # random test images for corruptions (11 x 5 = 55 variants each; ~8 s per model)
+    adv_size=200,  # a random 200 of those for PGD / FGSM (the expensive part: ~11 passes per eps; ~10 s per model)
+    corruptions=list(CORRUPTIONS),
+    severities=[1, 2, 3, 4, 5],
+    eps=[1.0, 2.0, 4.0, 8.0],  # in units of 1/255
+    pgd_steps=10,
+    pgd_restarts=1,
+    eval_batch_size=250,
+    # bookkeeping
+    seed=0,
+    out="outputs/deit_cap",
+    cache=None,  # None: $ROBOP_CACHE/recipes (default ~/.cache/robop_lightning/recipes)
+    save_checkpoints="best",  # best: best RobOP per sparsity + fine-tuned; all; none
+    threads=2,  # torch threads (this machine has 2 cores shared with others)
+)
+
+# --fast: the same code path, tiny everywhere (a 2-block DeiT, a few hundred training steps)
+FAST = dict(
+    model_kwargs=dict(patch_size=7, embed_dim=48, depth=2, num_heads=2),
+    epochs=1,
+    train_batches=300,
+    lr=2e-3,
+    sparsity=[0.5],
+    calibration_size=64,
+    finetune_batches=5,
+    eval_size=64,
+    adv_size=32,
+    corruptions=["gaussian_noise", "contrast", "jpeg_compression"],
+    severities=[1, 3, 5],
+    eps=[2.0, 8.0],
+    pgd_steps=3,
+)
+TINY_DEIT = dict(patch_size=7, embed_dim=96, depth=4, num_heads=3)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for key, value in config.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
+        elif isinstance(value, list):
+            kind = type(value[0]) if value else str
+            parser.add_argument(flag, nargs="*", type=kind, default=value)
+        elif key == "model_kwargs":
+            parser.add_argument(flag, type=json.loads, default=value, help="JSON, e.g. '{\"depth\": 6}'")
+        elif value is None:
+            kind = {"img_size": int, "epochs": int, "train_batches": int}.get(key, str)
+            parser.add_argument(flag, type=kind, default=None)
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
+    parser.add_argument("--fast", action="store_true", help="tiny everything: a minute or two, for CI")
+    args = parser.parse_args(argv)
+    if args.fast:  # --fast sets its values unless the command line gave them explicitly
+        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])}
+        for key, value in FAST.items():
+            if key not in given:
+                setattr(args, key, value)
+    imagenet = args.data is not None
+    if args.model_kwargs is None:
+        args.model_kwargs = {} if imagenet else dict(TINY_DEIT)
+    args.img_size = args.img_size or (224 if imagenet else 28)
+    if args.epochs is None:
+        args.epochs = 0 if args.pretrained else 3
+    if args.epochs == 0 and not args.pretrained:
+        parser.error("--epochs 0 needs --pretrained (there is nothing to prune in a random network).")
+    if not args.sparsity or any(not 0 < s < 1 for s in args.sparsity):
+        parser.error(f"--sparsity needs values in (0, 1), got {args.sparsity}.")
+    if args.adv_size > args.eval_size:
+        parser.error("--adv-size must not exceed --eval-size (the attacked images are a prefix of the evaluated ones).")
+    if args.save_checkpoints not in ("best", "all", "none"):
+        parser.error("--save-checkpoints is best, all or none.")
+    return args
+
+
+# ----------------------------------------------------------------------------- small helpers
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write to a temporary sibling, then rename: readers never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def quiet_trainer(args, **kwargs) -> Trainer:
+    """A Trainer without loggers or automatic checkpoints (the recipe saves what it needs)."""
+    multi = args.devices > 1
+    options = dict(
+        accelerator="auto",
+        devices=args.devices if multi else 1,
+        strategy="ddp_spawn" if multi else "auto",  # spawn: only fit runs on N processes, not this script
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    return Trainer(**(options | kwargs))
+
+
+def save_checkpoint(args, model: DeiTClassifier, datamodule, path: Path) -> float:
+    """Validate ``model`` (its val accuracy is returned) and save it atomically, weights + hyperparameters."""
+    trainer = quiet_trainer(args, devices=1, strategy="auto", enable_progress_bar=False)
+    acc = trainer.validate(model, datamodule=datamodule, verbose=False)[0]["val/clean_acc"]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    trainer.save_checkpoint(tmp, weights_only=True)
+    os.replace(tmp, path)
+    return float(acc)
+
+
+def val_accuracy(args, model: DeiTClassifier, datamodule) -> float:
+    trainer = quiet_trainer(args, devices=1, strategy="auto", enable_progress_bar=False)
+    return float(trainer.validate(model, datamodule=datamodule, verbose=False)[0]["val/clean_acc"])
+
+
+def model_label(solver: str, uncertainty: str) -> str:
+    return f"robop-cap/{uncertainty}" if solver == "cap" else solver
+
+
+# ----------------------------------------------------------------------------- the recipe
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no "GPU available" banner per Trainer
+    seed_everything(args.seed, verbose=False)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    # --- data -------------------------------------------------------------------------------
+    if args.data is None:
+        datamodule = FashionMNISTDataModule(
+            img_size=args.img_size, batch_size=args.batch_size, calibration_size=args.calibration_size, seed=args.seed
+        )
+        in_chans, data_id = 1, "fashion-mnist"
+    else:
+        if not Path(args.data).expanduser().is_dir():
+            raise SystemExit(f"--data {args.data}: no such folder. Pass an ImageNet-style folder with train/ and val/.")
+        datamodule = ImageFolderDataModule(
+            args.data, img_size=args.img_size, batch_size=args.batch_size,
+            calibration_size=args.calibration_size, seed=args.seed, model_name=args.model,
+        )  # fmt: skip
+        in_chans, data_id = 3, str(Path(args.data).expanduser().resolve())
+    try:
+        datamodule.setup()
+    except FileNotFoundError as error:  # the message says how to get the data
+        raise SystemExit(f"deit_cap: {error}") from None
+    num_classes = datamodule.num_classes
+
+    # --- 1. the dense model, trained once and cached ------------------------------------------
+    hparams = dict(
+        model_name=args.model, num_classes=num_classes, img_size=args.img_size, in_chans=in_chans,
+        pretrained=args.pretrained, model_kwargs=args.model_kwargs, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
+    )  # fmt: skip
+    training = dict(hparams, data=data_id, epochs=args.epochs, train_batches=args.train_batches,
+                    batch_size=args.batch_size, seed=args.seed)  # fmt: skip
+    key = hashlib.sha256(json.dumps(training, sort_keys=True).encode()).hexdigest()[:12]
+    cache = Path(args.cache).expanduser() if args.cache else cache_dir() / "recipes"
+    dense_ckpt = cache / f"deit_cap-{args.model}-{key}.ckpt"
+    t0 = time.perf_counter()
+    if args.epochs == 0:
+        dense = DeiTClassifier(**hparams)
+        print(f"dense model: timm {args.model} pretrained weights, not trained here")
+    elif dense_ckpt.is_file():
+        dense = DeiTClassifier.load_from_checkpoint(dense_ckpt, map_location="cpu", pretrained=False)
+        print(f"dense model: cached {dense_ckpt}")
+    else:
+        print(f"dense model: training {args.model} {args.model_kwargs} for {args.epochs} epoch(s); cached as {dense_ckpt}")
+        dense = DeiTClassifier(**hparams)
+        trainer = quiet_trainer(args, max_epochs=args.epochs, limit_train_batches=args.train_batches)
+        trainer.fit(dense, datamodule=datamodule)
+        cache.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(args, dense, datamodule, dense_ckpt)
+    timings["dense_model_s"] = time.perf_counter() - t0
+    dense = dense.cpu().eval()
+    params = sum(p.numel() for p in dense.parameters())
+    print(f"  {type(dense.model).__name__}, {params / 1e6:.3f} M parameters ({timings['dense_model_s']:.0f} s)")
+
+    # --- 2. one-shot pruning, every method on the same calibration batches ---------------------
+    calibration = list(datamodule.calibration_dataloader())  # fixed subset of the training split
+    jobs = [(s, "cap", u) for s in args.sparsity for u in args.robop_sets]
+    jobs += [(s, b, "baseline") for s in args.sparsity for b in args.baselines]
+    models: dict[str, dict] = {"dense": dict(method="dense", solver=None, uncertainty=None, sparsity=0.0,
+                                             model=dense, prune_seconds=0.0, finetuned=False)}  # fmt: skip
+    t0 = time.perf_counter()
+    bar = tqdm(jobs, desc="pruning", disable=None)
+    for sparsity, solver, uncertainty in bar:
+        name = f"{model_label(solver, uncertainty)}@{sparsity:g}"
+        bar.set_postfix_str(name)
+        model = copy.deepcopy(dense)
+        report = prune_model(model, calibration, sparsity=sparsity, solver=solver, uncertainty=uncertainty,
+                             progress=False)  # fmt: skip
+        models[name] = dict(method=model_label(solver, uncertainty), solver=solver, uncertainty=uncertainty,
+                            sparsity=report.totals["sparsity"], target_sparsity=sparsity, model=model.eval(),
+                            prune_seconds=report.seconds, masks=report.masks, finetuned=False,
+                            nominal_error=report.totals["nominal_error"], robust_error=report.totals["robust_error"])  # fmt: skip
+    timings["pruning_s"] = time.perf_counter() - t0
+
+    # validation accuracy picks the "best" models (the test set is only for reporting)
+    for entry in tqdm(list(models.values()), desc="validation", disable=None):
+        entry["val_acc"] = val_accuracy(args, entry["model"], datamodule)
+
+    # --- 3. recovery fine-tuning with RobOPCallback: it prunes at fit start, then holds the masks
+    top = max(args.sparsity)
+    pruned_top = {k: v for k, v in models.items() if v.get("target_sparsity") == top}
+
+    def best(robop: bool) -> str | None:
+        names = [k for k, v in pruned_top.items() if (v["solver"] == "cap") == robop]
+        return max(names, key=lambda k: pruned_top[k]["val_acc"]) if names else None
+
+    targets = []
+    for choice in args.finetune if args.finetune_epochs > 0 else []:
+        name = best(True) if choice == "best-robop" else best(False) if choice == "best-baseline" else f"{choice}@{top:g}"
+        if name is None or name not in models:
+            raise SystemExit(f"--finetune {choice}: no such pruned model at sparsity {top:g} ({', '.join(pruned_top)}).")
+        if name not in targets:
+            targets.append(name)
+    t0 = time.perf_counter()
+    for name in targets:
+        source = models[name]
+        print(f"fine-tuning {name}: {args.finetune_epochs} epoch(s) x {args.finetune_batches} batches, lr {args.finetune_lr:g}")
+        model = copy.deepcopy(dense).train()  # dense was put in eval(); Lightning keeps module modes
+        model.hparams.lr, model.hparams.warmup_epochs = args.finetune_lr, 0.0  # configure_optimizers reads these
+        robop = RobOPCallback(sparsity=source["target_sparsity"], solver=source["solver"], uncertainty=source["uncertainty"],
+                              calibration="calibration", calibration_batches=len(calibration), progress=False,
+                              verbose=False)  # fmt: skip
+        trainer = quiet_trainer(args, max_epochs=args.finetune_epochs, limit_train_batches=args.finetune_batches,
+                                limit_val_batches=0, callbacks=[robop])  # fmt: skip
+        t1 = time.perf_counter()
+        trainer.fit(model, datamodule=datamodule)
+        same = robop.masks is not None and all(torch.equal(robop.masks[k], m) for k, m in source["masks"].items())
+        zeros = all(bool((model.get_submodule(k).weight[~m] == 0).all()) for k, m in source["masks"].items()) if same else None
+        models[f"{name}+ft"] = dict(source, method=source["method"] + "+ft", model=model.cpu().eval(), finetuned=True,
+                                    finetune_seconds=time.perf_counter() - t1, masks_match_one_shot=same,
+                                    masks_held=zeros)  # fmt: skip
+        models[f"{name}+ft"]["val_acc"] = val_accuracy(args, model, datamodule)
+    timings["finetune_s"] = time.perf_counter() - t0
+
+    # --- 4. clean / corrupted / adversarial accuracy, paired ----------------------------------
+    test = datamodule.dataset("test")
+    order = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))
+    eval_positions = order[: args.eval_size].sort().values.tolist()
+    adv_positions = order[: args.adv_size].sort().values.tolist()  # a subset of the evaluated images
+    loaders = {
+        "full": DataLoader(test, batch_size=max(args.eval_batch_size, 500)),
+        "eval": DataLoader(Subset(test, eval_positions), batch_size=args.eval_batch_size),
+        "adv": DataLoader(Subset(test, adv_positions), batch_size=args.eval_batch_size),
+    }
+    eps = [e / 255 for e in args.eps]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    t0 = time.perf_counter()
+    raw: dict[str, dict] = {}
+    bar = tqdm(list(models), desc="evaluation", disable=None)
+    for name in bar:
+        bar.set_postfix_str(name)
+        model = models[name]["model"].to(device)
+        t1 = time.perf_counter()
+        clean = evaluate_robustness(model, loaders["full"], corruptions=(), eps=())
+        corrupted = evaluate_robustness(model, loaders["eval"], corruptions=args.corruptions,
+                                        severities=args.severities, eps=(), seed=args.seed)  # fmt: skip
+        attacked = evaluate_robustness(model, loaders["adv"], corruptions=(), eps=eps, steps=args.pgd_steps,
+                                       restarts=args.pgd_restarts, seed=args.seed) if eps and args.adv_size else {}  # fmt: skip
+        raw[name] = dict(clean=clean, corrupted=corrupted, attacked=attacked)
+        models[name]["eval_seconds"] = time.perf_counter() - t1
+        models[name]["model"] = model.cpu()
+    timings["evaluation_s"] = time.perf_counter() - t0
+
+    # --- 5. rows, files, plots ------------------------------------------------------------------
+    rows = []
+    for name, entry in models.items():
+        r = raw[name]
+        row = dict(
+            name=name, method=entry["method"], solver=entry["solver"] or "-", uncertainty=entry["uncertainty"] or "-",
+            sparsity=round(entry["sparsity"], 4), pattern="unstructured" if entry["solver"] else "dense",
+            finetuned=entry["finetuned"], val_acc=entry["val_acc"], clean_acc=r["clean"]["test/clean_acc"],
+            clean_acc_eval_subset=r["corrupted"]["test/clean_acc"],
+            corrupt_acc=r["corrupted"].get("test/corrupt_acc", math.nan),
+            rel_mce=1.0 if name == "dense" else relative_mce(r["corrupted"], raw["dense"]["corrupted"]),
+            mce=1.0 if name == "dense" else mce(r["corrupted"], raw["dense"]["corrupted"]),
+        )  # fmt: skip
+        for c in args.corruptions:
+            row[f"corrupt_acc/{c}"] = r["corrupted"][f"test/corrupt_acc/{c}"]
+        if r["attacked"]:
+            row["clean_acc_adv_subset"] = r["attacked"]["test/clean_acc"]
+        for e in eps:
+            row[f"pgd_acc@{format_eps(e)}"] = r["attacked"].get(f"test/adv_acc@linf_{format_eps(e)}", math.nan)
+            row[f"fgsm_acc@{format_eps(e)}"] = r["attacked"].get(f"test/fgsm_acc@{format_eps(e)}", math.nan)
+        for c in args.corruptions:
+            for s in args.severities:
+                row[f"corrupt_acc/{c}@{s}"] = r["corrupted"][f"test/corrupt_acc/{c}@{s}"]
+        row.update(prune_seconds=round(entry["prune_seconds"], 3), finetune_seconds=entry.get("finetune_seconds"),
+                   eval_seconds=round(entry["eval_seconds"], 2), nominal_error=entry.get("nominal_error"),
+                   robust_error=entry.get("robust_error"), masks_match_one_shot=entry.get("masks_match_one_shot"),
+                   masks_held=entry.get("masks_held"), checkpoint=None)  # fmt: skip
+        rows.append(row)
+
+    # checkpoints: the best RobOP model per sparsity and every fine-tuned model (or all / none)
+    keep = set()
+    if args.save_checkpoints == "all":
+        keep = {n for n in models if n != "dense"}
+    elif args.save_checkpoints == "best":
+        for s in args.sparsity:
+            robop = [n for n, v in models.items() if v.get("target_sparsity") == s and v["solver"] == "cap" and not v["finetuned"]]
+            if robop:
+                keep.add(max(robop, key=lambda n: models[n]["val_acc"]))
+        keep |= {n for n, v in models.items() if v["finetuned"]}
+    for row in rows:
+        if row["name"] in keep:
+            path = out / "checkpoints" / (row["name"].replace("/", "-").replace("@", "_s") + ".ckpt")
+            save_checkpoint(args, models[row["name"]]["model"], datamodule, path)
+            row["checkpoint"] = str(path)
+
+    timings["total_s"] = time.perf_counter() - start
+    table = format_table(rows, eps)
+    environment = dict(
+        machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, {'GPU ' + torch.cuda.get_device_name() if device.type == 'cuda' else 'no GPU'}",
+        load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
+    )
+    protocol = dict(
+        data=data_id, dense_checkpoint=str(dense_ckpt) if args.epochs else None, parameters=params,
+        calibration=f"{args.calibration_size} fixed training images ({len(calibration)} batches), the same for every method",
+        clean=f"top-1 on the whole test split ({len(test)} images)",
+        corrupted=f"{len(eval_positions)} random test images (seed {args.seed}) x {len(args.corruptions)} corruptions x "
+        f"severities {args.severities}, ImageNet-C-style, {'CIFAR-10-C' if args.img_size <= 32 else 'ImageNet-C'} parameters",
+        adversarial=f"{len(adv_positions)} of those: PGD L-inf {args.pgd_steps} steps, {args.pgd_restarts} restart(s), "
+        f"step eps/4, random start; FGSM; eps {[format_eps(e) for e in eps]}",
+        rel_mce="Hendrycks' relative mCE against the dense model on the evaluated subset (1 = same degradation)",
+        selection="best = highest validation accuracy (5k held-out training images), never the test set",
+    )  # fmt: skip
+    results = dict(config=vars(args), protocol=protocol, environment=environment, timings=timings, rows=rows)
+    atomic_write(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
+    atomic_write(out / "results.csv", to_csv(rows))
+    atomic_write(out / "table.txt", table + "\n")
+    plot_all(rows, args, eps, out)
+    print()
+    print(table)
+    print(f"\n{protocol['corrupted']}; {protocol['adversarial']}")
+    print(f"wrote {out}/results.json, results.csv, table.txt, *.png" + (", checkpoints/" if keep else ""))
+    print("timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    return results
+
+
+def format_table(rows: list[dict], eps: list[float]) -> str:
+    """The terminal table: one line per model, accuracies in %."""
+    adv = [f"pgd {format_eps(e).replace('/255', '')}" for e in eps]
+    header = ["method", "sparsity", "val", "clean", "corrupt", "rel mCE", *adv]
+    if eps:
+        header.append(f"fgsm {format_eps(eps[-1]).replace('/255', '')}")
+    header.append("prune s")
+    lines = []
+    for r in rows:
+        cells = [r["method"], f"{r['sparsity']:.2f}", f"{100 * r['val_acc']:.1f}", f"{100 * r['clean_acc']:.1f}",
+                 f"{100 * r['corrupt_acc']:.1f}", f"{r['rel_mce']:.3f}"]  # fmt: skip
+        cells += [f"{100 * r[f'pgd_acc@{format_eps(e)}']:.1f}" for e in eps]
+        if eps:
+            cells.append(f"{100 * r[f'fgsm_acc@{format_eps(eps[-1])}']:.1f}")
+        cells.append(f"{r['prune_seconds']:.1f}")
+        lines.append(cells)
+    widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(header)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)])
+
+
+def to_csv(rows: list[dict]) -> str:
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------- plots
+def _style(method: str) -> dict:
+    """RobOP sets in cool colours with circles, the other methods warm with squares, dense black."""
+    colours = {"robop-cap/baseline": "#08519c", "robop-cap/trace": "#3182bd", "robop-cap/e": "#31a354",
+               "robop-cap/cte": "#006d2c", "sparsegpt": "#e6550d", "wanda": "#d62728", "magnitude": "#7f7f7f",
+               "dense": "black"}  # fmt: skip
+    base = method.removesuffix("+ft")
+    style = dict(color=colours.get(base, "#9467bd"), marker="o" if base.startswith("robop") else "s", markersize=5)
+    if method.endswith("+ft"):
+        style.update(linestyle="--", marker="^", markersize=7)
+    if method == "dense":
+        style.update(marker="D", linewidth=2.2, zorder=4)
+    return style
+
+
+def _save_png(fig, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=130, bbox_inches="tight")
+    atomic_write(path, buffer.getvalue())
+
+
+def plot_all(rows: list[dict], args, eps: list[float], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = next(r for r in rows if r["method"] == "dense")
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"))
+
+    # accuracy vs sparsity: clean, corrupted, PGD at each of the two middle radii
+    panels = [("clean_acc", "clean (test set)"), ("corrupt_acc", "corrupted (mean over corruptions x severities)")]
+    panels += [(f"pgd_acc@{format_eps(e)}", f"PGD L-inf eps {format_eps(e)}") for e in eps[:2]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, (key, title) in zip(axes[0], panels):
+        for method in methods:
+            points = sorted((r["sparsity"], r[key]) for r in rows if r["method"] == method)
+            if not method.endswith("+ft"):
+                points = [(0.0, dense[key]), *points]
+            xs, ys = zip(*points)
+            ax.plot(xs, [100 * y for y in ys], label=method, **_style(method))
+        ax.scatter([0.0], [100 * dense[key]], color="black", zorder=5, label="dense")
+        ax.set_title(title, fontsize=10)
+        ax.set_xticks(sorted({0.0, *args.sparsity}))
+        ax.set_xlabel("sparsity of the pruned linears")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy (%)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, bbox_to_anchor=(0.5, -0.12))
+    fig.suptitle("DeiT one-shot pruning: accuracy vs sparsity (dashed: + fine-tuning)", fontsize=11)
+    _save_png(fig, out / "accuracy_vs_sparsity.png")
+    plt.close(fig)
+
+    # corrupted accuracy per corruption: one heat map per sparsity (rows: models, columns: corruptions)
+    top = max(args.sparsity)
+    fig, axes = plt.subplots(1, len(args.sparsity), figsize=(1.0 + 0.75 * (len(args.corruptions) + 1) * len(args.sparsity),
+                                                            1.2 + 0.42 * (len(methods) + 1)), squeeze=False)  # fmt: skip
+    for ax, s in zip(axes[0], sorted(args.sparsity)):
+        chosen = [dense] + [r for r in rows if r["method"] != "dense" and abs(r.get("sparsity", 0) - s) < 0.01
+                            and (not r["finetuned"] or s == top)]  # fmt: skip
+        columns = [f"corrupt_acc/{c}" for c in args.corruptions] + ["corrupt_acc", "clean_acc_eval_subset"]
+        values = torch.tensor([[100 * r[c] for c in columns] for r in chosen])
+        image = ax.imshow(values, cmap="viridis", vmin=float(values.min()), vmax=float(values.max()), aspect="auto")
+        for i in range(values.shape[0]):
+            for j in range(values.shape[1]):
+                dark = float(values[i, j]) < float(values.min() + 0.55 * (values.max() - values.min()))
+                ax.text(j, i, f"{values[i, j]:.0f}", ha="center", va="center", fontsize=7,
+                        color="white" if dark else "black")  # fmt: skip
+        ax.set_xticks(range(len(columns)), [c.split("/")[-1].replace("_", " ") for c in columns[:-2]] + ["MEAN", "clean"],
+                      rotation=55, ha="right", fontsize=8)  # fmt: skip
+        ax.set_yticks(range(len(chosen)), [r["method"] for r in chosen], fontsize=8)
+        ax.set_title(f"sparsity {s:g}: accuracy (%) per corruption", fontsize=10)
+        fig.colorbar(image, ax=ax, fraction=0.03)
+    _save_png(fig, out / "corruptions.png")
+    plt.close(fig)
+
+    # adversarial accuracy vs eps: one panel per sparsity, dense in every panel
+    if eps:
+        fig, axes = plt.subplots(1, len(args.sparsity), figsize=(4.6 * len(args.sparsity), 3.8), squeeze=False)
+        xs = [0.0] + [e * 255 for e in eps]
+        for ax, s in zip(axes[0], sorted(args.sparsity)):
+            chosen = [dense] + [r for r in rows if r["method"] != "dense" and abs(r["sparsity"] - s) < 0.01]
+            for r in chosen:
+                ys = [r["clean_acc_adv_subset"]] + [r[f"pgd_acc@{format_eps(e)}"] for e in eps]
+                ax.plot(xs, [100 * y for y in ys], label=r["method"], **_style(r["method"]))
+            ax.set_title(f"sparsity {s:g}: PGD L-inf ({args.pgd_steps} steps)", fontsize=10)
+            ax.set_xlabel("eps (x 1/255)")
+            ax.set_xticks(xs)
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("robust accuracy (%)")
+        handles, labels = axes[0][-1].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8, bbox_to_anchor=(0.5, -0.14))
+        _save_png(fig, out / "adversarial.png")
+        plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,92 @@
+"""``recipes/deit_cap.py --fast`` runs end to end on real Fashion-MNIST and writes true, loadable results."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import pathlib
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _fashion_mnist_present() -> bool:
+    from robop_lightning.data.vision import find_fashion_mnist
+
+    return find_fashion_mnist(None) is not None
+
+
+def _load_recipe():
+    spec = importlib.util.spec_from_file_location("deit_cap", ROOT / "recipes" / "deit_cap.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory):
+    if not _fashion_mnist_present():
+        pytest.skip(
+            "Fashion-MNIST not found: run `python -m robop_lightning.assets fetch fashion-mnist` "
+            "(scripts/setup.sh does it) to run the DeiT recipe test."
+        )
+    tmp = tmp_path_factory.mktemp("deit_cap")
+    out = tmp / "out"
+    # a fresh cache: the tiny dense model is trained here, not taken from an earlier run
+    _load_recipe().main(["--fast", "--out", str(out), "--cache", str(tmp / "cache")])
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_every_method_is_scored_and_numbers_are_accuracies(fast_run):
+    out, results = fast_run
+    rows = results["rows"]
+    methods = {r["method"] for r in rows}
+    expected = {"dense", "sparsegpt", "wanda", "magnitude"} | {f"robop-cap/{u}" for u in ("baseline", "trace", "e", "cte")}
+    assert expected <= methods
+    assert any(r["finetuned"] for r in rows)  # recovery fine-tuning ran
+    for row in rows:
+        for key, value in row.items():
+            if key.endswith("_acc") or "_acc/" in key or "_acc@" in key:
+                assert 0.0 <= value <= 1.0, (row["name"], key, value)
+        assert math.isfinite(row["rel_mce"]) and row["rel_mce"] > 0
+    dense = next(r for r in rows if r["method"] == "dense")
+    assert dense["clean_acc"] > 0.5 and dense["rel_mce"] == 1.0
+    for row in rows:
+        if row["method"] != "dense":
+            assert abs(row["sparsity"] - 0.5) < 1e-3 and row["prune_seconds"] >= 0
+    for row in rows:
+        if row["finetuned"]:
+            assert row["masks_match_one_shot"] and row["masks_held"]  # the callback re-derived the same masks and held them
+    with open(out / "results.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+
+
+def test_files_and_a_checkpoint_that_loads_into_the_stock_class(fast_run):
+    out, results = fast_run
+    for name in ("results.json", "results.csv", "table.txt", "accuracy_vs_sparsity.png", "corruptions.png", "adversarial.png"):
+        path = out / name
+        assert path.is_file() and path.stat().st_size > 0, name
+    assert (out / "accuracy_vs_sparsity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.rglob(".*.tmp*"))  # every file was renamed into place
+    saved = [r for r in results["rows"] if r["checkpoint"]]
+    assert saved
+    from robop_lightning.models import DeiTClassifier
+
+    row = saved[0]
+    model = DeiTClassifier.load_from_checkpoint(row["checkpoint"], map_location="cpu", pretrained=False).eval()
+    linears = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".blocks." in n]
+    sparsity = sum(int((m.weight == 0).sum()) for m in linears) / sum(m.weight.numel() for m in linears)
+    assert abs(sparsity - row["sparsity"]) < 1e-3
+    assert model.model.head.weight.ne(0).all()  # the output head stays dense
+    with torch.no_grad():
+        assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_imagenet_path_fails_clearly_without_data(tmp_path):
+    with pytest.raises(SystemExit, match="no such folder"):
+        _load_recipe().main(["--model", "deit_small_patch16_224", "--pretrained", "--data", str(tmp_path / "nope"),
+                             "--out", str(tmp_path / "out")])  # fmt: skip
