@@ -171,7 +171,46 @@ def _split(n: int, val_size: int, calibration_size: int, seed: int) -> tuple[tor
     return train, val, train[pick.sort().values]
 
 
-class FashionMNISTDataModule(LightningDataModule):
+class _SplitDataModule(LightningDataModule):
+    """The loaders shared by the vision DataModules: ``self._datasets`` maps split names to datasets."""
+
+    batch_size: int
+    num_workers: int
+    _datasets: dict[str, Dataset]
+
+    def dataset(self, split: str) -> Dataset:
+        """The dataset of ``"train"``, ``"val"``, ``"calibration"`` or ``"test"`` (after ``setup``)."""
+        if not self._datasets:
+            self.setup()
+        return self._datasets[split]
+
+    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
+        return DataLoader(
+            self.dataset(split),
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    @override
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    @override
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")
+
+    def calibration_dataloader(self) -> DataLoader:
+        """The fixed calibration subset of the training split (``RobOPCallback(calibration="calibration")``)."""
+        return self._loader("calibration")
+
+
+class FashionMNISTDataModule(_SplitDataModule):
     """Fashion-MNIST (60k train, 10k test, 28 x 28 grey, 10 classes) from the idx files, offline.
 
     Lifecycle:
@@ -283,37 +322,6 @@ class FashionMNISTDataModule(LightningDataModule):
             "test": dataset(data["test_images"], data["test_labels"], torch.arange(len(data["test_images"]))),
         }
 
-    def dataset(self, split: str) -> Dataset:
-        """The dataset of ``"train"``, ``"val"``, ``"calibration"`` or ``"test"`` (after ``setup``)."""
-        if not self._datasets:
-            self.setup()
-        return self._datasets[split]
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        return DataLoader(
-            self.dataset(split),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    @override
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    @override
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    @override
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def calibration_dataloader(self) -> DataLoader:
-        """The fixed calibration subset of the training split (``RobOPCallback(calibration="calibration")``)."""
-        return self._loader("calibration")
-
 
 class _IndexedDataset(Dataset):
     """Wrap a dataset (optionally a subset of it) to also return each sample's source index."""
@@ -345,7 +353,7 @@ class _UnitFloat:
         return f"{type(self).__name__}()"
 
 
-class ImageFolderDataModule(LightningDataModule):
+class ImageFolderDataModule(_SplitDataModule):
     """ImageNet-style folders (``root/train/<class>/*.jpg``, ``root/val/<class>/*.jpg``) as [0, 1] tensors.
 
     Evaluation splits (val, test, calibration) use timm's eval transform (resize, centre crop,
@@ -465,34 +473,3 @@ class ImageFolderDataModule(LightningDataModule):
             "test": _IndexedDataset(test, None, self.return_indices),
             "calibration": _IndexedDataset(train_eval, pick.tolist(), self.return_indices),
         }
-
-    def dataset(self, split: str) -> Dataset:
-        """The dataset of ``"train"``, ``"val"``, ``"calibration"`` or ``"test"`` (after ``setup``)."""
-        if not self._datasets:
-            self.setup()
-        return self._datasets[split]
-
-    def _loader(self, split: str, shuffle: bool = False) -> DataLoader:
-        return DataLoader(
-            self.dataset(split),
-            batch_size=self.batch_size,
-            shuffle=shuffle,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-
-    @override
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    @override
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    @override
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")
-
-    def calibration_dataloader(self) -> DataLoader:
-        """The fixed calibration subset of ``train/`` with eval transforms."""
-        return self._loader("calibration")
