@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorData
 
 from robop_lightning.callback import RobOPCallback
 from robop_lightning.masks import SparsityMasks
+from tests.test_model import tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,20 +28,6 @@ def _vit():
     from timm.models.vision_transformer import VisionTransformer
 
     return VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=4)
-
-
-def _llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    return LlamaForCausalLM(config)
 
 
 class Classifier(pl.LightningModule):
@@ -82,7 +69,7 @@ class Classifier(pl.LightningModule):
 class CausalLM(pl.LightningModule):
     def __init__(self) -> None:
         super().__init__()
-        self.model = _llama()
+        self.model = tiny_llama().train()
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids).logits

@@ -17,12 +17,7 @@ from robop_lightning.data.vision import find_fashion_mnist, read_idx
 from robop_lightning.models import DeiTClassifier
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_idx(path: Path, values: torch.Tensor, compress: bool = True) -> None:

@@ -14,7 +14,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from robop_lightning.assets import AssetMissingError, is_available
 from robop_lightning.data.text import TextDataModule
 from robop_lightning.models.causal_lm import CausalLMModule, _warmup_cosine, token_nll
-from tests.test_data_text import char_tokenizer, single_thread  # noqa: F401 (autouse fixture)
+from tests.test_data_text import char_tokenizer  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama(vocab: int, seed: int = 0) -> LlamaForCausalLM:

@@ -14,12 +14,7 @@ from robop_lightning.models.deit import warmup_cosine
 TINY = dict(patch_size=7, embed_dim=32, depth=2, num_heads=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(name: str = "deit_tiny_patch16_224", in_chans: int = 1, **kwargs) -> DeiTClassifier:

@@ -32,13 +32,7 @@ RANDOM_CORRUPTIONS = ("gaussian_noise", "shot_noise", "impulse_noise", "speckle_
 NON_MONOTONE = ("elastic_transform", "saturate")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # the CI machine is shared: one intra-op thread is far faster than two contended ones
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def smooth_images(n: int, channels: int, side: int, seed: int = 0) -> torch.Tensor:

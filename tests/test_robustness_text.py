@@ -19,8 +19,10 @@ from robop_lightning.robustness.text import (
     suffix_scores,
     typo_text,
 )
-from tests.test_data_text import char_tokenizer, single_thread  # noqa: F401 (autouse fixture)
+from tests.test_data_text import char_tokenizer  # noqa: F401 (fixture)
 from tests.test_models_causal_lm import tiny_llama
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TEXT = ("The quick brown fox jumps over the lazy dog while several curious onlookers watch "
         "from the riverbank and discuss whether foxes usually behave this way in autumn. ") * 3
