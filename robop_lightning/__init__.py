@@ -4,6 +4,7 @@ from robop_lightning.gram import LayerInputs
 from robop_lightning.layer import LayerResult, prune_layer
 from robop_lightning.model import PruneReport, prune_model
 from robop_lightning.callback import RobOPCallback
+from robop_lightning.structured import load_structured, prune_model_structured, save_structured
 
 __version__ = "0.1.0"
 
@@ -14,5 +15,8 @@ __all__ = [
     "prune_model",
     "PruneReport",
     "RobOPCallback",
+    "prune_model_structured",
+    "save_structured",
+    "load_structured",
     "__version__",
 ]

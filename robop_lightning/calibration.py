@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from robop_lightning.offload import ActivationStore, DiskTensor, _HiddenOnDisk
+
 __all__ = [
     "HookOwner",
     "BlockCall",
@@ -244,6 +246,8 @@ def move_to(obj: Any, device: torch.device | str) -> Any:
     """Tensors inside (nested) tuples, lists and dicts moved to ``device``; anything else as is."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device, non_blocking=False)
+    if isinstance(obj, _HiddenOnDisk):  # hidden states offloaded under an activation budget
+        return obj.load(device)
     if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # namedtuple
         return type(obj)(*(move_to(o, device) for o in obj))
     if isinstance(obj, (tuple, list)):
@@ -341,6 +345,7 @@ def capture_block_inputs(
     device: torch.device,
     storage: torch.device,
     name: str = "block",
+    store: ActivationStore | None = None,
 ) -> list[BlockCall]:
     """Record the arguments of ``block``'s first call for every batch, stopping each forward there.
 
@@ -352,6 +357,7 @@ def capture_block_inputs(
         device: where the model lives; batches are moved there.
         storage: where the recorded tensors are kept (CPU when the model is on an accelerator).
         name: the block's name in messages.
+        store: an activation budget: hidden states beyond it are kept on disk.
 
     Raises:
         ValueError: a forward pass finished without calling ``block``.
@@ -366,7 +372,10 @@ def capture_block_inputs(
         if "use_cache" in kwargs:
             kwargs["use_cache"] = False
         slot = _hidden_slot(args, kwargs, name)
-        calls.append(BlockCall(move_to(tuple(args), storage), move_to(kwargs, storage), slot))
+        call = BlockCall(move_to(tuple(args), storage), move_to(kwargs, storage), slot)
+        if store is not None:
+            call.with_hidden(store.keep_hidden(call.hidden))
+        calls.append(call)
         raise _StopForward
 
     with HookOwner() as hooks:
@@ -390,7 +399,8 @@ def run_block(
     storage: torch.device,
     capture: Mapping[str, nn.Linear] | None = None,
     propagate: bool = True,
-) -> dict[str, torch.Tensor]:
+    store: ActivationStore | None = None,
+) -> dict[str, torch.Tensor | DiskTensor]:
     """Run ``block`` on every recorded call; capture inputs of ``capture`` and/or propagate.
 
     Args:
@@ -401,6 +411,8 @@ def run_block(
         storage: where captured and propagated activations are kept.
         capture: ``{name: linear}`` whose inputs are recorded.
         propagate: replace each call's hidden states by the block's output.
+        store: an activation budget: captured inputs and hidden states beyond it go to disk
+            (a captured input is then returned as a :class:`~robop_lightning.offload.DiskTensor`).
 
     Returns:
         ``{name: (samples, tokens, in_features)}`` for every linear in ``capture``.
@@ -415,11 +427,16 @@ def run_block(
         def hook(module, args):
             x = args[0]
             if id(x) not in cache:
-                cache[id(x)] = (x, _as_samples(x.detach()).to(storage, copy=True))
+                xs = _as_samples(x.detach())
+                cache[id(x)] = (x, xs.to(storage, copy=True) if store is None else store.keep_captured(xs))
             seen[lname].append(cache[id(x)][1])
 
         return hook
 
+    if store is not None:
+        store.reset("captured" if capture else "hidden")
+        if capture and propagate:
+            store.reset("hidden")
     with HookOwner() as hooks:
         for lname, linear in capture.items():
             hooks.pre_hook(linear, make_hook(lname))
@@ -434,10 +451,12 @@ def run_block(
                         f"a block returned {type(out).__name__}; blocks must return their hidden states "
                         "(a tensor, or a tuple whose first item is the tensor)."
                     )
-                call.with_hidden(out.detach().to(storage))
+                call.with_hidden(out.detach().to(storage) if store is None else store.keep_hidden(out))
     missing = [n for n, xs in seen.items() if not xs]
     if missing:
         raise ValueError(f"{missing[0]} was not called when its block ran; it cannot be calibrated.")
+    if store is not None:
+        return {n: store.combine(xs) or _stack(xs) for n, xs in seen.items()}
     return {n: _stack(xs) for n, xs in seen.items()}
 
 
@@ -449,8 +468,11 @@ def capture_linear_input(
     device: torch.device,
     storage: torch.device,
     name: str = "layer",
-) -> torch.Tensor:
+    store: ActivationStore | None = None,
+) -> torch.Tensor | DiskTensor:
     """Inputs of one linear over all batches, each forward stopped right after its first call.
+
+    With ``store`` (an activation budget) the inputs beyond the budget are kept on disk.
 
     Raises:
         ValueError: a forward pass finished without calling ``linear``.
@@ -458,9 +480,12 @@ def capture_linear_input(
     chunks: list[torch.Tensor] = []
 
     def hook(module, args):
-        chunks.append(_as_samples(args[0].detach()).to(storage, copy=True))
+        xs = _as_samples(args[0].detach())
+        chunks.append(xs.to(storage, copy=True) if store is None else store.keep_captured(xs))
         raise _StopForward
 
+    if store is not None:
+        store.reset("captured")
     with HookOwner() as hooks:
         hooks.pre_hook(linear, hook)
         for batch in batches:
@@ -469,7 +494,7 @@ def capture_linear_input(
                 forward(model, move_to(batch, device))
             if len(chunks) == before:
                 raise ValueError(f"{name} was not called by the model's forward; it cannot be calibrated.")
-    return _stack(chunks)
+    return (store.combine(chunks) if store is not None else None) or _stack(chunks)
 
 
 def forward_order(

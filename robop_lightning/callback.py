@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Mapping
 from itertools import islice
 from typing import Any, Literal
@@ -77,6 +78,17 @@ class RobOPCallback(Callback):
         heldout_fraction: share of the calibration samples held out to report held-out errors.
         progress: show a progress bar over blocks (on a terminal, rank 0).
         verbose: print the per-layer table (rank 0).
+        resume_dir: make a long pruning resumable (see ``prune_model(resume_dir=...)``): every
+            finished block is written atomically under ``<resume_dir>/<milestone>`` (``start``,
+            ``epoch_end-3``, ``schedule-2``; under DDP one ``rank-0000N`` folder per rank), and a
+            rerun of the same script after a crash or Ctrl-C continues from the next block with a
+            bit-identical result. The calibration batches must be the same in the rerun (seed the
+            run, e.g. ``seed_everything``); otherwise the directory is refused with a ValueError.
+        structured_options: with ``pattern="structured"`` (whole heads and MLP channels removed
+            physically, :mod:`robop_lightning.structured`): ``budget`` (``"layer"`` / ``"global"``),
+            ``cost`` (``"params"`` / ``"flops"``), ``min_keep``, ``max_sparsity``, ``per_step``. The
+            module shrinks at ``prune_at="start"`` (or at ``validate`` / ``test``) and the optimizers are
+            created again for the new parameters; ``prune_at=<epoch>`` and schedules are refused.
 
     Raises:
         ValueError: an argument is invalid (raised in ``__init__``, with what to pass instead).
@@ -129,6 +141,8 @@ class RobOPCallback(Callback):
         heldout_fraction: float = 0.0,
         progress: bool = True,
         verbose: bool = True,
+        resume_dir: str | os.PathLike | None = None,
+        structured_options: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         parse_pattern(pattern, sparsity)
@@ -163,6 +177,8 @@ class RobOPCallback(Callback):
         for what, value in (("progress", progress), ("verbose", verbose)):
             if not isinstance(value, bool):
                 raise ValueError(f"{what} must be true or false, got {value!r}.")
+        if resume_dir is not None and (not isinstance(resume_dir, (str, os.PathLike)) or not os.fspath(resume_dir)):
+            raise ValueError(f"resume_dir must be a directory path or None, got {resume_dir!r}.")
 
         self.sparsity = sparsity
         self.pattern = pattern
@@ -178,6 +194,10 @@ class RobOPCallback(Callback):
         self.heldout_fraction = float(heldout_fraction)
         self.progress = progress
         self.verbose = verbose
+        self.resume_dir = None if resume_dir is None else os.fspath(resume_dir)
+        from robop_lightning.structured import check_callback_options  # pattern="structured" (issue 7)
+
+        self.structured_options = check_callback_options(pattern, prune_at, schedule, structured_options)
 
         self.masks: SparsityMasks | None = None
         self.reports: list[PruneReport] = []
@@ -321,6 +341,15 @@ class RobOPCallback(Callback):
             self._prune(trainer, pl_module, self.sparsity, f"epoch_end:{self.prune_at}")
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, sparsity: float | None, *keys: str) -> None:
+        if self.structured_options is not None:  # pattern="structured": the module shrinks, no masks
+            from robop_lightning.structured import callback_prune
+
+            report = callback_prune(self, trainer, pl_module, sparsity)
+            self._done.extend(keys)
+            self._current_sparsity = report.totals["sparsity"]
+            self.reports.append(report)
+            self._log(trainer, report)
+            return
         previous = self.masks
         if previous is not None:
             previous.detach()
@@ -338,6 +367,7 @@ class RobOPCallback(Callback):
                 heldout_fraction=self.heldout_fraction,
                 progress=self.progress and trainer.is_global_zero,
                 prior_masks=previous.to_dict() if previous is not None else None,
+                resume_dir=None if self.resume_dir is None else os.path.join(self.resume_dir, keys[0].replace(":", "-")),
             )
         except BaseException:
             if previous is not None:  # prune_model restored the weights; restore the hooks too

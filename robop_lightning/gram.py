@@ -63,7 +63,9 @@ class LayerInputs:
     distributed: bool = False
 
     def __post_init__(self) -> None:
-        if not isinstance(self.x, torch.Tensor):
+        from robop_lightning.offload import DiskTensor  # activations kept on disk under a budget
+
+        if not isinstance(self.x, (torch.Tensor, DiskTensor)):
             raise ValueError(f"{self.name} must be a torch.Tensor, got {type(self.x).__name__}.")
         if self.x.dim() == 2:
             self.x = self.x.unsqueeze(1)  # every row is its own sample
@@ -118,7 +120,8 @@ class LayerInputs:
     def _sample_chunks(self):
         """Yield (start, stop) ranges of samples whose token count stays within one chunk."""
         per_sample = self.tokens_per_sample * self.in_features
-        step = max(1, _CHUNK_ELEMENTS // max(per_sample, 1))
+        # a DiskTensor (activations offloaded under a budget) asks for chunks sized to the budget
+        step = max(1, getattr(self.x, "chunk_elements", _CHUNK_ELEMENTS) // max(per_sample, 1))
         for start in range(0, self.local_samples, step):
             yield start, min(start + step, self.local_samples)
 

@@ -17,6 +17,7 @@ positive definite.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -103,14 +104,17 @@ def _quad(h: torch.Tensor, e: torch.Tensor) -> float:
     return float(((e64 @ h.to(device=e.device, dtype=torch.float64)) * e64).sum())
 
 
-def _damp(h_eff: torch.Tensor, lam: float, name: str) -> tuple[torch.Tensor, float]:
-    """``h_eff + lam I``, with ``lam`` raised x10 (up to 6 times) until Cholesky succeeds."""
+def _damp(h_eff: torch.Tensor, lam: float, name: str, warn: bool = True) -> tuple[torch.Tensor, float]:
+    """``h_eff + lam I``, with ``lam`` raised x10 (up to 6 times) until Cholesky succeeds.
+
+    ``warn=False`` leaves the warning to the caller (``prune_layer`` warns once per layer).
+    """
     eye = torch.eye(h_eff.shape[0], dtype=h_eff.dtype, device=h_eff.device)
     base = lam
     for _ in range(7):
         hd = h_eff + lam * eye
         if int(torch.linalg.cholesky_ex(hd).info) == 0:
-            if lam != base:
+            if lam != base and warn:
                 warnings.warn(
                     f"{name}: the damped Gram was not positive definite; damping raised from "
                     f"{base:.3g} to {lam:.3g} (rank-deficient or badly scaled calibration inputs).",
@@ -123,6 +127,13 @@ def _damp(h_eff: torch.Tensor, lam: float, name: str) -> tuple[torch.Tensor, flo
         f"{name}: the calibration Gram stays singular even with damping {lam:.3g}; the inputs of this "
         "layer are degenerate. Use more calibration data or a larger `damping`."
     )
+
+
+def _unit_scale(mean_diag: float) -> float:
+    """A power of 4 near ``mean_diag`` when it lies outside ``[4**-30, 4**30]`` (else 1)."""
+    if not mean_diag > 0 or 4.0**-30 <= mean_diag <= 4.0**30:
+        return 1.0
+    return 4.0 ** round(math.log(mean_diag, 4))
 
 
 def _check_weight(weight, name):
@@ -161,8 +172,10 @@ def prune_layer(
             ``(N, in_features)`` (then every row is a sample), or a :class:`LayerInputs`.
         sparsity: fraction of weights set to zero, in ``[0, 1)``. ``None``: 0.5, or ``1 - N/M``
             for an ``N:M`` pattern.
-        pattern: ``"unstructured"`` (budget over the whole layer), ``"row"`` (same per row) or
-            ``"N:M"`` such as ``"2:4"`` (keep N of every M consecutive inputs).
+        pattern: ``"unstructured"`` (budget over the whole layer), ``"row"`` (same per row),
+            ``"N:M"`` such as ``"2:4"`` (keep N of every M consecutive inputs), or ``"structured"``:
+            whole input columns (``solver_options={"groups": [...]}`` for heads) chosen by robust
+            structured OBS with exact compensation (:func:`robop_lightning.structured.select_groups`).
         solver: ``"alps"``, ``"cap"``, ``"sparsegpt"``, ``"wanda"`` or ``"magnitude"``.
         uncertainty: ``"baseline"``, ``"trace"``, ``"e"`` or ``"cte"``.
         radius: the set's relative size: ``rho`` for trace / e, ``alpha`` for cte; ``None`` takes
@@ -195,6 +208,14 @@ def prune_layer(
     """
     start = time.perf_counter()
     _check_weight(weight, name)
+    if isinstance(pattern, str) and pattern.strip().lower() == "structured":
+        # whole input columns (or solver_options["groups"]) by robust structured OBS (issue 7)
+        from robop_lightning.structured import prune_layer_structured
+
+        return prune_layer_structured(
+            weight, inputs, sparsity, uncertainty, radius, coupled, rounds, heldout, damping, solver_options,
+            prior_mask, name,
+        )
     rows, cols = weight.shape
     pat = parse_pattern(pattern, sparsity)
     pat.check_shape(rows, cols, name)
@@ -242,17 +263,28 @@ def prune_layer(
     uset.prepare(h_solve, li, lam0)
     history: list[dict[str, Any]] = []
     used_lam = [lam0]
+    # Every solver is invariant to scaling H, but some work in float32: a Gram of badly scaled
+    # inputs (mean diag far outside float32's range once inverted) is handed over divided by a
+    # power of 4, which is exact and leaves well-scaled layers bit-identical.
+    unit = _unit_scale(mean_diag)
+    raised = [lam0]  # the largest damping the solves needed: one warning per layer, at the end
+
+    def damp(h_eff: torch.Tensor) -> torch.Tensor:
+        hd, lam = _damp(h_eff, lam0, name, warn=False)
+        raised[0] = max(raised[0], lam)
+        return hd
 
     def solve(h_eff: torch.Tensor, warm: torch.Tensor | None = None):
         h_damped = h_eff
         if solver in USES_FULL_GRAM:
-            h_damped, used_lam[0] = _damp(h_eff, lam0, name)
+            h_damped = damp(h_eff)
+            used_lam[0] = raised[0]
         fn = SOLVERS[solver] if mean_diag > 0 else SOLVERS["magnitude"]
-        return fn(w, h_damped, pat, h_diag=h_eff.diagonal(), warm=warm, prior=prior_mask, **options)
+        return fn(w, h_damped / unit, pat, h_diag=h_eff.diagonal() / unit, warm=warm, prior=prior_mask, **options)
 
     if pat.kind != "nm" and pat.keep_count(rows, cols) == rows * cols and prior_mask is None:
         w_hat, mask = w.clone(), torch.ones(rows, cols, dtype=torch.bool, device=device)
-    elif not uset.dynamic or solver in DATA_FREE:
+    elif not uset.dynamic or solver in DATA_FREE or mean_diag == 0:
         w_hat, mask = solve(uset.effective())
     else:
         h_k = h_solve
@@ -288,7 +320,7 @@ def prune_layer(
             for j in range(rounds + 1):
                 improved = False
                 for h_try, label in candidates:
-                    refitted = refit(w, _damp(h_try, lam0, name)[0], mask, x0=w_hat)
+                    refitted = refit(w, damp(h_try) / unit, mask, x0=w_hat)
                     phi_fit = uset.robust_loss(w - refitted)
                     history.append({"round": label, "robust_loss": phi_fit,
                                     "nominal_loss": _quad(h, w - refitted), "mask_change": 0.0})
@@ -300,6 +332,15 @@ def prune_layer(
                 worst = uset.worst_case(w - w_hat)
                 candidates = [((1 - g) * h_fit + g * worst, f"refit step {g:g}") for g in (0.2, 0.05)]
 
+    if raised[0] > lam0:
+        warnings.warn(
+            f"{name}: the damped Gram was not positive definite; damping raised from {lam0:.3g} to "
+            f"{raised[0]:.3g} (rank-deficient or badly scaled calibration inputs). More calibration data, "
+            "or a larger `damping`, avoids this.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        used_lam[0] = raised[0]
     if prior_mask is not None:
         mask = mask & prior_mask
     w_hat = torch.where(mask, w_hat, torch.zeros_like(w_hat))
@@ -308,8 +349,10 @@ def prune_layer(
     denom = _quad(h, w_in)
     nominal = _relative(_quad(h, err), denom)
     robust = _relative(uset.robust_loss(err), denom)
-    if nominal - 1e-6 * max(nominal, 1e-30) <= robust < nominal:
-        robust = nominal  # the two are computed along different paths; equal up to rounding
+    if nominal - 1e-6 * nominal - 1e-10 <= robust < nominal:
+        # the two are computed along different paths; equal up to rounding (relative, and absolute
+        # for a near-zero error in a rank-deficient Gram, where both lose digits to cancellation)
+        robust = nominal
     heldout_error = None
     if held is not None:
         hh = held.gram(device=device)

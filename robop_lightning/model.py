@@ -18,6 +18,7 @@ exception (``KeyboardInterrupt`` included), so a failure leaves the model exactl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -42,6 +43,7 @@ from robop_lightning.calibration import (
 )
 from robop_lightning.gram import LayerInputs
 from robop_lightning.layer import prune_layer
+from robop_lightning.offload import ActivationStore, parse_bytes
 from robop_lightning.patterns import parse_pattern
 from robop_lightning.solvers import SOLVERS
 from robop_lightning.uncertainty import make_uncertainty
@@ -62,6 +64,8 @@ class PruneReport:
         config: the arguments of the call.
         seconds: wall time of the whole call (capture and propagation included).
         masks: ``{name: bool keep-mask}`` on CPU (not part of :meth:`to_dict`).
+        resumed: names of the layers loaded from ``resume_dir`` (finished by an earlier run)
+            instead of being pruned again (not part of :meth:`to_dict`).
 
     Example:
         >>> report = PruneReport(layers=[{"name": "fc1", "shape": [4, 8], "parameters": 32,
@@ -75,6 +79,7 @@ class PruneReport:
     config: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    resumed: list[str] = field(default_factory=list, repr=False)
 
     @property
     def totals(self) -> dict[str, Any]:
@@ -104,10 +109,13 @@ class PruneReport:
         return {"config": dict(self.config), "layers": [dict(r) for r in self.layers], "totals": self.totals}
 
     def to_json(self, path: str | Path | None = None) -> str:
-        """The report as JSON text, also written to ``path`` when given."""
+        """The report as JSON text, also written to ``path`` when given (atomically: a temporary
+        file renamed over ``path``, so an existing file is never left half-written)."""
         text = json.dumps(self.to_dict(), indent=2)
         if path is not None:
-            Path(path).write_text(text + "\n")
+            from robop_lightning.resume import atomic_write
+
+            atomic_write(path, text + "\n")
         return text
 
     def __str__(self) -> str:
@@ -189,6 +197,91 @@ def _split(x: torch.Tensor, fraction: float, name: str) -> tuple[torch.Tensor, t
     return x[: n - held], x[n - held :]
 
 
+def _resume_store(resume_dir, model, modules, batches, config, engine_kwargs, prior_masks):
+    """The :class:`ResumeStore` of this job in ``resume_dir`` (raises if it belongs to another job)."""
+    from robop_lightning.resume import ResumeStore, fingerprint_batches, fingerprint_tensors
+
+    if not isinstance(resume_dir, (str, Path)) or not str(resume_dir):
+        raise ValueError(f"resume_dir must be a directory path (str or Path), got {resume_dir!r}.")
+    job = {**config, "solver_options": engine_kwargs.get("solver_options")}
+    targets = {n: [list(m.weight.shape), str(m.weight.dtype)] for n, m in modules.items()}
+
+    def digest(obj: Any) -> str:
+        return hashlib.sha256(json.dumps(obj, sort_keys=True, default=repr).encode()).hexdigest()
+
+    components = {
+        "arguments": digest(job),
+        "targets": digest(targets),
+        "model weights": fingerprint_tensors(model.state_dict()),
+        "calibration batches": fingerprint_batches(batches),
+        "prior masks": fingerprint_tensors(prior_masks or {}),
+    }
+    return ResumeStore(resume_dir, components, {**job, "targets": list(modules)})
+
+
+def _check_shared_weights(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+    """Refuse targets whose weight tensor is also held elsewhere (tied or shared weights).
+
+    Pruning writes the weight in place, so a shared tensor would be changed for every holder
+    while being calibrated for one: an embedding tied to ``lm_head`` would lose entries chosen
+    for the head, and two targets sharing a weight would each prune it for their own inputs.
+    """
+    holders: dict[int, list[str]] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for pname, param in module._parameters.items():
+            if param is not None:
+                holders.setdefault(id(param), []).append(f"{mname}.{pname}" if mname else pname)
+    for name, module in modules.items():
+        others = [h for h in dict.fromkeys(holders.get(id(module.weight), [])) if h != f"{name}.weight"]
+        if not others:
+            continue
+        owners = [o.rsplit(".", 1)[0] for o in others]
+        shared_targets = [o for o in owners if o in modules]
+        if shared_targets:
+            raise ValueError(
+                f"{name}: its weight is the same tensor as {shared_targets[0]}.weight (weights shared between "
+                f"layers); pruning both would prune that tensor twice, each time for other inputs. Untie them first "
+                f"(give {shared_targets[0]} its own copy: nn.Parameter(weight.detach().clone())), or leave both out "
+                f"of the targets (ignore=[{name!r}, {shared_targets[0]!r}])."
+            )
+        raise ValueError(
+            f"{name}: its weight is tied to {others[0]} (weights shared with another module, such as an embedding "
+            f"tied to lm_head); pruning {name} would also zero entries of {owners[0]}, calibrated for {name} only. "
+            f"Leave {name} out of the targets, or untie the weights first (give {name} its own copy of the weight; "
+            "for Hugging Face models set config.tie_word_embeddings=False)."
+        )
+
+
+def _dtype_mismatch(err: BaseException, batches: list[Any], modules: dict[str, nn.Module]) -> ValueError | None:
+    """A clear error for a forward that failed because float batches differ in dtype from the model."""
+    if not isinstance(err, RuntimeError) or not batches:
+        return None
+    first_name, first = next(iter(modules.items()))
+    dtype = first.weight.dtype
+    found: list[torch.dtype] = []
+
+    def scan(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            if obj.is_floating_point() and obj.dtype != dtype:
+                found.append(obj.dtype)
+        elif isinstance(obj, (tuple, list)):
+            for o in obj:
+                scan(o)
+        elif isinstance(obj, dict):
+            for o in obj.values():
+                scan(o)
+
+    scan(batches[0])
+    if not found:
+        return None
+    have, want = str(found[0]).replace("torch.", ""), str(dtype).replace("torch.", "")
+    return ValueError(
+        f"{first_name}: the model's forward failed on a calibration batch ({err}). The batch holds {have} tensors "
+        f"but the layers to prune are {want}: cast the calibration data to the model's dtype "
+        f"(batch.to(torch.{want})), or calibrate the model in {have} (model.to(torch.{have})) and cast it after pruning."
+    )
+
+
 def _renamed(err: BaseException, name: str) -> BaseException:
     """The exception to raise for ``err`` raised while pruning ``name``: the name in its message."""
     note = f"while pruning {name} (every weight of the model was restored)"
@@ -214,6 +307,8 @@ def prune_model(
     forward: Callable[[nn.Module, Any], Any] | None = None,
     progress: bool | None = None,
     prior_masks: dict[str, torch.Tensor] | None = None,
+    resume_dir: str | Path | None = None,
+    activation_budget: int | str | None = None,
     **engine_kwargs: Any,
 ) -> PruneReport:
     """Prune the linear layers of ``model`` in place, block by block, with :func:`prune_layer`.
@@ -224,7 +319,9 @@ def prune_model(
             item is the input) or dicts (passed as keyword arguments).
         sparsity: fraction of weights set to zero in every target (``None``: implied by an
             ``N:M`` pattern).
-        pattern: ``"unstructured"``, ``"row"`` or ``"N:M"`` such as ``"2:4"``.
+        pattern: ``"unstructured"``, ``"row"``, ``"N:M"`` such as ``"2:4"``, or ``"structured"``:
+            whole heads and MLP channels removed physically (:mod:`robop_lightning.structured`;
+            ``solver_options`` may hold ``budget``, ``cost``, ``min_keep``, ``max_sparsity``, ``per_step``).
         solver: ``"alps"``, ``"cap"``, ``"sparsegpt"``, ``"wanda"`` or ``"magnitude"``.
         uncertainty: ``"baseline"``, ``"trace"``, ``"e"`` or ``"cte"``.
         radius: the set's relative size (``None``: the engine's default).
@@ -240,6 +337,20 @@ def prune_model(
         progress: show a progress bar over blocks (``None`` / ``True``: only on a terminal).
         prior_masks: ``{layer name: keep-mask}`` of an earlier pruning (gradual schedules): those
             zeros stay, count towards the budget and are compensated by the solver.
+        resume_dir: a directory that makes a long pruning resumable (see
+            :mod:`robop_lightning.resume`): every finished block (or linear pruned on its own) is
+            written there atomically (``block-00012.safetensors`` plus ``manifest.json``). After a
+            crash, SIGKILL or Ctrl-C, calling ``prune_model`` again with the same model, data,
+            arguments and ``resume_dir`` loads the finished blocks, replays the calibration
+            activations through them and continues: the result is bit-identical to an
+            uninterrupted run. A directory written by a different job (other arguments, weights
+            or calibration data) raises ``ValueError``. ``None``: nothing is written.
+        activation_budget: bytes (or a size such as ``"2GB"``, ``"512MiB"``) of calibration
+            activations held in memory; what exceeds it (hidden states between blocks, inputs
+            captured for a block's linears) is kept in temporary files and read back in chunks
+            (:mod:`robop_lightning.offload`). Results equal the in-memory ones up to the float64
+            summation order of the Grams. ``None``: everything stays in memory (CPU when the
+            model is on an accelerator).
         **engine_kwargs: passed to :func:`prune_layer`: ``coupled``, ``rounds``, ``damping``,
             ``solver_options``.
 
@@ -248,7 +359,8 @@ def prune_model(
 
     Raises:
         ValueError: empty calibration, NaN / Inf activations, bad arguments, targets that match
-            nothing; the message names the layer. On any exception every weight is restored.
+            nothing, a ``resume_dir`` of another job; the message names the layer. On any
+            exception every weight is restored (the files in ``resume_dir`` stay, to resume from).
         RuntimeError: ranks of a process group ended with different masks.
 
     Example:
@@ -260,6 +372,14 @@ def prune_model(
         >>> round(report.totals["sparsity"], 2)
         0.5
     """
+    if isinstance(pattern, str) and pattern.strip().lower() == "structured":
+        # whole heads / channels removed physically: robop_lightning.structured (issue 7)
+        from robop_lightning.structured import prune_model_structured_from_engine
+
+        return prune_model_structured_from_engine(
+            model, calibration, sparsity, uncertainty, radius, targets, ignore, blocks, heldout_fraction,
+            forward, progress, prior_masks, engine_kwargs,
+        )
     start = time.perf_counter()
     _check_arguments(sparsity, pattern, solver, uncertainty, radius, heldout_fraction, engine_kwargs)
     forward = forward or default_forward
@@ -267,6 +387,10 @@ def prune_model(
     block_list = structure[1] if structure else []
     names = resolve_targets(model, targets, ignore, [b for b, _ in block_list] if structure else None)
     modules = {n: model.get_submodule(n) for n in names}
+    _check_shared_weights(model, modules)
+    shape_check = parse_pattern(pattern, sparsity)
+    for name, module in modules.items():  # fail before any work, not after the earlier blocks
+        shape_check.check_shape(*module.weight.shape, name)
 
     batches = list(calibration)
     if not batches:
@@ -287,9 +411,35 @@ def prune_model(
             **{k: v for k, v in engine_kwargs.items() if k != "solver_options"},
         }
     )
+    budget = parse_bytes(activation_budget)
+    acts = ActivationStore(budget, storage) if budget is not None else None
+    store = None
+    if resume_dir is not None:
+        store = _resume_store(resume_dir, model, modules, batches, report.config, engine_kwargs, prior_masks)
     snapshot = {n: m.weight.detach().to("cpu", copy=True) for n, m in modules.items()}
     modes = {m: m.training for m in model.modules()}
     current = [type(model).__name__]
+    layer_files = [0]  # layer-00000.safetensors, ... for linears pruned on their own
+
+    def restore_unit(unit: str) -> bool:
+        """Load ``unit`` from ``resume_dir`` when it was finished there; whether it was."""
+        saved = store.take(unit) if store is not None else None
+        if saved is None:
+            return False
+        rows, tensors = saved
+        for row in rows:
+            name = row["name"]
+            modules[name].weight.data.copy_(tensors[f"{name}.weight"])
+            report.masks[name] = tensors[f"{name}.mask"]
+            report.layers.append(row)
+            report.resumed.append(name)
+        return True
+
+    def checkpoint_unit(unit: str, file: str, layer_names: list[str]) -> None:
+        if store is not None:
+            tensors = {f"{n}.weight": modules[n].weight for n in layer_names}
+            tensors.update({f"{n}.mask": report.masks[n] for n in layer_names})
+            store.save(unit, file, report.layers[-len(layer_names) :], tensors)
 
     def prune(name: str, x: torch.Tensor) -> None:
         current[0] = name
@@ -334,7 +484,12 @@ def prune_model(
     def prune_sequentially(order: list[str], bar_desc: str | None = None) -> None:
         for name in _progress(order, progress, bar_desc) if bar_desc else order:
             current[0] = name
-            prune(name, capture_linear_input(model, modules[name], batches, forward, device, storage, name))
+            file = f"layer-{layer_files[0]:05d}.safetensors"
+            layer_files[0] += 1
+            if restore_unit(name):  # its forward-captured inputs need no replay
+                continue
+            prune(name, capture_linear_input(model, modules[name], batches, forward, device, storage, name, acts))
+            checkpoint_unit(name, file, [name])
 
     try:
         model.eval()
@@ -359,23 +514,37 @@ def prune_model(
                     before, after = order[:split], order[split + 1 :]
                 prune_sequentially(before)
                 last = max((i for i, (b, _) in enumerate(block_list) if inside[b]), default=-1)
+                if last >= 0 and store is not None and store.peek([b for b, _ in block_list[: last + 1] if inside[b]]):
+                    for bname, _ in block_list[: last + 1]:  # every block finished: no activations to replay
+                        current[0] = bname
+                        if inside[bname]:
+                            restore_unit(bname)
+                    last = -1
                 if last >= 0:
                     current[0] = block_list[0][0]
                     calls = capture_block_inputs(
-                        model, block_list[0][1], batches, forward, device, storage, block_list[0][0]
+                        model, block_list[0][1], batches, forward, device, storage, block_list[0][0], acts
                     )
                     for i, (bname, block) in enumerate(_progress(block_list[: last + 1], progress, "pruning blocks")):
                         current[0] = bname
-                        if inside[bname]:
+                        # a block finished by an earlier run is loaded, then replayed like a pruned one
+                        if inside[bname] and not restore_unit(bname):
                             captured = run_block(
-                                block, calls, device, storage, {n: modules[n] for n in inside[bname]}, propagate=False
+                                block,
+                                calls,
+                                device,
+                                storage,
+                                {n: modules[n] for n in inside[bname]},
+                                propagate=False,
+                                store=acts,
                             )
                             for name in inside[bname]:
                                 prune(name, captured.pop(name))
                             del captured
+                            checkpoint_unit(bname, f"block-{i:05d}.safetensors", inside[bname])
                         if i < last:
                             current[0] = bname
-                            run_block(block, calls, device, storage)
+                            run_block(block, calls, device, storage, store=acts)
                     del calls
                 prune_sequentially(after)
     except BaseException as err:
@@ -383,11 +552,17 @@ def prune_model(
             for n, m in modules.items():
                 m.weight.data.copy_(snapshot[n])
         report.masks.clear()
+        report.resumed.clear()
+        mismatch = _dtype_mismatch(err, batches, modules)
+        if mismatch is not None:
+            raise mismatch from err
         renamed = _renamed(err, current[0])
         if renamed is err:
             raise
         raise renamed from err
     finally:
+        if acts is not None:
+            acts.close()
         for m, mode in modes.items():
             m.training = mode
     report.seconds = time.perf_counter() - start

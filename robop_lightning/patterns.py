@@ -4,7 +4,9 @@ Three patterns (SPEC §4):
 
 * ``"unstructured"``: keep ``k = round((1 - sparsity) * m * n)`` weights anywhere in the layer;
 * ``"row"``: keep ``round((1 - sparsity) * n)`` weights in every output row;
-* ``"N:M"`` (e.g. ``"2:4"``): in every group of ``M`` consecutive inputs of a row keep ``N``.
+* ``"N:M"`` (e.g. ``"2:4"``): in every group of ``M`` consecutive inputs of a row keep ``N``;
+* ``"structured"``: keep ``round((1 - sparsity) * n)`` whole input columns (the same in every row);
+  ``prune_layer`` and ``prune_model`` route it to :mod:`robop_lightning.structured`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ class Pattern:
     """A parsed sparsity pattern with its target sparsity.
 
     Attributes:
-        kind: ``"unstructured"``, ``"row"`` or ``"nm"``.
+        kind: ``"unstructured"``, ``"row"``, ``"structured"`` or ``"nm"``.
         sparsity: fraction of weights set to zero (implied by ``N:M`` for ``"nm"``).
         n, m: keep ``n`` of every ``m`` (only for ``"nm"``).
     """
@@ -43,7 +45,7 @@ class Pattern:
         """Total number of weights kept in a ``rows x cols`` layer."""
         if self.kind == "unstructured":
             return int(round((1.0 - self.sparsity) * rows * cols))
-        if self.kind == "row":
+        if self.kind in ("row", "structured"):
             return rows * self.keep_per_row(cols)
         return rows * (cols // self.m) * self.n
 
@@ -88,6 +90,12 @@ class Pattern:
             if k > 0:
                 mask.scatter_(1, torch.topk(scores, k, dim=1, sorted=False).indices, True)
             return mask
+        if self.kind == "structured":  # whole input columns, by their summed score
+            k = self.keep_per_row(cols)
+            keep = torch.zeros(cols, dtype=torch.bool, device=scores.device)
+            if k > 0:
+                keep[torch.topk(scores.sum(0), k, sorted=False).indices] = True
+            return keep[None, :].expand(rows, cols).clone()
         groups = scores.reshape(rows, cols // self.m, self.m)
         mask = torch.zeros_like(groups, dtype=torch.bool)
         mask.scatter_(2, torch.topk(groups, self.n, dim=2, sorted=False).indices, True)
@@ -100,6 +108,8 @@ class Pattern:
             return int(mask.sum()) == self.keep_count(rows, cols)
         if self.kind == "row":
             return bool((mask.sum(1) == self.keep_per_row(cols)).all())
+        if self.kind == "structured":
+            return bool((mask == mask[:1]).all()) and int(mask[0].sum()) == self.keep_per_row(cols)
         return bool((mask.view(rows, cols // self.m, self.m).sum(-1) == self.n).all())
 
 
@@ -120,7 +130,7 @@ def parse_pattern(pattern: str, sparsity: float | None) -> Pattern:
                 "For 70 % sparsity pass 0.7."
             )
     p = pattern.strip().lower()
-    if p in ("unstructured", "row"):
+    if p in ("unstructured", "row", "structured"):
         return Pattern(kind=p, sparsity=0.5 if sparsity is None else sparsity)
     match = _NM.match(p)
     if match:
@@ -135,5 +145,5 @@ def parse_pattern(pattern: str, sparsity: float | None) -> Pattern:
             )
         return Pattern(kind="nm", sparsity=implied, n=n, m=m)
     raise ValueError(
-        f"unknown pattern {pattern!r}: use 'unstructured', 'row' or 'N:M' such as '2:4' (keep 2 of every 4)."
+        f"unknown pattern {pattern!r}: use 'unstructured', 'row', 'structured' or 'N:M' such as '2:4' (keep 2 of every 4)."
     )

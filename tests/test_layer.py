@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -199,20 +200,28 @@ def test_bad_tensors_raise_clear_errors(layer):
     solver=st.sampled_from(SOLVERS),
     uncertainty=st.sampled_from(SETS),
     seed=st.integers(0, 1000),
+    tokens=st.integers(1, 3),
+    scale=st.sampled_from([1e-15, 1.0, 1e15]),
+    damping=st.sampled_from([0.0, 0.01]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
 )
-def test_property_exact_budget_finite_unmutated(m, groups, samples, sparsity, pattern, solver, uncertainty, seed):
+def test_property_exact_budget_finite_unmutated(
+    m, groups, samples, sparsity, pattern, solver, uncertainty, seed, tokens, scale, damping, dtype
+):
+    """Any shape, budget, pattern, solver and set; rank-deficient, badly scaled or undamped Grams."""
     n = 4 * groups
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(m, n, generator=g)
-    x = torch.randn(samples, 3, n, generator=g)
+    w = torch.randn(m, n, generator=g).to(dtype)
+    x = torch.randn(samples, tokens, n, generator=g) * scale
     w0, x0 = w.clone(), x.clone()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         r = prune_layer(w, x, sparsity=None if ":" in pattern else sparsity, pattern=pattern,
-                        solver=solver, uncertainty=uncertainty, rounds=1)
+                        solver=solver, uncertainty=uncertainty, rounds=1, damping=damping)
     pat = parse_pattern(pattern, None if ":" in pattern else sparsity)
-    assert pat.validate_mask(r.mask)
+    assert pat.validate_mask(r.mask) and r.weight.dtype == dtype
     assert torch.isfinite(r.weight).all()
+    assert math.isfinite(r.nominal_error) and math.isfinite(r.robust_error)
     assert bool((r.weight[~r.mask] == 0).all())
     assert torch.equal(w, w0) and torch.equal(x, x0)
     assert r.robust_error >= r.nominal_error

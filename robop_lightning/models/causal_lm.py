@@ -249,6 +249,23 @@ class CausalLMModule(LightningModule):
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("test", self.test_metrics, batch, dataloader_idx)
 
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # a structurally pruned model (robop_lightning.structured) records its per-layer sizes
+        from robop_lightning.structured import CHECKPOINT_KEY, structured_shapes
+
+        spec = structured_shapes(self)
+        if spec is not None:
+            checkpoint[CHECKPOINT_KEY] = spec
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # shrink to the recorded sizes before the state dict is loaded (load_from_checkpoint, ckpt_path=)
+        from robop_lightning.structured import CHECKPOINT_KEY, apply_structured_shapes
+
+        apply_structured_shapes(self, checkpoint.get(CHECKPOINT_KEY))
+
     @override
     def configure_optimizers(self) -> Any:
         hp = self.hparams

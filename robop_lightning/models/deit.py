@@ -273,6 +273,23 @@ class DeiTClassifier(LightningModule):
         for collection in self.test_robustness.collections():
             self.log_dict(collection, batch_size=images.shape[0])
 
+    # ------------------------------------------------------------------ checkpoints
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # a structurally pruned model (robop_lightning.structured) records its per-block sizes
+        from robop_lightning.structured import CHECKPOINT_KEY, structured_shapes
+
+        spec = structured_shapes(self)
+        if spec is not None:
+            checkpoint[CHECKPOINT_KEY] = spec
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # shrink to the recorded sizes before the state dict is loaded (load_from_checkpoint, ckpt_path=)
+        from robop_lightning.structured import CHECKPOINT_KEY, apply_structured_shapes
+
+        apply_structured_shapes(self, checkpoint.get(CHECKPOINT_KEY))
+
     # ------------------------------------------------------------------ optimisation
     @override
     def configure_optimizers(self) -> dict[str, Any]:

@@ -210,11 +210,12 @@ def suffix_scores(
         (torch.Size([3]), torch.Size([3]))
     """
     t = input_ids.shape[1]
-    if inputs_embeds is not None:
-        logits = model(inputs_embeds=inputs_embeds).logits
-    else:
-        logits = model(input_ids=input_ids).logits
-    pred_logits = logits[:, t - suffix_len - 1 : t - 1].float()
+    inputs = {"inputs_embeds": inputs_embeds} if inputs_embeds is not None else {"input_ids": input_ids}
+    try:  # only the last K + 1 positions through the LM head (most of a small model's cost)
+        logits = model(**inputs, logits_to_keep=suffix_len + 1).logits
+    except TypeError:  # a model without ``logits_to_keep``
+        logits = model(**inputs).logits
+    pred_logits = logits[:, logits.shape[1] - suffix_len - 1 : logits.shape[1] - 1].float()
     targets = input_ids[:, t - suffix_len :].to(logits.device)
     nll = F.cross_entropy(pred_logits.transpose(1, 2), targets, reduction="none").sum(1)
     correct = (pred_logits.argmax(-1) == targets).sum(1)

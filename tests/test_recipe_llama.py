@@ -1,0 +1,90 @@
+"""``recipes/llama_alps.py --fast`` runs end to end on real text and writes true, consistent results."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import pathlib
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _load_recipe():
+    spec = importlib.util.spec_from_file_location("llama_alps", ROOT / "recipes" / "llama_alps.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("llama_alps") / "out"
+    # the tiny Llama is trained here; Shakespeare / Brown when cached (setup.sh fetches them), else offline text
+    _load_recipe().main(["--fast", "--out", str(out), "--save-checkpoints", "best", "--threads", "1"])
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_every_method_and_setting_is_scored(fast_run):
+    out, results = fast_run
+    rows = results["rows"]
+    expected = {"dense", "sparsegpt", "wanda", "magnitude"} | {f"robop-alps/{u}" for u in ("baseline", "trace", "e", "cte")}
+    assert {r["method"] for r in rows} == expected
+    assert {r["setting"] for r in rows if r["method"] != "dense"} == {"0.5", "2:4"}
+    assert results["config"]["fast"] is True  # the recipe's arguments are recorded
+    for row in rows:
+        for key, value in row.items():
+            if "acc" in key and isinstance(value, float) and "pdr" not in key:
+                assert 0.0 <= value <= 1.0, (row["name"], key, value)
+            if "ppl" in key and isinstance(value, float):
+                assert math.isfinite(value) and value >= 1.0, (row["name"], key, value)
+        if row["method"] != "dense":
+            assert abs(row["sparsity"] - 0.5) < 1e-3, row  # 50 % and 2:4 both zero half of every target
+            assert row["pattern"] == ("2:4" if row["setting"] == "2:4" else "unstructured")
+    dense = next(r for r in rows if r["method"] == "dense")
+    # the tiny model learned something: far below the uniform perplexity of its vocabulary
+    assert dense["ppl"] < 0.5 * results["protocol"]["vocab_size"]
+    by = {(r["method"], r["setting"]): r for r in rows}
+    for setting in ("0.5", "2:4"):
+        # the engine's ordering on the same calibration data: OBS-type solvers beat magnitude
+        assert by[("robop-alps/baseline", setting)]["ppl"] < by[("magnitude", setting)]["ppl"]
+        assert by[("sparsegpt", setting)]["ppl"] < by[("magnitude", setting)]["ppl"]
+    # the corrupted contexts hurt the dense model and the probe hurts more than random noise
+    for row in rows:
+        assert row["suffix_ppl/tokens@0.2"] > row["suffix_ppl/clean"], row["name"]
+        assert row["probe_ppl@0.1"] > row["noise_ppl@0.1"] > 0.9 * row["suffix_ppl/clean"], row["name"]
+    with open(out / "results.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+
+
+def test_files_and_a_checkpoint_that_loads_with_from_pretrained(fast_run):
+    out, results = fast_run
+    for name in ("results.json", "results.csv", "table.txt", "perplexity.png", "probe.png", "corrupted_tokens.png"):
+        path = out / name
+        assert path.is_file() and path.stat().st_size > 0, name
+    assert (out / "perplexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(out.rglob(".*.tmp*"))  # every file and folder was renamed into place
+    saved = [r for r in results["rows"] if r["checkpoint"]]
+    assert len(saved) == 2  # the best RobOP model of each setting
+    from transformers import AutoModelForCausalLM
+
+    row = saved[0]
+    model = AutoModelForCausalLM.from_pretrained(row["checkpoint"]).eval()
+    weights = [m.weight for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert abs(zeros - row["sparsity"]) < 1e-3
+    table = (out / "table.txt").read_text()
+    assert all(r["method"] in table for r in results["rows"])
+
+
+def test_bad_settings_are_refused_with_a_clear_message(capsys):
+    recipe = _load_recipe()
+    for bad in (["--settings", "1.5"], ["--settings", "4:2"], ["--settings", "half"], ["--suffix-len", "500"]):
+        with pytest.raises(SystemExit):
+            recipe.parse_args(bad)
+        assert "error" in capsys.readouterr().err
