@@ -68,6 +68,7 @@ config = dict(
     settings=["0.5", "0.7", "2:4"],
     robop_sets=["baseline", "trace", "e", "cte"],  # RobOP-ALPS under each uncertainty set
     baselines=["sparsegpt", "wanda", "magnitude"],  # the same engine, Baseline set, same calibration data
+    targets=None,  # None: every linear of every decoder layer; or a "re:<regex>" such as "re:model\.layers\.[0-5]\."
     # robustness (paired: every model sees identical corrupted / perturbed inputs)
     suffix_len=32,  # scored suffix of each window; only the context before it is perturbed
     corrupt_windows=16,  # in-domain test windows for the corrupted-context evaluation
@@ -76,7 +77,8 @@ config = dict(
     probe_windows=8,  # windows for the embedding-space probe (forward + backward per step)
     probe_eps=[0.05, 0.1],  # per-token L2 radius relative to the mean embedding norm
     probe_steps=5,
-    # the tiny model of --fast (trained here, then pruned)
+    # --model tiny-llama (what --fast uses): a LlamaConfig trained here, then pruned
+    tiny_llama=None,  # JSON LlamaConfig fields; None: TINY_LLAMA below
     train_steps=0,
     train_lr=3e-3,
     # bookkeeping
@@ -112,6 +114,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         if isinstance(value, list):
             kind = type(value[0]) if value else str
             parser.add_argument(flag, nargs="*", type=kind, default=value)
+        elif key == "tiny_llama":
+            parser.add_argument(flag, type=json.loads, default=None, help='JSON, e.g. \'{"num_hidden_layers": 4}\'')
         elif value is None:
             parser.add_argument(flag, type=str, default=None)
         else:
@@ -206,8 +210,8 @@ def tiny_llama(args, datamodule) -> torch.nn.Module:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = datamodule.tokenizer
-    cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
-                      **TINY_LLAMA)  # fmt: skip
+    fields = dict(TINY_LLAMA, **(args.tiny_llama or {}))
+    cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, **fields)
     model = LlamaForCausalLM(cfg)
     module = CausalLMModule(model, lr=args.train_lr, warmup_steps=20, weight_decay=0.01)
     trainer = quiet_trainer(max_steps=args.train_steps, limit_val_batches=0, enable_progress_bar=None)
@@ -275,7 +279,7 @@ def main(argv=None) -> dict:
         bar.set_postfix_str(name)
         model = copy.deepcopy(dense)
         report = prune_model(model, calibration, sparsity=sparsity, pattern=pattern, solver=solver,
-                             uncertainty=uncertainty, progress=False)  # fmt: skip
+                             uncertainty=uncertainty, targets=args.targets, progress=False)  # fmt: skip
         models[name] = dict(method=model_label(solver, uncertainty), solver=solver, uncertainty=uncertainty,
                             setting=setting, sparsity=report.totals["sparsity"], pattern=pattern, model=model.eval(),
                             prune_seconds=report.seconds, nominal_error=report.totals["nominal_error"],

@@ -242,7 +242,7 @@ def test_prune_model_on_degenerate_calibration_works(case, calibration, solver, 
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.99])
 def test_prune_model_sparsity_zero_and_099(sparsity):
-    model, before = _net(), None
+    model = _net()
     before = _state(model)
     report = prune_model(model, _batches(), sparsity=sparsity, solver="cap", uncertainty="cte", progress=False)
     if sparsity == 0.0:

@@ -1,0 +1,148 @@
+"""Shared helpers of the benchmarks: real models, real calibration data, captured layer inputs.
+
+Not a benchmark by itself. ``gemma()`` / ``deit()`` load the embedded Gemma-3-270M and the
+recipe's cached tiny DeiT (both offline); ``capture()`` records the inputs of named linears of the
+*dense* model with forward pre-hooks; ``machine()`` describes where the numbers were taken.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import pathlib
+import platform
+import resource
+import sys
+
+import torch
+from torch import nn
+
+DEIT_GLOB = "~/.cache/robop_lightning/recipes/deit_cap-*.ckpt"
+
+
+def machine(device: torch.device | str = "cpu") -> dict:
+    """Processor, threads, torch version, device and the load average at call time."""
+    device = torch.device(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "loadavg": list(os.getloadavg()),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def machine_line(info: dict) -> str:
+    gpu = f", {info['gpu']}" if "gpu" in info else ""
+    load = ", ".join(f"{x:.2f}" for x in info["loadavg"])
+    return (f"{info['cpu']} ({info['cpu_count']} cores visible, {info['threads']} torch threads), "
+            f"torch {info['torch']}, device {info['device']}{gpu}; load average (1, 5, 15 min) {load}")
+
+
+def command_line(script: str, argv) -> str:
+    args = list(sys.argv[1:] if argv is None else argv)
+    return " ".join([".venv/bin/python", script, *args]).strip()
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (MiB; Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_results(out: str | pathlib.Path, payload: dict, markdown: str) -> tuple[pathlib.Path, pathlib.Path]:
+    """Write ``out.json`` and ``out.md`` atomically."""
+    import json
+
+    out = pathlib.Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    paths = (out.with_suffix(".json"), out.with_suffix(".md"))
+    for path, text in zip(paths, (json.dumps(payload, indent=2), markdown)):
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(path)
+    return paths
+
+
+# --------------------------------------------------------------------------- models and data
+def gemma():
+    """The embedded Gemma-3-270M (float32, eval mode)."""
+    from robop_lightning.models.causal_lm import load_causal_lm
+
+    return load_causal_lm("embedded").float().eval()
+
+
+def text_batches(windows: int, seqlen: int = 128, split: str = "calibration", batch_size: int = 8):
+    """Token batches ``(B, seqlen + 1)`` of the cached Shakespeare corpus (BOS included)."""
+    from robop_lightning.data import TextDataModule
+
+    dm = TextDataModule(seqlen=seqlen, calibration_windows=max(windows, 1), ood_corpus=None, batch_size=batch_size)
+    dm.setup()
+    data = dm.splits[split][:windows]
+    return [data[i : i + batch_size] for i in range(0, len(data), batch_size)]
+
+
+def deit_path() -> str | None:
+    found = sorted(glob.glob(os.path.expanduser(DEIT_GLOB)))
+    return found[0] if found else None
+
+
+def deit():
+    """The recipe's cached tiny DeiT (Fashion-MNIST, 28 px), or ``None`` when it is not cached."""
+    from robop_lightning.models.deit import DeiTClassifier
+
+    path = deit_path()
+    if path is None:
+        return None
+    return DeiTClassifier.load_from_checkpoint(path, map_location="cpu", pretrained=False).float().eval()
+
+
+def image_batches(images: int, split: str = "calibration", batch_size: int = 64):
+    """Fashion-MNIST image batches ``(B, 1, 28, 28)`` (the first ``images`` of ``split``)."""
+    from robop_lightning.data import FashionMNISTDataModule
+
+    dm = FashionMNISTDataModule(img_size=28, calibration_size=max(images, 1), batch_size=batch_size)
+    dm.setup()
+    loader = {"calibration": dm.calibration_dataloader, "val": dm.val_dataloader}[split]()
+    out, seen = [], 0
+    for batch in loader:
+        x = batch[0]
+        out.append(x[: images - seen])
+        seen += len(out[-1])
+        if seen >= images:
+            break
+    return out
+
+
+@torch.no_grad()
+def capture(model: nn.Module, batches, names: list[str]) -> dict[str, torch.Tensor]:
+    """Inputs ``(samples, tokens, in_features)`` of each named linear over ``batches`` (dense model)."""
+    store: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    hooks = []
+    for name in names:
+        module = model.get_submodule(name)
+
+        def hook(mod, args, name=name):
+            x = args[0].detach().float()
+            store[name].append(x.reshape(x.shape[0], -1, x.shape[-1]) if x.dim() >= 3 else x[:, None])
+
+        hooks.append(module.register_forward_pre_hook(hook))
+    try:
+        for batch in batches:
+            model(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: torch.cat(v) for n, v in store.items()}
