@@ -58,6 +58,12 @@ def block_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for b in model.blocks for n, p in b.named_parameters() if "attn" in n or "mlp" in n)
 
 
+def deit_small_gflops(heads: int, mlp: int, depth: int = 12, dim: int = 384, hd: int = 64, tokens: int = 197) -> float:
+    """Analytic forward GFLOPs of one 224 px image (2 x MACs): linears, attention matmuls, patch embedding, head."""
+    per_block = 2 * tokens * (dim * 3 * heads * hd + heads * hd * dim + 2 * dim * mlp) + 4 * tokens**2 * heads * hd
+    return (depth * per_block + 2 * 196 * 768 * dim + 2 * dim * 1000) / 1e9
+
+
 # ----------------------------------------------------------------------------- speed
 def speed(args) -> list[dict]:
     torch.manual_seed(0)
@@ -207,18 +213,26 @@ def markdown(rows: list[dict], args, runs: dict[str, dict]) -> str:
             f"`torch.inference_mode` forwards, models timed round-robin; structured = "
             f"`prune_model(pattern=\"structured\", uncertainty=\"{args.speed_set}\")`, per-layer budget.",
             "",
-            "| model | block params removed | heads / MLP | params (M) | latency b1 (ms) | latency b32 (ms) "
-            "| throughput (img/s) | speed-up b1 | speed-up b32 |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| model | block params removed | heads / MLP | params (M) | GFLOPs (ratio) | latency b1 (ms) "
+            "| latency b32 (ms) | throughput (img/s) | speed-up b1 | speed-up b32 |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
+        dense_flops = deit_small_gflops(6, 1536)
         for r in speed_rows:
+            flops = deit_small_gflops(r["heads"], r["mlp_hidden"])
             lines.append(
                 f"| {r['method'] if r['pattern'] == 'dense' else 'structured @ ' + format(r['sparsity'], 'g')} "
                 f"| {r['block_params_removed']:.1%} | {r['heads']} / {r['mlp_hidden']} | {r['params_m']:.2f} "
-                f"| {r['latency_b1_ms']:.1f} | {r['latency_b32_ms']:.0f} | {r['throughput_img_s']:.1f} "
+                f"| {flops:.2f} ({dense_flops / flops:.2f}x) | {r['latency_b1_ms']:.1f} | {r['latency_b32_ms']:.0f} | {r['throughput_img_s']:.1f} "
                 f"| {r['speedup_b1']:.2f}x | {r['speedup_b32']:.2f}x |"
             )
-        lines.append("")
+        lines += [
+            "",
+            "The 2 cores were shared with another heavy job (load average about 5 during the run, see above), so "
+            "absolute latencies are far above an idle machine's and the ratios are noisy; the FLOP ratio is the "
+            "speed-up the shapes allow. Re-run on an idle machine for publication numbers.",
+            "",
+        ]
     acc_rows = [r for r in rows if r["part"] == "accuracy"]
     if acc_rows:
         dense_acc = acc_rows[0]["test_acc"]

@@ -34,6 +34,7 @@ def masked_pcg(
     x0: torch.Tensor | None = None,
     iters: int = 10,
     tol: float = 0.0,
+    hw: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Batched Jacobi-preconditioned CG for ``min_{X on mask} tr((X - W) H (X - W)^T)``.
 
@@ -44,6 +45,7 @@ def masked_pcg(
         x0: warm start (zeros outside the mask are enforced); ``w * mask`` by default.
         iters: maximum CG iterations.
         tol: stop when every row's relative residual is below ``tol`` (0 = run ``iters``).
+        hw: ``H @ w^T`` (n, m) when the caller already has it (saves one product).
 
     Returns:
         ``(m, n)`` solution in ``w``'s dtype with exact zeros outside ``mask``.
@@ -53,7 +55,7 @@ def masked_pcg(
     p = mask.T.to(dtype)  # (n, m): columns are rows of W
     wt = w.T
     x = (w if x0 is None else x0).T.to(dtype) * p
-    b = (hm @ wt) * p
+    b = (hm @ wt if hw is None else hw.to(dtype)) * p
     r = b - (hm @ x) * p
     diag = hm.diagonal().clamp_min(torch.finfo(dtype).tiny)[:, None]
     z = r / diag

@@ -1,0 +1,60 @@
+"""The issue-6 benchmarks run in their tiny modes and write rows with the required keys."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+REQUIRED = {"method", "uncertainty", "sparsity", "pattern"}
+
+
+def _load(path: str):
+    spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, ROOT / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_layer_real_fast(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        rows = _load("benchmarks/layer_real.py").main(["--fast", "--models", "synthetic", "--out", str(tmp_path / "lr")])
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads((tmp_path / "lr.json").read_text())
+    assert len(data["rows"]) == len(rows) == 5  # five solvers on one synthetic layer
+    assert "command" in data and len(data["loadavg"]) == 3
+    for row in data["rows"]:
+        assert REQUIRED <= set(row)
+        assert 0 <= row["nominal_error"] <= row["robust_error"] and row["heldout_error"] is not None
+        assert row["seconds"] > 0 and row["time_vs_sparsegpt"] > 0
+    assert "| synthetic.48x64 |" in (tmp_path / "lr.md").read_text()
+
+
+def test_cost_fast(tmp_path):
+    payload = _load("benchmarks/cost.py").main(["--fast", "--out", str(tmp_path / "cost")])
+    data = json.loads((tmp_path / "cost.json").read_text())
+    assert data["rows"] == payload["rows"] == []  # --fast skips the whole-model part
+    assert {e["axis"] for e in data["exponents"]} == {"tokens", "width"}
+    for row in data["scaling"]:
+        assert row["seconds"] > 0 and row["limit_seconds"] > 0
+    for li in data["limit"]:
+        assert li["gram_seconds"] >= 0 and li["cholesky_seconds"] >= 0
+    assert len(data["loadavg"]) == 3 and "Physical limit" in (tmp_path / "cost.md").read_text()
+
+
+def test_whole_model_rows_have_the_required_keys():
+    cost = _load("benchmarks/cost.py")
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    batches = [torch.randn(8, 16) for _ in range(2)]
+    before = [p.detach().clone() for p in model.parameters()]
+    rows = cost.whole_model("mlp", model, batches, None, ["magnitude", "sparsegpt", "alps"], torch.device("cpu"), 0)
+    assert [r["method"] for r in rows] == ["magnitude", "sparsegpt", "robop-alps"]
+    for r in rows:
+        assert REQUIRED <= set(r) and r["seconds"] > 0 and r["peak_rss_mb"] > 0 and r["layers"] == 2
+    assert rows[1]["time_vs_sparsegpt"] == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # weights restored
