@@ -1,10 +1,16 @@
 """Layer-level benchmark on real layers: every solver x uncertainty set x sparsity, one run.
 
-    .venv/bin/python benchmarks/layer_real.py --threads 1            # default grid (~8 min, 2 cores)
+    .venv/bin/python benchmarks/layer_real.py --threads 1            # default grid (~6 min, 2 cores)
     .venv/bin/python benchmarks/layer_real.py --full --threads 1     # every set, 50/60/70/80 % and 2:4
+    .venv/bin/python benchmarks/layer_real.py --fast --models synthetic   # seconds, no model
     .venv/bin/python benchmarks/layer_real.py --fast --out /tmp/lr   # seconds: the tiny DeiT only
 
 Layers are captured from the *dense* models with forward pre-hooks:
+
+Default grid: DeiT layers x {baseline, CTE} x {50 %, 70 %, 2:4}; Gemma layers x baseline x {50 %, 2:4}
+(a dynamic set on a Gemma layer costs minutes: its exact refits run 200-iteration float64 PCG);
+``--full`` runs all four sets, 50/60/70/80 % and 2:4 on both models (Gemma: 50 % and 80 %,
+``--gemma-sparsities`` for more).
 
 * Gemma-3-270M (embedded, offline), decoder layer 3: ``q_proj`` (640 -> 1024), ``o_proj``
   (1024 -> 640), ``gate_proj`` (640 -> 2048) and, with ``--full``, ``down_proj`` (2048 -> 640);
@@ -128,6 +134,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--sets", nargs="+", default=None)
     p.add_argument("--gemma-block", type=int, default=3)
     p.add_argument("--gemma-layers", nargs="+", default=None)
+    p.add_argument("--gemma-sets", nargs="+", default=None,
+                   help="sets for Gemma layers (default: baseline; --full: the same as --sets)")
     p.add_argument("--gemma-sparsities", type=float, nargs="+", default=None,
                    help="sparsities for Gemma layers (default: the first and last of --sparsities)")
     p.add_argument("--deit-block", type=int, default=1)
@@ -144,6 +152,7 @@ def main(argv=None) -> list[dict]:
     sparsities = args.sparsities or ([0.5, 0.6, 0.7, 0.8] if args.full else [0.5, 0.7])
     patterns = args.patterns if args.patterns is not None else ["2:4"]
     gemma_sp = args.gemma_sparsities or ([sparsities[0], sparsities[-1]] if args.full else [sparsities[0]])
+    gemma_sets = args.gemma_sets or (sets if args.full else ["baseline"])
     if args.fast:
         sets, sparsities, patterns, gemma_sp = ["baseline"], [0.5], [], [0.5]
     start = time.perf_counter()
@@ -169,7 +178,7 @@ def main(argv=None) -> list[dict]:
         grid = [(s, "unstructured") for s in (gemma_sp if model_name == "gemma-3-270m" else sparsities)]
         grid += [(None, pat) for pat in patterns]
         for sparsity, pattern in grid:
-            for uncertainty in sets:
+            for uncertainty in (gemma_sets if model_name == "gemma-3-270m" else sets):
                 for solver in args.solvers:
                     opts = None
                     if solver == "cap":
@@ -177,7 +186,7 @@ def main(argv=None) -> list[dict]:
                             opts = {"block_size": args.cap_block}
                         elif n > args.cap_max_width:
                             continue
-                    if solver in ("magnitude",) and uncertainty != sets[0]:
+                    if solver in ("magnitude",) and uncertainty != "baseline" and "baseline" in sets:
                         continue  # data-free: the set changes nothing
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore", RuntimeWarning)
@@ -203,6 +212,11 @@ def main(argv=None) -> list[dict]:
                     })
                     print(f"{lname} {r.pattern} {r.sparsity:.2f} {uncertainty:8s} {solver:9s} "
                           f"nominal {r.nominal_error:.5f} held-out {r.heldout_error:.5f} {seconds:.2f}s", flush=True)
+        _report(args, argv, start, capture_s, layer_info, rows)  # partial results survive an interruption
+    return _report(args, argv, start, capture_s, layer_info, rows, final=True)
+
+
+def _report(args, argv, start, capture_s, layer_info, rows, final=False):
     for row in rows:
         ref = [r for r in rows if r["method"] == "sparsegpt" and r["layer"] == row["layer"]
                and r["pattern"] == row["pattern"] and abs(r["sparsity"] - row["sparsity"]) < 1e-3
@@ -235,9 +249,13 @@ def main(argv=None) -> list[dict]:
                      f"{r['seconds']:.2f} | {ratio} | {lim} |")
     markdown = "\n".join(lines) + "\n"
     payload = {"command": command, "machine": info, "loadavg": info["loadavg"], "layers": layer_info, "rows": rows}
+    if not final:
+        payload["partial"] = True
+        markdown = "**Partial results** (the run was interrupted or is still going).\n\n" + markdown
     paths = R.write_results(args.out, payload, markdown)
-    print(markdown)
-    print(f"wrote {paths[0]} and {paths[1]}")
+    if final:
+        print(markdown)
+        print(f"wrote {paths[0]} and {paths[1]}")
     return rows
 
 

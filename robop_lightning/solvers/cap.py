@@ -27,6 +27,7 @@ import math
 import torch
 
 from robop_lightning.patterns import Pattern
+from robop_lightning.solvers._linalg import cholesky_inverse
 
 
 def _eliminate(w, hinv0, removed, steps, pattern, trajectory=None, forced=None, counts=None, first=None):
@@ -111,7 +112,7 @@ def cap(
     hp = torch.eye(padded, dtype=torch.float64, device=dev)
     hp[:cols, :cols] = h.to(device=dev, dtype=torch.float64)
     blocks = torch.stack([hp[b * size : (b + 1) * size, b * size : (b + 1) * size] for b in range(nb)])
-    hinv_blocks = torch.cholesky_inverse(torch.linalg.cholesky(blocks)).to(dtype)
+    hinv_blocks = cholesky_inverse(torch.linalg.cholesky(blocks)).to(dtype)
     pad = torch.zeros(padded, dtype=torch.bool, device=dev)
     pad[cols:] = True
 

@@ -15,6 +15,7 @@ import math
 import torch
 
 from robop_lightning.patterns import Pattern
+from robop_lightning.solvers._linalg import cholesky_inverse
 
 
 def _spread(total: int, n: int, i1: int, i2: int) -> int:
@@ -24,7 +25,7 @@ def _spread(total: int, n: int, i1: int, i2: int) -> int:
 
 def _upper_inverse_factor(h: torch.Tensor) -> torch.Tensor:
     low = torch.linalg.cholesky(h.double())
-    hinv = torch.cholesky_inverse(low)
+    hinv = cholesky_inverse(low)
     return torch.linalg.cholesky(hinv, upper=True)
 
 
