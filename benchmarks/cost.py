@@ -15,7 +15,10 @@ Three parts, measured in one process on the same data so that ratios hold on a l
    *above* the resident baseline (model and calibration tokens loaded) sampled every 5 ms by a
    thread, next to the model's bytes and one block's calibration activations (hidden states in and
    out, ``N x d x 4 B x 2``); on CUDA also ``torch.cuda.max_memory_allocated``. The weights are
-   restored between methods. CAP (``O(n^3)`` per row) runs on the DeiT only.
+   restored between methods. With ``--threads 1`` every method runs in its own forked child (memory
+   then counts from the same start for every method); with more threads (OpenMP does not survive
+   a fork) they run in this process and a method's extra RSS only counts growth beyond the
+   high-water mark of the methods before it. CAP (``O(n^3)`` per row) runs on the DeiT only.
 2. **Scaling** (synthetic layers, ``prune_layer`` including its Gram): seconds against calibration
    tokens ``N`` (width fixed) and against width ``n`` (square layers, tokens fixed), with the
    exponent of a least-squares fit of ``log t = a + b log size``.
@@ -104,10 +107,11 @@ def whole_model(label, model, batches, targets, methods, device, hidden_bytes, s
     rows = []
     for solver in methods:
         model.load_state_dict(snapshot)
-        if fork and device.type == "cpu" and hasattr(os, "fork"):
+        if fork and device.type == "cpu" and hasattr(os, "fork") and torch.get_num_threads() == 1:
             # a forked child per method: it starts from the parent's pages (model and data
             # resident), so its peak RSS above that start is this method's own memory, not
-            # memory a previous method freed and the allocator kept
+            # memory a previous method freed and the allocator kept. Only with one thread: a
+            # child forked from a process whose OpenMP pool is running can hang.
             import multiprocessing as mp
 
             ctx = mp.get_context("fork")

@@ -2,15 +2,14 @@
 
     .venv/bin/python benchmarks/layer_real.py --threads 1            # default grid (~6 min, 2 cores)
     .venv/bin/python benchmarks/layer_real.py --full --threads 1     # every set, 50/60/70/80 % and 2:4
-    .venv/bin/python benchmarks/layer_real.py --fast --models synthetic   # seconds, no model
-    .venv/bin/python benchmarks/layer_real.py --fast --out /tmp/lr   # seconds: the tiny DeiT only
-
-Layers are captured from the *dense* models with forward pre-hooks:
+    .venv/bin/python benchmarks/layer_real.py --fast --out /tmp/lr   # seconds: one synthetic layer
 
 Default grid: DeiT layers x {baseline, CTE} x {50 %, 70 %, 2:4}; Gemma layers x baseline x {50 %, 2:4}
 (a dynamic set on a Gemma layer costs minutes: its exact refits run 200-iteration float64 PCG);
 ``--full`` runs all four sets, 50/60/70/80 % and 2:4 on both models (Gemma: 50 % and 80 %,
 ``--gemma-sparsities`` for more).
+
+Layers are captured from the *dense* models with forward pre-hooks:
 
 * Gemma-3-270M (embedded, offline), decoder layer 3: ``q_proj`` (640 -> 1024), ``o_proj``
   (1024 -> 640), ``gate_proj`` (640 -> 2048) and, with ``--full``, ``down_proj`` (2048 -> 640);
@@ -125,9 +124,10 @@ def _limit(x: torch.Tensor) -> tuple[float, float]:
 
 def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--fast", action="store_true", help="tiny DeiT (or a synthetic layer), 50 %%, baseline: seconds")
+    p.add_argument("--fast", action="store_true", help="a synthetic layer (or --models), 50 %%, baseline: seconds")
     p.add_argument("--full", action="store_true", help="all four sets, 50/60/70/80 %% and 2:4, down_proj too")
-    p.add_argument("--models", nargs="+", default=["deit", "gemma"], choices=["deit", "gemma", "synthetic"])
+    p.add_argument("--models", nargs="+", default=None, choices=["deit", "gemma", "synthetic"],
+                   help="default: deit gemma (--fast: synthetic)")
     p.add_argument("--sparsities", type=float, nargs="+", default=None)
     p.add_argument("--patterns", nargs="+", default=None, help="N:M patterns run besides unstructured")
     p.add_argument("--solvers", nargs="+", default=["magnitude", "wanda", "sparsegpt", "alps", "cap"])
@@ -158,7 +158,7 @@ def main(argv=None) -> list[dict]:
     start = time.perf_counter()
 
     layers = []
-    models = ["deit"] if args.fast else args.models
+    models = args.models or (["synthetic"] if args.fast else ["deit", "gemma"])
     if "deit" in models:
         layers += deit_layers(args.deit_block, DEIT_LAYERS, 64 if args.fast else args.images, 32 if args.fast else 128)
     if "gemma" in models:

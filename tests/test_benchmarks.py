@@ -22,7 +22,7 @@ def _load(path: str):
 def test_layer_real_fast(tmp_path):
     threads = torch.get_num_threads()
     try:
-        rows = _load("benchmarks/layer_real.py").main(["--fast", "--models", "synthetic", "--out", str(tmp_path / "lr")])
+        rows = _load("benchmarks/layer_real.py").main(["--fast", "--out", str(tmp_path / "lr")])
     finally:
         torch.set_num_threads(threads)
     data = json.loads((tmp_path / "lr.json").read_text())
@@ -52,7 +52,8 @@ def test_whole_model_rows_have_the_required_keys():
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
     batches = [torch.randn(8, 16) for _ in range(2)]
     before = [p.detach().clone() for p in model.parameters()]
-    rows = cost.whole_model("mlp", model, batches, None, ["magnitude", "sparsegpt", "alps"], torch.device("cpu"), 0)
+    rows = cost.whole_model("mlp", model, batches, None, ["magnitude", "sparsegpt", "alps"], torch.device("cpu"), 0,
+                            fork=False)
     assert [r["method"] for r in rows] == ["magnitude", "sparsegpt", "robop-alps"]
     for r in rows:
         assert REQUIRED <= set(r) and r["seconds"] > 0 and r["peak_rss_mb"] > 0 and r["layers"] == 2
