@@ -22,8 +22,12 @@ def exact_refit(w: torch.Tensor, h: torch.Tensor, mask: torch.Tensor) -> torch.T
         if not s.any():
             continue
         sc = ~s
-        rhs = h64[s][:, s] @ w64[i, s] + h64[s][:, sc] @ w64[i, sc]
-        out[i, s] = torch.linalg.solve(h64[s][:, s], rhs)
+        hss = h64[s][:, s]
+        rhs = hss @ w64[i, s] + h64[s][:, sc] @ w64[i, sc]
+        x, info = torch.linalg.solve_ex(hss, rhs)
+        if info.item() != 0:  # singular H_SS (no damping): the system is consistent (H is PSD), take the min-norm solution
+            x = torch.linalg.lstsq(hss.cpu(), rhs.cpu().unsqueeze(1), driver="gelsd").solution.squeeze(1).to(hss.device)
+        out[i, s] = x
     return out.to(w.dtype)
 
 
