@@ -39,9 +39,9 @@ def test_every_method_and_setting_is_scored(fast_run):
     assert results["config"]["fast"] is True  # the recipe's arguments are recorded
     for row in rows:
         for key, value in row.items():
-            if "acc" in key and isinstance(value, float) and "pdr" not in key:
+            if "acc" in key and isinstance(value, (int, float)) and "pdr" not in key:
                 assert 0.0 <= value <= 1.0, (row["name"], key, value)
-            if "ppl" in key and isinstance(value, float):
+            if "ppl" in key and key != "ppl_vs_dense" and isinstance(value, float):
                 assert math.isfinite(value) and value >= 1.0, (row["name"], key, value)
         if row["method"] != "dense":
             assert abs(row["sparsity"] - 0.5) < 1e-3, row  # 50 % and 2:4 both zero half of every target
@@ -57,7 +57,7 @@ def test_every_method_and_setting_is_scored(fast_run):
     # the corrupted contexts hurt the dense model and the probe hurts more than random noise
     for row in rows:
         assert row["suffix_ppl/tokens@0.2"] > row["suffix_ppl/clean"], row["name"]
-        assert row["probe_ppl@0.1"] > row["noise_ppl@0.1"] > 0.9 * row["suffix_ppl/clean"], row["name"]
+        assert row["probe_ppl@0.1"] > max(row["noise_ppl@0.1"], row["suffix_ppl/clean"]), row["name"]
     with open(out / "results.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
 
