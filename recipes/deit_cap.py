@@ -55,6 +55,7 @@ from robop_lightning.data.vision import cache_dir
 from robop_lightning.models import DeiTClassifier
 from robop_lightning.robustness import CORRUPTIONS, evaluate_robustness, relative_mce
 from robop_lightning.robustness.metrics import format_eps, mce
+from robop_lightning.resume import atomic_write  # temporary sibling, fsync, rename
 
 # ----------------------------------------------------------------------------- defaults
 config = dict(
@@ -160,13 +161,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # ----------------------------------------------------------------------------- small helpers
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write to a temporary sibling, then rename: readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
 def quiet_trainer(args, **kwargs) -> Trainer:
     """A Trainer without loggers or automatic checkpoints (the recipe saves what it needs)."""
     multi = args.devices > 1

@@ -53,6 +53,7 @@ from robop_lightning.data import TextDataModule
 from robop_lightning.models import CausalLMModule
 from robop_lightning.models.causal_lm import load_causal_lm
 from robop_lightning.robustness.text import PROBE_LABEL, evaluate_corruptions, evaluate_pgd
+from robop_lightning.resume import atomic_write  # temporary sibling, fsync, rename
 
 # ----------------------------------------------------------------------------- defaults
 config = dict(
@@ -158,13 +159,6 @@ def parse_setting(setting: str) -> tuple[float | None, str]:
 
 
 # ----------------------------------------------------------------------------- small helpers
-def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write to a temporary sibling, then rename: readers never see a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
-
-
 def quiet_trainer(**kwargs) -> Trainer:
     options = dict(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
                    enable_model_summary=False, enable_progress_bar=False)  # fmt: skip

@@ -20,6 +20,8 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from robop_lightning.models._checkpoint import StructuredCheckpointHooks
+
 __all__ = ["CausalLMModule", "TokenPerplexity", "load_causal_lm", "token_nll"]
 
 IGNORE_INDEX = -100
@@ -126,7 +128,7 @@ def _split_batch(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None, torch.T
     raise TypeError(f"batch must be a LongTensor of ids or a dict with 'input_ids', got {type(batch).__name__}")
 
 
-class CausalLMModule(LightningModule):
+class CausalLMModule(StructuredCheckpointHooks, LightningModule):
     """Train and evaluate a Hugging Face causal language model (Llama / Gemma / Mistral family).
 
     Lifecycle:
@@ -248,23 +250,6 @@ class CausalLMModule(LightningModule):
     @override
     def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
         self._eval_step("test", self.test_metrics, batch, dataloader_idx)
-
-    # ------------------------------------------------------------------ checkpoints
-    @override
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # a structurally pruned model (robop_lightning.structured) records its per-layer sizes
-        from robop_lightning.structured import CHECKPOINT_KEY, structured_shapes
-
-        spec = structured_shapes(self)
-        if spec is not None:
-            checkpoint[CHECKPOINT_KEY] = spec
-
-    @override
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # shrink to the recorded sizes before the state dict is loaded (load_from_checkpoint, ckpt_path=)
-        from robop_lightning.structured import CHECKPOINT_KEY, apply_structured_shapes
-
-        apply_structured_shapes(self, checkpoint.get(CHECKPOINT_KEY))
 
     @override
     def configure_optimizers(self) -> Any:

@@ -19,6 +19,7 @@ from timm.optim import param_groups_weight_decay
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from robop_lightning.models._checkpoint import StructuredCheckpointHooks
 from robop_lightning.robustness.metrics import IMAGENET_EPS, SMALL_IMAGE_EPS, RobustnessEvaluator
 
 __all__ = ["DeiTClassifier", "warmup_cosine"]
@@ -45,7 +46,7 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: 
     return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class DeiTClassifier(LightningModule):
+class DeiTClassifier(StructuredCheckpointHooks, LightningModule):
     """Image classification with any timm DeiT / ViT, inputs in [0, 1], robustness at test time.
 
     Lifecycle, hook by hook:
@@ -272,23 +273,6 @@ class DeiTClassifier(LightningModule):
         self.test_robustness.update(self, images, labels, indices)
         for collection in self.test_robustness.collections():
             self.log_dict(collection, batch_size=images.shape[0])
-
-    # ------------------------------------------------------------------ checkpoints
-    @override
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # a structurally pruned model (robop_lightning.structured) records its per-block sizes
-        from robop_lightning.structured import CHECKPOINT_KEY, structured_shapes
-
-        spec = structured_shapes(self)
-        if spec is not None:
-            checkpoint[CHECKPOINT_KEY] = spec
-
-    @override
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        # shrink to the recorded sizes before the state dict is loaded (load_from_checkpoint, ckpt_path=)
-        from robop_lightning.structured import CHECKPOINT_KEY, apply_structured_shapes
-
-        apply_structured_shapes(self, checkpoint.get(CHECKPOINT_KEY))
 
     # ------------------------------------------------------------------ optimisation
     @override

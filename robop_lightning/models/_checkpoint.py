@@ -1,0 +1,23 @@
+"""Checkpoint hooks shared by the LightningModules: structurally pruned shapes travel with the weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class StructuredCheckpointHooks:
+    """Mixin for a LightningModule: record the per-layer sizes of a structurally pruned model
+    (:mod:`robop_lightning.structured`) on save, and shrink to them on load, before the state dict
+    is restored (``load_from_checkpoint``, ``Trainer.fit(ckpt_path=...)``). Dense models are untouched."""
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from robop_lightning.structured import CHECKPOINT_KEY, structured_shapes
+
+        spec = structured_shapes(self)
+        if spec is not None:
+            checkpoint[CHECKPOINT_KEY] = spec
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from robop_lightning.structured import CHECKPOINT_KEY, apply_structured_shapes
+
+        apply_structured_shapes(self, checkpoint.get(CHECKPOINT_KEY))
