@@ -820,6 +820,38 @@ def _allocate(plans: list[dict[str, Any]], target: float) -> None:
         removed += c
 
 
+def _balance_block(plans: list[dict[str, Any]], sparsity: float, min_keep: int) -> None:
+    """Per-layer budget: make each block lose ``sparsity`` of its parameters, not each unit.
+
+    Rounding every unit on its own over- or under-shoots on models with few heads (3 heads at 50 %:
+    ``round(1.5) = 2``, 67 % of the attention). The coarsest unit (attention) is rounded down or up,
+    whichever lets the finer units (MLP channels) hit the block's share closest, fewer heads removed
+    on a tie; the finer units then share the remainder in proportion to their size.
+    """
+    if len(plans) < 2 or sparsity <= 0:
+        return
+    plans = sorted(plans, key=lambda p: -p["unit"].params_per_group)
+    coarse, fine = plans[0], plans[1:]
+    cu = coarse["unit"]
+    total = sum(p["unit"].params_per_group * p["unit"].n_groups for p in plans)
+    target = sparsity * total
+    top = cu.n_groups - min_keep
+    grain = max(p["unit"].params_per_group for p in fine)
+    best = None
+    for r in sorted({min(max(math.floor(sparsity * cu.n_groups), 0), top), min(math.ceil(sparsity * cu.n_groups), top)}):
+        rest = target - r * cu.params_per_group
+        fine_total = sum(p["unit"].params_per_group * p["unit"].n_groups for p in fine)
+        share = min(max(rest / fine_total, 0.0), 1.0) if fine_total else 0.0
+        removes = [min(int(round(share * p["unit"].n_groups)), p["unit"].n_groups - min_keep) for p in fine]
+        got = r * cu.params_per_group + sum(k * p["unit"].params_per_group for k, p in zip(removes, fine, strict=True))
+        # within one MLP channel of each other counts as a tie: keep the extra head
+        if best is None or abs(got - target) < best[0] - grain:
+            best = (abs(got - target), r, removes)
+    _, coarse["remove"], removes = best
+    for p, k in zip(fine, removes, strict=True):
+        p["remove"] = k
+
+
 def prune_model_structured(
     model: nn.Module,
     calibration: Iterable[Any],
@@ -855,7 +887,9 @@ def prune_model_structured(
             qkv/proj and of the MLP linears; consumer biases and norms are not counted), in ``[0, 1)``.
         uncertainty, radius, coupled, rounds, damping: the uncertainty set and engine options, as in
             :func:`robop_lightning.prune_layer`.
-        budget: ``"layer"``: every unit loses ``round(sparsity * groups)`` groups; ``"global"``: one
+        budget: ``"layer"``: every block loses ``sparsity`` of its parameters (its attention rounded to
+            whole heads / KV groups, its MLP channels making up the rest; a unit alone in its block
+            loses ``round(sparsity * groups)`` groups); ``"global"``: one
             ranking over all units by marginal relative loss per ``cost`` (a first pass on the dense model
             records every unit's greedy loss trajectory), until the removed cost reaches the share.
         cost: what the global budget counts: ``"params"`` or ``"flops"`` (per token, attention included).
@@ -946,6 +980,9 @@ def prune_model_structured(
     by_block: dict[int, list[dict[str, Any]]] = {}
     for p in plans:
         by_block.setdefault(p["block"], []).append(p)
+    if budget == "layer":
+        for block_plans in by_block.values():
+            _balance_block(block_plans, float(sparsity), min_keep)
     last = max(by_block)
     undos: list[Callable[[], None]] = []
     premarked = {id(b) for _, b in block_list if getattr(b, "_robop_structured", False)}

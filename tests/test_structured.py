@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 
 import pytest
 import timm
@@ -193,6 +194,28 @@ def test_global_budget_by_params_and_flops():
         assert all(k >= 1 for k in kept.values())
         vit(torch.randn(1, 3, 32, 32))  # still runs
     assert len({r["sparsity"] for r in report.layers}) > 1  # the global ranking does not split evenly
+
+
+@pytest.mark.parametrize("heads, sparsity", [(3, 0.5), (3, 0.3), (4, 0.3), (6, 0.7), (4, 0.5)])
+def test_layer_budget_hits_each_blocks_share(heads, sparsity):
+    """Rounding heads alone over-removes on few-head models (3 heads at 50 %: 2 of 3); the MLP makes up the rest."""
+    vit = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=16 * heads, depth=2,
+                            num_heads=heads, num_classes=3).eval()  # fmt: skip
+
+    def block_params(block):
+        return sum(p.numel() for n, p in block.named_parameters() if n.startswith(("attn.qkv", "mlp.fc1")) or
+                   n in ("attn.proj.weight", "mlp.fc2.weight"))  # fmt: skip
+
+    before = [block_params(b) for b in vit.blocks]
+    report = prune_model_structured(vit, [torch.randn(8, 3, 32, 32)], sparsity=sparsity, uncertainty="baseline")
+    channel = 2 * 16 * heads + 1  # one MLP channel: a fc1 row with its bias and a fc2 column
+    for b, n0 in zip(vit.blocks, before, strict=True):
+        assert abs(n0 - block_params(b) - sparsity * n0) <= channel
+        # heads rounded down or up, never further; the fewer removed when both fit
+        assert heads - b.attn.num_heads in (math.floor(sparsity * heads), math.ceil(sparsity * heads))
+    assert abs(report.config["params_removed"] - sparsity) < 0.01
+    if (heads, sparsity) == (3, 0.5):
+        assert all(b.attn.num_heads == 2 for b in vit.blocks)
 
 
 def test_failure_restores_the_model_exactly():
