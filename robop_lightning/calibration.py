@@ -455,9 +455,17 @@ def run_block(
     missing = [n for n, xs in seen.items() if not xs]
     if missing:
         raise ValueError(f"{missing[0]} was not called when its block ran; it cannot be calibrated.")
-    if store is not None:
-        return {n: store.combine(xs) or _stack(xs) for n, xs in seen.items()}
-    return {n: _stack(xs) for n, xs in seen.items()}
+    # linears that saw the same inputs get the same tensor object (one copy in memory, and
+    # prune_model computes its Gram once for all of them)
+    stacked: dict[tuple[int, ...], torch.Tensor | DiskTensor] = {}
+    out: dict[str, torch.Tensor | DiskTensor] = {}
+    for n, xs in seen.items():
+        key = tuple(id(x) for x in xs)
+        if key not in stacked:
+            combined = store.combine(xs) if store is not None else None
+            stacked[key] = combined if combined is not None else (xs[0] if len(xs) == 1 else _stack(xs))
+        out[n] = stacked[key]
+    return out
 
 
 def capture_linear_input(

@@ -43,7 +43,7 @@ from robop_lightning.calibration import (
 )
 from robop_lightning.gram import LayerInputs
 from robop_lightning.layer import prune_layer
-from robop_lightning.offload import ActivationStore, parse_bytes
+from robop_lightning.offload import ActivationStore, WeightUndo, parse_bytes
 from robop_lightning.patterns import parse_pattern
 from robop_lightning.solvers import SOLVERS
 from robop_lightning.uncertainty import make_uncertainty
@@ -416,7 +416,7 @@ def prune_model(
     store = None
     if resume_dir is not None:
         store = _resume_store(resume_dir, model, modules, batches, report.config, engine_kwargs, prior_masks)
-    snapshot = {n: m.weight.detach().to("cpu", copy=True) for n, m in modules.items()}
+    undo = WeightUndo()  # each original weight goes to a temporary file just before it is overwritten
     modes = {m: m.training for m in model.modules()}
     current = [type(model).__name__]
     layer_files = [0]  # layer-00000.safetensors, ... for linears pruned on their own
@@ -429,6 +429,7 @@ def prune_model(
         rows, tensors = saved
         for row in rows:
             name = row["name"]
+            undo.save(name, modules[name].weight)
             modules[name].weight.data.copy_(tensors[f"{name}.weight"])
             report.masks[name] = tensors[f"{name}.mask"]
             report.layers.append(row)
@@ -441,14 +442,22 @@ def prune_model(
             tensors.update({f"{n}.mask": report.masks[n] for n in layer_names})
             store.save(unit, file, report.layers[-len(layer_names) :], tensors)
 
+    shared: list[Any] = [None]  # (captured tensor, its LayerInputs, held-out LayerInputs) of the last layer
+
     def prune(name: str, x: torch.Tensor) -> None:
         current[0] = name
-        # Under torch.distributed each rank keeps its own samples; LayerInputs sums the partial
-        # Grams (and gathers per-sample losses) across ranks, and a NaN on any rank fails all.
-        inputs, heldout = _split(x, heldout_fraction, name)
-        inputs = LayerInputs(inputs, name=f"{name}: calibration inputs", distributed=True)
-        if heldout is not None:
-            heldout = LayerInputs(heldout, name=f"{name}: held-out inputs", distributed=True)
+        if shared[0] is not None and shared[0][0] is x:
+            # q / k / v (gate / up) see one input: its Grams are computed once for all of them
+            _, inputs, heldout = shared[0]
+        else:
+            shared[0] = None  # drop the previous layer's Grams first
+            # Under torch.distributed each rank keeps its own samples; LayerInputs sums the partial
+            # Grams (and gathers per-sample losses) across ranks, and a NaN on any rank fails all.
+            inputs, heldout = _split(x, heldout_fraction, name)
+            inputs = LayerInputs(inputs, name=f"{name}: calibration inputs", distributed=True)
+            if heldout is not None:
+                heldout = LayerInputs(heldout, name=f"{name}: held-out inputs", distributed=True)
+            shared[0] = (x, inputs, heldout)
         weight = modules[name].weight
         result = prune_layer(
             weight.detach(),
@@ -465,6 +474,7 @@ def prune_model(
         )
         if not same_on_all_ranks(result.mask):
             raise RuntimeError(f"{name}: ranks computed different masks; pruning must be deterministic across ranks.")
+        undo.save(name, weight)
         weight.data.copy_(result.weight)
         report.masks[name] = result.mask.detach().to("cpu", copy=True)
         report.layers.append(
@@ -541,6 +551,7 @@ def prune_model(
                             for name in inside[bname]:
                                 prune(name, captured.pop(name))
                             del captured
+                            shared[0] = None
                             checkpoint_unit(bname, f"block-{i:05d}.safetensors", inside[bname])
                         if i < last:
                             current[0] = bname
@@ -549,8 +560,7 @@ def prune_model(
                 prune_sequentially(after)
     except BaseException as err:
         with torch.no_grad():
-            for n, m in modules.items():
-                m.weight.data.copy_(snapshot[n])
+            undo.restore({n: m.weight for n, m in modules.items()})
         report.masks.clear()
         report.resumed.clear()
         mismatch = _dtype_mismatch(err, batches, modules)
@@ -561,6 +571,7 @@ def prune_model(
             raise
         raise renamed from err
     finally:
+        undo.close()
         if acts is not None:
             acts.close()
         for m, mode in modes.items():

@@ -13,6 +13,10 @@ view, ``x.to(...)`` reads it (zero-padding shorter sequences, as in memory), and
 :class:`robop_lightning.gram.LayerInputs` reduces it to Grams chunk by chunk with chunks sized to
 the budget.
 
+The original weights of the layers pruned so far are never held twice in memory either: a
+:class:`WeightUndo` writes each one to a temporary file just before it is overwritten, so that a
+failed or interrupted run can put the model back exactly, at the cost of one layer's copy in memory.
+
 Not covered by the budget: the model itself, one calibration batch in flight, and the Grams of
 the layer being pruned (``in_features**2`` float64 each, one layer at a time).
 """
@@ -29,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ActivationStore", "DiskTensor", "parse_bytes"]
+__all__ = ["ActivationStore", "DiskTensor", "WeightUndo", "parse_bytes"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -228,3 +232,39 @@ class _HiddenOnDisk:
 
     def load(self, device: torch.device | str) -> torch.Tensor:
         return torch.load(self.chunk.path, weights_only=True).reshape(self.shape).to(device)
+
+
+class WeightUndo:
+    """The original values of the weights overwritten so far, on disk, to restore after a failure.
+
+    ``save(name, tensor)`` before overwriting ``tensor`` in place (only the first call per name
+    writes); ``restore(tensors)`` copies every saved value back; ``close()`` deletes the files.
+    Memory: one tensor's CPU copy at a time, whatever the number of layers.
+    """
+
+    def __init__(self) -> None:
+        self._dir: tempfile.TemporaryDirectory | None = None
+        self._files: dict[str, Path] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._files
+
+    def save(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._files:
+            return
+        if self._dir is None:
+            self._dir = tempfile.TemporaryDirectory(prefix="robop-undo-")
+        path = Path(self._dir.name) / f"{len(self._files):06d}.pt"
+        torch.save(tensor.detach().to("cpu", copy=True), path)
+        self._files[name] = path
+
+    def restore(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy every saved value back into ``tensors[name]`` (in place)."""
+        for name, path in self._files.items():
+            tensors[name].data.copy_(torch.load(path, weights_only=True))
+
+    def close(self) -> None:
+        self._files.clear()
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
