@@ -247,7 +247,7 @@ def markdown(rows: list[dict], args, runs: dict[str, dict]) -> str:
             f"## Accuracy, embedded task (Fashion-MNIST, the cached tiny DeiT of recipes/deit_cap.py, {acc_rows[0]['model']})",
             "",
             f"Structured pruning at {args.sparsity:.0%} of block parameters (budget by parameters: `layer` = every "
-            f"block loses that share of its heads and of its MLP channels, `global` = one ranking over all units), "
+            f"block loses that share of its parameters, heads rounded and MLP channels making up the rest, `global` = one ranking over all units), "
             f"{args.calibration_size} calibration images; recovery fine-tune through `RobOPCallback(pattern=\"structured\")`: "
             f"{args.finetune_batches} batches of 128, lr {args.finetune_lr:g}. Test accuracy on the 10k test images.",
             "",
