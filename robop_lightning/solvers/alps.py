@@ -53,10 +53,12 @@ def alps(
     h64 = h.to(device=dev, dtype=torch.float64)
     s = h64.diagonal().clamp_min(torch.finfo(torch.float64).tiny).sqrt()
     ht64 = h64 / torch.outer(s, s)
-    lam64, q64 = torch.linalg.eigh(ht64)
-    lam = lam64.clamp_min(0).float()
-    q = q64.float()
     ht = ht64.float()
+    # float32 eigh (about 2x faster than float64 at n = 2048): the ADMM steps use the resolvent
+    # (H~ + rho I)^-1 in float32 anyway, and H~ is Jacobi-normalised (unit diagonal), so its
+    # eigenvalues are O(1) to O(n) and the float32 error stays far below rho.
+    lam, q = torch.linalg.eigh(ht)
+    lam = lam.clamp_min(0)
     s32 = s.float()
 
     b0 = (w.float() * s32[None, :]).T.contiguous()  # (n, m)

@@ -83,12 +83,16 @@ def masked_pcg(
 
 
 def refit(w: torch.Tensor, h: torch.Tensor, mask: torch.Tensor, exact: bool | None = None,
-          x0: torch.Tensor | None = None) -> torch.Tensor:
+          x0: torch.Tensor | None = None, refit_iters: int = 30) -> torch.Tensor:
     """Least-squares optimal kept weights on ``mask`` under ``h`` (exact for small layers)."""
     n = w.shape[1]
     if exact is None:
         exact = n <= 128 and w.shape[0] * n <= 1 << 16
     if exact:
         return exact_refit(w, h, mask)
-    out = masked_pcg(w.double() if n <= 1024 else w.float(), h, mask, x0=x0, iters=200, tol=1e-7)
+    # float32 CG on the Jacobi-preconditioned system, warm-started from the solver's weights: on
+    # real Gemma layers (q_proj, down_proj at 70 %, CTE rounds) 30 iterations leave the loss within
+    # 3e-6 (relative) of a 150-iteration fit, far below the 1e-3 that separates the candidates the
+    # refit compares; float32 halves each iteration's cost against float64.
+    out = masked_pcg(w.float(), h, mask, x0=x0, iters=refit_iters, tol=1e-5)
     return out.to(w.dtype)
