@@ -88,3 +88,24 @@ def test_bad_settings_are_refused_with_a_clear_message(capsys):
         with pytest.raises(SystemExit):
             recipe.parse_args(bad)
         assert "error" in capsys.readouterr().err
+
+
+def test_runs_merge_into_one_table_and_other_protocols_are_refused(fast_run, tmp_path):
+    """benchmarks/merge_runs.py joins one-setting-per-invocation runs (how the full Gemma grid is made)."""
+    spec = importlib.util.spec_from_file_location("merge_runs", ROOT / "benchmarks" / "merge_runs.py")
+    merge_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge_runs)
+    out, results = fast_run
+    merged = merge_runs.main([str(out), str(out / "results.json"), "--out", str(tmp_path / "merged")])
+    pruned = [r for r in results["rows"] if r["method"] != "dense"]
+    assert [r["method"] for r in merged["rows"]].count("dense") == 1
+    assert len(merged["rows"]) == 1 + 2 * len(pruned) and {r["run"] for r in merged["rows"]} == {0, 1}
+    assert "--fast" not in merged["runs"][0]["options"] and "--settings 0.5 2:4" in merged["runs"][0]["options"]
+    table = (tmp_path / "merged.md").read_text()
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 1 + len(merged["rows"])  # header + rows
+    assert json.loads((tmp_path / "merged.json").read_text())["rows"] == merged["rows"]
+    other = json.loads((out / "results.json").read_text())
+    other["protocol"]["calibration"] = "something else"
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="protocol differs"):
+        merge_runs.main([str(out), str(tmp_path / "other.json"), "--out", str(tmp_path / "refused")])
