@@ -837,11 +837,10 @@ def _balance_block(plans: list[dict[str, Any]], sparsity: float, min_keep: int) 
     target = sparsity * total
     top = cu.n_groups - min_keep
     grain = max(p["unit"].params_per_group for p in fine)
+    fine_total = sum(p["unit"].params_per_group * p["unit"].n_groups for p in fine)
     best = None
-    for r in sorted({min(max(math.floor(sparsity * cu.n_groups), 0), top), min(math.ceil(sparsity * cu.n_groups), top)}):
-        rest = target - r * cu.params_per_group
-        fine_total = sum(p["unit"].params_per_group * p["unit"].n_groups for p in fine)
-        share = min(max(rest / fine_total, 0.0), 1.0) if fine_total else 0.0
+    for r in sorted({min(math.floor(sparsity * cu.n_groups), top), min(math.ceil(sparsity * cu.n_groups), top)}):
+        share = min(max((target - r * cu.params_per_group) / fine_total, 0.0), 1.0)
         removes = [min(int(round(share * p["unit"].n_groups)), p["unit"].n_groups - min_keep) for p in fine]
         got = r * cu.params_per_group + sum(k * p["unit"].params_per_group for k, p in zip(removes, fine, strict=True))
         # within one MLP channel of each other counts as a tie: keep the extra head

@@ -2,27 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.script_loader import load_script
+
 REQUIRED = {"method", "uncertainty", "sparsity", "pattern"}
-
-
-def _load(path: str):
-    spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_layer_real_fast(tmp_path):
     threads = torch.get_num_threads()
     try:
-        rows = _load("benchmarks/layer_real.py").main(["--fast", "--out", str(tmp_path / "lr")])
+        rows = load_script("benchmarks/layer_real.py").main(["--fast", "--out", str(tmp_path / "lr")])
     finally:
         torch.set_num_threads(threads)
     data = json.loads((tmp_path / "lr.json").read_text())
@@ -36,7 +28,7 @@ def test_layer_real_fast(tmp_path):
 
 
 def test_cost_fast(tmp_path):
-    payload = _load("benchmarks/cost.py").main(["--fast", "--out", str(tmp_path / "cost")])
+    payload = load_script("benchmarks/cost.py").main(["--fast", "--out", str(tmp_path / "cost")])
     data = json.loads((tmp_path / "cost.json").read_text())
     assert data["rows"] == payload["rows"] == []  # --fast skips the whole-model part
     assert {e["axis"] for e in data["exponents"]} == {"tokens", "width"}
@@ -48,7 +40,7 @@ def test_cost_fast(tmp_path):
 
 
 def test_whole_model_rows_have_the_required_keys():
-    cost = _load("benchmarks/cost.py")
+    cost = load_script("benchmarks/cost.py")
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
     batches = [torch.randn(8, 16) for _ in range(2)]
     before = [p.detach().clone() for p in model.parameters()]

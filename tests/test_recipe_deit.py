@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
-import pathlib
 
 import pytest
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.script_loader import load_script
+
 
 
 def _fashion_mnist_present() -> bool:
@@ -21,10 +20,7 @@ def _fashion_mnist_present() -> bool:
 
 
 def _load_recipe():
-    spec = importlib.util.spec_from_file_location("deit_cap", ROOT / "recipes" / "deit_cap.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("recipes/deit_cap.py")
 
 
 @pytest.fixture(scope="module")

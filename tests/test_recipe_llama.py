@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
-import pathlib
 
 import pytest
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.script_loader import load_script
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _load_recipe():
-    spec = importlib.util.spec_from_file_location("llama_alps", ROOT / "recipes" / "llama_alps.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("recipes/llama_alps.py")
 
 
 @pytest.fixture(scope="module")
@@ -92,9 +88,7 @@ def test_bad_settings_are_refused_with_a_clear_message(capsys):
 
 def test_runs_merge_into_one_table_and_other_protocols_are_refused(fast_run, tmp_path):
     """benchmarks/merge_runs.py joins one-setting-per-invocation runs (how the full Gemma grid is made)."""
-    spec = importlib.util.spec_from_file_location("merge_runs", ROOT / "benchmarks" / "merge_runs.py")
-    merge_runs = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(merge_runs)
+    merge_runs = load_script("benchmarks/merge_runs.py")
     out, results = fast_run
     merged = merge_runs.main([str(out), str(out / "results.json"), "--out", str(tmp_path / "merged")])
     pruned = [r for r in results["rows"] if r["method"] != "dense"]

@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 import re
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from tests.script_loader import ROOT, load_script
 
-
-def _load(path: str):
-    spec = importlib.util.spec_from_file_location(pathlib.Path(path).stem, ROOT / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_engine_demo_fast(tmp_path):
     out = tmp_path / "demo.json"
-    rows = _load("recipes/engine_demo.py").main(["--fast", "--out", str(out)])
+    rows = load_script("recipes/engine_demo.py").main(["--fast", "--out", str(out)])
     saved = json.loads(out.read_text())["rows"]
     assert len(rows) == len(saved) == 3 * 4  # 3 solvers x 4 sets
     for row in saved:
@@ -31,7 +23,7 @@ def test_engine_demo_fast(tmp_path):
 
 def test_layer_benchmark_small(tmp_path):
     out = tmp_path / "bench"
-    rows = _load("benchmarks/layer_solvers.py").main(
+    rows = load_script("benchmarks/layer_solvers.py").main(
         ["--rows", "16", "--cols", "32", "--samples", "8", "--tokens", "4", "--out", str(out)]
     )
     data = json.loads(out.with_suffix(".json").read_text())
@@ -69,7 +61,7 @@ def _fashion_mnist_present() -> bool:
 def test_prune_then_finetune_fast(tmp_path):
     if not _fashion_mnist_present():
         pytest.skip("Fashion-MNIST not found: python -m robop_lightning.assets fetch fashion-mnist")
-    summary = _load("recipes/prune_then_finetune.py").main(["--fast", "--out", str(tmp_path)])
+    summary = load_script("recipes/prune_then_finetune.py").main(["--fast", "--out", str(tmp_path)])
     assert sorted(summary["val_acc_per_epoch"]) == [0, 1]  # dense epoch 0, pruned at its end, epoch 1 fine-tunes
     assert abs(summary["sparsity"] - 0.6) < 1e-3 and summary["layers"] == 16
     assert summary["test_acc"] > 0.3  # ten classes: far above chance after a few dozen steps
