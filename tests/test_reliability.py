@@ -396,8 +396,8 @@ def _peak_rss_increase(budget: str | None) -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
 def test_activation_budget_bounds_peak_memory_and_keeps_the_result():
-    """8 batches x 32 sequences x 256 tokens: ~300 MB of activations and Gram chunks in memory,
-    ~60 MB with an 8 MB budget (the rest on disk), and the same masks and weights. Peaks are
+    """8 batches x 32 sequences x 256 tokens: 100-210 MB of activations and Gram chunks in memory,
+    0-65 MB with an 8 MB budget (the rest on disk), and the same masks and weights. Peaks are
     measured in fresh processes (a long-lived one reuses memory its allocator already holds)."""
     torch.manual_seed(0)
     net = _Net()
@@ -409,9 +409,11 @@ def test_activation_budget_bounds_peak_memory_and_keeps_the_result():
     assert all(torch.equal(budgeted_report.masks[n], m) for n, m in naive_report.masks.items())
     for (k, a), b in zip(budgeted.state_dict().items(), naive.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=k)  # equal up to Gram summation order
-    large = _peak_rss_increase(None)
-    small = _peak_rss_increase("8MB")
-    assert large > 150e6, large  # what keeping everything in memory needs here
+    # peaks of fresh processes vary with the allocator (100-210 MB / 0-65 MB here): medians of 3
+    large = sorted(_peak_rss_increase(None) for _ in range(3))[1]
+    small = sorted(_peak_rss_increase("8MB") for _ in range(3))[1]
+    captured = sum(x.numel() for x in batches) * (64 + 256) // 64 * 4  # fc1 and fc2 inputs of one block, float32
+    assert large > captured, (large, captured)  # without a budget they are all in memory at once
     assert small < 0.4 * large, (small, large)
     with pytest.raises(ValueError, match="activation_budget must be a positive number of bytes"):
         prune_model(copy.deepcopy(net), batches[:1], activation_budget="lots", **job)
