@@ -56,6 +56,7 @@ from robop_lightning.models import DeiTClassifier
 from robop_lightning.robustness import CORRUPTIONS, evaluate_robustness, relative_mce
 from robop_lightning.robustness.metrics import format_eps, mce
 from robop_lightning.resume import atomic_write  # temporary sibling, fsync, rename
+from robop_lightning.uncertainty import parse_set_spec
 
 # ----------------------------------------------------------------------------- defaults
 config = dict(
@@ -76,6 +77,8 @@ config = dict(
     devices=1,  # >1: training and fine-tuning use DDP (spawned); pruning and evaluation run on one device
     # pruning
     sparsity=[0.5, 0.7],
+    # the authors' sets (gamma 0.01 each); NAME=GAMMA sets a radius (trace=0.003), and the extension's
+    # minmax-trace / minmax-e / cvar can be added
     robop_sets=["baseline", "trace", "e", "cte"],  # RobOP-CAP under each uncertainty set
     baselines=["sparsegpt", "wanda", "magnitude"],  # the same engine, Baseline set, same calibration data
     calibration_size=256,  # images; 256 x 18 tokens = 4.6k rows per Gram, enough for 96..384 inputs
@@ -83,7 +86,7 @@ config = dict(
     finetune_epochs=1,
     finetune_batches=100,  # 100 x 128 = 12.8k images: ~25 s on 2 cores; recovers most of 70 %'s loss
     finetune_lr=2e-4,
-    finetune=["best-robop", "best-baseline"],  # or method names such as robop-cap/cte, sparsegpt; [] for none
+    finetune=["best-robop", "best-baseline"],  # or method names such as robop-cap/trace, sparsegpt; [] for none
     # robustness evaluation (paired: every model sees identical corrupted / attacked inputs)
     eval_size=1000,  # random test images for corruptions (11 x 5 = 55 variants each; ~8 s per model)
     adv_size=200,  # a random 200 of those for PGD / FGSM (the expensive part: ~11 passes per eps; ~10 s per model)
@@ -138,6 +141,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.add_argument(flag, type=type(value), default=value)
     parser.add_argument("--fast", action="store_true", help="tiny everything: a minute or two, for CI")
     args = parser.parse_args(argv)
+    for spec in args.robop_sets:
+        try:
+            parse_set_spec(spec)
+        except ValueError as err:
+            parser.error(f"--robop-sets: {err}")
     if args.fast:  # --fast sets its values unless the command line gave them explicitly
         given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])}
         for key, value in FAST.items():
@@ -268,8 +276,9 @@ def main(argv=None) -> dict:
         name = f"{model_label(solver, uncertainty)}@{sparsity:g}"
         bar.set_postfix_str(name)
         model = copy.deepcopy(dense)
-        report = prune_model(model, calibration, sparsity=sparsity, solver=solver, uncertainty=uncertainty,
-                             progress=False)  # fmt: skip
+        set_name, radius = parse_set_spec(uncertainty)
+        report = prune_model(model, calibration, sparsity=sparsity, solver=solver, uncertainty=set_name,
+                             radius=radius, progress=False)  # fmt: skip
         models[name] = dict(method=model_label(solver, uncertainty), solver=solver, uncertainty=uncertainty,
                             sparsity=report.totals["sparsity"], target_sparsity=sparsity, model=model.eval(),
                             prune_seconds=report.seconds, masks=report.masks, finetuned=False,
@@ -301,7 +310,8 @@ def main(argv=None) -> dict:
         print(f"fine-tuning {name}: {args.finetune_epochs} epoch(s) x {args.finetune_batches} batches, lr {args.finetune_lr:g}")
         model = copy.deepcopy(dense).train()  # dense was put in eval(); Lightning keeps module modes
         model.hparams.lr, model.hparams.warmup_epochs = args.finetune_lr, 0.0  # configure_optimizers reads these
-        robop = RobOPCallback(sparsity=source["target_sparsity"], solver=source["solver"], uncertainty=source["uncertainty"],
+        set_name, radius = parse_set_spec(source["uncertainty"])
+        robop = RobOPCallback(sparsity=source["target_sparsity"], solver=source["solver"], uncertainty=set_name, radius=radius,
                               calibration="calibration", calibration_batches=len(calibration), progress=False,
                               verbose=False)  # fmt: skip
         trainer = quiet_trainer(args, max_epochs=args.finetune_epochs, limit_train_batches=args.finetune_batches,
@@ -455,7 +465,8 @@ def to_csv(rows: list[dict]) -> str:
 def _style(method: str) -> dict:
     """RobOP sets in cool colours with circles, the other methods warm with squares, dense black."""
     colours = {"robop-cap/baseline": "#08519c", "robop-cap/trace": "#3182bd", "robop-cap/e": "#31a354",
-               "robop-cap/cte": "#006d2c", "sparsegpt": "#e6550d", "wanda": "#d62728", "magnitude": "#7f7f7f",
+               "robop-cap/cte": "#006d2c", "robop-cap/minmax-trace": "#6baed6", "robop-cap/minmax-e": "#74c476",
+               "robop-cap/cvar": "#41ab5d", "sparsegpt": "#e6550d", "wanda": "#d62728", "magnitude": "#7f7f7f",
                "dense": "black"}  # fmt: skip
     base = method.removesuffix("+ft")
     style = dict(color=colours.get(base, "#9467bd"), marker="o" if base.startswith("robop") else "s", markersize=5)

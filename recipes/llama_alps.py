@@ -54,6 +54,7 @@ from robop_lightning.models import CausalLMModule
 from robop_lightning.models.causal_lm import load_causal_lm
 from robop_lightning.robustness.text import PROBE_LABEL, evaluate_corruptions, evaluate_pgd
 from robop_lightning.resume import atomic_write  # temporary sibling, fsync, rename
+from robop_lightning.uncertainty import parse_set_spec
 
 # ----------------------------------------------------------------------------- defaults
 config = dict(
@@ -67,6 +68,8 @@ config = dict(
     batch_size=8,
     # pruning: sparsities in (0, 1) or N:M patterns
     settings=["0.5", "0.7", "2:4"],
+    # the authors' sets (gamma 0.01 each); NAME=GAMMA sets a radius (trace=0.003), and the extension's
+    # minmax-trace / minmax-e / cvar can be added
     robop_sets=["baseline", "trace", "e", "cte"],  # RobOP-ALPS under each uncertainty set
     baselines=["sparsegpt", "wanda", "magnitude"],  # the same engine, Baseline set, same calibration data
     targets=None,  # None: every linear of every decoder layer; or a "re:<regex>" such as "re:model\.layers\.[0-5]\."
@@ -123,6 +126,11 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.add_argument(flag, type=type(value), default=value)
     parser.add_argument("--fast", action="store_true", help="a tiny Llama trained here: a minute or two, for CI")
     args = parser.parse_args(argv)
+    for spec in args.robop_sets:
+        try:
+            parse_set_spec(spec)
+        except ValueError as err:
+            parser.error(f"--robop-sets: {err}")
     if args.fast:  # --fast sets its values unless the command line gave them explicitly
         given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])}
         for key, value in FAST.items():
@@ -272,8 +280,9 @@ def main(argv=None) -> dict:
         name = f"{model_label(solver, uncertainty)}@{setting}"
         bar.set_postfix_str(name)
         model = copy.deepcopy(dense)
+        set_name, radius = parse_set_spec(uncertainty)
         report = prune_model(model, calibration, sparsity=sparsity, pattern=pattern, solver=solver,
-                             uncertainty=uncertainty, targets=args.targets, progress=False)  # fmt: skip
+                             uncertainty=set_name, radius=radius, targets=args.targets, progress=False)  # fmt: skip
         models[name] = dict(method=model_label(solver, uncertainty), solver=solver, uncertainty=uncertainty,
                             setting=setting, sparsity=report.totals["sparsity"], pattern=pattern, model=model.eval(),
                             prune_seconds=report.seconds, nominal_error=report.totals["nominal_error"],

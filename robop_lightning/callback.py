@@ -19,7 +19,7 @@ from robop_lightning.masks import SparsityMasks
 from robop_lightning.model import PruneReport, prune_model
 from robop_lightning.patterns import parse_pattern
 from robop_lightning.solvers import SOLVERS
-from robop_lightning.uncertainty import make_uncertainty
+from robop_lightning.uncertainty import canonical_set_name, make_uncertainty
 
 __all__ = ["RobOPCallback"]
 
@@ -62,8 +62,11 @@ class RobOPCallback(Callback):
             ``N:M`` pattern).
         pattern: ``"unstructured"``, ``"row"`` or ``"N:M"`` such as ``"2:4"``.
         solver: ``"alps"``, ``"cap"``, ``"sparsegpt"``, ``"wanda"`` or ``"magnitude"``.
-        uncertainty: ``"baseline"``, ``"trace"``, ``"e"`` or ``"cte"``.
-        radius: the uncertainty set's relative size; ``None`` takes the engine's default.
+        uncertainty: ``"baseline"``, ``"trace"`` (default), ``"e"`` (``"ellipsoid"``) or ``"cte"``: the
+            authors' closed forms, one solve; ``"minmax-trace"``, ``"minmax-e"``, ``"cvar"``: this
+            project's min-max extension (:mod:`robop_lightning.uncertainty`).
+        radius: the authors' ``gamma`` (``None``: 0.01; baseline: ``damping``), or ``rho`` /
+            ``alpha`` for the extension.
         targets: linear layers to prune: module names relative to the LightningModule (such as
             ``"model.layers.0.mlp"``) or ``"re:<regex>"`` patterns. ``None``: every linear inside
             the repeated blocks (output heads stay dense).
@@ -130,7 +133,9 @@ class RobOPCallback(Callback):
         sparsity: float | None = 0.5,
         pattern: str = "unstructured",
         solver: Literal["alps", "cap", "sparsegpt", "wanda", "magnitude"] = "cap",
-        uncertainty: Literal["baseline", "trace", "e", "cte"] = "cte",
+        uncertainty: Literal[
+            "baseline", "trace", "e", "ellipsoid", "cte", "minmax-trace", "minmax-e", "cvar"
+        ] = "trace",
         radius: float | None = None,
         targets: list[str] | None = None,
         ignore: list[str] | None = None,
@@ -148,7 +153,7 @@ class RobOPCallback(Callback):
         parse_pattern(pattern, sparsity)
         if not isinstance(solver, str) or solver.lower() not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}: use one of {', '.join(SOLVERS)}.")
-        make_uncertainty(uncertainty, radius, True)
+        make_uncertainty(uncertainty, radius)
         for what, value in (("targets", targets), ("ignore", ignore)):
             if value is not None and (isinstance(value, str) or not all(isinstance(v, str) and v for v in value)):
                 raise ValueError(
@@ -183,7 +188,7 @@ class RobOPCallback(Callback):
         self.sparsity = sparsity
         self.pattern = pattern
         self.solver = solver.lower()
-        self.uncertainty = uncertainty.lower()
+        self.uncertainty = canonical_set_name(uncertainty)
         self.radius = radius
         self.targets = list(targets) if targets is not None else None
         self.ignore = list(ignore) if ignore is not None else None

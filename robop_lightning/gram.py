@@ -108,6 +108,11 @@ class LayerInputs:
         return sum(self._counts)
 
     @property
+    def num_tokens(self) -> int:
+        """Calibration tokens over all ranks (``N`` of the authors' sets: rows of ``X``)."""
+        return self.num_samples * self.tokens_per_sample
+
+    @property
     def local_samples(self) -> int:
         return self.x.shape[0]
 

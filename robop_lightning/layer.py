@@ -1,6 +1,8 @@
 """``prune_layer``: prune one linear layer under an uncertainty set with one of five solvers.
 
-The alternating scheme (SPEC §3) for dynamic sets (coupled Trace and E, CTE)::
+The authors' sets (baseline, trace, e, cte; SPEC §2a) are closed forms: the solver runs once on
+``H + D`` (:mod:`robop_lightning.uncertainty.closed_form`). This project's min-max extension
+(minmax-trace, minmax-e, cvar; SPEC §2b) alternates (SPEC §3) for its dynamic sets::
 
     H_0 = H;  W_0 = SOLVE(W, H_0)
     for k in 0 .. rounds-1:
@@ -9,10 +11,11 @@ The alternating scheme (SPEC §3) for dynamic sets (coupled Trace and E, CTE)::
         W_k+1 = SOLVE(W, H_k+1, warm start W_k)
     keep the W_k of smallest robust loss, refit on its mask under its H_k (kept if it helps)
 
-Static sets (Baseline, per-row Trace and E) call the solver once with their effective matrix.
-Every solver gets the effective matrix plus the base damping ``lambda0 = damping * mean(diag H)``
-(SparseGPT's 1 %), increased automatically, with a warning, when the result is not numerically
-positive definite.
+Static sets (the authors' four, the extension's per-row forms) call the solver once with their
+effective matrix plus their ridge: ``damping * mean(diag H)`` for Baseline (SparseGPT's 1 %), the
+set's own ``D`` for trace / e / cte (it replaces the Baseline damping), the base damping for the
+extension. The ridge is increased automatically, with a warning, when the result is not
+numerically positive definite.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from robop_lightning.gram import LayerInputs, as_layer_inputs
 from robop_lightning.patterns import parse_pattern
 from robop_lightning.solvers import DATA_FREE, SOLVERS, USES_FULL_GRAM
 from robop_lightning.solvers.refit import refit
-from robop_lightning.uncertainty import UncertaintySet, make_uncertainty, spectral_norm_sq
+from robop_lightning.uncertainty import ClosedFormSet, UncertaintySet, make_uncertainty, spectral_norm_sq
 
 __all__ = ["prune_layer", "LayerResult"]
 
@@ -122,7 +125,9 @@ def _damp(h_eff: torch.Tensor, lam: float, name: str, warn: bool = True) -> tupl
                     stacklevel=3,
                 )
             return hd, lam
-        lam = lam * 10 if lam > 0 else 1e-6 * max(float(h_eff.diagonal().mean()), 1e-12)
+        # x10, starting no lower than 1e-6 of the Gram's scale (an absolute ridge can be far below it)
+        scale = float(h_eff.diagonal().mean())
+        lam = max(lam * 10, 1e-6 * (scale if scale > 0 else 1.0))
     raise ValueError(
         f"{name}: the calibration Gram stays singular even with damping {lam:.3g}; the inputs of this "
         "layer are degenerate. Use more calibration data or a larger `damping`."
@@ -156,7 +161,7 @@ def prune_layer(
     solver: str = "alps",
     uncertainty: str = "baseline",
     radius: float | None = None,
-    coupled: bool = True,
+    coupled: bool | None = None,
     rounds: int = 3,
     heldout: torch.Tensor | LayerInputs | None = None,
     damping: float = 0.01,
@@ -177,13 +182,17 @@ def prune_layer(
             whole input columns (``solver_options={"groups": [...]}`` for heads) chosen by robust
             structured OBS with exact compensation (:func:`robop_lightning.structured.select_groups`).
         solver: ``"alps"``, ``"cap"``, ``"sparsegpt"``, ``"wanda"`` or ``"magnitude"``.
-        uncertainty: ``"baseline"``, ``"trace"``, ``"e"`` or ``"cte"``.
-        radius: the set's relative size: ``rho`` for trace / e, ``alpha`` for cte; ``None`` takes
-            the defaults documented in :mod:`robop_lightning.uncertainty`.
-        coupled: ``False`` uses the per-row form of trace / e (a closed-form damping).
+        uncertainty: the authors' ``"baseline"``, ``"trace"``, ``"e"`` (or ``"ellipsoid"``) or
+            ``"cte"`` (one solve on ``H + D``), or this project's extension ``"minmax-trace"``,
+            ``"minmax-e"`` or ``"cvar"`` (see :mod:`robop_lightning.uncertainty`).
+        radius: the authors' ``gamma`` for their four sets (``None``: 0.01; for baseline,
+            ``damping``), ``rho`` / ``alpha`` for the extension (``None``: its defaults).
+        coupled: extension only: ``False`` uses the per-row form of minmax-trace / minmax-e.
         rounds: outer rounds of the alternating scheme for dynamic sets (0 = nominal solve only).
         heldout: held-out inputs of the same layer, for ``heldout_error``.
-        damping: base damping relative to ``mean(diag H)`` (SparseGPT's ``percdamp``).
+        damping: the Baseline set's ``gamma``, relative to ``mean(diag H)`` (SparseGPT's
+            ``percdamp``), and the extension's base damping; the authors' robust sets replace it
+            by their own ``D``.
         solver_options: extra keyword arguments for the solver (e.g. ``{"block_size": 128}`` for
             cap, ``{"max_iter": 100}`` for alps, ``{"blocksize": 64}`` for sparsegpt).
         prior_mask: keep-mask of an earlier pruning (gradual schedules): weights outside it stay
@@ -262,30 +271,36 @@ def prune_layer(
     h_solve = h if mean_diag > 0 else torch.eye(cols, dtype=h.dtype, device=device)
     uset.prepare(h_solve, li, lam0)
     history: list[dict[str, Any]] = []
-    used_lam = [lam0]
+    lam_base = uset.ridge  # what the set adds to its effective matrix (replaces lam0 for trace/e/cte)
+    used_lam = [lam_base]
     # Every solver is invariant to scaling H, but some work in float32: a Gram of badly scaled
     # inputs (mean diag far outside float32's range once inverted) is handed over divided by a
     # power of 4, which is exact and leaves well-scaled layers bit-identical.
-    unit = _unit_scale(mean_diag)
-    raised = [lam0]  # the largest damping the solves needed: one warning per layer, at the end
+    # the scale of what the solver is handed: H plus the set's D (an absolute CTE ridge can dwarf H)
+    scale = mean_diag
+    if isinstance(uset, ClosedFormSet) and uset.name != "baseline" and mean_diag > 0:
+        scale = float(uset.effective().diagonal().mean()) + lam_base
+    unit = _unit_scale(scale)
+    raised = [lam_base]  # the largest damping the solves needed: one warning per layer, at the end
 
     def damp(h_eff: torch.Tensor) -> torch.Tensor:
-        hd, lam = _damp(h_eff, lam0, name, warn=False)
+        hd, lam = _damp(h_eff, lam_base, name, warn=False)
         raised[0] = max(raised[0], lam)
         return hd
 
-    def solve(h_eff: torch.Tensor, warm: torch.Tensor | None = None):
+    def solve(h_eff: torch.Tensor, warm: torch.Tensor | None = None, h_diag: torch.Tensor | None = None):
         h_damped = h_eff
         if solver in USES_FULL_GRAM:
             h_damped = damp(h_eff)
             used_lam[0] = raised[0]
         fn = SOLVERS[solver] if mean_diag > 0 else SOLVERS["magnitude"]
-        return fn(w, h_damped / unit, pat, h_diag=h_eff.diagonal() / unit, warm=warm, prior=prior_mask, **options)
+        h_diag = h_eff.diagonal() if h_diag is None else h_diag
+        return fn(w, h_damped / unit, pat, h_diag=h_diag / unit, warm=warm, prior=prior_mask, **options)
 
     if pat.kind != "nm" and pat.keep_count(rows, cols) == rows * cols and prior_mask is None:
         w_hat, mask = w.clone(), torch.ones(rows, cols, dtype=torch.bool, device=device)
     elif not uset.dynamic or solver in DATA_FREE or mean_diag == 0:
-        w_hat, mask = solve(uset.effective())
+        w_hat, mask = solve(uset.effective(), h_diag=uset.score_diagonal())
     else:
         h_k = h_solve
         w_hat, mask = solve(h_k)
@@ -332,9 +347,9 @@ def prune_layer(
                 worst = uset.worst_case(w - w_hat)
                 candidates = [((1 - g) * h_fit + g * worst, f"refit step {g:g}") for g in (0.2, 0.05)]
 
-    if raised[0] > lam0:
+    if raised[0] > lam_base:
         warnings.warn(
-            f"{name}: the damped Gram was not positive definite; damping raised from {lam0:.3g} to "
+            f"{name}: the damped Gram was not positive definite; damping raised from {lam_base:.3g} to "
             f"{raised[0]:.3g} (rank-deficient or badly scaled calibration inputs). More calibration data, "
             "or a larger `damping`, avoids this.",
             RuntimeWarning,

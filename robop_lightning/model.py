@@ -171,7 +171,7 @@ def _check_arguments(sparsity, pattern, solver, uncertainty, radius, heldout_fra
             f"prune_model() got unexpected keyword argument(s) {', '.join(unknown)}; the extra arguments "
             f"passed to prune_layer are {', '.join(_ENGINE_KWARGS)}."
         )
-    make_uncertainty(uncertainty, radius, engine_kwargs.get("coupled", True))
+    make_uncertainty(uncertainty, radius, engine_kwargs.get("coupled"))
     if (
         isinstance(heldout_fraction, bool)
         or not isinstance(heldout_fraction, (int, float))
@@ -298,7 +298,7 @@ def prune_model(
     sparsity: float | None = 0.5,
     pattern: str = "unstructured",
     solver: str = "cap",
-    uncertainty: str = "cte",
+    uncertainty: str = "trace",
     radius: float | None = None,
     targets: list[str] | str | None = None,
     ignore: list[str] | str | None = None,
@@ -323,8 +323,11 @@ def prune_model(
             whole heads and MLP channels removed physically (:mod:`robop_lightning.structured`;
             ``solver_options`` may hold ``budget``, ``cost``, ``min_keep``, ``max_sparsity``, ``per_step``).
         solver: ``"alps"``, ``"cap"``, ``"sparsegpt"``, ``"wanda"`` or ``"magnitude"``.
-        uncertainty: ``"baseline"``, ``"trace"``, ``"e"`` or ``"cte"``.
-        radius: the set's relative size (``None``: the engine's default).
+        uncertainty: ``"baseline"``, ``"trace"`` (default), ``"e"`` (``"ellipsoid"``) or ``"cte"``: the
+            authors' closed forms, one solve; ``"minmax-trace"``, ``"minmax-e"``, ``"cvar"``: this
+            project's min-max extension (:mod:`robop_lightning.uncertainty`).
+        radius: the authors' ``gamma`` (``None``: 0.01; baseline: ``damping``), or ``rho`` /
+            ``alpha`` for the extension.
         targets: linears to prune: module names (a container selects all linears in it) or
             ``"re:<regex>"`` patterns. ``None``: every linear inside the repeated blocks, or for a
             model without blocks every linear except output heads (``head``, ``head_dist``,

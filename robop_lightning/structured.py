@@ -23,8 +23,8 @@ Groups are chosen greedily (structured OBS): remove the group with the smallest 
 ``tr(W_G [(H^-1)_GG]^-1 W_G^T)``, update the weights and down-date ``H^-1``, repeat; the survivors
 are then refitted exactly. A consumer bias is the weight of a constant input: it is appended to
 ``X`` as a ones column (never removable), so the refit also corrects the bias through the input
-mean. The uncertainty sets of :mod:`robop_lightning.uncertainty` apply unchanged: static sets hand
-their effective Gram to the greedy search, dynamic ones (coupled Trace / E, CTE) run the
+mean. The uncertainty sets of :mod:`robop_lightning.uncertainty` apply unchanged: static sets (the
+authors' four) hand ``H + D`` to the greedy search, dynamic ones (minmax-trace / minmax-e, cvar) run the
 alternating scheme of SPEC §3 with the whole structured selection as the solver.
 
 Then the modules shrink (:func:`shrink_vit_block`, :func:`shrink_decoder_layer`): fewer heads
@@ -62,7 +62,8 @@ from robop_lightning.calibration import (
     run_block,
 )
 from robop_lightning.gram import LayerInputs
-from robop_lightning.uncertainty import UncertaintySet, make_uncertainty
+from robop_lightning.uncertainty import ClosedFormSet, UncertaintySet, make_uncertainty
+from robop_lightning.uncertainty.base import inner
 
 __all__ = [
     "StructuredResult",
@@ -267,7 +268,7 @@ def select_groups(
     remove: int,
     uncertainty: str = "baseline",
     radius: float | None = None,
-    coupled: bool = True,
+    coupled: bool | None = None,
     damping: float = 0.01,
     bias: torch.Tensor | None = None,
     rounds: int = 3,
@@ -333,9 +334,19 @@ def select_groups(
     n1 = h.shape[0]
     mean_diag = float(h.diagonal()[:cols].mean())
     lam0 = damping * mean_diag if mean_diag > 0 else 1.0
-    uset.prepare(h, aug, lam0)
+    if isinstance(uset, ClosedFormSet):
+        # the authors' D acts on the feature columns (the bias column is a constant input)
+        uset.prepare(h[:cols, :cols], li, lam0)
+        h_static = h.clone()
+        if uset.matrix is not None:
+            h_static[:cols, :cols] += uset.matrix
+        robust_loss = lambda e: float(((e @ h) * e).sum()) + uset.robust_loss(e[:, :cols]) - inner(uset.h, e[:, :cols])  # noqa: E731
+    else:
+        uset.prepare(h, aug, lam0)
+        h_static = uset.effective()
+        robust_loss = uset.robust_loss
     damp = torch.zeros(n1, dtype=torch.float64)
-    damp[:cols] = lam0
+    damp[:cols] = uset.ridge
     if bias is not None:
         damp[cols] = 1e-12 * float(h[cols, cols])
 
@@ -349,7 +360,8 @@ def select_groups(
         for _ in range(7):
             if int(torch.linalg.cholesky_ex(hd).info) == 0:
                 return hd
-            damp[:cols] *= 10
+            # x10, from no lower than 1e-6 of the Gram's scale (the authors' E has no ridge of its own)
+            damp[:cols] = torch.clamp(damp[:cols] * 10, min=1e-6 * max(float(h_eff.diagonal()[:cols].mean()), 1e-300))
             hd = h_eff + torch.diag(damp)
         raise ValueError(f"{name}: the calibration Gram stays singular after damping; use more calibration data.")
 
@@ -378,23 +390,23 @@ def select_groups(
     nominal = lambda e: float(((e @ h) * e).sum())  # noqa: E731
     history: list[dict[str, Any]] = []
 
-    first = solve(uset.effective() if not uset.dynamic else h, remove, trajectory_to)
+    first = solve(h_static if not uset.dynamic else h, remove, trajectory_to)
     traj_abs, steps = first[6], first[7]
     best = first
     if uset.dynamic and remove > 0:
-        phi = uset.robust_loss(first[5])
+        phi = robust_loss(first[5])
         history.append({"round": 0, "robust_loss": phi, "nominal_loss": nominal(first[5])})
         h_k, current = h, first
         for k in range(rounds):
             gk = _STEP(k)
             h_k = (1 - gk) * h_k + gk * uset.worst_case(current[5])
             current = solve(h_k, remove)
-            phi_k = uset.robust_loss(current[5])
+            phi_k = robust_loss(current[5])
             history.append({"round": k + 1, "robust_loss": phi_k, "nominal_loss": nominal(current[5])})
             if phi_k < phi:
                 phi, best = phi_k, current
     chosen, keep_groups, keep_cols, new_w, new_b, err, _, _ = best
-    robust = rel(uset.robust_loss(err))
+    robust = rel(robust_loss(err))
     nom = rel(nominal(err))
     if nom - 1e-6 * max(nom, 1e-30) <= robust < nom:
         robust = nom
@@ -855,7 +867,7 @@ def prune_model_structured(
     model: nn.Module,
     calibration: Iterable[Any],
     sparsity: float = 0.5,
-    uncertainty: str = "cte",
+    uncertainty: str = "trace",
     radius: float | None = None,
     budget: str = "layer",
     cost: str = "params",
@@ -863,7 +875,7 @@ def prune_model_structured(
     ignore: list[str] | str | None = None,
     blocks: str | None = None,
     forward: Callable[[nn.Module, Any], Any] | None = None,
-    coupled: bool = True,
+    coupled: bool | None = None,
     rounds: int = 3,
     damping: float = 0.01,
     min_keep: int = 1,

@@ -19,7 +19,7 @@ from tests.engine_helpers import correlated_inputs, random_weight
 pytestmark = pytest.mark.usefixtures("one_thread")  # many small solves: ~50x faster than two busy threads
 
 SOLVERS = ["alps", "cap", "sparsegpt", "wanda", "magnitude"]
-SETS = ["baseline", "trace", "e", "cte"]
+SETS = ["baseline", "trace", "e", "cte", "minmax-trace", "minmax-e", "cvar"]
 
 
 def _degenerate(case: str) -> torch.Tensor:
@@ -79,12 +79,14 @@ def test_degenerate_calibration_data_works_for_every_set(case, solver):
 @pytest.mark.parametrize("solver", ["alps", "cap", "sparsegpt"])
 @pytest.mark.parametrize("uncertainty", SETS)
 def test_singular_gram_raises_damping_once_and_says_so(solver, uncertainty):
-    """damping=0 on a rank-2 Gram: the damping is increased automatically, one warning per layer
+    """No damping on a rank-2 Gram: the damping is increased automatically, one warning per layer
     names the layer and both values, and the result reports the damping actually used."""
     w, x = random_weight(8, 16, 1), torch.randn(2, 1, 16, generator=torch.Generator().manual_seed(1))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        r = prune_layer(w, x, sparsity=0.5, solver=solver, uncertainty=uncertainty, damping=0.0, name="blocks.3.fc2")
+        # no damping at all: damping=0 for the extension, gamma=0 for the authors' sets (their D replaces it)
+        zero = dict(damping=0.0) if uncertainty in ("minmax-trace", "minmax-e", "cvar") else dict(radius=0.0)
+        r = prune_layer(w, x, sparsity=0.5, solver=solver, uncertainty=uncertainty, name="blocks.3.fc2", **zero)
     messages = [str(c.message) for c in caught if issubclass(c.category, RuntimeWarning)]
     assert len(messages) == 1, messages
     assert messages[0].startswith("blocks.3.fc2: the damped Gram was not positive definite; damping raised from 0 to ")
@@ -129,7 +131,7 @@ def test_mismatched_dtypes_work(weight_dtype, input_dtype):
     """The Gram is always float64 and the result takes the weight's dtype, whatever the inputs'."""
     w, x = random_weight(16, 32, 3).to(weight_dtype), correlated_inputs(8, 4, 32, 3).to(input_dtype)
     for solver in SOLVERS:
-        r = prune_layer(w, x, sparsity=0.5, solver=solver, uncertainty="cte", heldout=x[:2].double())
+        r = prune_layer(w, x, sparsity=0.5, solver=solver, uncertainty="cvar", heldout=x[:2].double())
         assert r.weight.dtype == weight_dtype and int(r.mask.sum()) == 256
         assert torch.isfinite(r.weight).all() and bool((r.weight[~r.mask] == 0).all())
         assert r.heldout_error is not None and r.heldout_error >= 0
@@ -225,7 +227,7 @@ def _token_batches() -> list[dict[str, torch.Tensor]]:
         ("batches of different sizes", [torch.randn(1, 16), torch.randn(7, 16)]),
     ],
 )
-@pytest.mark.parametrize("solver,uncertainty", [("cap", "cte"), ("alps", "e"), ("sparsegpt", "trace")])
+@pytest.mark.parametrize("solver,uncertainty", [("cap", "cvar"), ("alps", "minmax-e"), ("sparsegpt", "minmax-trace"), ("alps", "e"), ("cap", "trace")])
 def test_prune_model_on_degenerate_calibration_works(case, calibration, solver, uncertainty):
     model = _net()
     data = [b.clone() for b in calibration]
@@ -244,7 +246,7 @@ def test_prune_model_on_degenerate_calibration_works(case, calibration, solver, 
 def test_prune_model_sparsity_zero_and_099(sparsity):
     model = _net()
     before = _state(model)
-    report = prune_model(model, _batches(), sparsity=sparsity, solver="cap", uncertainty="cte", progress=False)
+    report = prune_model(model, _batches(), sparsity=sparsity, solver="cap", uncertainty="cvar", progress=False)
     if sparsity == 0.0:
         assert _unchanged(model, before) and all(bool(m.all()) for m in report.masks.values())
     else:
@@ -267,7 +269,7 @@ def test_nan_inf_names_the_layer_and_restores_weights(where, make_bad):
     before = _state(model)
     make_bad(model, data)
     with pytest.raises(ValueError, match=rf"^{where}: calibration inputs contains NaN or Inf values.*calibrate in float32"):
-        prune_model(model, data, solver="sparsegpt", uncertainty="cte", progress=False)
+        prune_model(model, data, solver="sparsegpt", uncertainty="cvar", progress=False)
     assert _unchanged(model, before)
 
 
@@ -287,7 +289,7 @@ def test_layer_narrower_than_nm_group_fails_before_any_work():
     calls = []
     model.register_forward_pre_hook(lambda m, a: calls.append(1))
     with pytest.raises(ValueError, match=r"but fc2 has in_features=2\. Use pattern='unstructured' or 'row'"):
-        prune_model(model, _batches(), pattern="2:4", sparsity=None, solver="alps", uncertainty="cte")
+        prune_model(model, _batches(), pattern="2:4", sparsity=None, solver="alps", uncertainty="cvar")
     assert calls == [] and _unchanged(model, before)
     report = prune_model(model, _batches(), pattern="2:4", sparsity=None, solver="alps", ignore=["fc2"])
     assert list(report.masks) == ["fc1"] and bool((report.masks["fc1"].view(2, 4, 4).sum(-1) == 2).all())
@@ -304,15 +306,15 @@ def test_tied_embedding_and_lm_head():
         match=r"^lm_head: its weight is tied to model\.embed_tokens\.weight .*Leave lm_head out of the targets, or "
         r"untie the weights first .*tie_word_embeddings=False",
     ):
-        prune_model(model, _token_batches(), targets=["lm_head"], solver="sparsegpt", uncertainty="cte")
+        prune_model(model, _token_batches(), targets=["lm_head"], solver="sparsegpt", uncertainty="cvar")
     assert _unchanged(model, before)
-    report = prune_model(model, _token_batches(), solver="sparsegpt", uncertainty="cte", progress=False)
+    report = prune_model(model, _token_batches(), solver="sparsegpt", uncertainty="cvar", progress=False)
     assert len(report.masks) == 14 and report.totals["sparsity"] == pytest.approx(0.5)
     assert torch.equal(model.model.embed_tokens.weight, before["model.embed_tokens.weight"])
     assert model.lm_head.weight is model.model.embed_tokens.weight
     # untied (the stock fix): lm_head prunes, the embedding keeps every entry
     untied = _tiny_llama(tie=False)
-    report = prune_model(untied, _token_batches(), targets=["lm_head"], solver="sparsegpt", uncertainty="cte")
+    report = prune_model(untied, _token_batches(), targets=["lm_head"], solver="sparsegpt", uncertainty="cvar")
     assert int(report.masks["lm_head"].sum()) == 64 * 32 // 2
     assert not bool((untied.model.embed_tokens.weight == 0).any())
 
@@ -326,18 +328,18 @@ def test_weights_shared_between_layers():
         match=r"^fc1: its weight is the same tensor as fc2\.weight \(weights shared between layers\).*Untie them "
         r"first .*ignore=\['fc1', 'fc2'\]",
     ):
-        prune_model(model, _batches(), solver="cap", uncertainty="cte")
+        prune_model(model, _batches(), solver="cap", uncertainty="cvar")
     assert _unchanged(model, before)
     with pytest.raises(ValueError, match=r"^fc1: its weight is tied to fc2\.weight"):  # one of the two: still shared
-        prune_model(model, _batches(), solver="cap", uncertainty="cte", ignore=["fc2"])
-    report = prune_model(model, _batches(), solver="cap", uncertainty="cte", ignore=["fc1", "fc2"], targets=["head"])
+        prune_model(model, _batches(), solver="cap", uncertainty="cvar", ignore=["fc2"])
+    report = prune_model(model, _batches(), solver="cap", uncertainty="cvar", ignore=["fc1", "fc2"], targets=["head"])
     assert list(report.masks) == ["head"] and torch.equal(model.fc1.weight, before["fc1.weight"])
     model.fc2.weight = nn.Parameter(model.fc1.weight.detach().clone())  # untied: both prune
-    report = prune_model(model, _batches(), solver="cap", uncertainty="cte")
+    report = prune_model(model, _batches(), solver="cap", uncertainty="cvar")
     assert list(report.masks) == ["fc1", "fc2"] and not torch.equal(report.masks["fc1"], report.masks["fc2"])
 
 
-@pytest.mark.parametrize("solver,uncertainty", [("alps", "cte"), ("wanda", "baseline")])
+@pytest.mark.parametrize("solver,uncertainty", [("alps", "cvar"), ("wanda", "baseline")])
 def test_modules_without_bias(solver, uncertainty):
     model = _net(bias=False)
     report = prune_model(model, _batches(), solver=solver, uncertainty=uncertainty, progress=False)
@@ -350,7 +352,7 @@ def test_frozen_parameters_are_pruned_and_stay_frozen():
 
     model = _net()
     model.fc1.requires_grad_(False)
-    report = prune_model(model, _batches(), solver="sparsegpt", uncertainty="cte", progress=False)
+    report = prune_model(model, _batches(), solver="sparsegpt", uncertainty="cvar", progress=False)
     assert not model.fc1.weight.requires_grad and model.fc2.weight.requires_grad
     assert int(report.masks["fc1"].sum()) == 256 and bool((model.fc1.weight[~report.masks["fc1"]] == 0).all())
     # fine-tuning the rest: the frozen layer has no gradient hook, its zeros stay and so do fc2's
@@ -372,7 +374,7 @@ def test_train_mode_with_dropout_calibrates_in_eval_mode():
     for train in (True, True, False):
         model = _net(p=0.5).train(train)
         torch.manual_seed(len(results))  # a different dropout stream each time: it must not matter
-        report = prune_model(model, _batches(), solver="cap", uncertainty="cte", progress=False)
+        report = prune_model(model, _batches(), solver="cap", uncertainty="cvar", progress=False)
         assert all(m.training == train for m in model.modules())
         results.append((_state(model), report.masks))
     for state, masks in results[1:]:
@@ -392,9 +394,9 @@ def test_calibration_dtype_mismatch_names_layer_and_fix(model_dtype, data_dtype)
         match=rf"^fc1: the model's forward failed on a calibration batch \(.*\)\. The batch holds {have} tensors but "
         rf"the layers to prune are {want}: cast the calibration data to the model's dtype \(batch\.to\(torch\.{want}\)\)",
     ):
-        prune_model(model, [b.to(data_dtype) for b in _batches()], solver="cap", uncertainty="cte")
+        prune_model(model, [b.to(data_dtype) for b in _batches()], solver="cap", uncertainty="cvar")
     assert _unchanged(model, before)
-    report = prune_model(model, [b.to(model_dtype) for b in _batches()], solver="cap", uncertainty="cte")
+    report = prune_model(model, [b.to(model_dtype) for b in _batches()], solver="cap", uncertainty="cvar")
     assert model.fc1.weight.dtype == model_dtype and report.totals["sparsity"] == pytest.approx(0.5)
     assert all(torch.isfinite(model.get_submodule(n).weight).all() for n in report.masks)
 
@@ -403,8 +405,8 @@ def test_calibration_dtype_mismatch_names_layer_and_fix(model_dtype, data_dtype)
 def test_cpu_batches_for_a_gpu_model_are_moved():
     model = _net().cuda()
     ref = copy.deepcopy(model).cpu()
-    report = prune_model(model, _batches(), solver="sparsegpt", uncertainty="cte", progress=False)
-    ref_report = prune_model(ref, _batches(), solver="sparsegpt", uncertainty="cte", progress=False)
+    report = prune_model(model, _batches(), solver="sparsegpt", uncertainty="cvar", progress=False)
+    ref_report = prune_model(ref, _batches(), solver="sparsegpt", uncertainty="cvar", progress=False)
     assert model.fc1.weight.is_cuda and report.masks["fc1"].device.type == "cpu"
     for name, mask in report.masks.items():
         assert (mask != ref_report.masks[name]).float().mean() < 0.05

@@ -378,7 +378,7 @@ def test_fp16_amp_on_cuda_holds_zeros(tmp_path):
         ({"sparsity": 1.2}, "sparsity"),
         ({"solver": "obc"}, "unknown solver"),
         ({"uncertainty": "box"}, "unknown uncertainty"),
-        ({"uncertainty": "cte", "radius": 2.0}, "alpha"),
+        ({"uncertainty": "cvar", "radius": 2.0}, "alpha"),
         ({"targets": "blocks"}, "list of module names"),
         ({"calibration_batches": 0}, "calibration_batches"),
         ({"calibration": "my loader"}, "calibration must name"),
@@ -457,7 +457,7 @@ def _ddp_main(out: str) -> None:
     torch.set_num_threads(1)
     pl.seed_everything(0)
     model = Classifier("vit")
-    robop = RobOPCallback(sparsity=0.5, solver="sparsegpt", uncertainty="cte", calibration_batches=2, verbose=False)
+    robop = RobOPCallback(sparsity=0.5, solver="sparsegpt", uncertainty="cvar", calibration_batches=2, verbose=False)
     trainer = pl.Trainer(
         accelerator="cpu",
         devices=2,
@@ -500,7 +500,7 @@ def test_ddp_masks_match_single_process(tmp_path):
         x, y = _blobs(32, 0, "vit").tensors
         shards = [list(DistributedSampler(range(32), num_replicas=2, rank=r, shuffle=True, seed=0)) for r in range(2)]
         batches = [x[shard[i * 4 : (i + 1) * 4]] for shard in shards for i in range(2)]
-        report = prune_model(model, batches, sparsity=0.5, solver="sparsegpt", uncertainty="cte", progress=False)
+        report = prune_model(model, batches, sparsity=0.5, solver="sparsegpt", uncertainty="cvar", progress=False)
     finally:
         torch.set_num_threads(threads)
     assert len(report.masks) == 8

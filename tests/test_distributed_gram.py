@@ -30,7 +30,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         shard = x[:4] if rank == 0 else x[4:]  # uneven shards: 4 and 6 samples
         li = LayerInputs(shard, distributed=True)
         e = w * 0.1
-        result = prune_layer(w, li, sparsity=0.5, solver="alps", uncertainty="cte", radius=0.3)
+        result = prune_layer(w, li, sparsity=0.5, solver="alps", uncertainty="cvar", radius=0.3)
         torch.save(
             {
                 "gram": li.gram(),
@@ -59,5 +59,5 @@ def test_two_ranks_equal_one_process(tmp_path):
     assert r0["radius"] == r1["radius"] == pytest.approx(full.bootstrap_radius(), rel=1e-9)
     assert torch.allclose(r0["gram"], full.gram(), rtol=1e-12)
     assert torch.allclose(r0["losses"], full.sample_losses((w * 0.1).double()), rtol=1e-12)
-    single = prune_layer(w, x, sparsity=0.5, solver="alps", uncertainty="cte", radius=0.3)
+    single = prune_layer(w, x, sparsity=0.5, solver="alps", uncertainty="cvar", radius=0.3)
     assert torch.equal(r0["mask"], single.mask)

@@ -40,7 +40,7 @@ def _loader(n: int = 32, seed: int = 0) -> DataLoader:
 
 
 def _robop() -> RobOPCallback:
-    return RobOPCallback(sparsity=0.5, solver="sparsegpt", uncertainty="cte", calibration_batches=2, verbose=False)
+    return RobOPCallback(sparsity=0.5, solver="sparsegpt", uncertainty="cvar", calibration_batches=2, verbose=False)
 
 
 def _trainer(tmp_path, callbacks, **kwargs) -> pl.Trainer:

@@ -25,6 +25,6 @@ def test_alps_and_cte_on_a_4096_wide_layer():
     g = torch.Generator().manual_seed(1)
     w = torch.randn(512, 4096, generator=g)
     x = torch.randn(16, 64, 4096, generator=g)
-    r = prune_layer(w, x, sparsity=0.5, solver="alps", uncertainty="cte", rounds=1,
+    r = prune_layer(w, x, sparsity=0.5, solver="alps", uncertainty="cvar", rounds=1,
                     solver_options={"max_iter": 30})
     assert int(r.mask.sum()) == w.numel() // 2 and r.robust_error >= r.nominal_error > 0

@@ -17,7 +17,7 @@ from robop_lightning.solvers.refit import exact_refit
 from tests.engine_helpers import correlated_inputs, quad, random_weight
 
 SOLVERS = ["alps", "cap", "sparsegpt", "wanda", "magnitude"]
-SETS = ["baseline", "trace", "e", "cte"]
+SETS = ["baseline", "trace", "e", "cte", "minmax-trace", "minmax-e", "cvar"]
 
 
 @pytest.fixture(scope="module")
@@ -38,13 +38,13 @@ def test_contract_every_solver_every_set(layer, solver, uncertainty):
     assert r.sparsity == pytest.approx(0.6, abs=1 / w.numel())
     assert r.robust_error >= r.nominal_error >= 0
     assert r.heldout_error is not None and r.heldout_error >= 0
-    assert (r.srank is not None) == (uncertainty in ("trace", "e", "cte"))
+    assert (r.srank is not None) == (uncertainty in ("minmax-trace", "minmax-e", "cvar"))
     assert solver in repr(r) and r.to_dict()["solver"] == solver
 
 
 @pytest.mark.parametrize("solver", ["alps", "cap", "sparsegpt", "wanda"])
 def test_alternating_scheme_never_worse_than_first_round(solver):
-    for uncertainty, radius in (("trace", 0.05), ("e", 0.3), ("cte", 0.3)):
+    for uncertainty, radius in (("minmax-trace", 0.05), ("minmax-e", 0.3), ("cvar", 0.3)):
         w, x = random_weight(12, 24, 3), correlated_inputs(30, 2, 24, 3)
         r = prune_layer(w, x, sparsity=0.5, solver=solver, uncertainty=uncertainty, radius=radius, rounds=3)
         assert [h["round"] for h in r.history if isinstance(h["round"], int)] == [0, 1, 2, 3]
@@ -52,11 +52,11 @@ def test_alternating_scheme_never_worse_than_first_round(solver):
         assert r.robust_error <= first * (1 + 1e-6)
 
 
-def test_cte_alpha_one_is_exactly_baseline(layer):
+def test_cvar_alpha_one_is_exactly_baseline(layer):
     w, x = layer
     for solver in SOLVERS:
         a = prune_layer(w, x, sparsity=0.5, solver=solver, uncertainty="baseline")
-        b = prune_layer(w, x, sparsity=0.5, solver=solver, uncertainty="cte", radius=1.0)
+        b = prune_layer(w, x, sparsity=0.5, solver=solver, uncertainty="cvar", radius=1.0)
         assert torch.equal(a.mask, b.mask) and torch.equal(a.weight, b.weight)
         assert a.nominal_error == b.nominal_error
         assert b.robust_error == pytest.approx(b.nominal_error, rel=1e-6)
@@ -156,7 +156,7 @@ def test_quality_ordering_on_correlated_uneven_inputs():
         (dict(pattern="2:5", sparsity=None), "divisible by 5"),
         (dict(solver="obs"), "unknown solver"),
         (dict(uncertainty="box"), "unknown uncertainty"),
-        (dict(uncertainty="cte", radius=2.0), r"\(0, 1\]"),
+        (dict(uncertainty="cvar", radius=2.0), r"\(0, 1\]"),
         (dict(rounds=-1), "rounds"),
         (dict(damping=-1.0), "damping"),
     ],
@@ -253,7 +253,7 @@ def test_prior_mask_validation(layer):
         prune_layer(w, x, sparsity=0.5, prior_mask=keep)
 
 
-@pytest.mark.parametrize("uncertainty,radius", [("trace", 0.05), ("e", 0.2), ("cte", 0.25)])
+@pytest.mark.parametrize("uncertainty,radius", [("minmax-trace", 0.05), ("minmax-e", 0.2), ("cvar", 0.25)])
 def test_robust_solution_beats_nominal_solution_on_the_robust_objective(uncertainty, radius):
     """Averaged over seeds, pruning for the set lowers the set's worst-case loss vs pruning nominally."""
     from robop_lightning.uncertainty import make_uncertainty

@@ -195,7 +195,7 @@ def test_robust_solvers_on_mlp(solver):
     torch.manual_seed(0)
     mlp = MLP(16, 16, 4)
     xs = [torch.randn(4, 16) for _ in range(4)]
-    report = prune_model(mlp, xs, sparsity=0.5, solver=solver, uncertainty="cte", heldout_fraction=0.25)
+    report = prune_model(mlp, xs, sparsity=0.5, solver=solver, uncertainty="cvar", heldout_fraction=0.25)
     assert [r["name"] for r in report.layers] == ["fc1", "fc2"]
     for row in report.layers:
         assert row["sparsity"] == 0.5 and row["heldout_error"] is not None and row["srank"] is not None

@@ -46,7 +46,7 @@ def llama_job() -> tuple[LlamaForCausalLM, list[dict[str, torch.Tensor]]]:
     return model, batches
 
 
-JOB = dict(sparsity=0.5, solver="cap", uncertainty="cte", progress=False)
+JOB = dict(sparsity=0.5, solver="cap", uncertainty="cvar", progress=False)
 
 def child_script(resume: Path) -> str:
     """The child of the SIGKILL test: the same job, with only torch, transformers and the library imported."""
@@ -276,7 +276,7 @@ def test_same_data_and_seed_give_bit_identical_weights_and_masks(solver):
     ).eval()
     g = torch.Generator().manual_seed(1)
     batches = [torch.randn(4, 3, 8, 8, generator=g) for _ in range(2)]
-    for uncertainty in ("baseline", "trace", "e", "cte"):
+    for uncertainty in ("baseline", "trace", "e", "cte", "minmax-trace", "minmax-e", "cvar"):
         runs = []
         for _ in range(2):
             model = copy.deepcopy(vit)
@@ -304,7 +304,7 @@ def test_callback_resume_dir_continues_an_interrupted_validate(tmp_path):
         dense = state(model)
         made.append((model, dense))
         robop = RobOPCallback(
-            solver="sparsegpt", uncertainty="cte", calibration_batches=4, resume_dir=resume_dir,
+            solver="sparsegpt", uncertainty="cvar", calibration_batches=4, resume_dir=resume_dir,
             progress=False, verbose=False,
         )
         if fail:

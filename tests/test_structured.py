@@ -97,20 +97,24 @@ def test_compensation_equals_lstsq_on_kept_columns(with_bias):
     torch.testing.assert_close(new, torch.linalg.lstsq(x[:, keep], x @ w.T).solution.T, rtol=1e-7, atol=1e-9)
 
 
-def test_uncertainty_sets_and_cte_alpha_one_is_baseline():
+def test_uncertainty_sets_and_cvar_alpha_one_is_baseline():
     x, g = _correlated(240, 16, 3)
     w = torch.randn(8, 16, dtype=torch.float64, generator=g)
     inputs = x.view(24, 10, 16)
     groups = [[j] for j in range(16)]
     base = select_groups(w, inputs, groups, 6)
-    same = select_groups(w, inputs, groups, 6, uncertainty="cte", radius=1.0)
+    same = select_groups(w, inputs, groups, 6, uncertainty="cvar", radius=1.0)
     assert sorted(base.removed) == sorted(same.removed)
     torch.testing.assert_close(base.weight, same.weight)
-    for name in ("trace", "e", "cte"):
+    for name in ("minmax-trace", "minmax-e", "cvar"):
         r = select_groups(w, inputs, groups, 6, uncertainty=name)
         assert r.robust_error >= r.nominal_error > 0
         assert len(r.history) == 4  # nominal solve + 3 alternating rounds
         assert r.weight.shape == (8, 10)
+    for name in ("trace", "e", "cte"):  # the authors' sets: one solve on H + D, no alternation
+        r = select_groups(w, inputs, groups, 6, uncertainty=name, radius=0.05)
+        assert r.robust_error > r.nominal_error > 0
+        assert r.history == [] and r.weight.shape == (8, 10)
 
 
 def test_prune_layer_structured_zeroes_whole_columns():
@@ -149,7 +153,7 @@ def test_vit_shrunk_equals_masked_dense_and_counts_parameters():
     dense = _tiny_vit()
     shrunk = copy.deepcopy(dense)
     batches = [torch.randn(8, 3, 32, 32) for _ in range(2)]
-    report = prune_model(shrunk, batches, sparsity=0.5, pattern="structured", uncertainty="cte")
+    report = prune_model(shrunk, batches, sparsity=0.5, pattern="structured", uncertainty="cvar")
     rows = {r["name"]: r for r in report.layers}
     masked = copy.deepcopy(dense)
     removed_params = 0
@@ -323,7 +327,7 @@ def test_callback_shrinks_then_fine_tunes_and_checkpoint_loads(tmp_path):
     model = _tiny_classifier()
     dense_params = sum(p.numel() for p in model.parameters())
     robop = RobOPCallback(
-        sparsity=0.5, pattern="structured", uncertainty="cte", calibration_batches=2, verbose=False, progress=False,
+        sparsity=0.5, pattern="structured", uncertainty="cvar", calibration_batches=2, verbose=False, progress=False,
         structured_options={"budget": "layer"},
     )
     trainer = _trainer(robop)

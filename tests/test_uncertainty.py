@@ -1,4 +1,6 @@
-"""Each closed-form worst case equals a numerical maximisation over its set."""
+"""The extension's min-max sets: each closed-form worst case equals a numerical maximisation over its set.
+
+The authors' closed-form sets are tested in ``test_uncertainty_closed_form.py``."""
 
 from __future__ import annotations
 
@@ -8,7 +10,10 @@ import torch
 from scipy.optimize import linprog
 
 from robop_lightning.gram import LayerInputs
-from robop_lightning.uncertainty import CTE, Baseline, Ellipsoid, Trace, cvar_weights, make_uncertainty
+from robop_lightning.uncertainty import CVaR as CTE
+from robop_lightning.uncertainty import MinMaxEllipsoid as Ellipsoid
+from robop_lightning.uncertainty import MinMaxTrace as Trace
+from robop_lightning.uncertainty import cvar_weights, make_uncertainty
 from tests.engine_helpers import correlated_inputs, quad
 
 
@@ -145,7 +150,7 @@ def test_per_row_forms_are_the_sum_of_row_wise_maxima(cls):
 
 def test_sets_contain_the_nominal_gram():
     li, h, e = _setup(4)
-    for s in (Baseline(), Trace(0.1), Trace(0.1, False), Ellipsoid(0.1), Ellipsoid(0.1, False), CTE(0.3)):
+    for s in (make_uncertainty("baseline"), Trace(0.1), Trace(0.1, False), Ellipsoid(0.1), Ellipsoid(0.1, False), CTE(0.3)):
         s.prepare(h, li, 0.01 * float(h.diagonal().mean()))
         assert s.robust_loss(e) >= quad(h, e) * (1 - 1e-7)
 
@@ -160,14 +165,17 @@ def test_bootstrap_radius_shrinks_with_more_samples():
 @pytest.mark.parametrize(
     "name,radius,coupled,match",
     [
-        ("nope", None, True, "unknown uncertainty"),
-        ("trace", -0.1, True, "trace radius"),
-        ("e", -1.0, True, "ellipsoid radius"),
-        ("cte", 0.0, True, r"\(0, 1\]"),
-        ("cte", 1.5, True, r"\(0, 1\]"),
-        ("cte", 0.5, False, "per-row CTE"),
-        ("baseline", 0.1, True, "no radius"),
-        ("trace", float("nan"), True, "finite"),
+        ("nope", None, None, "unknown uncertainty"),
+        ("minmax-trace", -0.1, None, "minmax-trace radius"),
+        ("minmax-e", -1.0, None, "minmax-e radius"),
+        ("cvar", 0.0, None, r"\(0, 1\]"),
+        ("cvar", 1.5, None, r"\(0, 1\]"),
+        ("cvar", 0.5, False, "per-row cvar"),
+        ("trace", -0.1, None, "gamma must be >= 0"),
+        ("baseline", -0.1, None, "gamma must be >= 0"),
+        ("trace", 0.01, True, "per-row closed form"),
+        ("e", None, "yes", "coupled must be"),
+        ("trace", float("nan"), None, "finite"),
     ],
 )
 def test_bad_radius_and_names(name, radius, coupled, match):
