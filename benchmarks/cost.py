@@ -50,6 +50,7 @@ import _real_layers as R  # noqa: E402
 from robop_lightning import LayerInputs, prune_layer  # noqa: E402
 from robop_lightning.model import prune_model  # noqa: E402
 from robop_lightning.synthetic import synthetic_layer  # noqa: E402
+from robop_lightning.uncertainty import parse_set_spec  # noqa: E402
 
 METHOD_NAMES = {"alps": "robop-alps", "cap": "robop-cap"}
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -97,15 +98,20 @@ def _mb(x: float) -> float:
 
 
 # --------------------------------------------------------------------------- part 1
-def whole_model(label, model, batches, targets, methods, device, hidden_bytes, sparsity=0.5, fork=True):
-    """Prune ``model`` with each method in turn (weights restored between), timing and memory."""
+def whole_model(label, model, batches, targets, methods, device, hidden_bytes, sparsity=0.5, fork=True, sets=("baseline",)):
+    """Prune ``model`` with each method x set in turn (weights restored between), timing and memory.
+
+    ``sets`` (``NAME`` or ``NAME=GAMMA``) apply to the solvers that use the Gram; every row also gets
+    its time ratio to the same solver under the Baseline set (``time_vs_baseline``).
+    """
     model.to(device)
     batches = [b.to(device) for b in batches]
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     snapshot = {n: p.detach().clone() for n, p in model.state_dict().items()}
     model_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     rows = []
-    for solver in methods:
+    jobs = [(solver, spec) for solver in methods for spec in (sets if solver in ("alps", "cap", "sparsegpt") else ("baseline",))]
+    for solver, spec in jobs:
         model.load_state_dict(snapshot)
         if fork and device.type == "cpu" and hasattr(os, "fork") and torch.get_num_threads() == 1:
             # a forked child per method: it starts from the parent's pages (model and data
@@ -117,20 +123,22 @@ def whole_model(label, model, batches, targets, methods, device, hidden_bytes, s
             ctx = mp.get_context("fork")
             recv, send = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_child, args=(send, model, batches, sparsity, solver, targets, device,
-                                                    model_bytes, hidden_bytes, label))
+                                                    model_bytes, hidden_bytes, label, spec))
             proc.start()
             row = recv.recv()
             proc.join()
             if "error" in row:
                 raise RuntimeError(f"{label} / {solver}: {row['error']}")
         else:
-            row = _one(model, batches, sparsity, solver, targets, device, model_bytes, hidden_bytes, label)
+            row = _one(model, batches, sparsity, solver, targets, device, model_bytes, hidden_bytes, label, spec)
         rows.append(row)
-        print(f"{label} {solver:9s} {row['seconds']:7.2f}s  +{row['peak_extra_rss_mb']:.0f} MiB RSS  "
+        print(f"{label} {solver:9s} {spec:12s} {row['seconds']:7.2f}s  +{row['peak_extra_rss_mb']:.0f} MiB RSS  "
               f"mean nominal {row['mean_nominal_error']:.5f}", flush=True)
     model.load_state_dict(snapshot)
-    ref = [r for r in rows if r["method"] == "sparsegpt"]
+    ref = [r for r in rows if r["method"] == "sparsegpt" and r["uncertainty"] == "baseline"]
     for r in rows:
+        base = [b for b in rows if b["method"] == r["method"] and b["uncertainty"] == "baseline"]
+        r["time_vs_baseline"] = r["seconds"] / base[0]["seconds"] if base else None
         r["time_vs_sparsegpt"] = r["seconds"] / ref[0]["seconds"] if ref else None
         r["memory_vs_sparsegpt"] = (r["peak_extra_rss_mb"] / ref[0]["peak_extra_rss_mb"]
                                     if ref and ref[0]["peak_extra_rss_mb"] > 0 else None)
@@ -147,7 +155,8 @@ def _child(send, *args):
         send.close()
 
 
-def _one(model, batches, sparsity, solver, targets, device, model_bytes, hidden_bytes, label):
+def _one(model, batches, sparsity, solver, targets, device, model_bytes, hidden_bytes, label, spec="baseline"):
+    name, radius = parse_set_spec(spec)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         torch.cuda.empty_cache()
@@ -155,14 +164,14 @@ def _one(model, batches, sparsity, solver, targets, device, model_bytes, hidden_
         warnings.simplefilter("ignore", RuntimeWarning)
         _sync(device)
         t = time.perf_counter()
-        report = prune_model(model, batches, sparsity=sparsity, solver=solver, uncertainty="baseline",
+        report = prune_model(model, batches, sparsity=sparsity, solver=solver, uncertainty=name, radius=radius,
                              targets=targets, progress=False)
         _sync(device)
         seconds = time.perf_counter() - t
     layers = report.layers
     row = {
         "method": METHOD_NAMES.get(solver, solver),
-        "uncertainty": "baseline",
+        "uncertainty": spec,
         "sparsity": sparsity,
         "pattern": "unstructured",
         "model": label,
@@ -243,6 +252,10 @@ def main(argv=None) -> dict:
     p.add_argument("--models", nargs="+", default=["deit", "gemma"], choices=["deit", "gemma"])
     p.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt", "alps", "cap"])
     p.add_argument("--gemma-blocks", type=int, default=3, help="prune Gemma's first K decoder layers")
+    p.add_argument("--sets", nargs="+", default=["baseline"],
+                   help="uncertainty sets (NAME or NAME=GAMMA) for the Gram solvers; each row gets x Baseline time")
+    p.add_argument("--sparsity", type=float, default=0.5, help="whole-model sparsity")
+    p.add_argument("--no-scaling", action="store_true", help="skip parts 2-3 (synthetic scaling and limit)")
     p.add_argument("--windows", type=int, default=32, help="Gemma calibration windows of 128 tokens")
     p.add_argument("--images", type=int, default=256, help="DeiT calibration images")
     p.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024])
@@ -274,7 +287,8 @@ def main(argv=None) -> dict:
             d, tok = model.model.embed_dim, 18  # (28 / 7)^2 patches + class + distillation token
             hidden = 2 * args.images * tok * d * 4
             rows += whole_model("deit-tiny-fmnist (4 blocks, all linears)", model, batches, None,
-                                args.methods, device, hidden, fork=not args.no_fork)
+                                args.methods, device, hidden, sparsity=args.sparsity, fork=not args.no_fork,
+                                sets=args.sets)
             del model
     if "gemma" in args.models:
         model = R.gemma()
@@ -283,11 +297,14 @@ def main(argv=None) -> dict:
         targets = f"re:model\\.layers\\.({'|'.join(str(i) for i in range(k))})\\."
         hidden = 2 * args.windows * 129 * model.config.hidden_size * 4
         rows += whole_model(f"gemma-3-270m (first {k} of 18 decoder layers)", model, batches, targets,
-                            [m for m in args.methods if m != "cap"], device, hidden, fork=not args.no_fork)
+                            [m for m in args.methods if m != "cap"], device, hidden, sparsity=args.sparsity,
+                            fork=not args.no_fork, sets=args.sets)
         del model
     whole_s = time.perf_counter() - start
-    scale_rows, limits, exps = scaling(args.widths, args.tokens, args.fixed_width, args.fixed_tokens,
-                                       args.scaling_methods, device, args.cap_max_width)
+    scale_rows, limits, exps = [], [], []
+    if not args.no_scaling:
+        scale_rows, limits, exps = scaling(args.widths, args.tokens, args.fixed_width, args.fixed_tokens,
+                                           args.scaling_methods, device, args.cap_max_width)
 
     info = R.machine(device)
     command = R.command_line("benchmarks/cost.py", argv)
@@ -295,17 +312,19 @@ def main(argv=None) -> dict:
           f"Total {time.perf_counter() - start:.0f} s. All numbers come from this one process, so the ratios "
           "compare methods under the same load.", ""]
     if rows:
-        md += ["## 1. Whole model, 50 % unstructured, baseline set", "",
+        md += [f"## 1. Whole model, {args.sparsity:.0%} unstructured, sets {', '.join(args.sets)}", "",
                "`extra RSS`: peak resident memory above the baseline (model and data loaded) while pruning, "
                "sampled every 5 ms; `block acts`: one block's calibration hidden states in and out.", "",
-               "| model | method | seconds | x SparseGPT | solver s | extra RSS MiB | x SparseGPT | model MiB | "
-               "block acts MiB | mean nominal |" + (" peak GPU MiB |" if device.type == "cuda" else ""),
-               "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if device.type == "cuda" else "")]
+               "| model | method | set | seconds | x SparseGPT | x Baseline set | solver s | extra RSS MiB | x SparseGPT | "
+               "model MiB | block acts MiB | mean nominal |" + (" peak GPU MiB |" if device.type == "cuda" else ""),
+               "|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if device.type == "cuda" else "")]
         for r in rows:
             tv = "" if r["time_vs_sparsegpt"] is None else f"{r['time_vs_sparsegpt']:.2f}"
             mv = "" if r["memory_vs_sparsegpt"] is None else f"{r['memory_vs_sparsegpt']:.2f}"
             gpu = f" {r['peak_gpu_mb']:.0f} |" if "peak_gpu_mb" in r else ""
-            md.append(f"| {r['model']} | {r['method']} | {r['seconds']:.1f} | {tv} | {r['solver_seconds']:.1f} | "
+            bv = "" if r["time_vs_baseline"] is None else f"{r['time_vs_baseline']:.2f}"
+            md.append(f"| {r['model']} | {r['method']} | {r['uncertainty']} | {r['seconds']:.1f} | {tv} | {bv} | "
+                      f"{r['solver_seconds']:.1f} | "
                       f"{r['peak_extra_rss_mb']:.0f} | {mv} | {r['model_mb']:.0f} | {r['block_activations_mb']:.0f} | "
                       f"{r['mean_nominal_error']:.5f} |{gpu}")
         md += ["", f"(whole-model part: {whole_s:.0f} s)", ""]

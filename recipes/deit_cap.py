@@ -1,6 +1,6 @@
 """RobOP-CAP on a DeiT: train once, prune one-shot, fine-tune, and measure clean / corrupted / adversarial accuracy.
 
-    python recipes/deit_cap.py                    # Fashion-MNIST, tiny DeiT, ~15 min on 2 CPU cores
+    python recipes/deit_cap.py                    # Fashion-MNIST, tiny DeiT, ~20 min on 2 CPU cores
     python recipes/deit_cap.py --fast             # the same path in a minute or two (CI)
     python recipes/deit_cap.py --sparsity 0.5 0.6 0.7 --eval-size 1000 --pgd-steps 50 --pgd-restarts 2
     python recipes/deit_cap.py --model deit_small_patch16_224 --pretrained --data /path/to/imagenet --devices 4
@@ -20,9 +20,13 @@ Steps (each cached or timed, every number written to ``--out``):
    clean accuracy on the whole test set; ImageNet-C-style corruptions x 5 severities (CIFAR-10-C
    parameters for small images) on a fixed random test subset (``--eval-size``); PGD L-inf and FGSM
    on a random ``--adv-size`` of those images; relative mCE against the dense model.
-5. ``--out`` gets ``results.json``, ``results.csv``, ``table.txt``, three PNG plots and checkpoints
-   that load with the stock ``DeiTClassifier.load_from_checkpoint``. Files are written to a
-   temporary name and renamed, never overwritten in place.
+   Every RobOP model is compared with RobOP-CAP under the Baseline set at the same sparsity, image by
+   image: the difference in clean, corrupted and PGD (largest eps) accuracy with a 95 % paired
+   bootstrap interval over the images.
+5. ``--out`` gets ``results.json``, ``results.csv``, ``table.txt``, ``comparisons.md`` (those paired
+   differences), three PNG plots and checkpoints that load with the stock
+   ``DeiTClassifier.load_from_checkpoint``. Files are written to a temporary name and renamed, never
+   overwritten in place.
 
 PGD here runs ``--pgd-steps 10`` with one restart (EVAL.md's development setting) so that every
 model fits the CPU budget; pass ``--pgd-steps 50 --pgd-restarts 2`` for numbers to publish.
@@ -55,6 +59,7 @@ from robop_lightning.data.vision import cache_dir
 from robop_lightning.models import DeiTClassifier
 from robop_lightning.robustness import CORRUPTIONS, evaluate_robustness, relative_mce
 from robop_lightning.robustness.metrics import format_eps, mce
+from robop_lightning.robustness.stats import accuracy_difference_ci, format_ci
 from robop_lightning.resume import atomic_write  # temporary sibling, fsync, rename
 from robop_lightning.uncertainty import parse_set_spec
 
@@ -75,8 +80,8 @@ config = dict(
     warmup_epochs=0.3,
     label_smoothing=0.1,
     devices=1,  # >1: training and fine-tuning use DDP (spawned); pruning and evaluation run on one device
-    # pruning
-    sparsity=[0.5, 0.7],
+    # pruning: up to 70 % every OBS method keeps the dense accuracy; the methods separate at 80-90 %
+    sparsity=[0.7, 0.8, 0.9],
     # the authors' sets (gamma 0.01 each); NAME=GAMMA sets a radius (trace=0.003), and the extension's
     # minmax-trace / minmax-e / cvar can be added
     robop_sets=["baseline", "trace", "e", "cte"],  # RobOP-CAP under each uncertainty set
@@ -84,7 +89,7 @@ config = dict(
     calibration_size=256,  # images; 256 x 18 tokens = 4.6k rows per Gram, enough for 96..384 inputs
     # recovery fine-tuning with RobOPCallback (masks held) at the highest sparsity
     finetune_epochs=1,
-    finetune_batches=100,  # 100 x 128 = 12.8k images: ~25 s on 2 cores; recovers most of 70 %'s loss
+    finetune_batches=100,  # 100 x 128 = 12.8k images: ~25 s on 2 cores
     finetune_lr=2e-4,
     finetune=["best-robop", "best-baseline"],  # or method names such as robop-cap/trace, sparsegpt; [] for none
     # robustness evaluation (paired: every model sees identical corrupted / attacked inputs)
@@ -96,6 +101,7 @@ config = dict(
     pgd_steps=10,
     pgd_restarts=1,
     eval_batch_size=250,
+    bootstrap=2000,  # resamples of the paired 95 % intervals against robop-cap/baseline
     # bookkeeping
     seed=0,
     out="outputs/deit_cap",
@@ -340,20 +346,33 @@ def main(argv=None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.perf_counter()
     raw: dict[str, dict] = {}
+    correct: dict[str, dict] = {}  # per-image correctness in loader order: the same images for every model
+    pgd_top = f"test/adv_acc@linf_{format_eps(max(eps))}" if eps else None  # compared at the largest eps
     bar = tqdm(list(models), desc="evaluation", disable=None)
     for name in bar:
         bar.set_postfix_str(name)
         model = models[name]["model"].to(device)
         t1 = time.perf_counter()
-        clean = evaluate_robustness(model, loaders["full"], corruptions=(), eps=())
-        corrupted = evaluate_robustness(model, loaders["eval"], corruptions=args.corruptions,
-                                        severities=args.severities, eps=(), seed=args.seed)  # fmt: skip
-        attacked = evaluate_robustness(model, loaders["adv"], corruptions=(), eps=eps, steps=args.pgd_steps,
-                                       restarts=args.pgd_restarts, seed=args.seed) if eps and args.adv_size else {}  # fmt: skip
+        clean, clean_each = evaluate_robustness(model, loaders["full"], corruptions=(), eps=(), per_sample=True)
+        corrupted, corrupted_each = evaluate_robustness(model, loaders["eval"], corruptions=args.corruptions,
+                                                        severities=args.severities, eps=(), seed=args.seed,
+                                                        per_sample=True)  # fmt: skip
+        attacked, attacked_each = {}, {}
+        if eps and args.adv_size:
+            attacked, attacked_each = evaluate_robustness(model, loaders["adv"], corruptions=(), eps=eps,
+                                                          steps=args.pgd_steps, restarts=args.pgd_restarts,
+                                                          seed=args.seed, per_sample=True)  # fmt: skip
         raw[name] = dict(clean=clean, corrupted=corrupted, attacked=attacked)
+        correct[name] = dict(clean=clean_each["test/clean_acc"], corrupt=corrupted_each.get("test/corrupt_acc"),
+                             pgd=attacked_each.get(pgd_top))  # fmt: skip
         models[name]["eval_seconds"] = time.perf_counter() - t1
         models[name]["model"] = model.cpu()
     timings["evaluation_s"] = time.perf_counter() - t0
+
+    # paired differences to RobOP-CAP under the Baseline set at the same sparsity, 95 % bootstrap intervals
+    t0 = time.perf_counter()
+    reference, vs_baseline = compare_to_baseline(models, correct, args)
+    timings["comparisons_s"] = time.perf_counter() - t0
 
     # --- 5. rows, files, plots ------------------------------------------------------------------
     rows = []
@@ -367,6 +386,7 @@ def main(argv=None) -> dict:
             corrupt_acc=r["corrupted"].get("test/corrupt_acc", math.nan),
             rel_mce=1.0 if name == "dense" else relative_mce(r["corrupted"], raw["dense"]["corrupted"]),
             mce=1.0 if name == "dense" else mce(r["corrupted"], raw["dense"]["corrupted"]),
+            vs_baseline=vs_baseline.get(name),
         )  # fmt: skip
         for c in args.corruptions:
             row[f"corrupt_acc/{c}"] = r["corrupted"][f"test/corrupt_acc/{c}"]
@@ -416,17 +436,26 @@ def main(argv=None) -> dict:
         adversarial=f"{len(adv_positions)} of those: PGD L-inf {args.pgd_steps} steps, {args.pgd_restarts} restart(s), "
         f"step eps/4, random start; FGSM; eps {[format_eps(e) for e in eps]}",
         rel_mce="Hendrycks' relative mCE against the dense model on the evaluated subset (1 = same degradation)",
+        vs_baseline=f"accuracy minus that of {reference or 'robop-cap/baseline (not run)'} at the same sparsity and "
+        f"fine-tuning, [estimate, low, high], a {args.bootstrap}-resample paired percentile bootstrap (95 %) over "
+        f"images: clean on the {len(test)} test images; corrupt on the {len(eval_positions)} evaluated images, each "
+        f"scored by the fraction of its corrupted variants classified correctly; pgd at eps "
+        f"{format_eps(max(eps)) if eps else '-'} on the {len(adv_positions)} attacked images",
         selection="best = highest validation accuracy (5k held-out training images), never the test set",
     )  # fmt: skip
     results = dict(config=vars(args), protocol=protocol, environment=environment, timings=timings, rows=rows)
     atomic_write(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
     atomic_write(out / "results.csv", to_csv(rows))
     atomic_write(out / "table.txt", table + "\n")
+    comparisons = format_comparisons(rows, reference, protocol["vs_baseline"], eps)
+    atomic_write(out / "comparisons.md", comparisons + "\n")
     plot_all(rows, args, eps, out)
     print()
     print(table)
     print(f"\n{protocol['corrupted']}; {protocol['adversarial']}")
-    print(f"wrote {out}/results.json, results.csv, table.txt, *.png" + (", checkpoints/" if keep else ""))
+    print()
+    print(comparisons)
+    print(f"\nwrote {out}/results.json, results.csv, table.txt, comparisons.md, *.png" + (", checkpoints/" if keep else ""))
     print("timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
     return results
 
@@ -452,13 +481,70 @@ def format_table(rows: list[dict], eps: list[float]) -> str:
     return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)])
 
 
+def compare_to_baseline(models: dict[str, dict], correct: dict[str, dict], args) -> tuple[str | None, dict]:
+    """Every RobOP-CAP model against RobOP-CAP under the Baseline set, paired image by image.
+
+    The reference is the model of the first Baseline entry of ``--robop-sets`` (plain ``baseline``
+    if listed) at the same sparsity and with the same fine-tuning; a model without one is left out.
+    Returns the reference method and ``{name: {"clean" | "corrupt" | "pgd": [estimate, low, high]}}``
+    (accuracy differences as fractions; ``pgd`` is ``None`` without attacks).
+    """
+    specs = [u for u in args.robop_sets if parse_set_spec(u)[0] == "baseline"]
+    if not specs:
+        return None, {}
+    reference = model_label("cap", "baseline" if "baseline" in specs else specs[0])
+    differences = {}
+    for name, entry in models.items():
+        other = f"{reference}@{entry.get('target_sparsity', 0):g}" + ("+ft" if entry["finetuned"] else "")
+        if entry["solver"] != "cap" or other not in correct:
+            continue
+        differences[name] = {
+            key: None if correct[name][key] is None else list(accuracy_difference_ci(
+                correct[name][key], correct[other][key], resamples=args.bootstrap, seed=args.seed))
+            for key in ("clean", "corrupt", "pgd")
+        }  # fmt: skip
+    return reference, differences
+
+
+def format_comparisons(rows: list[dict], reference: str | None, note: str, eps: list[float]) -> str:
+    """The paired-difference table (markdown): accuracy minus the Baseline set's, in percentage points."""
+    if reference is None:
+        return "No paired comparisons: --robop-sets has no baseline set."
+    header = ["method", "sparsity", "clean diff [95 % CI]", "corrupt diff [95 % CI]",
+              f"PGD {format_eps(max(eps)) if eps else '-'} diff [95 % CI]"]  # fmt: skip
+    points = lambda ci: "n/a" if ci is None else format_ci(*(100 * v for v in ci), fmt="{:+.2f}")  # noqa: E731
+    lines = [[r["method"], f"{r['sparsity']:.2f}", *(points(r["vs_baseline"][k]) for k in ("clean", "corrupt", "pgd"))]
+             for r in rows if r.get("vs_baseline")]  # fmt: skip
+    widths = [max([len(h), *(len(c[i]) for c in lines)]) for i, h in enumerate(header)]
+    cell = lambda i, c: c.ljust(widths[i]) if i == 0 else c.rjust(widths[i])  # noqa: E731
+    fmt = lambda cells: "| " + " | ".join(cell(i, c) for i, c in enumerate(cells)) + " |"  # noqa: E731
+    rule = "|" + "|".join("-" * (w + 1) + ":" if i else ":" + "-" * (w + 1) for i, w in enumerate(widths)) + "|"
+    title = f"Paired differences in percentage points: {note}."
+    return "\n".join([title, "", fmt(header), rule, *map(fmt, lines)])
+
+
 def to_csv(rows: list[dict]) -> str:
-    columns = list(dict.fromkeys(k for r in rows for k in r))
+    nested = {k for r in rows for k, v in r.items() if isinstance(v, dict)}
+    flat = [_flatten(r, nested) for r in rows]
+    columns = list(dict.fromkeys(k for r in flat for k in r))
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(flat)
     return buffer.getvalue()
+
+
+def _flatten(row: dict, nested: set[str]) -> dict:
+    """``vs_baseline: {"clean": [est, low, high]}`` -> ``vs_baseline/clean``, ``.../clean_low``, ``.../clean_high``."""
+    flat = {}
+    for key, value in row.items():
+        if key not in nested:
+            flat[key] = value
+            continue
+        for name, ci in (value or {}).items():
+            estimate, low, high = ci if ci is not None else (None, None, None)
+            flat |= {f"{key}/{name}": estimate, f"{key}/{name}_low": low, f"{key}/{name}_high": high}
+    return flat
 
 
 # ----------------------------------------------------------------------------- plots

@@ -3,7 +3,7 @@
     python recipes/llama_alps.py                      # embedded Gemma 3 270M, Shakespeare / Brown
     python recipes/llama_alps.py --fast               # a tiny Llama trained here in seconds (CI)
     python recipes/llama_alps.py --model meta-llama/Llama-3.2-1B --settings 0.5 0.7 2:4
-    python recipes/llama_alps.py --robop-sets baseline cte --baselines sparsegpt --settings 0.7
+    python recipes/llama_alps.py --robop-sets baseline trace=0.003 --baselines sparsegpt --settings 0.7
 
 Steps (every number written to ``--out``):
 
@@ -424,7 +424,7 @@ def to_csv(rows: list[dict]) -> str:
 
 # ----------------------------------------------------------------------------- plots
 _COLOURS = {"robop-alps/baseline": "#08519c", "robop-alps/trace": "#3182bd", "robop-alps/e": "#31a354",
-            "robop-alps/cte": "#006d2c", "sparsegpt": "#e6550d", "wanda": "#d62728", "magnitude": "#7f7f7f",
+            "robop-alps/cte": "#006d2c", "robop-alps/cvar": "#41ab5d", "sparsegpt": "#e6550d", "wanda": "#d62728", "magnitude": "#7f7f7f",
             "dense": "black"}  # fmt: skip
 
 

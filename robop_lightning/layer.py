@@ -107,6 +107,15 @@ def _quad(h: torch.Tensor, e: torch.Tensor) -> float:
     return float(((e64 @ h.to(device=e.device, dtype=torch.float64)) * e64).sum())
 
 
+def _positive_definite(hd: torch.Tensor) -> bool:
+    """Cholesky succeeds in float64 and, Jacobi-normalised, in float32 (solvers such as CAP and
+    SparseGPT eliminate in float32: a Gram that is only float64-definite breaks them)."""
+    if int(torch.linalg.cholesky_ex(hd).info) != 0:
+        return False
+    d = hd.diagonal().clamp_min(torch.finfo(hd.dtype).tiny).rsqrt()
+    return int(torch.linalg.cholesky_ex((hd * d[:, None] * d[None, :]).float()).info) == 0
+
+
 def _damp(h_eff: torch.Tensor, lam: float, name: str, warn: bool = True) -> tuple[torch.Tensor, float]:
     """``h_eff + lam I``, with ``lam`` raised x10 (up to 6 times) until Cholesky succeeds.
 
@@ -116,7 +125,7 @@ def _damp(h_eff: torch.Tensor, lam: float, name: str, warn: bool = True) -> tupl
     base = lam
     for _ in range(7):
         hd = h_eff + lam * eye
-        if int(torch.linalg.cholesky_ex(hd).info) == 0:
+        if _positive_definite(hd):
             if lam != base and warn:
                 warnings.warn(
                     f"{name}: the damped Gram was not positive definite; damping raised from "

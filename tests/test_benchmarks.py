@@ -51,3 +51,36 @@ def test_whole_model_rows_have_the_required_keys():
         assert REQUIRED <= set(r) and r["seconds"] > 0 and r["peak_rss_mb"] > 0 and r["layers"] == 2
     assert rows[1]["time_vs_sparsegpt"] == 1.0
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # weights restored
+
+
+def test_sets_whole_fast_pairs_every_set_with_baseline_and_resumes(tmp_path, monkeypatch):
+    script = load_script("benchmarks/sets_whole.py")
+    argv = ["--fast", "--settings", "0.5", "--sets", "baseline", "trace", "e=0.5", "--baselines", "sparsegpt",
+            "--resamples", "200", "--out", str(tmp_path / "sw")]
+    payload = script.main(argv)
+    rows = {r["method"]: r for r in payload["comparisons"]}
+    assert set(rows) == {"robop-alps/baseline", "robop-alps/trace", "robop-alps/e=0.5", "sparsegpt"}
+    assert rows["robop-alps/baseline"]["ratio_in-domain"] == [1.0, 1.0, 1.0]
+    for r in rows.values():
+        est, low, high = r["ratio_ood"]
+        assert low <= est <= high and r["time_vs_baseline"] > 0
+        assert abs(r["ppl_in-domain"] / rows["robop-alps/baseline"]["ppl_in-domain"] - r["ratio_in-domain"][0]) < 1e-9
+    assert "| 0.5 | robop-alps/trace |" in (tmp_path / "sw.md").read_text()
+    # finished runs are kept: a second invocation prunes nothing
+    monkeypatch.setattr(script, "prune_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-pruned")))
+    again = script.main(argv)
+    assert again["comparisons"] == json.loads(json.dumps(payload["comparisons"]))
+
+
+def test_sets_layers_fast_sweeps_gamma_against_baseline(tmp_path):
+    rows = load_script("benchmarks/sets_layers.py").main(
+        ["--fast", "--gammas", "0.01", "1e6", "--e-gammas", "0.5", "--out", str(tmp_path / "sl")]
+    )
+    data = json.loads((tmp_path / "sl.json").read_text())
+    assert len(rows) == len(data["rows"]) == 1 + 2 + 1 + 2  # baseline, trace x2, e x1, cte x2
+    base = [r for r in rows if r["uncertainty"] == "baseline"][0]
+    assert base["heldout_vs_baseline"] == base["ood_vs_baseline"] == 1.0
+    huge = [r for r in rows if r["uncertainty"] == "trace" and r["gamma"] == 1e6][0]
+    assert huge["nominal_vs_baseline"] > 1  # a huge ridge is magnitude pruning: worse on the calibration Gram
+    assert {s["set"] for s in data["summary"]} == {"trace", "e", "cte"}
+    assert "| synthetic | 50% | trace | 0.01 | 1 |" in (tmp_path / "sl.md").read_text()

@@ -63,7 +63,8 @@ def test_every_method_is_scored_and_numbers_are_accuracies(fast_run):
 
 def test_files_and_a_checkpoint_that_loads_into_the_stock_class(fast_run):
     out, results = fast_run
-    for name in ("results.json", "results.csv", "table.txt", "accuracy_vs_sparsity.png", "corruptions.png", "adversarial.png"):
+    for name in ("results.json", "results.csv", "table.txt", "comparisons.md", "accuracy_vs_sparsity.png", "corruptions.png",
+                 "adversarial.png"):
         path = out / name
         assert path.is_file() and path.stat().st_size > 0, name
     assert (out / "accuracy_vs_sparsity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -80,6 +81,34 @@ def test_files_and_a_checkpoint_that_loads_into_the_stock_class(fast_run):
     assert model.model.head.weight.ne(0).all()  # the output head stays dense
     with torch.no_grad():
         assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_every_robop_set_is_compared_with_the_baseline_set_image_by_image(fast_run):
+    out, results = fast_run
+    rows = {r["name"]: r for r in results["rows"]}
+    base = rows["robop-cap/baseline@0.5"]
+    assert base["vs_baseline"] == {"clean": [0.0, 0.0, 0.0], "corrupt": [0.0, 0.0, 0.0], "pgd": [0.0, 0.0, 0.0]}
+    for u in ("baseline", "trace", "e", "cte"):
+        row = rows[f"robop-cap/{u}@0.5"]
+        assert set(row["vs_baseline"]) == {"clean", "corrupt", "pgd"}, u
+        for key, (estimate, low, high) in row["vs_baseline"].items():
+            assert -1.0 <= low <= estimate + 1e-12 and estimate - 1e-12 <= high <= 1.0, (u, key, low, estimate, high)
+        # the paired estimate is the difference of the reported accuracies (same images for both models)
+        for key, column in (("clean", "clean_acc"), ("corrupt", "corrupt_acc"), ("pgd", "pgd_acc@8/255")):
+            assert row["vs_baseline"][key][0] == pytest.approx(row[column] - base[column], abs=1e-4), (u, key)
+    for row in results["rows"]:
+        if row["solver"] != "cap":
+            assert row["vs_baseline"] is None, row["name"]
+    assert "accuracy minus that of robop-cap/baseline" in results["protocol"]["vs_baseline"]
+    table = (out / "comparisons.md").read_text()
+    assert "PGD 8/255 diff" in table
+    for u in ("baseline", "trace", "e", "cte"):
+        assert f"| robop-cap/{u} " in table
+    assert "+0.00 [+0.00, +0.00]" in table  # the baseline set against itself
+    with open(out / "results.csv", newline="") as f:
+        csv_rows = {r["name"]: r for r in csv.DictReader(f)}
+    high = rows["robop-cap/trace@0.5"]["vs_baseline"]["clean"][2]
+    assert float(csv_rows["robop-cap/trace@0.5"]["vs_baseline/clean_high"]) == pytest.approx(high)  # flattened columns
 
 
 def test_imagenet_path_fails_clearly_without_data(tmp_path):

@@ -18,7 +18,9 @@ inputs. Held-out corruptions (``speckle_noise``, ``gaussian_blur``, ``saturate``
 per-condition names but stay out of ``corrupt_acc``'s mean.
 
 :func:`evaluate_robustness` is the one call for a plain model and a dataloader;
-:func:`relative_mce` compares a pruned model's results with the dense model's.
+:func:`relative_mce` compares a pruned model's results with the dense model's. With
+``per_sample=True`` both also keep each sample's correctness under every condition (same names),
+for paired comparisons of two models on the same inputs (``robustness.stats``).
 
 Example:
     >>> import torch
@@ -101,6 +103,8 @@ class RobustnessEvaluator(nn.Module):
         fgsm: also run FGSM (L-inf) at every eps.
         seed: seed of the corruption and attack noise.
         table: corruption parameter table, ``"imagenet"``, ``"small"`` or ``None`` (by image size).
+        per_sample: also keep every sample's correctness (see :meth:`per_sample_correct`); kept on
+            the CPU, in update order, per process (not synchronised across DDP ranks).
 
     Raises:
         ValueError: unknown corruption, severity outside 1..5, non-positive eps, bad norm, steps
@@ -125,6 +129,7 @@ class RobustnessEvaluator(nn.Module):
         fgsm: bool = True,
         seed: int = 0,
         table: str | None = None,
+        per_sample: bool = False,
     ) -> None:
         super().__init__()
         if isinstance(corruptions, str):
@@ -151,6 +156,8 @@ class RobustnessEvaluator(nn.Module):
         self.eps = [float(e) for e in eps]
         self.norm, self.steps, self.restarts, self.fgsm = norm, steps, restarts, bool(fgsm) and bool(eps)
         self.seed, self.table = int(seed), table
+        self.per_sample = bool(per_sample)
+        self._correct: dict[str, list[torch.Tensor]] = {}  # condition key -> per-batch bool (per_sample only)
 
         base = MetricCollection({"acc": MulticlassAccuracy(num_classes=self.num_classes, average="micro")})
         stage = self.prefix
@@ -210,12 +217,15 @@ class RobustnessEvaluator(nn.Module):
         """
         labels = labels.long()
         with torch.no_grad():
-            self._metric("clean").update(_logits(model, images), labels)
+            logits = _logits(model, images)
+            self._metric("clean").update(logits, labels)
+            self._record("clean", logits.argmax(-1) == labels)
             for name in self.corruptions:
                 for severity in self.severities:
                     corrupted = corrupt(images, name, severity, seed=self.seed, table=self.table, indices=indices)
                     preds = _logits(model, corrupted).argmax(-1)
                     self._metric(f"corrupt|{name}|{severity}").update(preds, labels)
+                    self._record(f"corrupt|{name}|{severity}", preds == labels)
                     self._metric(f"corrupt|{name}").update(preds, labels)
                     if name not in HELD_OUT_CORRUPTIONS:
                         self._metric("corrupt").update(preds, labels)
@@ -225,9 +235,15 @@ class RobustnessEvaluator(nn.Module):
                 seed=self.seed, indices=indices, return_success=True,
             )
             self._metric(f"adv|{e!r}").update(_robust_preds(robust, labels, self.num_classes), labels)
+            self._record(f"adv|{e!r}", robust)
             if self.fgsm:
                 _, robust = fgsm(model, images, labels, e, return_success=True)
                 self._metric(f"fgsm|{e!r}").update(_robust_preds(robust, labels, self.num_classes), labels)
+                self._record(f"fgsm|{e!r}", robust)
+
+    def _record(self, key: str, correct: torch.Tensor) -> None:
+        if self.per_sample:
+            self._correct.setdefault(key, []).append(correct.detach().to("cpu", torch.bool))
 
     def compute(self) -> dict[str, float]:
         """Every condition's accuracy as floats, keyed by the logged names."""
@@ -236,10 +252,41 @@ class RobustnessEvaluator(nn.Module):
             out.update({k: float(v) for k, v in collection.compute().items()})
         return out
 
+    def per_sample_correct(self) -> dict[str, torch.Tensor]:
+        """Each sample's correctness under every condition, keyed by the logged names (``per_sample=True``).
+
+        A ``(N,)`` float tensor per name, samples in :meth:`update` order: 0 / 1 for one condition;
+        for ``corrupt_acc/<name>`` and ``corrupt_acc`` the fraction of the sample's corrupted
+        variants classified correctly (its severities; every main corruption x severity). Each
+        tensor's mean is the accuracy :meth:`compute` reports under that name.
+
+        Raises:
+            RuntimeError: the evaluator was built without ``per_sample=True``.
+        """
+        if not self.per_sample:
+            raise RuntimeError("per_sample_correct() needs RobustnessEvaluator(..., per_sample=True).")
+        correct = {key: torch.cat(parts).double() for key, parts in self._correct.items()}
+        out: dict[str, torch.Tensor] = {}
+        for key in self._keys:
+            name = next(iter(self._metric(key).keys(keep_base=False)))
+            if key in correct:
+                out[name] = correct[key]
+            elif key.startswith("corrupt|"):  # a corruption's mean over its severities
+                parts = [correct[f"{key}|{s}"] for s in self.severities if f"{key}|{s}" in correct]
+                if parts:
+                    out[name] = torch.stack(parts).mean(0)
+            elif key == "corrupt":  # every main corruption x severity
+                parts = [correct[f"corrupt|{c}|{s}"] for c in self.corruptions if c not in HELD_OUT_CORRUPTIONS
+                         for s in self.severities if f"corrupt|{c}|{s}" in correct]  # fmt: skip
+                if parts:
+                    out[name] = torch.stack(parts).mean(0)
+        return out
+
     def reset(self) -> None:
-        """Clear every metric's state."""
+        """Clear every metric's state (and the per-sample record)."""
         for collection in self.collections():
             collection.reset()
+        self._correct.clear()
 
 
 def evaluate_robustness(
@@ -258,7 +305,8 @@ def evaluate_robustness(
     num_classes: int | None = None,
     prefix: str = "test",
     device: torch.device | str | None = None,
-) -> dict[str, float]:
+    per_sample: bool = False,
+) -> dict[str, float] | tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Clean, corrupted and adversarial accuracy of a model over a dataloader, in one call.
 
     Batches are ``(images, labels)`` or ``(images, labels, dataset_indices)``; without indices
@@ -282,9 +330,13 @@ def evaluate_robustness(
         num_classes: classes (``None``: read from the first batch's logits).
         prefix: name prefix (``"test"``).
         device: where to run (``None``: the model's device).
+        per_sample: also return each sample's correctness, in loader order
+            (:meth:`RobustnessEvaluator.per_sample_correct`); two models evaluated on the same
+            unshuffled loader are then paired sample by sample.
 
     Returns:
-        ``{name: accuracy}`` with the names of :class:`RobustnessEvaluator`.
+        ``{name: accuracy}`` with the names of :class:`RobustnessEvaluator`; with
+        ``per_sample=True`` the tuple ``(accuracies, {name: (N,) per-sample correctness})``.
 
     Raises:
         ValueError: empty dataloader or invalid arguments.
@@ -314,7 +366,8 @@ def evaluate_robustness(
                     with torch.no_grad():
                         num_classes = int(_logits(model, images[:1]).shape[-1])
                 evaluator = RobustnessEvaluator(
-                    num_classes, prefix, corruptions, severities, eps, norm, steps, restarts, fgsm, seed, table
+                    num_classes, prefix, corruptions, severities, eps, norm, steps, restarts, fgsm, seed, table,
+                    per_sample=per_sample,
                 ).to(device)
             evaluator.update(model, images, labels, indices)
     finally:
@@ -322,6 +375,8 @@ def evaluate_robustness(
             module.training = mode
     if evaluator is None:
         raise ValueError("the dataloader yielded no batches.")
+    if per_sample:
+        return evaluator.compute(), evaluator.per_sample_correct()
     return evaluator.compute()
 
 
