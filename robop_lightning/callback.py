@@ -19,6 +19,7 @@ from robop_lightning.masks import SparsityMasks
 from robop_lightning.model import PruneReport, prune_model
 from robop_lightning.patterns import parse_pattern
 from robop_lightning.solvers import SOLVERS
+from robop_lightning.selection import AutoOptions, check_auto_request
 from robop_lightning.uncertainty import canonical_set_name, make_uncertainty
 
 __all__ = ["RobOPCallback"]
@@ -64,9 +65,12 @@ class RobOPCallback(Callback):
         solver: ``"alps"``, ``"cap"``, ``"sparsegpt"``, ``"wanda"`` or ``"magnitude"``.
         uncertainty: ``"baseline"``, ``"trace"`` (default), ``"e"`` (``"ellipsoid"``) or ``"cte"``: the
             authors' closed forms, one solve; ``"minmax-trace"``, ``"minmax-e"``, ``"cvar"``: this
-            project's min-max extension (:mod:`robop_lightning.uncertainty`).
-        radius: the authors' ``gamma`` (``None``: 0.01; baseline: ``damping``), or ``rho`` /
-            ``alpha`` for the extension.
+            project's min-max extension (:mod:`robop_lightning.uncertainty`); ``"auto"``: each layer
+            chooses its set and gamma by cross-validation over the calibration samples.
+        radius: the authors' ``gamma`` (``None``: 0.01; baseline: ``damping``), ``rho`` / ``alpha``
+            for the extension, or ``"auto"`` (the gamma of the given set chosen per layer).
+        auto: how ``"auto"`` chooses: ``{"folds": 4, "select": "mean" | "worst", "scorer":
+            "sparsegpt", "candidates": ["trace=0.003", ...]}`` (:class:`robop_lightning.selection.AutoOptions`).
         targets: linear layers to prune: module names relative to the LightningModule (such as
             ``"model.layers.0.mlp"``) or ``"re:<regex>"`` patterns. ``None``: every linear inside
             the repeated blocks (output heads stay dense).
@@ -134,9 +138,10 @@ class RobOPCallback(Callback):
         pattern: str = "unstructured",
         solver: Literal["alps", "cap", "sparsegpt", "wanda", "magnitude"] = "cap",
         uncertainty: Literal[
-            "baseline", "trace", "e", "ellipsoid", "cte", "minmax-trace", "minmax-e", "cvar"
+            "baseline", "trace", "e", "ellipsoid", "cte", "minmax-trace", "minmax-e", "cvar", "auto"
         ] = "trace",
-        radius: float | None = None,
+        radius: float | Literal["auto"] | None = None,
+        auto: dict[str, Any] | None = None,
         targets: list[str] | None = None,
         ignore: list[str] | None = None,
         calibration_batches: int = 16,
@@ -153,7 +158,10 @@ class RobOPCallback(Callback):
         parse_pattern(pattern, sparsity)
         if not isinstance(solver, str) or solver.lower() not in SOLVERS:
             raise ValueError(f"unknown solver {solver!r}: use one of {', '.join(SOLVERS)}.")
-        make_uncertainty(uncertainty, radius)
+        if check_auto_request(uncertainty, radius, str(solver).lower(), "RobOPCallback"):
+            AutoOptions.coerce(auto)
+        else:
+            make_uncertainty(uncertainty, radius)
         for what, value in (("targets", targets), ("ignore", ignore)):
             if value is not None and (isinstance(value, str) or not all(isinstance(v, str) and v for v in value)):
                 raise ValueError(
@@ -188,7 +196,8 @@ class RobOPCallback(Callback):
         self.sparsity = sparsity
         self.pattern = pattern
         self.solver = solver.lower()
-        self.uncertainty = canonical_set_name(uncertainty)
+        self.uncertainty = "auto" if uncertainty.strip().lower() == "auto" else canonical_set_name(uncertainty)
+        self.auto = None if auto is None else dict(auto)
         self.radius = radius
         self.targets = list(targets) if targets is not None else None
         self.ignore = list(ignore) if ignore is not None else None
@@ -370,6 +379,7 @@ class RobOPCallback(Callback):
                 targets=self.targets,
                 ignore=self.ignore,
                 heldout_fraction=self.heldout_fraction,
+                **({"auto": self.auto} if self.auto is not None else {}),
                 progress=self.progress and trainer.is_global_zero,
                 prior_masks=previous.to_dict() if previous is not None else None,
                 resume_dir=None if self.resume_dir is None else os.path.join(self.resume_dir, keys[0].replace(":", "-")),

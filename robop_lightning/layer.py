@@ -20,7 +20,6 @@ numerically positive definite.
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -28,11 +27,25 @@ from typing import Any
 
 import torch
 
+from robop_lightning.damping import damp_until_definite, unit_scale
 from robop_lightning.gram import LayerInputs, as_layer_inputs
 from robop_lightning.patterns import parse_pattern
 from robop_lightning.solvers import DATA_FREE, SOLVERS, USES_FULL_GRAM
 from robop_lightning.solvers.refit import refit
-from robop_lightning.uncertainty import ClosedFormSet, UncertaintySet, make_uncertainty, spectral_norm_sq
+from robop_lightning.selection import (
+    AutoOptions,
+    Candidate,
+    check_auto_request,
+    default_candidates,
+    select_uncertainty,
+)
+from robop_lightning.uncertainty import (
+    ClosedFormSet,
+    UncertaintySet,
+    canonical_set_name,
+    make_uncertainty,
+    spectral_norm_sq,
+)
 
 __all__ = ["prune_layer", "LayerResult"]
 
@@ -70,6 +83,7 @@ class LayerResult:
     pattern: str = ""
     damping: float = 0.0
     history: list[dict[str, Any]] = field(default_factory=list)
+    selection: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """The scalar fields (no tensors), JSON-serialisable."""
@@ -85,6 +99,7 @@ class LayerResult:
             "seconds": self.seconds,
             "damping": self.damping,
             "solves": len(self.history),
+            **({"selection": self.selection} if self.selection is not None else {}),
         }
 
     def __repr__(self) -> str:
@@ -105,49 +120,6 @@ def _quad(h: torch.Tensor, e: torch.Tensor) -> float:
     """``tr(E H E^T)`` in float64 (the error can be tiny next to ``W``: no float32 cancellation)."""
     e64 = e.double()
     return float(((e64 @ h.to(device=e.device, dtype=torch.float64)) * e64).sum())
-
-
-def _positive_definite(hd: torch.Tensor) -> bool:
-    """Cholesky succeeds in float64 and, Jacobi-normalised, in float32 (solvers such as CAP and
-    SparseGPT eliminate in float32: a Gram that is only float64-definite breaks them)."""
-    if int(torch.linalg.cholesky_ex(hd).info) != 0:
-        return False
-    d = hd.diagonal().clamp_min(torch.finfo(hd.dtype).tiny).rsqrt()
-    return int(torch.linalg.cholesky_ex((hd * d[:, None] * d[None, :]).float()).info) == 0
-
-
-def _damp(h_eff: torch.Tensor, lam: float, name: str, warn: bool = True) -> tuple[torch.Tensor, float]:
-    """``h_eff + lam I``, with ``lam`` raised x10 (up to 6 times) until Cholesky succeeds.
-
-    ``warn=False`` leaves the warning to the caller (``prune_layer`` warns once per layer).
-    """
-    eye = torch.eye(h_eff.shape[0], dtype=h_eff.dtype, device=h_eff.device)
-    base = lam
-    for _ in range(7):
-        hd = h_eff + lam * eye
-        if _positive_definite(hd):
-            if lam != base and warn:
-                warnings.warn(
-                    f"{name}: the damped Gram was not positive definite; damping raised from "
-                    f"{base:.3g} to {lam:.3g} (rank-deficient or badly scaled calibration inputs).",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-            return hd, lam
-        # x10, starting no lower than 1e-6 of the Gram's scale (an absolute ridge can be far below it)
-        scale = float(h_eff.diagonal().mean())
-        lam = max(lam * 10, 1e-6 * (scale if scale > 0 else 1.0))
-    raise ValueError(
-        f"{name}: the calibration Gram stays singular even with damping {lam:.3g}; the inputs of this "
-        "layer are degenerate. Use more calibration data or a larger `damping`."
-    )
-
-
-def _unit_scale(mean_diag: float) -> float:
-    """A power of 4 near ``mean_diag`` when it lies outside ``[4**-30, 4**30]`` (else 1)."""
-    if not mean_diag > 0 or 4.0**-30 <= mean_diag <= 4.0**30:
-        return 1.0
-    return 4.0 ** round(math.log(mean_diag, 4))
 
 
 def _check_weight(weight, name):
@@ -177,6 +149,7 @@ def prune_layer(
     solver_options: dict[str, Any] | None = None,
     prior_mask: torch.Tensor | None = None,
     name: str = "layer",
+    auto: AutoOptions | dict[str, Any] | None = None,
 ) -> LayerResult:
     """Prune one linear layer robustly.
 
@@ -192,10 +165,12 @@ def prune_layer(
             structured OBS with exact compensation (:func:`robop_lightning.structured.select_groups`).
         solver: ``"alps"``, ``"cap"``, ``"sparsegpt"``, ``"wanda"`` or ``"magnitude"``.
         uncertainty: the authors' ``"baseline"``, ``"trace"``, ``"e"`` (or ``"ellipsoid"``) or
-            ``"cte"`` (one solve on ``H + D``), or this project's extension ``"minmax-trace"``,
-            ``"minmax-e"`` or ``"cvar"`` (see :mod:`robop_lightning.uncertainty`).
+            ``"cte"`` (one solve on ``H + D``), this project's extension ``"minmax-trace"``,
+            ``"minmax-e"`` or ``"cvar"`` (see :mod:`robop_lightning.uncertainty`), or ``"auto"``:
+            the set and its gamma chosen per layer by cross-validation (see ``auto``).
         radius: the authors' ``gamma`` for their four sets (``None``: 0.01; for baseline,
-            ``damping``), ``rho`` / ``alpha`` for the extension (``None``: its defaults).
+            ``damping``), ``rho`` / ``alpha`` for the extension (``None``: its defaults), or
+            ``"auto"``: chosen per layer by cross-validation (see ``auto``).
         coupled: extension only: ``False`` uses the per-row form of minmax-trace / minmax-e.
         rounds: outer rounds of the alternating scheme for dynamic sets (0 = nominal solve only).
         heldout: held-out inputs of the same layer, for ``heldout_error``.
@@ -207,6 +182,9 @@ def prune_layer(
         prior_mask: keep-mask of an earlier pruning (gradual schedules): weights outside it stay
             pruned and count towards the budget; solvers prune them first, with compensation.
         name: the layer's name in messages.
+        auto: how ``uncertainty="auto"`` (the set and its gamma) or ``radius="auto"`` (the gamma of
+            the given set) choose: K-fold cross-validation over calibration samples
+            (:class:`robop_lightning.selection.AutoOptions`; a dict with the same keys works).
 
     Returns:
         A :class:`LayerResult`.
@@ -240,7 +218,9 @@ def prune_layer(
     if not isinstance(solver, str) or solver.lower() not in SOLVERS:
         raise ValueError(f"{name}: unknown solver {solver!r}: use one of {', '.join(SOLVERS)}.")
     solver = solver.lower()
-    uset: UncertaintySet = make_uncertainty(uncertainty, radius, coupled)
+    choose = check_auto_request(uncertainty, radius, solver, name)
+    auto_opts = AutoOptions.coerce(auto) if choose else None
+    uset: UncertaintySet = make_uncertainty("baseline" if choose else uncertainty, None if choose else radius, coupled)
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
         raise ValueError(f"{name}: rounds must be a non-negative integer, got {rounds!r}.")
     if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
@@ -260,6 +240,17 @@ def prune_layer(
             )
     li = as_layer_inputs(inputs, cols, name=f"{name}: inputs")
     held = None if heldout is None else as_layer_inputs(heldout, cols, name=f"{name}: heldout")
+    selection = None
+    if choose:
+        candidates = auto_opts.candidates
+        if candidates is None:
+            candidates = default_candidates("auto" if uncertainty == "auto" else canonical_set_name(uncertainty))
+        elif uncertainty != "auto":
+            candidates = [c for c in candidates if Candidate.parse(c).set in ("baseline", canonical_set_name(uncertainty))]
+        selection = select_uncertainty(weight, li, pat, candidates, folds=auto_opts.folds, select=auto_opts.select,
+                                       scorer=auto_opts.scorer or solver, damping=damping, prior_mask=prior_mask,
+                                       name=name)
+        uset = make_uncertainty(selection.chosen.set, selection.chosen.gamma, coupled)
     device = weight.device
     h = li.gram(device=device)
     w = weight.detach().to(dtype=torch.float32).clone()
@@ -289,11 +280,11 @@ def prune_layer(
     scale = mean_diag
     if isinstance(uset, ClosedFormSet) and uset.name != "baseline" and mean_diag > 0:
         scale = float(uset.effective().diagonal().mean()) + lam_base
-    unit = _unit_scale(scale)
+    unit = unit_scale(scale)
     raised = [lam_base]  # the largest damping the solves needed: one warning per layer, at the end
 
     def damp(h_eff: torch.Tensor) -> torch.Tensor:
-        hd, lam = _damp(h_eff, lam_base, name, warn=False)
+        hd, lam = damp_until_definite(h_eff, lam_base, name, warn=False)
         raised[0] = max(raised[0], lam)
         return hd
 
@@ -402,4 +393,5 @@ def prune_layer(
         pattern=str(pat),
         damping=used_lam[0],
         history=history,
+        selection=None if selection is None else selection.to_dict(),
     )

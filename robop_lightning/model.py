@@ -24,7 +24,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,11 +46,12 @@ from robop_lightning.layer import prune_layer
 from robop_lightning.offload import ActivationStore, WeightUndo, parse_bytes
 from robop_lightning.patterns import parse_pattern
 from robop_lightning.solvers import SOLVERS
+from robop_lightning.selection import AutoOptions, check_auto_request
 from robop_lightning.uncertainty import make_uncertainty
 
 __all__ = ["PruneReport", "prune_model"]
 
-_ENGINE_KWARGS = ("coupled", "rounds", "damping", "solver_options")
+_ENGINE_KWARGS = ("coupled", "rounds", "damping", "solver_options", "auto")
 
 
 @dataclass
@@ -127,11 +128,14 @@ class PruneReport:
             f"RobOP pruning: solver={c.get('solver')} uncertainty={c.get('uncertainty')} "
             f"pattern={c.get('pattern')} target sparsity={num(c.get('sparsity'), '.2f')}"
         )
-        cols = ("layer", "shape", "sparsity", "nominal", "robust", "heldout", "srank", "seconds")
+        chosen = any("selection" in r for r in self.layers)
+        cols = ("layer", "shape", *(("set",) if chosen else ()), "sparsity", "nominal", "robust", "heldout", "srank",
+                "seconds")
         rows = [
             (
                 r["name"],
                 "x".join(str(d) for d in r["shape"]),
+                *((r["selection"]["chosen"] if "selection" in r else "-",) if chosen else ()),
                 num(r["sparsity"]),
                 num(r["nominal_error"]),
                 num(r["robust_error"]),
@@ -146,6 +150,7 @@ class PruneReport:
             (
                 f"total ({t['layers']} layers)",
                 f"{t['parameters']:,} weights",
+                *(("",) if chosen else ()),
                 num(t["sparsity"]),
                 num(t["nominal_error"]),
                 num(t["robust_error"]),
@@ -155,7 +160,8 @@ class PruneReport:
             )
         )
         widths = [max(len(cols[i]), *(len(r[i]) for r in rows)) for i in range(len(cols))]
-        fmt = "  ".join(f"{{:<{w}}}" if i < 2 else f"{{:>{w}}}" for i, w in enumerate(widths))
+        left = 3 if chosen else 2
+        fmt = "  ".join(f"{{:<{w}}}" if i < left else f"{{:>{w}}}" for i, w in enumerate(widths))
         rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
         lines = [head, fmt.format(*cols), rule, *(fmt.format(*r) for r in rows[:-1]), rule, fmt.format(*rows[-1])]
         return "\n".join(lines)
@@ -171,7 +177,10 @@ def _check_arguments(sparsity, pattern, solver, uncertainty, radius, heldout_fra
             f"prune_model() got unexpected keyword argument(s) {', '.join(unknown)}; the extra arguments "
             f"passed to prune_layer are {', '.join(_ENGINE_KWARGS)}."
         )
-    make_uncertainty(uncertainty, radius, engine_kwargs.get("coupled"))
+    if check_auto_request(uncertainty, radius, solver.lower(), "prune_model"):
+        AutoOptions.coerce(engine_kwargs.get("auto"))
+    else:
+        make_uncertainty(uncertainty, radius, engine_kwargs.get("coupled"))
     if (
         isinstance(heldout_fraction, bool)
         or not isinstance(heldout_fraction, (int, float))
@@ -355,7 +364,9 @@ def prune_model(
             summation order of the Grams. ``None``: everything stays in memory (CPU when the
             model is on an accelerator).
         **engine_kwargs: passed to :func:`prune_layer`: ``coupled``, ``rounds``, ``damping``,
-            ``solver_options``.
+            ``solver_options``, ``auto`` (how ``uncertainty="auto"`` / ``radius="auto"`` choose, per
+            layer; each report row then has a ``selection``: the chosen set and every candidate's
+            held-out fold errors).
 
     Returns:
         A :class:`PruneReport` (``str(report)`` is a table; ``report.masks`` holds the masks).
@@ -385,6 +396,7 @@ def prune_model(
         )
     start = time.perf_counter()
     _check_arguments(sparsity, pattern, solver, uncertainty, radius, heldout_fraction, engine_kwargs)
+    choose = check_auto_request(uncertainty, radius, solver.lower(), "prune_model")
     forward = forward or default_forward
     structure = find_blocks(model, blocks)
     block_list = structure[1] if structure else []
@@ -411,7 +423,8 @@ def prune_model(
             "heldout_fraction": heldout_fraction,
             "blocks": structure[0] if structure else None,
             "calibration_batches": len(batches),
-            **{k: v for k, v in engine_kwargs.items() if k != "solver_options"},
+            **{k: v for k, v in engine_kwargs.items() if k not in ("solver_options", "auto")},
+            **({"auto": asdict(AutoOptions.coerce(engine_kwargs.get("auto")))} if choose else {}),
         }
     )
     budget = parse_bytes(activation_budget)
@@ -491,6 +504,7 @@ def prune_model(
                 "heldout_error": None if result.heldout_error is None else float(result.heldout_error),
                 "srank": None if result.srank is None or not math.isfinite(result.srank) else float(result.srank),
                 "seconds": float(result.seconds),
+                **({"selection": result.selection} if result.selection is not None else {}),
             }
         )
 

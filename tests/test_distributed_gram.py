@@ -31,6 +31,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         li = LayerInputs(shard, distributed=True)
         e = w * 0.1
         result = prune_layer(w, li, sparsity=0.5, solver="alps", uncertainty="cvar", radius=0.3)
+        auto = prune_layer(w, li, sparsity=0.5, solver="sparsegpt", uncertainty="auto", auto={"folds": 3})
         torch.save(
             {
                 "gram": li.gram(),
@@ -39,6 +40,9 @@ def _worker(rank: int, port: int, out: str) -> None:
                 "num_samples": li.num_samples,
                 "mask": result.mask,
                 "weight": result.weight,
+                "trace_n": prune_layer(w, li, sparsity=0.5, solver="sparsegpt", uncertainty="trace").damping,
+                "auto_selection": auto.selection,
+                "auto_weight": auto.weight,
             },
             os.path.join(out, f"rank{rank}.pt"),
         )
@@ -54,10 +58,17 @@ def test_two_ranks_equal_one_process(tmp_path):
     w = random_weight(8, 16, 0)
     full = LayerInputs(x)
     assert r0["num_samples"] == r1["num_samples"] == 10
-    for key in ("gram", "losses", "mask", "weight"):
+    for key in ("gram", "losses", "mask", "weight", "auto_weight"):
         assert torch.equal(r0[key], r1[key]), key  # bit-identical across ranks
     assert r0["radius"] == r1["radius"] == pytest.approx(full.bootstrap_radius(), rel=1e-9)
     assert torch.allclose(r0["gram"], full.gram(), rtol=1e-12)
     assert torch.allclose(r0["losses"], full.sample_losses((w * 0.1).double()), rtol=1e-12)
     single = prune_layer(w, x, sparsity=0.5, solver="alps", uncertainty="cvar", radius=0.3)
     assert torch.equal(r0["mask"], single.mask)
+    # the authors' N is the global token count; auto's folds are global samples: same choice as one process
+    assert r0["trace_n"] == pytest.approx(prune_layer(w, x, sparsity=0.5, solver="sparsegpt", uncertainty="trace").damping)
+    alone = prune_layer(w, x, sparsity=0.5, solver="sparsegpt", uncertainty="auto", auto={"folds": 3})
+    assert r0["auto_selection"] == r1["auto_selection"]
+    assert r0["auto_selection"]["chosen"] == alone.selection["chosen"]
+    for label, errs in alone.selection["fold_errors"].items():
+        assert r0["auto_selection"]["fold_errors"][label] == pytest.approx(errs, rel=1e-9)

@@ -306,6 +306,21 @@ def test_evaluate_robustness_is_consistent_and_batch_independent(trained):
     assert not model.training
 
 
+def test_per_sample_correctness_averages_to_the_reported_accuracy(trained):
+    model, images, labels, _ = trained
+    images, labels = images[:32], labels[:32]
+    kwargs = dict(corruptions=("gaussian_noise", "saturate"), severities=(1, 5), eps=(8 / 255,), steps=2)
+    loader = DataLoader(TensorDataset(images, labels, torch.arange(32)), batch_size=16)
+    plain = evaluate_robustness(model, loader, **kwargs)
+    accs, per = evaluate_robustness(model, loader, per_sample=True, **kwargs)
+    assert accs == plain  # opting in changes no reported number
+    assert set(per) <= set(accs) and {"test/clean_acc", "test/corrupt_acc", "test/adv_acc@linf_8/255"} <= set(per)
+    for key, values in per.items():
+        assert values.shape == (32,) and float(values.mean()) == pytest.approx(accs[key], abs=1e-6), key
+    clean = (model(images).argmax(-1) == labels).double()
+    assert torch.equal(per["test/clean_acc"], clean)  # image by image, in loader order
+
+
 def test_evaluator_argument_errors():
     with pytest.raises(ValueError, match="unknown corruptions"):
         RobustnessEvaluator(10, corruptions=["fog"])

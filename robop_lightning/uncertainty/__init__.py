@@ -69,6 +69,11 @@ def canonical_set_name(name: str) -> str:
     """The set's canonical name (``"Ellipsoid"`` -> ``"e"``), or a ``ValueError`` listing the valid ones."""
     key = name.strip().lower() if isinstance(name, str) else None
     key = _ALIASES.get(key, key)
+    if key == "auto":
+        raise ValueError(
+            "uncertainty='auto' is not a set: prune_layer / prune_model / RobOPCallback choose one per layer with "
+            "the unstructured, row and N:M patterns (not with pattern='structured', nor in a set list)."
+        )
     if key not in UNCERTAINTY_SETS:
         raise ValueError(
             f"unknown uncertainty set {name!r}: use one of {', '.join(CLOSED_FORM_SETS)} (the authors' closed "

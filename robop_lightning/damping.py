@@ -1,0 +1,56 @@
+"""Make an effective Gram solvable: damping until it is numerically positive definite, and scaling.
+
+Pure functions of tensors, shared by every caller that hands a Gram to a solver.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+__all__ = ["positive_definite", "damp_until_definite", "unit_scale"]
+
+
+def positive_definite(hd: torch.Tensor) -> bool:
+    """Cholesky succeeds in float64 and, Jacobi-normalised, in float32 (solvers such as CAP and
+    SparseGPT eliminate in float32: a Gram that is only float64-definite breaks them)."""
+    if int(torch.linalg.cholesky_ex(hd).info) != 0:
+        return False
+    d = hd.diagonal().clamp_min(torch.finfo(hd.dtype).tiny).rsqrt()
+    return int(torch.linalg.cholesky_ex((hd * d[:, None] * d[None, :]).float()).info) == 0
+
+
+def damp_until_definite(h_eff: torch.Tensor, lam: float, name: str, warn: bool = True) -> tuple[torch.Tensor, float]:
+    """``h_eff + lam I``, with ``lam`` raised x10 (up to 6 times) until Cholesky succeeds.
+
+    ``warn=False`` leaves the warning to the caller (``prune_layer`` warns once per layer).
+    """
+    eye = torch.eye(h_eff.shape[0], dtype=h_eff.dtype, device=h_eff.device)
+    base = lam
+    for _ in range(7):
+        hd = h_eff + lam * eye
+        if positive_definite(hd):
+            if lam != base and warn:
+                warnings.warn(
+                    f"{name}: the damped Gram was not positive definite; damping raised from "
+                    f"{base:.3g} to {lam:.3g} (rank-deficient or badly scaled calibration inputs).",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return hd, lam
+        # x10, starting no lower than 1e-6 of the Gram's scale (an absolute ridge can be far below it)
+        scale = float(h_eff.diagonal().mean())
+        lam = max(lam * 10, 1e-6 * (scale if scale > 0 else 1.0))
+    raise ValueError(
+        f"{name}: the calibration Gram stays singular even with damping {lam:.3g}; the inputs of this "
+        "layer are degenerate. Use more calibration data or a larger `damping`."
+    )
+
+
+def unit_scale(mean_diag: float) -> float:
+    """A power of 4 near ``mean_diag`` when it lies outside ``[4**-30, 4**30]`` (else 1)."""
+    if not mean_diag > 0 or 4.0**-30 <= mean_diag <= 4.0**30:
+        return 1.0
+    return 4.0 ** round(math.log(mean_diag, 4))
