@@ -156,7 +156,7 @@ def _child(send, *args):
 
 
 def _one(model, batches, sparsity, solver, targets, device, model_bytes, hidden_bytes, label, spec="baseline"):
-    name, radius = parse_set_spec(spec)
+    name, radius = parse_set_spec(spec, allow_auto=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
         torch.cuda.empty_cache()

@@ -42,30 +42,12 @@ GEMMA_WHICH = ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.dow
 DEIT_WHICH = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
 
 
-def _capture(model, batches, names):
-    store = {n: [] for n in names}
-    hooks = []
-    for name in names:
-        def hook(mod, args, name=name):
-            x = args[0].detach().float()
-            store[name].append(x.reshape(x.shape[0], -1, x.shape[-1]))
-        hooks.append(model.get_submodule(name).register_forward_pre_hook(hook))
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                model(batch)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {n: torch.cat(v) for n, v in store.items()}
-
-
 def gemma_layers(blocks, windows):
     model = R.gemma()
     names = [f"model.layers.{b}.{w}" for b in blocks for w in GEMMA_WHICH]
-    cal = _capture(model, R.text_batches(windows), names)
-    held = _capture(model, R.text_batches(16, split="val"), names)
-    ood = _capture(model, _brown_batches(16), names)
+    cal = R.capture(model, R.text_batches(windows), names)
+    held = R.capture(model, R.text_batches(16, split="val"), names)
+    ood = R.capture(model, _brown_batches(16), names)
     return [("gemma-3-270m", "alps", n, model.get_submodule(n).weight.detach().float().clone(), cal[n], held[n], ood[n])
             for n in names]
 
@@ -92,7 +74,7 @@ def deit_layers(images):
     held_b = R.image_batches(128, split="val")
     kinds = ["gaussian_noise", "contrast", "jpeg_compression"]
     ood_b = [torch.cat([corrupt(chunk, kind, 3) for chunk, kind in zip(x.chunk(3), kinds)]) for x in held_b]
-    cal, held, ood = (_capture(model, b, names) for b in (cal_b, held_b, ood_b))
+    cal, held, ood = (R.capture(model, b, names) for b in (cal_b, held_b, ood_b))
     return [("deit-tiny-fmnist", "cap", n, model.get_submodule(n).weight.detach().float().clone(), cal[n], held[n], ood[n])
             for n in names]
 

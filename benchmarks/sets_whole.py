@@ -62,6 +62,8 @@ def main(argv=None) -> dict:
     p.add_argument("--settings", nargs="+", default=["0.5", "0.7", "2:4"])
     p.add_argument("--sets", nargs="+", default=["baseline", "trace", "e", "cte"], help="NAME or NAME=GAMMA")
     p.add_argument("--solver", default="alps")
+    p.add_argument("--auto-scorer", default="sparsegpt", help="scorer of 'auto' / 'NAME=auto' specs ('none': the solver)")
+    p.add_argument("--auto-select", default="mean", choices=["mean", "worst"])
     p.add_argument("--baselines", nargs="*", default=["sparsegpt"], help="other solvers, Baseline set")
     p.add_argument("--calibration-windows", type=int, default=32)
     p.add_argument("--eval-windows", type=int, default=32)
@@ -75,7 +77,7 @@ def main(argv=None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     for spec in args.sets:
-        parse_set_spec(spec)
+        parse_set_spec(spec, allow_auto=True)
     if "baseline" not in args.sets:
         p.error("--sets must include plain 'baseline': every set is compared with it.")
     work = pathlib.Path(args.work or f"{args.out}_runs")
@@ -130,16 +132,21 @@ def main(argv=None) -> dict:
         key = f"{setting.replace(':', '-')}_{solver}_{spec}"
 
         def job(setting=setting, solver=solver, spec=spec):
-            name, radius = parse_set_spec(spec)
+            name, radius = parse_set_spec(spec, allow_auto=True)
             _, sparsity, pattern = _setting(setting)
             model = copy.deepcopy(dense)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 t = time.perf_counter()
+                auto = {"scorer": None if args.auto_scorer == "none" else args.auto_scorer, "select": args.auto_select}
                 report = prune_model(model, calibration, sparsity=sparsity, pattern=pattern, solver=solver,
-                                     uncertainty=name, radius=radius, progress=False)
+                                     uncertainty=name, radius=radius, progress=False,
+                                     **({"auto": auto} if "auto" in (name, radius) else {}))
                 seconds = time.perf_counter() - t
+            chosen = [r["selection"]["chosen"] for r in report.layers if "selection" in r]
             out = {"method": f"robop-{solver}/{spec}" if solver == args.solver else solver, "setting": setting,
+                   "chosen": {c: chosen.count(c) for c in sorted(set(chosen))},
+                   "layer_nominal_error": {r["name"]: r["nominal_error"] for r in report.layers},
                    "solver": solver, "set": spec, "seconds": seconds, "sparsity": report.totals["sparsity"],
                    **evaluate(model)}
             print(f"{setting:>5} {out['method']:28s} {seconds:7.1f}s  ppl {out['in-domain']['ppl']:8.2f}  "
@@ -148,8 +155,14 @@ def main(argv=None) -> dict:
 
         runs[key] = run(key, job)
 
+    # earlier invocations' finished runs (other settings) join the table: one file for the whole grid
+    for path in sorted(work.glob("*.json")):
+        runs.setdefault(path.stem, json.loads(path.read_text()))
+    order = {"0.5": 0, "0.7": 1, "2:4": 2}
+    settings = sorted({r["setting"] for r in runs.values() if r["setting"] != "dense"},
+                      key=lambda x: (order.get(x, 9), x))
     comparisons = []
-    for setting in args.settings:
+    for setting in settings:
         base = runs.get(f"{setting.replace(':', '-')}_{args.solver}_baseline")
         for key, r in runs.items():
             if r["setting"] != setting:

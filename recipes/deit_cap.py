@@ -11,9 +11,11 @@ Steps (each cached or timed, every number written to ``--out``):
    depth 4, 3 heads, 456k parameters) trained on Fashion-MNIST once; the checkpoint is cached under
    ``~/.cache/robop_lightning/recipes/`` (``$ROBOP_CACHE``), keyed by everything that shapes it.
    With ``--pretrained`` (ImageNet) timm's weights are used and nothing is trained.
-2. One-shot ``prune_model`` at every sparsity: RobOP-CAP (``solver="cap"``) under the Baseline,
-   Trace, E and CTE sets, beside SparseGPT, Wanda and magnitude pruning, all on the SAME fixed
-   calibration subset (``--calibration-size`` training images).
+2. One-shot ``prune_model`` at every sparsity: RobOP-CAP (``solver="cap"``) under the authors'
+   Baseline, Trace, E and CTE sets (gamma 0.01; ``--robop-sets trace=0.003`` for others) and under
+   ``auto`` (each layer chooses its set and gamma by 4-fold cross-validation over the calibration
+   images), beside SparseGPT, Wanda and magnitude pruning, all on the SAME fixed calibration subset
+   (``--calibration-size`` training images).
 3. Recovery fine-tuning with ``RobOPCallback`` (masks held) of the best RobOP model and the best
    other method at the highest sparsity, "best" by validation accuracy (never the test set).
 4. Every model is scored on identical inputs (corruption and attack noise seeded by dataset index):
@@ -84,7 +86,7 @@ config = dict(
     sparsity=[0.7, 0.8, 0.9],
     # the authors' sets (gamma 0.01 each); NAME=GAMMA sets a radius (trace=0.003), and the extension's
     # minmax-trace / minmax-e / cvar can be added
-    robop_sets=["baseline", "trace", "e", "cte"],  # RobOP-CAP under each uncertainty set
+    robop_sets=["baseline", "trace", "e", "cte", "auto"],  # RobOP-CAP under each set, and chosen per layer
     baselines=["sparsegpt", "wanda", "magnitude"],  # the same engine, Baseline set, same calibration data
     calibration_size=256,  # images; 256 x 18 tokens = 4.6k rows per Gram, enough for 96..384 inputs
     # recovery fine-tuning with RobOPCallback (masks held) at the highest sparsity
@@ -149,7 +151,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     for spec in args.robop_sets:
         try:
-            parse_set_spec(spec)
+            parse_set_spec(spec, allow_auto=True)
         except ValueError as err:
             parser.error(f"--robop-sets: {err}")
     if args.fast:  # --fast sets its values unless the command line gave them explicitly
@@ -282,7 +284,7 @@ def main(argv=None) -> dict:
         name = f"{model_label(solver, uncertainty)}@{sparsity:g}"
         bar.set_postfix_str(name)
         model = copy.deepcopy(dense)
-        set_name, radius = parse_set_spec(uncertainty)
+        set_name, radius = parse_set_spec(uncertainty, allow_auto=True)
         report = prune_model(model, calibration, sparsity=sparsity, solver=solver, uncertainty=set_name,
                              radius=radius, progress=False)  # fmt: skip
         models[name] = dict(method=model_label(solver, uncertainty), solver=solver, uncertainty=uncertainty,
@@ -316,7 +318,7 @@ def main(argv=None) -> dict:
         print(f"fine-tuning {name}: {args.finetune_epochs} epoch(s) x {args.finetune_batches} batches, lr {args.finetune_lr:g}")
         model = copy.deepcopy(dense).train()  # dense was put in eval(); Lightning keeps module modes
         model.hparams.lr, model.hparams.warmup_epochs = args.finetune_lr, 0.0  # configure_optimizers reads these
-        set_name, radius = parse_set_spec(source["uncertainty"])
+        set_name, radius = parse_set_spec(source["uncertainty"], allow_auto=True)
         robop = RobOPCallback(sparsity=source["target_sparsity"], solver=source["solver"], uncertainty=set_name, radius=radius,
                               calibration="calibration", calibration_batches=len(calibration), progress=False,
                               verbose=False)  # fmt: skip
@@ -489,7 +491,7 @@ def compare_to_baseline(models: dict[str, dict], correct: dict[str, dict], args)
     Returns the reference method and ``{name: {"clean" | "corrupt" | "pgd": [estimate, low, high]}}``
     (accuracy differences as fractions; ``pgd`` is ``None`` without attacks).
     """
-    specs = [u for u in args.robop_sets if parse_set_spec(u)[0] == "baseline"]
+    specs = [u for u in args.robop_sets if parse_set_spec(u, allow_auto=True)[0] == "baseline"]
     if not specs:
         return None, {}
     reference = model_label("cap", "baseline" if "baseline" in specs else specs[0])

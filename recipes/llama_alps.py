@@ -128,7 +128,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     for spec in args.robop_sets:
         try:
-            parse_set_spec(spec)
+            parse_set_spec(spec, allow_auto=True)
         except ValueError as err:
             parser.error(f"--robop-sets: {err}")
     if args.fast:  # --fast sets its values unless the command line gave them explicitly
@@ -280,7 +280,7 @@ def main(argv=None) -> dict:
         name = f"{model_label(solver, uncertainty)}@{setting}"
         bar.set_postfix_str(name)
         model = copy.deepcopy(dense)
-        set_name, radius = parse_set_spec(uncertainty)
+        set_name, radius = parse_set_spec(uncertainty, allow_auto=True)
         report = prune_model(model, calibration, sparsity=sparsity, pattern=pattern, solver=solver,
                              uncertainty=set_name, radius=radius, targets=args.targets, progress=False)  # fmt: skip
         models[name] = dict(method=model_label(solver, uncertainty), solver=solver, uncertainty=uncertainty,

@@ -48,9 +48,9 @@ SELECT_MODES = ("mean", "worst")
 # log grids per set: Trace's useful gamma spans 0.003-0.1 on real layers, E's is about 100x larger;
 # CTE is an absolute ridge (the same family as Baseline and Trace), so its grid is a few decades.
 DEFAULT_GAMMAS: dict[str, tuple[float, ...]] = {
-    "trace": (0.001, 0.003, 0.01, 0.03, 0.1),
-    "e": (0.1, 0.3, 1.0, 3.0),
-    "cte": (0.01, 1.0, 100.0),
+    "trace": (0.003, 0.01, 0.03, 0.1),
+    "e": (0.3, 1.0, 3.0),
+    "cte": (1.0, 100.0),
     "baseline": (0.001, 0.1),
 }
 

@@ -84,3 +84,12 @@ def test_sets_layers_fast_sweeps_gamma_against_baseline(tmp_path):
     assert huge["nominal_vs_baseline"] > 1  # a huge ridge is magnitude pruning: worse on the calibration Gram
     assert {s["set"] for s in data["summary"]} == {"trace", "e", "cte"}
     assert "| synthetic | 50% | trace | 0.01 | 1 |" in (tmp_path / "sl.md").read_text()
+
+
+def test_sets_auto_fast_compares_the_two_scorers(tmp_path):
+    rows = load_script("benchmarks/sets_auto.py").main(["--fast", "--out", str(tmp_path / "sa")])
+    assert len(rows) == 1
+    r = rows[0]
+    assert r["agree"] == (r["auto_fast_chosen"] == r["auto_full_chosen"])
+    assert r["auto_full_seconds"] > 0 and r["baseline_ood"] > 0
+    assert "| synthetic | 50% | 1 |" in (tmp_path / "sa.md").read_text()

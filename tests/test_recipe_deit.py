@@ -41,7 +41,7 @@ def test_every_method_is_scored_and_numbers_are_accuracies(fast_run):
     out, results = fast_run
     rows = results["rows"]
     methods = {r["method"] for r in rows}
-    expected = {"dense", "sparsegpt", "wanda", "magnitude"} | {f"robop-cap/{u}" for u in ("baseline", "trace", "e", "cte")}
+    expected = {"dense", "sparsegpt", "wanda", "magnitude"} | {f"robop-cap/{u}" for u in ("baseline", "trace", "e", "cte", "auto")}
     assert expected <= methods
     assert any(r["finetuned"] for r in rows)  # recovery fine-tuning ran
     for row in rows:
@@ -88,7 +88,7 @@ def test_every_robop_set_is_compared_with_the_baseline_set_image_by_image(fast_r
     rows = {r["name"]: r for r in results["rows"]}
     base = rows["robop-cap/baseline@0.5"]
     assert base["vs_baseline"] == {"clean": [0.0, 0.0, 0.0], "corrupt": [0.0, 0.0, 0.0], "pgd": [0.0, 0.0, 0.0]}
-    for u in ("baseline", "trace", "e", "cte"):
+    for u in ("baseline", "trace", "e", "cte", "auto"):
         row = rows[f"robop-cap/{u}@0.5"]
         assert set(row["vs_baseline"]) == {"clean", "corrupt", "pgd"}, u
         for key, (estimate, low, high) in row["vs_baseline"].items():
@@ -102,7 +102,7 @@ def test_every_robop_set_is_compared_with_the_baseline_set_image_by_image(fast_r
     assert "accuracy minus that of robop-cap/baseline" in results["protocol"]["vs_baseline"]
     table = (out / "comparisons.md").read_text()
     assert "PGD 8/255 diff" in table
-    for u in ("baseline", "trace", "e", "cte"):
+    for u in ("baseline", "trace", "e", "cte", "auto"):
         assert f"| robop-cap/{u} " in table
     assert "+0.00 [+0.00, +0.00]" in table  # the baseline set against itself
     with open(out / "results.csv", newline="") as f:

@@ -127,20 +127,31 @@ def make_uncertainty(name: str, radius: float | None = None, coupled: bool | Non
     return CVaR(radius)
 
 
-def parse_set_spec(spec: str) -> tuple[str, float | None]:
+def parse_set_spec(spec: str, allow_auto: bool = False) -> tuple[str, float | str | None]:
     """``"trace"`` -> ``("trace", None)``; ``"trace=0.003"`` -> ``("trace", 0.003)`` (recipes, CLIs).
 
+    With ``allow_auto``: ``"auto"`` -> ``("auto", None)`` and ``"trace=auto"`` -> ``("trace", "auto")``
+    (chosen per layer by :mod:`robop_lightning.selection`).
+
     Example:
-        >>> parse_set_spec("Ellipsoid=1"), parse_set_spec("cvar")
-        (('e', 1.0), ('cvar', None))
+        >>> parse_set_spec("Ellipsoid=1"), parse_set_spec("cvar"), parse_set_spec("e=auto", allow_auto=True)
+        (('e', 1.0), ('cvar', None), ('e', 'auto'))
     """
     name, sep, value = str(spec).partition("=")
-    radius = None
-    if sep:
+    if allow_auto and name.strip().lower() == "auto" and not sep:
+        return "auto", None
+    radius: float | str | None = None
+    if sep and allow_auto and value.strip().lower() == "auto":
+        radius = "auto"
+    elif sep:
         try:
             radius = float(value)
         except ValueError:
             raise ValueError(f"bad uncertainty set {spec!r}: write NAME or NAME=RADIUS, e.g. trace=0.003.") from None
     name = canonical_set_name(name)
+    if radius == "auto":
+        if name not in CLOSED_FORM_SETS:
+            raise ValueError(f"{spec!r}: radius 'auto' chooses the gamma of the authors' sets ({', '.join(CLOSED_FORM_SETS)}).")
+        return name, radius
     make_uncertainty(name, radius)  # range checks now, not after an hour of pruning
     return name, radius
