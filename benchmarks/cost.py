@@ -328,29 +328,30 @@ def main(argv=None) -> dict:
                       f"{r['peak_extra_rss_mb']:.0f} | {mv} | {r['model_mb']:.0f} | {r['block_activations_mb']:.0f} | "
                       f"{r['mean_nominal_error']:.5f} |{gpu}")
         md += ["", f"(whole-model part: {whole_s:.0f} s)", ""]
-    md += ["## 2. Scaling (synthetic square layers, 50 %, `prune_layer` including its Gram)", "",
-           "| axis | method | width n | tokens N | seconds | x limit |", "|---|---|---|---|---|---|"]
-    for r in scale_rows:
-        md.append(f"| {r['axis']} | {r['method']} | {r['width']} | {r['tokens']} | {r['seconds']:.3f} | "
-                  f"{r['seconds'] / r['limit_seconds']:.1f} |")
-    md += ["", "Fitted exponents (`t ~ size^b`, least squares in log-log):", "",
-           "| method | b vs tokens N | b vs width n |", "|---|---|---|"]
-    for method in dict.fromkeys(e["method"] for e in exps):
-        by = {e["axis"]: e["exponent"] for e in exps if e["method"] == method}
-        md.append(f"| {method} | {by.get('tokens', float('nan')):.2f} | {by.get('width', float('nan')):.2f} |")
-    md += ["", "## 3. Physical limit: the unavoidable work per size", "",
-           "| width n | tokens N | Gram s (N n^2) | Gram GFLOP/s | Cholesky s (n^3/3) | "
-           + " | ".join(f"{m} s" for m in dict.fromkeys(r["method"] for r in scale_rows)) + " |",
-           "|---|---|---|---|---|" + "---|" * len(dict.fromkeys(r["method"] for r in scale_rows))]
-    for li in limits:
-        cells = []
-        for m in dict.fromkeys(r["method"] for r in scale_rows):
-            hit = [r for r in scale_rows if r["method"] == m and r["width"] == li["width"] and r["tokens"] == li["tokens"]
-                   and r["axis"] == li["axis"]]
-            cells.append(f"{hit[0]['seconds']:.3f}" if hit else "-")
-        rate = li["gram_gflop"] / li["gram_seconds"] if li["gram_seconds"] > 0 else float("nan")
-        md.append(f"| {li['width']} | {li['tokens']} | {li['gram_seconds']:.3f} | {rate:.1f} | "
-                  f"{li['cholesky_seconds']:.4f} | " + " | ".join(cells) + " |")
+    if scale_rows:  # parts 2-3 (skipped with --no-scaling)
+        md += ["## 2. Scaling (synthetic square layers, 50 %, `prune_layer` including its Gram)", "",
+               "| axis | method | width n | tokens N | seconds | x limit |", "|---|---|---|---|---|---|"]
+        for r in scale_rows:
+            md.append(f"| {r['axis']} | {r['method']} | {r['width']} | {r['tokens']} | {r['seconds']:.3f} | "
+                      f"{r['seconds'] / r['limit_seconds']:.1f} |")
+        md += ["", "Fitted exponents (`t ~ size^b`, least squares in log-log):", "",
+               "| method | b vs tokens N | b vs width n |", "|---|---|---|"]
+        for method in dict.fromkeys(e["method"] for e in exps):
+            by = {e["axis"]: e["exponent"] for e in exps if e["method"] == method}
+            md.append(f"| {method} | {by.get('tokens', float('nan')):.2f} | {by.get('width', float('nan')):.2f} |")
+        md += ["", "## 3. Physical limit: the unavoidable work per size", "",
+               "| width n | tokens N | Gram s (N n^2) | Gram GFLOP/s | Cholesky s (n^3/3) | "
+               + " | ".join(f"{m} s" for m in dict.fromkeys(r["method"] for r in scale_rows)) + " |",
+               "|---|---|---|---|---|" + "---|" * len(dict.fromkeys(r["method"] for r in scale_rows))]
+        for li in limits:
+            cells = []
+            for m in dict.fromkeys(r["method"] for r in scale_rows):
+                hit = [r for r in scale_rows if r["method"] == m and r["width"] == li["width"] and r["tokens"] == li["tokens"]
+                       and r["axis"] == li["axis"]]
+                cells.append(f"{hit[0]['seconds']:.3f}" if hit else "-")
+            rate = li["gram_gflop"] / li["gram_seconds"] if li["gram_seconds"] > 0 else float("nan")
+            md.append(f"| {li['width']} | {li['tokens']} | {li['gram_seconds']:.3f} | {rate:.1f} | "
+                      f"{li['cholesky_seconds']:.4f} | " + " | ".join(cells) + " |")
     markdown = "\n".join(md) + "\n"
     payload = {"command": command, "machine": info, "loadavg": info["loadavg"], "rows": rows,
                "scaling": scale_rows, "exponents": exps, "limit": limits}

@@ -30,7 +30,7 @@ import torch
 from robop_lightning.damping import damp_until_definite, unit_scale
 from robop_lightning.gram import LayerInputs, as_layer_inputs
 from robop_lightning.patterns import parse_pattern
-from robop_lightning.solvers import DATA_FREE, SOLVERS, USES_FULL_GRAM
+from robop_lightning.solvers import DATA_FREE, SOLVERS, USES_FULL_GRAM, check_solver_options
 from robop_lightning.solvers.refit import refit
 from robop_lightning.selection import (
     AutoOptions,
@@ -225,7 +225,7 @@ def prune_layer(
         raise ValueError(f"{name}: rounds must be a non-negative integer, got {rounds!r}.")
     if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
         raise ValueError(f"{name}: damping must be a number >= 0 (relative to mean(diag H)), got {damping!r}.")
-    options = dict(solver_options or {})
+    options = check_solver_options(solver, solver_options, name)
 
     if prior_mask is not None:
         if not isinstance(prior_mask, torch.Tensor) or prior_mask.dtype != torch.bool or prior_mask.shape != weight.shape:

@@ -45,7 +45,7 @@ from robop_lightning.gram import LayerInputs
 from robop_lightning.layer import prune_layer
 from robop_lightning.offload import ActivationStore, WeightUndo, parse_bytes
 from robop_lightning.patterns import parse_pattern
-from robop_lightning.solvers import SOLVERS
+from robop_lightning.solvers import SOLVERS, check_solver_options
 from robop_lightning.selection import AutoOptions, check_auto_request
 from robop_lightning.uncertainty import make_uncertainty
 
@@ -177,6 +177,8 @@ def _check_arguments(sparsity, pattern, solver, uncertainty, radius, heldout_fra
             f"prune_model() got unexpected keyword argument(s) {', '.join(unknown)}; the extra arguments "
             f"passed to prune_layer are {', '.join(_ENGINE_KWARGS)}."
         )
+    if not (isinstance(pattern, str) and pattern.strip().lower() == "structured"):
+        check_solver_options(solver.lower(), engine_kwargs.get("solver_options"), "prune_model")
     if check_auto_request(uncertainty, radius, solver.lower(), "prune_model"):
         AutoOptions.coerce(engine_kwargs.get("auto"))
     else:

@@ -158,6 +158,8 @@ def test_quality_ordering_on_correlated_uneven_inputs():
         (dict(uncertainty="box"), "unknown uncertainty"),
         (dict(uncertainty="cvar", radius=2.0), r"\(0, 1\]"),
         (dict(rounds=-1), "rounds"),
+        (dict(solver="sparsegpt", solver_options={"block_size": 64}), "its options are: blocksize"),
+        (dict(solver="cap", solver_options={"blocksize": 64}), "'blocksize' for 'cap'; its options are: block_size"),
         (dict(damping=-1.0), "damping"),
     ],
 )
