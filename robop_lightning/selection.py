@@ -131,12 +131,15 @@ class AutoOptions:
         folds: K of the K-fold split over calibration samples.
         select: ``"mean"`` fold error, or ``"worst"`` fold (distributionally robust).
         scorer: the solver that scores candidates (``"sparsegpt"``: fast; ``None``: the pruning solver).
+        rows: score on this many output rows, evenly spaced (``None``: all). The error is a sum over
+            rows, so a row sample estimates it; scoring cost falls in proportion.
     """
 
     candidates: tuple[str, ...] | None = None
     folds: int = 4
     select: str = "mean"
     scorer: str | None = "sparsegpt"
+    rows: int | None = None
 
     @classmethod
     def coerce(cls, value: AutoOptions | dict[str, Any] | None) -> AutoOptions:
@@ -147,7 +150,7 @@ class AutoOptions:
             return value
         if not isinstance(value, dict):
             raise ValueError(f"auto options must be an AutoOptions or a dict, got {type(value).__name__}.")
-        valid = ("candidates", "folds", "select", "scorer")
+        valid = ("candidates", "folds", "select", "scorer", "rows")
         unknown = sorted(set(value) - set(valid))
         if unknown:
             raise ValueError(f"unknown auto option(s) {', '.join(map(repr, unknown))}: valid keys are {', '.join(valid)}.")
@@ -198,6 +201,7 @@ def select_uncertainty(
     damping: float = 0.01,
     prior_mask: torch.Tensor | None = None,
     name: str = "layer",
+    rows: int | None = None,
 ) -> SetSelection:
     """Choose a layer's set and gamma by K-fold cross-validation over its calibration samples.
 
@@ -212,6 +216,7 @@ def select_uncertainty(
         scorer: the solver that scores the candidates (``"sparsegpt"``, ``"alps"``, ``"cap"``...).
         damping: the Baseline candidate's gamma.
         prior_mask: an earlier keep-mask (gradual schedules), honoured by the scorer.
+        rows: score on this many evenly spaced output rows (``None``: all rows).
 
     Returns:
         A :class:`SetSelection`.
@@ -248,7 +253,13 @@ def select_uncertainty(
     device = weight.device
     h = inputs.gram(device=device)
     fold_of = _fold_index(samples, k_folds)
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+        raise ValueError(f"rows must be a positive integer or None, got {rows!r}.")
     w = weight.detach().to(torch.float32)
+    if rows is not None and rows < w.shape[0]:
+        keep = torch.linspace(0, w.shape[0] - 1, rows).round().long().unique()
+        w = w[keep]
+        prior_mask = None if prior_mask is None else prior_mask[keep]
     fn = SOLVERS[scorer]
     errors: dict[str, list[float]] = {c.label: [] for c in cands}
     for k in range(k_folds):

@@ -86,7 +86,7 @@ def test_default_grid_and_options():
     grid = default_candidates()
     assert grid[0] == Candidate("baseline") and {c.set for c in grid} == {"baseline", "trace", "e", "cte"}
     assert AutoOptions.coerce({"folds": 3, "candidates": ["trace=0.01"]}).candidates == ("trace=0.01",)
-    with pytest.raises(ValueError, match="valid keys are candidates, folds, select, scorer"):
+    with pytest.raises(ValueError, match="valid keys are candidates, folds, select, scorer, rows"):
         AutoOptions.coerce({"fold": 3})
     with pytest.raises(ValueError, match="min-max extension"):
         AutoOptions.coerce({"candidates": ["cvar=0.5"]})
@@ -184,3 +184,20 @@ def test_callback_takes_auto_in_a_real_trainer(tmp_path):
     assert [r["selection"]["folds"] for r in rows] == [3, 3] and all(r["selection"]["select"] == "worst" for r in rows)
     for name, mask in robop.masks.to_dict().items():  # zeros held through fine-tuning
         assert bool((model.get_submodule(name).weight[~mask] == 0).all())
+
+
+def test_a_row_sample_scores_like_all_rows():
+    """Scoring on a subset of output rows: same fold errors when the subset is every row, close otherwise."""
+    w, x = _weight(64, 24, 2), _data(12, 4, 24, 2)
+    pat = parse_pattern("row", 0.6)  # per-row budget: a row's result does not depend on the other rows
+    full = select_uncertainty(w, LayerInputs(x), pat, GRID, scorer="sparsegpt")
+    same = select_uncertainty(w, LayerInputs(x), pat, GRID, scorer="sparsegpt", rows=64)
+    assert same.errors == full.errors
+    half = select_uncertainty(w, LayerInputs(x), pat, GRID, scorer="sparsegpt", rows=32)
+    keep = torch.linspace(0, 63, 32).round().long()
+    alone = select_uncertainty(w[keep], LayerInputs(x), pat, GRID, scorer="sparsegpt")
+    assert half.errors == alone.errors  # exactly the evenly spaced rows
+    for label in full.errors:
+        assert half.score(label) == pytest.approx(full.score(label), rel=0.3)
+    with pytest.raises(ValueError, match="rows must be a positive integer"):
+        select_uncertainty(w, LayerInputs(x), pat, GRID, rows=0)
