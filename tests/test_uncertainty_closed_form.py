@@ -96,14 +96,13 @@ def test_trace_is_baseline_with_rescaled_gamma(solver, pattern, sparsity):
     base = prune_layer(w, x, sparsity=sparsity, pattern=pattern, solver=solver, uncertainty="baseline",
                        radius=g * n / math.sqrt(big_n))
     assert trace.damping == pytest.approx(base.damping, rel=1e-12)
-    assert torch.equal(trace.mask, base.mask)
-    torch.testing.assert_close(trace.weight, base.weight, rtol=1e-5, atol=1e-6)
+    # the two ridges agree to the last bit or two of float64: the float32 results are identical
+    assert torch.equal(trace.mask, base.mask) and torch.equal(trace.weight, base.weight)
     c = 0.02
     mean_diag = float(LayerInputs(x).gram().diagonal().mean())
     cte = prune_layer(w, x, sparsity=sparsity, pattern=pattern, solver=solver, uncertainty="cte", radius=c * mean_diag)
     base = prune_layer(w, x, sparsity=sparsity, pattern=pattern, solver=solver, uncertainty="baseline", radius=c)
-    assert torch.equal(cte.mask, base.mask)
-    torch.testing.assert_close(cte.weight, base.weight, rtol=1e-5, atol=1e-6)
+    assert torch.equal(cte.mask, base.mask) and torch.equal(cte.weight, base.weight)
 
 
 def test_baseline_radius_is_the_damping():
