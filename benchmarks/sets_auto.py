@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/sets_auto.py --threads 2                      # Gemma layers + DeiT (if cached)
     .venv/bin/python benchmarks/sets_auto.py --fast --out /tmp/sa             # a synthetic layer, seconds
 
-For every captured layer (the same captures as ``benchmarks/sets_layers.py``: calibration, held-out
-in-domain and OOD inputs) and setting (50 %, 70 %, 2:4) it runs the per-layer selection of
+For every captured layer (the captures of ``benchmarks/sets_layers.py``: calibration, held-out
+in-domain and OOD inputs; by default Gemma blocks 1 and 15 (q, o, gate) and DeiT blocks 1 and 3) and setting (50 %, 70 %, 2:4) it runs the per-layer selection of
 :mod:`robop_lightning.selection` twice, with the default grid and 4 folds: scored by SparseGPT
 (the fast default) and by the pruning solver itself (RobOP-ALPS for Gemma, RobOP-CAP for the
 DeiT). It reports how often the two choose the same candidate, the held-out and OOD error of the
@@ -40,6 +40,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--models", nargs="+", default=None, choices=["gemma", "deit", "synthetic"])
     p.add_argument("--gemma-blocks", type=int, nargs="+", default=[1, 15])
     p.add_argument("--gemma-layers", nargs="+", default=["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj"])
+    p.add_argument("--deit-blocks", type=int, nargs="+", default=[1, 3])
     p.add_argument("--select", default="mean", choices=["mean", "worst"])
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--fast", action="store_true")
@@ -54,7 +55,7 @@ def main(argv=None) -> list[dict]:
         SL.GEMMA_WHICH[:] = args.gemma_layers
         layers += SL.gemma_layers(args.gemma_blocks, 32)
     if "deit" in models:
-        layers += SL.deit_layers(256)
+        layers += SL.deit_layers(256, args.deit_blocks)
     if "synthetic" in models:
         layers += SL.synthetic_layers()
     settings = SL.SETTINGS[:1] if args.fast else SL.SETTINGS

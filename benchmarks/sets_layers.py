@@ -61,15 +61,15 @@ def _brown_batches(windows, seqlen=128, batch_size=8):
     return [data[i : i + batch_size] for i in range(0, len(data), batch_size)]
 
 
-def deit_layers(images):
+def deit_layers(images, blocks=None):
     model = R.deit()
     if model is None:
         print("tiny DeiT not cached (run recipes/deit_cap.py once): skipped")
         return []
     from robop_lightning.robustness.corruptions import corrupt
 
-    depth = len(model.model.blocks)
-    names = [f"model.blocks.{b}.{w}" for b in range(depth) for w in DEIT_WHICH]
+    blocks = range(len(model.model.blocks)) if blocks is None else blocks
+    names = [f"model.blocks.{b}.{w}" for b in blocks for w in DEIT_WHICH]
     cal_b = R.image_batches(images)
     held_b = R.image_batches(128, split="val")
     kinds = ["gaussian_noise", "contrast", "jpeg_compression"]
