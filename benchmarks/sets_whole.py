@@ -24,6 +24,7 @@ import argparse
 import copy
 import json
 import pathlib
+import statistics
 import sys
 import time
 import warnings
@@ -55,6 +56,38 @@ def window_nll(model, windows: torch.Tensor, batch_size: int = 4) -> tuple[list[
         nll += loss.double().sum(1).tolist()
         tokens += [ids.shape[1] - 1] * len(ids)
     return nll, tokens
+
+
+def _layer_fit_table(runs: dict, settings: list[str], solver: str) -> list[str]:
+    """Median over blocks, per linear type, of each run's calibration error over the Baseline run's.
+
+    The errors are those ``prune_model`` reports while walking the model: each layer's nominal
+    error on its own calibration inputs, which come from the already-pruned blocks before it.
+    """
+    lines = ["", "Calibration (nominal) error of each linear type in the sequential pipeline, as a ratio to the "
+             "Baseline run of the same setting (median over blocks): how much calibration fit a set gives up.", ""]
+    kinds: list[str] = []
+    table = []
+    for setting in settings:
+        base = runs.get(f"{setting.replace(':', '-')}_{solver}_baseline", {}).get("layer_nominal_error")
+        if not base:
+            continue
+        for r in runs.values():
+            errs = r.get("layer_nominal_error")
+            if r["setting"] != setting or not errs or r.get("set") == "baseline" and r.get("solver") == solver:
+                continue
+            by_kind: dict[str, list[float]] = {}
+            for name, e in errs.items():
+                if name in base and base[name] > 0:
+                    by_kind.setdefault(name.rsplit(".", 1)[-1], []).append(e / base[name])
+            kinds += [k for k in by_kind if k not in kinds]
+            table.append((setting, r["method"], {k: statistics.median(v) for k, v in by_kind.items()}))
+    if not table:
+        return []
+    lines += ["| setting | method | " + " | ".join(kinds) + " |", "|---|---|" + "---|" * len(kinds)]
+    for setting, method, med in table:
+        lines.append(f"| {setting} | {method} | " + " | ".join(f"{med[k]:.2f}" if k in med else "-" for k in kinds) + " |")
+    return lines
 
 
 def main(argv=None) -> dict:
@@ -193,6 +226,7 @@ def main(argv=None) -> dict:
         tv = f"{row['time_vs_baseline']:.2f}" if row["time_vs_baseline"] else "-"
         md.append(f"| {row['setting']} | {row['method']} | {row['ppl_in-domain']:.2f} | {ci('ratio_in-domain')} | "
                   f"{row['ppl_ood']:.2f} | {ci('ratio_ood')} | {row['seconds']:.0f} | {tv} |")
+    md += _layer_fit_table(runs, settings, args.solver)
     markdown = "\n".join(md) + "\n"
     protocol = {"model": label, "calibration_windows": len(dm.splits["calibration"]), "seqlen": dm.seqlen,
                 "eval_windows": {k: len(v) for k, v in evals.items()}, "solver": args.solver}
