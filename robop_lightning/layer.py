@@ -242,10 +242,11 @@ def prune_layer(
     held = None if heldout is None else as_layer_inputs(heldout, cols, name=f"{name}: heldout")
     selection = None
     if choose:
+        set_auto = uncertainty.strip().lower() == "auto"
         candidates = auto_opts.candidates
         if candidates is None:
-            candidates = default_candidates("auto" if uncertainty == "auto" else canonical_set_name(uncertainty))
-        elif uncertainty != "auto":
+            candidates = default_candidates("auto" if set_auto else canonical_set_name(uncertainty))
+        elif not set_auto:
             candidates = [c for c in candidates if Candidate.parse(c).set in ("baseline", canonical_set_name(uncertainty))]
         selection = select_uncertainty(weight, li, pat, candidates, folds=auto_opts.folds, select=auto_opts.select,
                                        scorer=auto_opts.scorer or solver, damping=damping, prior_mask=prior_mask,
