@@ -67,7 +67,7 @@ def main(argv=None) -> list[dict]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 for label, kw in (("baseline", dict(uncertainty="baseline")),
-                                  ("auto_fast", dict(uncertainty="auto", auto={"select": args.select})),
+                                  ("auto_fast", dict(uncertainty="auto", auto={"select": args.select, "scorer": "sparsegpt"})),
                                   ("auto_full", dict(uncertainty="auto", auto={"select": args.select, "scorer": None}))):
                     t = time.perf_counter()
                     r = prune_layer(w, x, sparsity=sparsity, pattern=pattern, solver=solver, name=lname, **kw)

@@ -12,9 +12,9 @@ Steps (each cached or timed, every number written to ``--out``):
    ``~/.cache/robop_lightning/recipes/`` (``$ROBOP_CACHE``), keyed by everything that shapes it.
    With ``--pretrained`` (ImageNet) timm's weights are used and nothing is trained.
 2. One-shot ``prune_model`` at every sparsity: RobOP-CAP (``solver="cap"``) under the authors'
-   Baseline, Trace, E and CTE sets (gamma 0.01; ``--robop-sets trace=0.003`` for others) and under
-   ``auto`` (each layer chooses its set and gamma by 4-fold cross-validation over the calibration
-   images), beside SparseGPT, Wanda and magnitude pruning, all on the SAME fixed calibration subset
+   Baseline, Trace, E and CTE sets (gamma 0.01; ``--robop-sets trace=0.003`` for others; ``auto``
+   lets each layer choose its set and gamma by 4-fold cross-validation over the calibration images),
+   beside SparseGPT, Wanda and magnitude pruning, all on the SAME fixed calibration subset
    (``--calibration-size`` training images).
 3. Recovery fine-tuning with ``RobOPCallback`` (masks held) of the best RobOP model and the best
    other method at the highest sparsity, "best" by validation accuracy (never the test set).
@@ -86,7 +86,8 @@ config = dict(
     sparsity=[0.7, 0.8, 0.9],
     # the authors' sets (gamma 0.01 each); NAME=GAMMA sets a radius (trace=0.003), and the extension's
     # minmax-trace / minmax-e / cvar can be added
-    robop_sets=["baseline", "trace", "e", "cte", "auto"],  # RobOP-CAP under each set, and chosen per layer
+    robop_sets=["baseline", "trace", "e", "cte"],  # RobOP-CAP under each set; add auto (per layer) or trace=auto
+    auto_scorer="solver",  # how auto / NAME=auto score candidates: "solver" (CAP itself) or "sparsegpt" (cheaper)
     baselines=["sparsegpt", "wanda", "magnitude"],  # the same engine, Baseline set, same calibration data
     calibration_size=256,  # images; 256 x 18 tokens = 4.6k rows per Gram, enough for 96..384 inputs
     # recovery fine-tuning with RobOPCallback (masks held) at the highest sparsity
@@ -207,6 +208,13 @@ def val_accuracy(args, model: DeiTClassifier, datamodule) -> float:
     return float(trainer.validate(model, datamodule=datamodule, verbose=False)[0]["val/clean_acc"])
 
 
+def auto_options(args, set_name: str, radius) -> dict:
+    """``{"auto": {...}}`` for a set chosen per layer (``auto`` or ``NAME=auto``), else ``{}``."""
+    if "auto" not in (set_name, radius):
+        return {}
+    return {"auto": {"scorer": None if args.auto_scorer == "solver" else args.auto_scorer}}
+
+
 def model_label(solver: str, uncertainty: str) -> str:
     return f"robop-cap/{uncertainty}" if solver == "cap" else solver
 
@@ -286,7 +294,7 @@ def main(argv=None) -> dict:
         model = copy.deepcopy(dense)
         set_name, radius = parse_set_spec(uncertainty, allow_auto=True)
         report = prune_model(model, calibration, sparsity=sparsity, solver=solver, uncertainty=set_name,
-                             radius=radius, progress=False)  # fmt: skip
+                             radius=radius, progress=False, **auto_options(args, set_name, radius))  # fmt: skip
         models[name] = dict(method=model_label(solver, uncertainty), solver=solver, uncertainty=uncertainty,
                             sparsity=report.totals["sparsity"], target_sparsity=sparsity, model=model.eval(),
                             prune_seconds=report.seconds, masks=report.masks, finetuned=False,
@@ -320,6 +328,7 @@ def main(argv=None) -> dict:
         model.hparams.lr, model.hparams.warmup_epochs = args.finetune_lr, 0.0  # configure_optimizers reads these
         set_name, radius = parse_set_spec(source["uncertainty"], allow_auto=True)
         robop = RobOPCallback(sparsity=source["target_sparsity"], solver=source["solver"], uncertainty=set_name, radius=radius,
+                              **auto_options(args, set_name, radius),
                               calibration="calibration", calibration_batches=len(calibration), progress=False,
                               verbose=False)  # fmt: skip
         trainer = quiet_trainer(args, max_epochs=args.finetune_epochs, limit_train_batches=args.finetune_batches,

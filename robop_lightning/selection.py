@@ -14,9 +14,9 @@ and the layer is then pruned once, on all samples, with the winner and the reque
 Baseline is always a candidate, so the chosen candidate's fold error is never above Baseline's.
 
 Cheap by construction: one pass over the activations gives the K fold Grams; ``D`` is a closed
-form; the E set's ``H_train^(1/2)`` is computed once per fold and reused for every gamma; the
-candidates are scored with a fast solver (SparseGPT by default: the benchmark
-``benchmarks/sets_auto.py`` checks that its choice agrees with the full solver's).
+form; the E set's ``H_train^(1/2)`` is computed once per fold and reused for every gamma. The
+candidates are scored by the pruning solver itself by default; ``scorer="sparsegpt"`` is cheaper
+but less faithful (``benchmarks/sets_auto.py`` measures how often the two agree).
 
 Folds are global sample indices modulo K (interleaved, so every fold spans the whole calibration
 set), the same on every DDP rank: the choice is deterministic and rank-identical.
@@ -130,7 +130,9 @@ class AutoOptions:
         candidates: ``"trace=0.01"``-style specs (``None``: the set(s) x :data:`DEFAULT_GAMMAS`).
         folds: K of the K-fold split over calibration samples.
         select: ``"mean"`` fold error, or ``"worst"`` fold (distributionally robust).
-        scorer: the solver that scores candidates (``"sparsegpt"``: fast; ``None``: the pruning solver).
+        scorer: the solver that scores candidates (``None``: the pruning solver itself, faithful;
+            ``"sparsegpt"``: about 3x cheaper on an LLM layer, but it prefers larger ridges than ALPS /
+            CAP need and chose wrong on the DeiT, see ``benchmarks/results/sets_auto.md``).
         rows: score on this many output rows, evenly spaced (``None``: all). The error is a sum over
             rows, so a row sample estimates it; scoring cost falls in proportion.
     """
@@ -138,7 +140,7 @@ class AutoOptions:
     candidates: tuple[str, ...] | None = None
     folds: int = 4
     select: str = "mean"
-    scorer: str | None = "sparsegpt"
+    scorer: str | None = None
     rows: int | None = None
 
     @classmethod

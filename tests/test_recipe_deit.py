@@ -33,7 +33,8 @@ def fast_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("deit_cap")
     out = tmp / "out"
     # a fresh cache: the tiny dense model is trained here, not taken from an earlier run
-    _load_recipe().main(["--fast", "--out", str(out), "--cache", str(tmp / "cache")])
+    _load_recipe().main(["--fast", "--out", str(out), "--cache", str(tmp / "cache"),
+                         "--robop-sets", "baseline", "trace", "e", "cte", "auto"])
     return out, json.loads((out / "results.json").read_text())
 
 
