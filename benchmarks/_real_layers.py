@@ -76,6 +76,18 @@ def write_results(out: str | pathlib.Path, payload: dict, markdown: str) -> tupl
     return paths
 
 
+def publish(out: str | pathlib.Path, payload: dict, markdown: str) -> None:
+    """Write ``out.json`` / ``out.md`` and print the markdown and where it went (every benchmark's ending)."""
+    paths = write_results(out, payload, markdown)
+    print(markdown)
+    print(f"wrote {paths[0]} and {paths[1]}")
+
+
+def setting_label(pattern: str, sparsity: float | None) -> str:
+    """``"70%"`` for an unstructured sparsity, the pattern itself (``"2:4"``) otherwise."""
+    return pattern if pattern != "unstructured" else f"{sparsity:.0%}"
+
+
 # --------------------------------------------------------------------------- models and data
 def gemma():
     """The embedded Gemma-3-270M (float32, eval mode)."""

@@ -355,9 +355,7 @@ def main(argv=None) -> dict:
     markdown = "\n".join(md) + "\n"
     payload = {"command": command, "machine": info, "loadavg": info["loadavg"], "rows": rows,
                "scaling": scale_rows, "exponents": exps, "limit": limits}
-    paths = R.write_results(args.out, payload, markdown)
-    print(markdown)
-    print(f"wrote {paths[0]} and {paths[1]}")
+    R.publish(args.out, payload, markdown)
     return payload
 
 

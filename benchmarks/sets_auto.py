@@ -50,14 +50,7 @@ def main(argv=None) -> list[dict]:
         torch.set_num_threads(args.threads)
     models = args.models or (["synthetic"] if args.fast else ["gemma", "deit"])
     start = time.perf_counter()
-    layers = []
-    if "gemma" in models:
-        SL.GEMMA_WHICH[:] = args.gemma_layers
-        layers += SL.gemma_layers(args.gemma_blocks, 32)
-    if "deit" in models:
-        layers += SL.deit_layers(256, args.deit_blocks)
-    if "synthetic" in models:
-        layers += SL.synthetic_layers()
+    layers = SL.collect_layers(models, args.gemma_blocks, gemma_which=args.gemma_layers, deit_blocks=args.deit_blocks)
     settings = SL.SETTINGS[:1] if args.fast else SL.SETTINGS
     rows = []
     for model_name, solver, lname, w, x, xh, xo in layers:
@@ -102,7 +95,7 @@ def _report(args, argv, start, rows):
     summary = []
     for key in dict.fromkeys((r["model"], r["pattern"], r["sparsity"]) for r in rows):
         rs = [r for r in rows if (r["model"], r["pattern"], r["sparsity"]) == key]
-        setting = key[1] if key[1] != "unstructured" else f"{key[2]:.0%}"
+        setting = R.setting_label(key[1], key[2])
         agree = sum(r["agree"] for r in rs)
         entry = {"model": key[0], "setting": setting, "layers": len(rs), "agree": agree}
         cells = []
@@ -119,14 +112,12 @@ def _report(args, argv, start, rows):
         lines.append(f"| {key[0]} | {setting} | {len(rs)} | {agree}/{len(rs)} | " + " | ".join(cells) + " |")
     lines += ["", "| layer | setting | chosen (SparseGPT scorer) | chosen (solver) |", "|---|---|---|---|"]
     for r in rows:
-        setting = r["pattern"] if r["pattern"] != "unstructured" else f"{r['sparsity']:.0%}"
+        setting = R.setting_label(r["pattern"], r["sparsity"])
         lines.append(f"| {r['layer']} | {setting} | {r['auto_fast_chosen']} | {r['auto_full_chosen']} |")
     markdown = "\n".join(lines) + "\n"
     payload = {"command": R.command_line("benchmarks/sets_auto.py", argv), "machine": R.machine("cpu"),
                "summary": summary, "rows": rows}
-    paths = R.write_results(args.out, payload, markdown)
-    print(markdown)
-    print(f"wrote {paths[0]} and {paths[1]}")
+    R.publish(args.out, payload, markdown)
     return rows
 
 

@@ -42,9 +42,21 @@ GEMMA_WHICH = ["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.dow
 DEIT_WHICH = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
 
 
-def gemma_layers(blocks, windows):
+def collect_layers(models, gemma_blocks, windows=32, images=256, gemma_which=None, deit_blocks=None):
+    """``(model, solver, name, W, X_cal, X_held, X_ood)`` for every captured layer of ``models``."""
+    layers = []
+    if "gemma" in models:
+        layers += gemma_layers(gemma_blocks, windows, gemma_which)
+    if "deit" in models:
+        layers += deit_layers(images, deit_blocks)
+    if "synthetic" in models:
+        layers += synthetic_layers()
+    return layers
+
+
+def gemma_layers(blocks, windows, which=None):
     model = R.gemma()
-    names = [f"model.layers.{b}.{w}" for b in blocks for w in GEMMA_WHICH]
+    names = [f"model.layers.{b}.{w}" for b in blocks for w in (which or GEMMA_WHICH)]
     cal = R.capture(model, R.text_batches(windows), names)
     held = R.capture(model, R.text_batches(16, split="val"), names)
     ood = R.capture(model, _brown_batches(16), names)
@@ -109,13 +121,7 @@ def main(argv=None) -> list[dict]:
         torch.set_num_threads(args.threads)
     models = args.models or (["synthetic"] if args.fast else ["gemma", "deit"])
     start = time.perf_counter()
-    layers = []
-    if "gemma" in models:
-        layers += gemma_layers(args.gemma_blocks, args.windows)
-    if "deit" in models:
-        layers += deit_layers(args.images)
-    if "synthetic" in models:
-        layers += synthetic_layers()
+    layers = collect_layers(models, args.gemma_blocks, args.windows, args.images)
     settings = SETTINGS[:1] if args.fast else SETTINGS
     rows = []
     for model_name, solver, lname, w, x, xh, xo in layers:
@@ -151,7 +157,7 @@ def _report(args, argv, start, rows):
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["uncertainty"] != "baseline":
-            setting = r["pattern"] if r["pattern"] != "unstructured" else f"{r['sparsity']:.0%}"
+            setting = R.setting_label(r["pattern"], r["sparsity"])
             groups.setdefault((r["model"], setting, r["uncertainty"], r["gamma"]), []).append(r)
 
     def stat(vals):
@@ -178,9 +184,7 @@ def _report(args, argv, start, rows):
     markdown = "\n".join(lines) + "\n"
     payload = {"command": R.command_line("benchmarks/sets_layers.py", argv), "machine": R.machine("cpu"),
                "summary": summary, "rows": rows}
-    paths = R.write_results(args.out, payload, markdown)
-    print(markdown)
-    print(f"wrote {paths[0]} and {paths[1]}")
+    R.publish(args.out, payload, markdown)
     return rows
 
 

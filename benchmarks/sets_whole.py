@@ -231,9 +231,7 @@ def main(argv=None) -> dict:
     protocol = {"model": label, "calibration_windows": len(dm.splits["calibration"]), "seqlen": dm.seqlen,
                 "eval_windows": {k: len(v) for k, v in evals.items()}, "solver": args.solver}
     payload = {"command": command, "machine": info, "protocol": protocol, "runs": runs, "comparisons": comparisons}
-    paths = R.write_results(args.out, payload, markdown)
-    print(markdown)
-    print(f"wrote {paths[0]} and {paths[1]}")
+    R.publish(args.out, payload, markdown)
     return payload
 
 
