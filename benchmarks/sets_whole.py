@@ -95,7 +95,8 @@ def main(argv=None) -> dict:
     p.add_argument("--settings", nargs="+", default=["0.5", "0.7", "2:4"])
     p.add_argument("--sets", nargs="+", default=["baseline", "trace", "e", "cte"], help="NAME or NAME=GAMMA")
     p.add_argument("--solver", default="alps")
-    p.add_argument("--auto-scorer", default="solver", help="scorer of 'auto' / 'NAME=auto' specs ('solver': the solver itself)")
+    p.add_argument("--auto-scorer", default="admm",
+                   help="scorer of 'auto' / 'NAME=auto' specs ('admm': the fast default; 'solver': the solver itself)")
     p.add_argument("--auto-select", default="mean", choices=["mean", "worst"])
     p.add_argument("--baselines", nargs="*", default=["sparsegpt"], help="other solvers, Baseline set")
     p.add_argument("--calibration-windows", type=int, default=32)
@@ -171,7 +172,7 @@ def main(argv=None) -> dict:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 t = time.perf_counter()
-                auto = {"scorer": None if args.auto_scorer == "solver" else args.auto_scorer, "select": args.auto_select}
+                auto = {"scorer": args.auto_scorer, "select": args.auto_select}
                 report = prune_model(model, calibration, sparsity=sparsity, pattern=pattern, solver=solver,
                                      uncertainty=name, radius=radius, progress=False,
                                      **({"auto": auto} if "auto" in (name, radius) else {}))

@@ -69,8 +69,9 @@ class RobOPCallback(Callback):
             chooses its set and gamma by cross-validation over the calibration samples.
         radius: the authors' ``gamma`` (``None``: 0.01; baseline: ``damping``), ``rho`` / ``alpha``
             for the extension, or ``"auto"`` (the gamma of the given set chosen per layer).
-        auto: how ``"auto"`` chooses: ``{"folds": 4, "select": "mean" | "worst", "scorer":
-            "sparsegpt", "candidates": ["trace=0.003", ...]}`` (:class:`robop_lightning.selection.AutoOptions`).
+        auto: how ``"auto"`` chooses: ``{"folds": 4, "select": "mean" | "worst", "scorer": "admm" |
+            "solver", "rows": 32, "candidates": ["trace=0.003", ...]}``
+            (:class:`robop_lightning.selection.AutoOptions`).
         targets: linear layers to prune: module names relative to the LightningModule (such as
             ``"model.layers.0.mlp"``) or ``"re:<regex>"`` patterns. ``None``: every linear inside
             the repeated blocks (output heads stay dense).

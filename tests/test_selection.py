@@ -26,20 +26,22 @@ def _weight(m, n, seed):
     return torch.randn(m, n, generator=torch.Generator().manual_seed(100 + seed))
 
 
+@pytest.mark.parametrize("scorer", ["admm", "alps"])
 @pytest.mark.parametrize("seed", range(3))
-def test_few_noisy_samples_make_a_large_ridge_win(seed):
+def test_few_noisy_samples_make_a_large_ridge_win(seed, scorer):
     """8 samples x 4 tokens for 48 inputs: the Gram is rank-deficient noise; a large ridge generalises."""
     w, x = _weight(24, 48, seed), _data(8, 4, 48, seed)
-    s = select_uncertainty(w, LayerInputs(x), parse_pattern("unstructured", 0.6), GRID, scorer="alps")
+    s = select_uncertainty(w, LayerInputs(x), parse_pattern("unstructured", 0.6), GRID, scorer=scorer, rows=None)
     assert s.chosen.label in ("trace=0.1", "trace=1")
     assert s.score(s.chosen.label) < 0.8 * s.score("baseline")
 
 
+@pytest.mark.parametrize("scorer", ["admm", "alps"])
 @pytest.mark.parametrize("seed", range(3))
-def test_abundant_clean_data_makes_a_small_radius_win(seed):
+def test_abundant_clean_data_makes_a_small_radius_win(seed, scorer):
     """4096 tokens for 16 inputs: the nominal fit is right; large ridges lose."""
     w, x = _weight(24, 16, seed), _data(512, 8, 16, seed)
-    s = select_uncertainty(w, LayerInputs(x), parse_pattern("unstructured", 0.6), GRID, scorer="alps")
+    s = select_uncertainty(w, LayerInputs(x), parse_pattern("unstructured", 0.6), GRID, scorer=scorer, rows=None)
     assert s.chosen.label in ("baseline", "trace=0.001", "trace=0.01")
     assert s.score("trace=1") > 1.1 * s.score(s.chosen.label)
 
@@ -190,14 +192,68 @@ def test_a_row_sample_scores_like_all_rows():
     """Scoring on a subset of output rows: same fold errors when the subset is every row, close otherwise."""
     w, x = _weight(64, 24, 2), _data(12, 4, 24, 2)
     pat = parse_pattern("row", 0.6)  # per-row budget: a row's result does not depend on the other rows
-    full = select_uncertainty(w, LayerInputs(x), pat, GRID, scorer="sparsegpt")
+    full = select_uncertainty(w, LayerInputs(x), pat, GRID, scorer="sparsegpt", rows=None)
     same = select_uncertainty(w, LayerInputs(x), pat, GRID, scorer="sparsegpt", rows=64)
     assert same.errors == full.errors
     half = select_uncertainty(w, LayerInputs(x), pat, GRID, scorer="sparsegpt", rows=32)
     keep = torch.linspace(0, 63, 32).round().long()
-    alone = select_uncertainty(w[keep], LayerInputs(x), pat, GRID, scorer="sparsegpt")
+    alone = select_uncertainty(w[keep], LayerInputs(x), pat, GRID, scorer="sparsegpt", rows=None)
     assert half.errors == alone.errors  # exactly the evenly spaced rows
     for label in full.errors:
         assert half.score(label) == pytest.approx(full.score(label), rel=0.3)
     with pytest.raises(ValueError, match="rows must be a positive integer"):
         select_uncertainty(w, LayerInputs(x), pat, GRID, rows=0)
+
+
+def _fold_spectrum(x, n):
+    h = LayerInputs(x).gram()
+    lam, q = torch.linalg.eigh(h)
+    return h, lam.clamp_min(0), q
+
+
+@pytest.mark.parametrize("pattern, sparsity", [("unstructured", 0.6), ("2:4", None), ("row", 0.5)])
+def test_admm_scorer_fits_each_candidate_under_its_own_gram(pattern, sparsity):
+    """The batched scorer's output for a candidate: on the pattern, and the exact least-squares fit
+    of its own support under H + ridge I + c H^(1/2) (an independent float64 refit)."""
+    from robop_lightning.selection import _admm_scores
+    from robop_lightning.solvers.refit import exact_refit
+
+    torch.manual_seed(0)
+    n, m = 8, 6
+    x, w = _data(10, 3, n, 4), _weight(m, n, 4)
+    h, lam, q = _fold_spectrum(x, n)
+    root = (q * lam.sqrt()) @ q.T
+    shifts = [(0.01 * float(h.diagonal().mean()), 0.0), (0.0, 0.5), (2.0, 0.1)]
+    pat = parse_pattern(pattern, sparsity)
+    out = _admm_scores(w.double(), lam, q, h, root, shifts, pat, None)
+    assert out.shape == (3, m, n)
+    for (ridge, c), w_hat in zip(shifts, out):
+        mask = w_hat != 0
+        assert int(mask.sum()) == pat.keep_count(m, n)
+        h_c = h + ridge * torch.eye(n, dtype=h.dtype) + c * root
+        torch.testing.assert_close(w_hat, exact_refit(w.double(), h_c, mask), rtol=1e-6, atol=1e-8)
+
+
+def test_admm_scorer_scores_candidates_independently():
+    """Candidates stacked in one batch get what each would get alone."""
+    from robop_lightning.selection import _admm_scores
+
+    x, w = _data(12, 4, 16, 5), _weight(10, 16, 5)
+    h, lam, q = _fold_spectrum(x, 16)
+    h, lam, q = h.float(), lam.float(), q.float()
+    root = (q * lam.sqrt()) @ q.T
+    shifts = [(0.1, 0.0), (0.0, 0.3), (5.0, 0.0)]
+    pat = parse_pattern("unstructured", 0.5)
+    together = _admm_scores(w, lam, q, h, root, shifts, pat, None)
+    for i, shift in enumerate(shifts):
+        alone = _admm_scores(w, lam, q, h, root, [shift], pat, None)[0]
+        torch.testing.assert_close(together[i], alone, rtol=1e-5, atol=1e-6)
+        assert torch.equal(together[i] != 0, alone != 0)
+
+
+def test_admm_scorer_honours_a_prior_mask():
+    w, x = _weight(16, 24, 3), _data(12, 4, 24, 3)
+    prior = torch.rand(16, 24, generator=torch.Generator().manual_seed(0)) < 0.6
+    r = prune_layer(w, x, sparsity=0.7, solver="alps", uncertainty="auto", prior_mask=prior)
+    assert r.selection["scorer"] == "admm"
+    assert not bool((r.mask & ~prior).any())

@@ -153,3 +153,19 @@ def test_coupled_is_refused_for_the_authors_sets():
     with pytest.raises(ValueError, match="per-row closed form"):
         prune_layer(w, x, uncertainty="trace", coupled=True)
     assert make_uncertainty("minmax-trace").coupled and not make_uncertainty("minmax-trace", coupled=False).dynamic
+
+
+@pytest.mark.parametrize("name, gamma", [("baseline", 0.01), ("trace", 0.05), ("e", 0.7), ("cte", 3.0)])
+def test_every_set_is_a_spectral_shift_of_the_gram(name, gamma):
+    """closed_form_spectrum's (ridge, c): Q diag(lam + ridge + c sqrt(lam)) Q^T is exactly H + D."""
+    from robop_lightning.uncertainty.closed_form import closed_form_damping, closed_form_spectrum
+
+    x = torch.randn(40, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    h = x.T @ x
+    ridge, c = closed_form_spectrum(name, float(h.diagonal().mean()), float(h.diagonal().sum()), 40, gamma)
+    lam, q = torch.linalg.eigh(h)
+    lam = lam.clamp_min(0)
+    shifted = (q * (lam + ridge + c * lam.sqrt())) @ q.T
+    d_ridge, d_matrix = closed_form_damping(name, h, 40, gamma)
+    expected = h + d_ridge * torch.eye(10, dtype=h.dtype) + (0 if d_matrix is None else d_matrix)
+    torch.testing.assert_close(shifted, expected, rtol=1e-10, atol=1e-9)

@@ -64,18 +64,11 @@ def alps(
     b0 = (w.float() * s32[None, :]).T.contiguous()  # (n, m)
     hb0 = ht @ b0
     qt_hb0 = None  # Q^T H~ B0, only for the two-product update
-    k = max(pattern.keep_count(rows, cols), 1)
-    fast = pattern.kind == "unstructured" and prior is None and 0 < pattern.keep_count(rows, cols) < rows * cols
-
-    nm_fast = pattern.kind == "nm" and prior is None and pattern.m <= 8
+    kept = pattern.keep_count(rows, cols)
+    k = max(kept, 1)
 
     def project(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if fast:
-            keep = _top_k_mask(x.abs(), k)
-        elif nm_fast:
-            keep = _nm_mask(x.abs(), pattern.n, pattern.m)
-        else:
-            keep = pattern.select(x.abs().T, prior=prior).T
+        keep = support(x.abs(), pattern, kept, prior)
         return x * keep, keep
 
     # (H~ + rho I)^-1 as one n x n matrix per rho when forming it (n^3) is cheaper than a second
@@ -156,6 +149,19 @@ def alps(
     w_hat = bt / s32[None, :]
     mask = supp.T.contiguous()
     return w_hat * mask, mask
+
+
+def support(scores: torch.Tensor, pattern: Pattern, kept: int, prior: torch.Tensor | None = None) -> torch.Tensor:
+    """The pattern's keep-mask of ``scores`` in the solver layout ``(inputs, rows)``.
+
+    ``kept`` is ``pattern.keep_count(rows, inputs)``. Unstructured and ``N:M`` (``M <= 8``) use the
+    fast selections below; other patterns, and any ``prior`` mask, go through ``pattern.select``.
+    """
+    if pattern.kind == "unstructured" and prior is None and 0 < kept < scores.numel():
+        return _top_k_mask(scores, kept)
+    if pattern.kind == "nm" and prior is None and pattern.m <= 8:
+        return _nm_mask(scores, pattern.n, pattern.m)
+    return pattern.select(scores.T, prior=prior).T
 
 
 def _top_k_mask(a: torch.Tensor, k: int) -> torch.Tensor:

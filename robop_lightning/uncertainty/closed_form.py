@@ -33,7 +33,7 @@ import torch
 from robop_lightning.gram import LayerInputs
 from robop_lightning.uncertainty.base import UncertaintySet, inner
 
-__all__ = ["ClosedFormSet", "closed_form_damping", "CLOSED_FORM_SETS", "DEFAULT_GAMMA"]
+__all__ = ["ClosedFormSet", "closed_form_damping", "closed_form_spectrum", "sqrt_psd", "CLOSED_FORM_SETS", "DEFAULT_GAMMA"]
 
 CLOSED_FORM_SETS = ("baseline", "trace", "e", "cte")
 DEFAULT_GAMMA = 0.01
@@ -44,6 +44,37 @@ def sqrt_psd(h: torch.Tensor) -> torch.Tensor:
     vals, vecs = torch.linalg.eigh(h.double())
     root = (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
     return 0.5 * (root + root.T)
+
+
+def closed_form_spectrum(name: str, mean_diag: float, trace: float, n_tokens: int, gamma: float) -> tuple[float, float]:
+    """The authors' ``D`` for set ``name`` as ``(ridge, root)``: ``D = ridge I + root H^(1/2)``.
+
+    Every set is a spectral function of ``H``: it shifts each eigenvalue ``lam`` of ``H`` to
+    ``lam + ridge + root sqrt(lam)`` and keeps the eigenvectors, so one eigendecomposition of ``H``
+    serves every set and every gamma (what ``uncertainty="auto"`` scores candidates with).
+
+    Args:
+        name: ``"baseline"``, ``"trace"``, ``"e"`` or ``"cte"``.
+        mean_diag: ``mean(diag H)``.
+        trace: ``tr(H)``.
+        n_tokens: ``N``, the number of calibration tokens (rows of ``X``) behind ``H``.
+        gamma: the set's radius.
+
+    Example:
+        >>> closed_form_spectrum("e", 100.0, 400.0, 16, 0.01)  # root: 0.01 * sqrt(400 / 16)
+        (0.0, 0.05)
+    """
+    if n_tokens < 1:
+        raise ValueError(f"the number of calibration tokens must be >= 1, got {n_tokens}.")
+    if name == "baseline":
+        return gamma * mean_diag, 0.0
+    if name == "trace":
+        return gamma * trace / math.sqrt(n_tokens), 0.0
+    if name == "cte":
+        return float(gamma), 0.0
+    if name == "e":
+        return 0.0, gamma * math.sqrt(max(trace, 0.0) / n_tokens)
+    raise ValueError(f"unknown closed-form set {name!r}: use one of {', '.join(CLOSED_FORM_SETS)}.")
 
 
 def closed_form_damping(name: str, h: torch.Tensor, n_tokens: int, gamma: float) -> tuple[float, torch.Tensor | None]:
@@ -60,18 +91,10 @@ def closed_form_damping(name: str, h: torch.Tensor, n_tokens: int, gamma: float)
         >>> closed_form_damping("trace", h, 16, 0.01)[0]  # 0.01 * 400 / sqrt(16)
         1.0
     """
-    if n_tokens < 1:
-        raise ValueError(f"the number of calibration tokens must be >= 1, got {n_tokens}.")
-    if name == "baseline":
-        return gamma * float(h.diagonal().mean()), None
-    if name == "trace":
-        return gamma * float(h.diagonal().sum()) / math.sqrt(n_tokens), None
-    if name == "cte":
-        return float(gamma), None
-    if name == "e":
-        scale = gamma * math.sqrt(max(float(h.diagonal().sum()), 0.0) / n_tokens)
-        return 0.0, scale * sqrt_psd(h).to(h.dtype)
-    raise ValueError(f"unknown closed-form set {name!r}: use one of {', '.join(CLOSED_FORM_SETS)}.")
+    ridge, root = closed_form_spectrum(name, float(h.diagonal().mean()), float(h.diagonal().sum()), n_tokens, gamma)
+    if name != "e":
+        return ridge, None
+    return 0.0, root * sqrt_psd(h).to(h.dtype)
 
 
 class ClosedFormSet(UncertaintySet):
