@@ -44,6 +44,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--gemma-layers", nargs="+", default=["self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj"])
     p.add_argument("--deit-blocks", type=int, nargs="+", default=[1, 3])
     p.add_argument("--select", default="mean", choices=["mean", "worst"])
+    p.add_argument("--fast-scorer", default="admm", help="the scorer compared with the full solver ('solver': the solver on --rows rows)")
+    p.add_argument("--rows", type=int, default=32, help="rows the fast scorer scores on")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--fast", action="store_true")
     p.add_argument("--out", default="benchmarks/results/sets_auto")
@@ -62,7 +64,8 @@ def main(argv=None) -> list[dict]:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 for label, kw in (("baseline", dict(uncertainty="baseline")),
-                                  ("auto_fast", dict(uncertainty="auto", auto={"select": args.select})),
+                                  ("auto_fast", dict(uncertainty="auto", auto={"select": args.select, "scorer": args.fast_scorer,
+                                                                               "rows": args.rows})),
                                   ("auto_full", dict(uncertainty="auto",
                                                      auto={"select": args.select, "scorer": "solver", "rows": None}))):
                     t = time.perf_counter()
@@ -96,7 +99,7 @@ def _report(args, argv, start, rows):
     lines = [f"Command: `{R.command_line('benchmarks/sets_auto.py', argv)}`", "",
              f"Machine: {R.machine_line(R.machine('cpu'))}", "",
              f"Total {time.perf_counter() - start:.0f} s. Per model and setting, over layers (median [min, max]): how "
-             "often the fast `admm` scorer (the default) chose the candidate that the pruning solver itself chose; "
+             f"often the fast scorer (`{args.fast_scorer}` on {args.rows} rows) chose the candidate that the pruning solver itself chose; "
              "the regret of the fast choice (its mean fold error as the full solver scores it, over the best "
              "candidate's) and of always choosing Baseline; held-out and OOD error of the layer pruned with each "
              "choice over the Baseline set's; time of each auto run (selection + final solve) over one Baseline "
@@ -125,7 +128,7 @@ def _report(args, argv, start, rows):
             cells.append(med(vals))
         summary.append(entry)
         lines.append(f"| {key[0]} | {setting} | {len(rs)} | {agree}/{len(rs)} | " + " | ".join(cells) + " |")
-    lines += ["", "| layer | setting | chosen (admm scorer) | chosen (solver) |", "|---|---|---|---|"]
+    lines += ["", f"| layer | setting | chosen (fast: {args.fast_scorer}) | chosen (solver) |", "|---|---|---|---|"]
     for r in rows:
         setting = R.setting_label(r["pattern"], r["sparsity"])
         lines.append(f"| {r['layer']} | {setting} | {r['auto_fast_chosen']} | {r['auto_full_chosen']} |")

@@ -95,8 +95,8 @@ def main(argv=None) -> dict:
     p.add_argument("--settings", nargs="+", default=["0.5", "0.7", "2:4"])
     p.add_argument("--sets", nargs="+", default=["baseline", "trace", "e", "cte"], help="NAME or NAME=GAMMA")
     p.add_argument("--solver", default="alps")
-    p.add_argument("--auto-scorer", default="admm",
-                   help="scorer of 'auto' / 'NAME=auto' specs ('admm': the fast default; 'solver': the solver itself)")
+    p.add_argument("--auto-scorer", default=None,
+                   help="scorer of 'auto' / 'NAME=auto' specs (default: 'admm' for ALPS; 'solver': the solver itself)")
     p.add_argument("--auto-select", default="mean", choices=["mean", "worst"])
     p.add_argument("--baselines", nargs="*", default=["sparsegpt"], help="other solvers, Baseline set")
     p.add_argument("--calibration-windows", type=int, default=32)

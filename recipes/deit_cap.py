@@ -87,7 +87,7 @@ config = dict(
     # the authors' sets (gamma 0.01 each); NAME=GAMMA sets a radius (trace=0.003), and the extension's
     # minmax-trace / minmax-e / cvar can be added
     robop_sets=["baseline", "trace", "e", "cte"],  # RobOP-CAP under each set; add auto (per layer) or trace=auto
-    auto_scorer="admm",  # how auto / NAME=auto score candidates: "admm" (fast, shared eigenbasis) or "solver" (CAP, ~15x dearer)
+    auto_scorer="default",  # how auto / NAME=auto score candidates: "default" (CAP itself on 32 rows), "solver" (CAP, all rows) or "admm"
     baselines=["sparsegpt", "wanda", "magnitude"],  # the same engine, Baseline set, same calibration data
     calibration_size=256,  # images; 256 x 18 tokens = 4.6k rows per Gram, enough for 96..384 inputs
     # recovery fine-tuning with RobOPCallback (masks held) at the highest sparsity
@@ -212,6 +212,10 @@ def auto_options(args, set_name: str, radius) -> dict:
     """``{"auto": {...}}`` for a set chosen per layer (``auto`` or ``NAME=auto``), else ``{}``."""
     if "auto" not in (set_name, radius):
         return {}
+    if args.auto_scorer == "default":
+        return {"auto": {}}
+    if args.auto_scorer == "solver":
+        return {"auto": {"scorer": "solver", "rows": None}}
     return {"auto": {"scorer": args.auto_scorer}}
 
 

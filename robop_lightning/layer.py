@@ -249,7 +249,7 @@ def prune_layer(
         elif not set_auto:
             candidates = [c for c in candidates if Candidate.parse(c).set in ("baseline", canonical_set_name(uncertainty))]
         selection = select_uncertainty(weight, li, pat, candidates, folds=auto_opts.folds, select=auto_opts.select,
-                                       scorer=solver if auto_opts.scorer == "solver" else auto_opts.scorer, damping=damping, prior_mask=prior_mask,
+                                       scorer=auto_opts.scorer_for(solver), damping=damping, prior_mask=prior_mask,
                                        name=name, rows=auto_opts.rows)
         uset = make_uncertainty(selection.chosen.set, selection.chosen.gamma, coupled)
     device = weight.device

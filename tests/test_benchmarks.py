@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
+import pytest
 import torch
 
 from tests.script_loader import load_script
@@ -92,4 +94,37 @@ def test_sets_auto_fast_compares_the_two_scorers(tmp_path):
     r = rows[0]
     assert r["agree"] == (r["auto_fast_chosen"] == r["auto_full_chosen"])
     assert r["auto_full_seconds"] > 0 and r["baseline_ood"] > 0
+    assert r["regret_fast"] >= 1.0 and r["regret_baseline"] >= 1.0  # against the full scorer's best candidate
     assert "| synthetic | 50% | 1 |" in (tmp_path / "sa.md").read_text()
+
+
+def test_auto_criteria_fast_measures_three_criteria_and_their_rank_correlation(tmp_path):
+    script = load_script("benchmarks/auto_criteria.py")
+    payload = script.main(["--fast", "--sets", "baseline", "trace=1", "auto", "--out", str(tmp_path / "ac")])
+    runs = payload["runs"]
+    assert set(runs) == {"0.7_baseline", "0.7_trace=1", "0.7_auto"}
+    for r in runs.values():
+        assert r["layer"] > 0 and r["block"] > 0 and r["model"] > 0 and r["ppl_ood"] > 0
+    assert {c["criterion"] for c in payload["correlations"]} == {"layer", "block", "model"}
+    assert all(-1.0 <= c["ood"] <= 1.0 for c in payload["correlations"])
+    assert script.spearman([1, 2, 3], [10, 30, 20]) == 0.5 and script.spearman([3, 2, 1], [1, 2, 3]) == -1.0
+
+
+def test_block_errors_are_zero_for_the_dense_model_and_positive_when_pruned():
+    script = load_script("benchmarks/auto_criteria.py")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    dense = LlamaForCausalLM(cfg).eval()
+    pruned = copy.deepcopy(dense)
+    ids = torch.randint(0, 64, (3, 9))
+    blocks = ["model.layers.0", "model.layers.1"]
+    assert script.block_errors(copy.deepcopy(dense), dense, blocks, ids) == {b: 0.0 for b in blocks}
+    assert script.kl_from_dense(copy.deepcopy(dense), dense, ids) == pytest.approx(0.0, abs=1e-12)
+    with torch.no_grad():
+        pruned.model.layers[1].mlp.down_proj.weight.mul_(0.5)
+    errs = script.block_errors(pruned, dense, blocks, ids)
+    assert errs["model.layers.0"] == 0.0 and errs["model.layers.1"] > 0.0
+    assert script.kl_from_dense(pruned, dense, ids) > 0.0
