@@ -15,6 +15,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
+from robop_lightning.fisher_model import FisherOptions
 from robop_lightning.masks import SparsityMasks
 from robop_lightning.model import PruneReport, prune_model
 from robop_lightning.patterns import parse_pattern
@@ -92,6 +93,13 @@ class RobOPCallback(Callback):
             rerun of the same script after a crash or Ctrl-C continues from the next block with a
             bit-identical result. The calibration batches must be the same in the rerun (seed the
             run, e.g. ``seed_everything``); otherwise the directory is refused with a ValueError.
+        curvature: ``"gram"`` (layer reconstruction, default) or ``"fisher"``: RobOP-CAP with CAP's
+            empirical block Fisher of the module's own loss (``solver="cap"``; the module defines
+            ``per_sample_loss(batch) -> (B,)``; one threshold over all targets by default). Pruned
+            once (``prune_at="start"``, or in ``validate`` / ``test``).
+        fisher: options of ``curvature="fisher"``: ``gradients`` (m), ``block_size`` (B), ``lam``,
+            ``batch_size``, ``selection`` (``"global"`` / ``"uniform"``), ``method``
+            (:class:`robop_lightning.fisher_model.FisherOptions`).
         structured_options: with ``pattern="structured"`` (whole heads and MLP channels removed
             physically, :mod:`robop_lightning.structured`): ``budget`` (``"layer"`` / ``"global"``),
             ``cost`` (``"params"`` / ``"flops"``), ``min_keep``, ``max_sparsity``, ``per_step``. The
@@ -154,6 +162,8 @@ class RobOPCallback(Callback):
         verbose: bool = True,
         resume_dir: str | os.PathLike | None = None,
         structured_options: dict[str, Any] | None = None,
+        curvature: Literal["gram", "fisher"] = "gram",
+        fisher: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         parse_pattern(pattern, sparsity)
@@ -213,11 +223,39 @@ class RobOPCallback(Callback):
         from robop_lightning.structured import check_callback_options  # pattern="structured" (issue 7)
 
         self.structured_options = check_callback_options(pattern, prune_at, schedule, structured_options)
+        if curvature not in ("gram", "fisher"):
+            raise ValueError(f"curvature must be 'gram' or 'fisher' (CAP's empirical Fisher), got {curvature!r}.")
+        if curvature == "fisher":
+            clash = [what for what, bad in (("solver other than 'cap'", self.solver != "cap"),
+                                            ("schedule", schedule is not None), ("prune_at=<epoch>", prune_at != "start"),
+                                            ("heldout_fraction", self.heldout_fraction > 0),
+                                            ("resume_dir", resume_dir is not None), ("auto", auto is not None),
+                                            ("uncertainty='auto'", self.uncertainty == "auto"))
+                     if bad]
+            if clash:
+                raise ValueError(f"curvature='fisher' (CAP's one-shot pruning with the loss's Fisher) does not take: "
+                                 f"{', '.join(clash)}.")
+            FisherOptions.coerce(fisher)
+        elif fisher is not None:
+            raise ValueError("fisher options apply to curvature='fisher' only.")
+        self.curvature = curvature
+        self.fisher = None if fisher is None else dict(fisher)
 
         self.masks: SparsityMasks | None = None
         self.reports: list[PruneReport] = []
         self._done: list[str] = []  # milestones already pruned: "start", "epoch_end:3", "schedule:2"
         self._current_sparsity: float | None = None
+
+    def _fisher_arguments(self, pl_module: pl.LightningModule) -> dict[str, Any]:
+        """``curvature="fisher"``: per-sample losses from the module's own ``per_sample_loss(batch)``."""
+        if not callable(getattr(pl_module, "per_sample_loss", None)):
+            raise MisconfigurationException(
+                f"RobOPCallback(curvature='fisher') needs per-sample losses of {type(pl_module).__name__}'s own loss: "
+                "define `def per_sample_loss(self, batch) -> Tensor` returning one loss per sample (shape (B,), "
+                "reduction='none', with the batch's true labels)."
+            )
+        return {"curvature": "fisher", "loss_fn": lambda module, batch: module.per_sample_loss(batch),
+                "fisher": self.fisher}
 
     @staticmethod
     def _check_schedule(schedule: Any, pattern: str) -> dict[int, float]:
@@ -381,6 +419,7 @@ class RobOPCallback(Callback):
                 ignore=self.ignore,
                 heldout_fraction=self.heldout_fraction,
                 **({"auto": self.auto} if self.auto is not None else {}),
+                **(self._fisher_arguments(pl_module) if self.curvature == "fisher" else {}),
                 progress=self.progress and trainer.is_global_zero,
                 prior_masks=previous.to_dict() if previous is not None else None,
                 resume_dir=None if self.resume_dir is None else os.path.join(self.resume_dir, keys[0].replace(":", "-")),

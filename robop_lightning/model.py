@@ -24,7 +24,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +41,12 @@ from robop_lightning.calibration import (
     run_block,
     same_on_all_ranks,
 )
+from robop_lightning.fisher_model import FisherOptions, prune_model_fisher
 from robop_lightning.gram import LayerInputs
 from robop_lightning.layer import prune_layer
 from robop_lightning.offload import ActivationStore, WeightUndo, parse_bytes
 from robop_lightning.patterns import parse_pattern
+from robop_lightning.report import PruneReport
 from robop_lightning.solvers import SOLVERS, check_solver_options
 from robop_lightning.selection import AutoOptions, check_auto_request
 from robop_lightning.uncertainty import make_uncertainty
@@ -52,119 +54,6 @@ from robop_lightning.uncertainty import make_uncertainty
 __all__ = ["PruneReport", "prune_model"]
 
 _ENGINE_KWARGS = ("coupled", "rounds", "damping", "solver_options", "auto")
-
-
-@dataclass
-class PruneReport:
-    """What :func:`prune_model` did, layer by layer.
-
-    Attributes:
-        layers: one row per pruned linear: ``name``, ``shape``, ``parameters``, ``sparsity``
-            (achieved), ``nominal_error``, ``robust_error``, ``heldout_error`` (None without a
-            held-out split), ``srank`` (stable rank of the error, coupled sets only), ``seconds``.
-        config: the arguments of the call.
-        seconds: wall time of the whole call (capture and propagation included).
-        masks: ``{name: bool keep-mask}`` on CPU (not part of :meth:`to_dict`).
-        resumed: names of the layers loaded from ``resume_dir`` (finished by an earlier run)
-            instead of being pruned again (not part of :meth:`to_dict`).
-
-    Example:
-        >>> report = PruneReport(layers=[{"name": "fc1", "shape": [4, 8], "parameters": 32,
-        ...     "sparsity": 0.5, "nominal_error": 0.1, "robust_error": 0.2, "heldout_error": None,
-        ...     "srank": None, "seconds": 0.01}])
-        >>> report.totals["sparsity"]
-        0.5
-    """
-
-    layers: list[dict[str, Any]] = field(default_factory=list)
-    config: dict[str, Any] = field(default_factory=dict)
-    seconds: float = 0.0
-    masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-    resumed: list[str] = field(default_factory=list, repr=False)
-
-    @property
-    def totals(self) -> dict[str, Any]:
-        """Totals over the pruned layers: parameters, zeros, overall sparsity, mean errors."""
-        params = sum(r["parameters"] for r in self.layers)
-        zeros = sum(round(r["sparsity"] * r["parameters"]) for r in self.layers)
-
-        def mean(key: str) -> float | None:
-            values = [r[key] for r in self.layers if r.get(key) is not None]
-            return sum(values) / len(values) if values else None
-
-        return {
-            "layers": len(self.layers),
-            "parameters": params,
-            "zeros": zeros,
-            "sparsity": zeros / params if params else 0.0,
-            "nominal_error": mean("nominal_error"),
-            "robust_error": mean("robust_error"),
-            "heldout_error": mean("heldout_error"),
-            "srank": mean("srank"),
-            "solve_seconds": sum(r["seconds"] for r in self.layers),
-            "seconds": self.seconds,
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        """``{"config", "layers", "totals"}``, JSON-serialisable (no tensors)."""
-        return {"config": dict(self.config), "layers": [dict(r) for r in self.layers], "totals": self.totals}
-
-    def to_json(self, path: str | Path | None = None) -> str:
-        """The report as JSON text, also written to ``path`` when given (atomically: a temporary
-        file renamed over ``path``, so an existing file is never left half-written)."""
-        text = json.dumps(self.to_dict(), indent=2)
-        if path is not None:
-            from robop_lightning.resume import atomic_write
-
-            atomic_write(path, text + "\n")
-        return text
-
-    def __str__(self) -> str:
-        def num(v: float | None, fmt: str = ".4f") -> str:
-            return "-" if v is None else format(v, fmt)
-
-        c = self.config
-        head = (
-            f"RobOP pruning: solver={c.get('solver')} uncertainty={c.get('uncertainty')} "
-            f"pattern={c.get('pattern')} target sparsity={num(c.get('sparsity'), '.2f')}"
-        )
-        chosen = any("selection" in r for r in self.layers)
-        cols = ("layer", "shape", *(("set",) if chosen else ()), "sparsity", "nominal", "robust", "heldout", "srank",
-                "seconds")
-        rows = [
-            (
-                r["name"],
-                "x".join(str(d) for d in r["shape"]),
-                *((r["selection"]["chosen"] if "selection" in r else "-",) if chosen else ()),
-                num(r["sparsity"]),
-                num(r["nominal_error"]),
-                num(r["robust_error"]),
-                num(r["heldout_error"]),
-                num(r["srank"], ".2f"),
-                num(r["seconds"], ".2f"),
-            )
-            for r in self.layers
-        ]
-        t = self.totals
-        rows.append(
-            (
-                f"total ({t['layers']} layers)",
-                f"{t['parameters']:,} weights",
-                *(("",) if chosen else ()),
-                num(t["sparsity"]),
-                num(t["nominal_error"]),
-                num(t["robust_error"]),
-                num(t["heldout_error"]),
-                num(t["srank"], ".2f"),
-                num(t["seconds"], ".2f"),
-            )
-        )
-        widths = [max(len(cols[i]), *(len(r[i]) for r in rows)) for i in range(len(cols))]
-        left = 3 if chosen else 2
-        fmt = "  ".join(f"{{:<{w}}}" if i < left else f"{{:>{w}}}" for i, w in enumerate(widths))
-        rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
-        lines = [head, fmt.format(*cols), rule, *(fmt.format(*r) for r in rows[:-1]), rule, fmt.format(*rows[-1])]
-        return "\n".join(lines)
 
 
 def _check_arguments(sparsity, pattern, solver, uncertainty, radius, heldout_fraction, engine_kwargs) -> None:
@@ -320,6 +209,9 @@ def prune_model(
     prior_masks: dict[str, torch.Tensor] | None = None,
     resume_dir: str | Path | None = None,
     activation_budget: int | str | None = None,
+    curvature: str = "gram",
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
+    fisher: FisherOptions | dict[str, Any] | None = None,
     **engine_kwargs: Any,
 ) -> PruneReport:
     """Prune the linear layers of ``model`` in place, block by block, with :func:`prune_layer`.
@@ -365,6 +257,13 @@ def prune_model(
             (:mod:`robop_lightning.offload`). Results equal the in-memory ones up to the float64
             summation order of the Grams. ``None``: everything stays in memory (CPU when the
             model is on an accelerator).
+        curvature: ``"gram"`` (default): each layer's reconstruction error under its input Gram,
+            block by block. ``"fisher"`` (``solver="cap"`` only): CAP's empirical block Fisher of the
+            loss, OBS inside each block and one global threshold
+            (:func:`robop_lightning.fisher_model.prune_model_fisher`; needs ``loss_fn``).
+        loss_fn: ``loss_fn(model, batch) -> (B,)`` per-sample losses, for ``curvature="fisher"``.
+        fisher: :class:`robop_lightning.fisher_model.FisherOptions` (or a dict): ``gradients``,
+            ``block_size``, ``lam``, ``batch_size``, ``selection`` (``"global"`` / ``"uniform"``), ``method``.
         **engine_kwargs: passed to :func:`prune_layer`: ``coupled``, ``rounds``, ``damping``,
             ``solver_options``, ``auto`` (how ``uncertainty="auto"`` / ``radius="auto"`` choose, per
             layer; each report row then has a ``selection``: the chosen set and every candidate's
@@ -388,6 +287,23 @@ def prune_model(
         >>> round(report.totals["sparsity"], 2)
         0.5
     """
+    if curvature not in ("gram", "fisher"):
+        raise ValueError(f"curvature must be 'gram' (layer reconstruction) or 'fisher' (CAP's empirical Fisher), "
+                         f"got {curvature!r}.")
+    if curvature == "fisher":
+        unsupported = {"heldout_fraction": heldout_fraction, "prior_masks": prior_masks, "resume_dir": resume_dir,
+                       "activation_budget": activation_budget, "forward": forward, **engine_kwargs}
+        given = [k for k, v in unsupported.items() if v not in (None, 0.0)]
+        if solver != "cap" or given:
+            raise ValueError(
+                "curvature='fisher' is CAP's: use solver='cap'"
+                + (f", without {', '.join(given)} (layer-reconstruction options)" if given else "") + "."
+            )
+        return prune_model_fisher(model, calibration, loss_fn, sparsity=sparsity, pattern=pattern,
+                                  uncertainty=uncertainty, radius=radius, targets=targets, ignore=ignore,
+                                  blocks=blocks, fisher=fisher)
+    if loss_fn is not None or fisher is not None:
+        raise ValueError("loss_fn and fisher apply to curvature='fisher' only.")
     if isinstance(pattern, str) and pattern.strip().lower() == "structured":
         # whole heads / channels removed physically: robop_lightning.structured (issue 7)
         from robop_lightning.structured import prune_model_structured_from_engine

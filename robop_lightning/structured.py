@@ -62,6 +62,7 @@ from robop_lightning.calibration import (
     run_block,
 )
 from robop_lightning.gram import LayerInputs
+from robop_lightning.report import PruneReport
 from robop_lightning.uncertainty import ClosedFormSet, UncertaintySet, make_uncertainty
 from robop_lightning.uncertainty.base import inner
 
@@ -932,8 +933,6 @@ def prune_model_structured(
         >>> vit.blocks[0].attn.num_heads, vit.blocks[0].mlp.fc1.out_features, round(report.totals["sparsity"], 2)
         (2, 96, 0.5)
     """
-    from robop_lightning.model import PruneReport
-
     start = time.perf_counter()
     _check_budget(sparsity, budget, cost, min_keep, max_sparsity)
     make_uncertainty(uncertainty, radius, coupled)

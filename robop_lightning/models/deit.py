@@ -236,6 +236,15 @@ class DeiTClassifier(StructuredCheckpointHooks, LightningModule):
             return batch[0], batch[1], batch[2] if len(batch) == 3 else None
         raise ValueError("DeiTClassifier batches are (images, labels) or (images, labels, dataset_indices).")
 
+    def per_sample_loss(self, batch: Any) -> torch.Tensor:
+        """The training loss of every sample, ``(B,)`` (CAP's empirical Fisher: ``curvature="fisher"``)."""
+        images, labels, _ = self._unpack(batch)
+        out = self._heads(images)
+        heads = out if isinstance(out, (tuple, list)) else (out,)
+        smoothing = self.hparams.label_smoothing
+        return sum(F.cross_entropy(h.float(), labels, label_smoothing=smoothing, reduction="none")
+                   for h in heads) / len(heads)
+
     @override
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         images, labels, _ = self._unpack(batch)

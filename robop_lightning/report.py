@@ -1,0 +1,125 @@
+"""``PruneReport``: what a pruning call did, layer by layer (a result type; imports nothing of the pipeline)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from robop_lightning.resume import atomic_write
+
+__all__ = ["PruneReport"]
+
+
+@dataclass
+class PruneReport:
+    """What :func:`prune_model` did, layer by layer.
+
+    Attributes:
+        layers: one row per pruned linear: ``name``, ``shape``, ``parameters``, ``sparsity``
+            (achieved), ``nominal_error``, ``robust_error``, ``heldout_error`` (None without a
+            held-out split), ``srank`` (stable rank of the error, coupled sets only), ``seconds``.
+        config: the arguments of the call.
+        seconds: wall time of the whole call (capture and propagation included).
+        masks: ``{name: bool keep-mask}`` on CPU (not part of :meth:`to_dict`).
+        resumed: names of the layers loaded from ``resume_dir`` (finished by an earlier run)
+            instead of being pruned again (not part of :meth:`to_dict`).
+
+    Example:
+        >>> report = PruneReport(layers=[{"name": "fc1", "shape": [4, 8], "parameters": 32,
+        ...     "sparsity": 0.5, "nominal_error": 0.1, "robust_error": 0.2, "heldout_error": None,
+        ...     "srank": None, "seconds": 0.01}])
+        >>> report.totals["sparsity"]
+        0.5
+    """
+
+    layers: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    resumed: list[str] = field(default_factory=list, repr=False)
+
+    @property
+    def totals(self) -> dict[str, Any]:
+        """Totals over the pruned layers: parameters, zeros, overall sparsity, mean errors."""
+        params = sum(r["parameters"] for r in self.layers)
+        zeros = sum(round(r["sparsity"] * r["parameters"]) for r in self.layers)
+
+        def mean(key: str) -> float | None:
+            values = [r[key] for r in self.layers if r.get(key) is not None]
+            return sum(values) / len(values) if values else None
+
+        return {
+            "layers": len(self.layers),
+            "parameters": params,
+            "zeros": zeros,
+            "sparsity": zeros / params if params else 0.0,
+            "nominal_error": mean("nominal_error"),
+            "robust_error": mean("robust_error"),
+            "heldout_error": mean("heldout_error"),
+            "srank": mean("srank"),
+            "solve_seconds": sum(r["seconds"] for r in self.layers),
+            "seconds": self.seconds,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"config", "layers", "totals"}``, JSON-serialisable (no tensors)."""
+        return {"config": dict(self.config), "layers": [dict(r) for r in self.layers], "totals": self.totals}
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """The report as JSON text, also written to ``path`` when given (atomically: a temporary
+        file renamed over ``path``, so an existing file is never left half-written)."""
+        text = json.dumps(self.to_dict(), indent=2)
+        if path is not None:
+            atomic_write(path, text + "\n")
+        return text
+
+    def __str__(self) -> str:
+        def num(v: float | None, fmt: str = ".4f") -> str:
+            return "-" if v is None else format(v, fmt)
+
+        c = self.config
+        head = (
+            f"RobOP pruning: solver={c.get('solver')} uncertainty={c.get('uncertainty')} "
+            f"pattern={c.get('pattern')} target sparsity={num(c.get('sparsity'), '.2f')}"
+        )
+        chosen = any("selection" in r for r in self.layers)
+        cols = ("layer", "shape", *(("set",) if chosen else ()), "sparsity", "nominal", "robust", "heldout", "srank",
+                "seconds")
+        rows = [
+            (
+                r["name"],
+                "x".join(str(d) for d in r["shape"]),
+                *((r["selection"]["chosen"] if "selection" in r else "-",) if chosen else ()),
+                num(r["sparsity"]),
+                num(r["nominal_error"]),
+                num(r["robust_error"]),
+                num(r["heldout_error"]),
+                num(r["srank"], ".2f"),
+                num(r["seconds"], ".2f"),
+            )
+            for r in self.layers
+        ]
+        t = self.totals
+        rows.append(
+            (
+                f"total ({t['layers']} layers)",
+                f"{t['parameters']:,} weights",
+                *(("",) if chosen else ()),
+                num(t["sparsity"]),
+                num(t["nominal_error"]),
+                num(t["robust_error"]),
+                num(t["heldout_error"]),
+                num(t["srank"], ".2f"),
+                num(t["seconds"], ".2f"),
+            )
+        )
+        widths = [max(len(cols[i]), *(len(r[i]) for r in rows)) for i in range(len(cols))]
+        left = 3 if chosen else 2
+        fmt = "  ".join(f"{{:<{w}}}" if i < left else f"{{:>{w}}}" for i, w in enumerate(widths))
+        rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
+        lines = [head, fmt.format(*cols), rule, *(fmt.format(*r) for r in rows[:-1]), rule, fmt.format(*rows[-1])]
+        return "\n".join(lines)
