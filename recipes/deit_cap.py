@@ -15,7 +15,9 @@ Steps (each cached or timed, every number written to ``--out``):
    Baseline, Trace, E and CTE sets (gamma 0.01; ``--robop-sets trace=0.003`` for others; ``auto``
    lets each layer choose its set and gamma by 4-fold cross-validation over the calibration images),
    beside SparseGPT, Wanda and magnitude pruning, all on the SAME fixed calibration subset
-   (``--calibration-size`` training images).
+   (``--calibration-size`` training images). ``--fisher-sets`` adds RobOP-CAP with CAP's own
+   curvature, the empirical block Fisher of the loss (``curvature="fisher"``: per-sample gradients
+   of the same calibration images with their labels, one threshold over all layers), under those sets.
 3. Recovery fine-tuning with ``RobOPCallback`` (masks held) of the best RobOP model and the best
    other method at the highest sparsity, "best" by validation accuracy (never the test set).
 4. Every model is scored on identical inputs (corruption and attack noise seeded by dataset index):
@@ -58,6 +60,7 @@ from tqdm import tqdm
 from robop_lightning import RobOPCallback, prune_model
 from robop_lightning.data import FashionMNISTDataModule, ImageFolderDataModule
 from robop_lightning.data.vision import cache_dir
+from robop_lightning.memory import PeakRSS
 from robop_lightning.models import DeiTClassifier
 from robop_lightning.robustness import CORRUPTIONS, evaluate_robustness, relative_mce
 from robop_lightning.robustness.metrics import format_eps, mce
@@ -87,6 +90,9 @@ config = dict(
     # the authors' sets (gamma 0.01 each); NAME=GAMMA sets a radius (trace=0.003), and the extension's
     # minmax-trace / minmax-e / cvar can be added
     robop_sets=["baseline", "trace", "e", "cte"],  # RobOP-CAP under each set; add auto (per layer) or trace=auto
+    fisher_sets=["baseline"],  # RobOP-CAP with CAP's empirical Fisher under these sets ([] for none)
+    fisher_gradients=256,  # m: per-sample gradients (CAP's ViT recipes use 4096; at most --calibration-size)
+    fisher_selection="global",  # one threshold over all layers (CAP's), or "uniform"
     auto_scorer="default",  # how auto / NAME=auto score candidates: "default" (CAP itself on 32 rows), "solver" (CAP, all rows) or "admm"
     baselines=["sparsegpt", "wanda", "magnitude"],  # the same engine, Baseline set, same calibration data
     calibration_size=256,  # images; 256 x 18 tokens = 4.6k rows per Gram, enough for 96..384 inputs
@@ -150,11 +156,12 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.add_argument(flag, type=type(value), default=value)
     parser.add_argument("--fast", action="store_true", help="tiny everything: a minute or two, for CI")
     args = parser.parse_args(argv)
-    for spec in args.robop_sets:
-        try:
-            parse_set_spec(spec, allow_auto=True)
-        except ValueError as err:
-            parser.error(f"--robop-sets: {err}")
+    for flag, specs in (("--robop-sets", args.robop_sets), ("--fisher-sets", args.fisher_sets)):
+        for spec in specs:
+            try:
+                name, radius = parse_set_spec(spec, allow_auto=flag == "--robop-sets")
+            except ValueError as err:
+                parser.error(f"{flag}: {err}")
     if args.fast:  # --fast sets its values unless the command line gave them explicitly
         given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])}
         for key, value in FAST.items():
@@ -220,7 +227,22 @@ def auto_options(args, set_name: str, radius) -> dict:
 
 
 def model_label(solver: str, uncertainty: str) -> str:
-    return f"robop-cap/{uncertainty}" if solver == "cap" else solver
+    return f"robop-{solver}/{uncertainty}" if solver in ROBOP_SOLVERS else solver
+
+
+# RobOP-CAP on the layer Gram, and with CAP's empirical Fisher of the loss (curvature="fisher")
+ROBOP_SOLVERS = ("cap", "cap-fisher")
+
+
+def fisher_options(args, solver: str) -> dict:
+    """``prune_model`` / ``RobOPCallback`` arguments of the Fisher variant (``{}`` for the others)."""
+    if solver != "cap-fisher":
+        return {}
+    return {"curvature": "fisher", "fisher": {"gradients": args.fisher_gradients, "selection": args.fisher_selection}}
+
+
+def per_sample_loss(model, batch):
+    return model.per_sample_loss(batch)
 
 
 # ----------------------------------------------------------------------------- the recipe
@@ -287,6 +309,7 @@ def main(argv=None) -> dict:
     # --- 2. one-shot pruning, every method on the same calibration batches ---------------------
     calibration = list(datamodule.calibration_dataloader())  # fixed subset of the training split
     jobs = [(s, "cap", u) for s in args.sparsity for u in args.robop_sets]
+    jobs += [(s, "cap-fisher", u) for s in args.sparsity for u in args.fisher_sets]
     jobs += [(s, b, "baseline") for s in args.sparsity for b in args.baselines]
     models: dict[str, dict] = {"dense": dict(method="dense", solver=None, uncertainty=None, sparsity=0.0,
                                              model=dense, prune_seconds=0.0, finetuned=False)}  # fmt: skip
@@ -297,11 +320,16 @@ def main(argv=None) -> dict:
         bar.set_postfix_str(name)
         model = copy.deepcopy(dense)
         set_name, radius = parse_set_spec(uncertainty, allow_auto=True)
-        report = prune_model(model, calibration, sparsity=sparsity, solver=solver, uncertainty=set_name,
-                             radius=radius, progress=False, **auto_options(args, set_name, radius))  # fmt: skip
+        fisher = fisher_options(args, solver)
+        if fisher:
+            fisher["loss_fn"] = per_sample_loss
+        with PeakRSS() as peak:
+            report = prune_model(model, calibration, sparsity=sparsity, solver="cap" if fisher else solver,
+                                 uncertainty=set_name, radius=radius, progress=False,
+                                 **auto_options(args, set_name, radius), **fisher)  # fmt: skip
         models[name] = dict(method=model_label(solver, uncertainty), solver=solver, uncertainty=uncertainty,
                             sparsity=report.totals["sparsity"], target_sparsity=sparsity, model=model.eval(),
-                            prune_seconds=report.seconds, masks=report.masks, finetuned=False,
+                            prune_seconds=report.seconds, prune_peak_mb=peak.extra_mb, masks=report.masks, finetuned=False,
                             nominal_error=report.totals["nominal_error"], robust_error=report.totals["robust_error"])  # fmt: skip
     timings["pruning_s"] = time.perf_counter() - t0
 
@@ -314,7 +342,7 @@ def main(argv=None) -> dict:
     pruned_top = {k: v for k, v in models.items() if v.get("target_sparsity") == top}
 
     def best(robop: bool) -> str | None:
-        names = [k for k, v in pruned_top.items() if (v["solver"] == "cap") == robop]
+        names = [k for k, v in pruned_top.items() if (v["solver"] in ROBOP_SOLVERS) == robop]
         return max(names, key=lambda k: pruned_top[k]["val_acc"]) if names else None
 
     targets = []
@@ -331,8 +359,9 @@ def main(argv=None) -> dict:
         model = copy.deepcopy(dense).train()  # dense was put in eval(); Lightning keeps module modes
         model.hparams.lr, model.hparams.warmup_epochs = args.finetune_lr, 0.0  # configure_optimizers reads these
         set_name, radius = parse_set_spec(source["uncertainty"], allow_auto=True)
-        robop = RobOPCallback(sparsity=source["target_sparsity"], solver=source["solver"], uncertainty=set_name, radius=radius,
-                              **auto_options(args, set_name, radius),
+        fisher = fisher_options(args, source["solver"])
+        robop = RobOPCallback(sparsity=source["target_sparsity"], solver="cap" if fisher else source["solver"],
+                              uncertainty=set_name, radius=radius, **auto_options(args, set_name, radius), **fisher,
                               calibration="calibration", calibration_batches=len(calibration), progress=False,
                               verbose=False)  # fmt: skip
         trainer = quiet_trainer(args, max_epochs=args.finetune_epochs, limit_train_batches=args.finetune_batches,
@@ -413,7 +442,8 @@ def main(argv=None) -> dict:
         for c in args.corruptions:
             for s in args.severities:
                 row[f"corrupt_acc/{c}@{s}"] = r["corrupted"][f"test/corrupt_acc/{c}@{s}"]
-        row.update(prune_seconds=round(entry["prune_seconds"], 3), finetune_seconds=entry.get("finetune_seconds"),
+        row.update(prune_seconds=round(entry["prune_seconds"], 3), prune_peak_mb=entry.get("prune_peak_mb"),
+                   finetune_seconds=entry.get("finetune_seconds"),
                    eval_seconds=round(entry["eval_seconds"], 2), nominal_error=entry.get("nominal_error"),
                    robust_error=entry.get("robust_error"), masks_match_one_shot=entry.get("masks_match_one_shot"),
                    masks_held=entry.get("masks_held"), checkpoint=None)  # fmt: skip
@@ -425,7 +455,8 @@ def main(argv=None) -> dict:
         keep = {n for n in models if n != "dense"}
     elif args.save_checkpoints == "best":
         for s in args.sparsity:
-            robop = [n for n, v in models.items() if v.get("target_sparsity") == s and v["solver"] == "cap" and not v["finetuned"]]
+            robop = [n for n, v in models.items()
+                     if v.get("target_sparsity") == s and v["solver"] in ROBOP_SOLVERS and not v["finetuned"]]
             if robop:
                 keep.add(max(robop, key=lambda n: models[n]["val_acc"]))
         keep |= {n for n, v in models.items() if v["finetuned"]}
@@ -481,7 +512,7 @@ def format_table(rows: list[dict], eps: list[float]) -> str:
     header = ["method", "sparsity", "val", "clean", "corrupt", "rel mCE", *adv]
     if eps:
         header.append(f"fgsm {format_eps(eps[-1]).replace('/255', '')}")
-    header.append("prune s")
+    header += ["prune s", "prune MiB"]
     lines = []
     for r in rows:
         cells = [r["method"], f"{r['sparsity']:.2f}", f"{100 * r['val_acc']:.1f}", f"{100 * r['clean_acc']:.1f}",
@@ -490,6 +521,7 @@ def format_table(rows: list[dict], eps: list[float]) -> str:
         if eps:
             cells.append(f"{100 * r[f'fgsm_acc@{format_eps(eps[-1])}']:.1f}")
         cells.append(f"{r['prune_seconds']:.1f}")
+        cells.append("-" if r.get("prune_peak_mb") is None else f"{r['prune_peak_mb']:.0f}")
         lines.append(cells)
     widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(header)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
@@ -511,7 +543,7 @@ def compare_to_baseline(models: dict[str, dict], correct: dict[str, dict], args)
     differences = {}
     for name, entry in models.items():
         other = f"{reference}@{entry.get('target_sparsity', 0):g}" + ("+ft" if entry["finetuned"] else "")
-        if entry["solver"] != "cap" or other not in correct:
+        if entry["solver"] not in ROBOP_SOLVERS or other not in correct:
             continue
         differences[name] = {
             key: None if correct[name][key] is None else list(accuracy_difference_ci(

@@ -42,7 +42,8 @@ def test_every_method_is_scored_and_numbers_are_accuracies(fast_run):
     out, results = fast_run
     rows = results["rows"]
     methods = {r["method"] for r in rows}
-    expected = {"dense", "sparsegpt", "wanda", "magnitude"} | {f"robop-cap/{u}" for u in ("baseline", "trace", "e", "cte", "auto")}
+    expected = {"dense", "sparsegpt", "wanda", "magnitude", "robop-cap-fisher/baseline"}
+    expected |= {f"robop-cap/{u}" for u in ("baseline", "trace", "e", "cte", "auto")}
     assert expected <= methods
     assert any(r["finetuned"] for r in rows)  # recovery fine-tuning ran
     for row in rows:
@@ -55,6 +56,7 @@ def test_every_method_is_scored_and_numbers_are_accuracies(fast_run):
     for row in rows:
         if row["method"] != "dense":
             assert abs(row["sparsity"] - 0.5) < 1e-3 and row["prune_seconds"] >= 0
+            assert row["prune_peak_mb"] is None or row["prune_peak_mb"] >= 0
     for row in rows:
         if row["finetuned"]:
             assert row["masks_match_one_shot"] and row["masks_held"]  # the callback re-derived the same masks and held them
@@ -98,8 +100,10 @@ def test_every_robop_set_is_compared_with_the_baseline_set_image_by_image(fast_r
         for key, column in (("clean", "clean_acc"), ("corrupt", "corrupt_acc"), ("pgd", "pgd_acc@8/255")):
             assert row["vs_baseline"][key][0] == pytest.approx(row[column] - base[column], abs=1e-4), (u, key)
     for row in results["rows"]:
-        if row["solver"] != "cap":
+        if row["solver"] not in ("cap", "cap-fisher"):
             assert row["vs_baseline"] is None, row["name"]
+    fisher = rows["robop-cap-fisher/baseline@0.5"]  # CAP's own curvature, paired with the Gram version
+    assert fisher["vs_baseline"]["clean"][0] == pytest.approx(fisher["clean_acc"] - base["clean_acc"], abs=1e-4)
     assert "accuracy minus that of robop-cap/baseline" in results["protocol"]["vs_baseline"]
     table = (out / "comparisons.md").read_text()
     assert "PGD 8/255 diff" in table
