@@ -128,3 +128,11 @@ def test_block_errors_are_zero_for_the_dense_model_and_positive_when_pruned():
     errs = script.block_errors(pruned, dense, blocks, ids)
     assert errs["model.layers.0"] == 0.0 and errs["model.layers.1"] > 0.0
     assert script.kl_from_dense(pruned, dense, ids) > 0.0
+
+
+def test_fisher_memory_fast_reports_the_peak_and_the_reference_sizes(tmp_path):
+    payload = load_script("benchmarks/fisher_memory.py").main(["--fast", "--out", str(tmp_path / "fm")])
+    row = payload["row"]
+    assert row["sparsity"] == pytest.approx(0.5, abs=1e-3) and row["seconds"] > 0
+    assert 0 < row["one_layer_blocks_mb"] < row["all_layers_blocks_mb"]
+    assert "| tiny ViT (--fast) |" in (tmp_path / "fm.md").read_text()

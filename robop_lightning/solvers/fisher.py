@@ -18,9 +18,10 @@ removes ``M - N`` of every group (a block holds whole groups).
 **The uncertainty sets on the Fisher** (SPEC §2a, with ``H_b = sum_k g_kb g_kb^T`` the block's
 Fisher summed over the ``m`` gradients and ``N = m``): the effective block is
 ``F_b = (H_b + D_b) / m`` with ``D_b`` the set's closed form, and Baseline is CAP's own damping,
-``D_b = m lam I``. Every set is a spectral shift of ``H_b`` (:func:`closed_form_spectrum`), so one
-batched eigendecomposition of the ``H_b`` serves them all (:func:`set_block_inverse`). Eigenvalues
-of ``F_b`` are kept at least ``lam`` (CAP's damping is the floor that keeps every block invertible).
+``D_b = m lam I``. Baseline, Trace and CTE are ridges (one Cholesky inverse per block); E's
+``H_b^(1/2)`` takes one batched eigendecomposition (:func:`set_block_inverse`). CAP's damping is the
+floor that keeps every block invertible (ridges at least ``m lam``; E's eigenvalues of ``F_b`` at
+least ``lam``).
 
 Memory: ``B`` numbers per weight (the ``B x B`` block per ``B`` weights), as in CAP.
 """
@@ -32,6 +33,7 @@ import math
 import torch
 
 from robop_lightning.patterns import Pattern
+from robop_lightning.solvers._linalg import cholesky_inverse
 from robop_lightning.solvers.cap import _eliminate
 from robop_lightning.uncertainty.closed_form import CLOSED_FORM_SETS, closed_form_spectrum
 
@@ -112,7 +114,8 @@ def set_block_inverse(h_blocks: torch.Tensor, m: int, lam: float, uncertainty: s
     Args:
         h_blocks: ``(nb, B, B)`` summed block Fishers (:func:`block_grams`).
         m: the number of gradients behind them (the sets' ``N``).
-        lam: CAP's damping: Baseline's ``D_b = m lam I``, and the floor of every ``F_b``'s eigenvalues.
+        lam: CAP's damping: Baseline's ``D_b = m lam I``, and the floor of the other sets (their
+            ridge is at least ``m lam``; E's ``F_b`` eigenvalues at least ``lam``).
         uncertainty: ``"baseline"``, ``"trace"``, ``"e"`` or ``"cte"``.
         gamma: the set's radius (``None``: 0.01; ignored by Baseline, whose damping is ``lam``).
 
@@ -126,21 +129,25 @@ def set_block_inverse(h_blocks: torch.Tensor, m: int, lam: float, uncertainty: s
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"m (the number of gradients) must be a positive integer, got {m!r}.")
     h = h_blocks.to(torch.float64)
+    nb, size = h.shape[0], h.shape[1]
+    eye = torch.eye(size, dtype=torch.float64, device=h.device)
+    if uncertainty != "e":  # a ridge per block (at least CAP's m lam): one Cholesky inverse each
+        if uncertainty == "baseline":
+            ridge = torch.full((nb,), m * lam, dtype=torch.float64, device=h.device)
+        else:
+            g = 0.01 if gamma is None else gamma
+            diag = h.diagonal(dim1=1, dim2=2)
+            ridge = torch.tensor([closed_form_spectrum(uncertainty, float(diag[b].mean()), float(diag[b].sum()), m, g)[0]
+                                  for b in range(nb)], dtype=torch.float64, device=h.device).clamp_min(m * lam)
+        return m * cholesky_inverse(torch.linalg.cholesky(h + ridge[:, None, None] * eye))
+    # E: D_b = c_b H_b^(1/2), one batched eigendecomposition; F_b's eigenvalues at least lam
     lam_h, vecs = torch.linalg.eigh(0.5 * (h + h.transpose(1, 2)))
     lam_h = lam_h.clamp_min(0)
-    if uncertainty == "baseline":
-        shifted = lam_h + m * lam
-    else:
-        g = 0.01 if gamma is None else gamma
-        diag = h.diagonal(dim1=1, dim2=2)
-        rows = []
-        for b in range(h.shape[0]):
-            ridge, c = closed_form_spectrum(uncertainty, float(diag[b].mean()), float(diag[b].sum()), m, g)
-            rows.append((ridge, c))
-        ridge = torch.tensor([r for r, _ in rows], dtype=torch.float64, device=h.device)[:, None]
-        coef = torch.tensor([c for _, c in rows], dtype=torch.float64, device=h.device)[:, None]
-        shifted = lam_h + ridge + coef * lam_h.sqrt()
-    f_eig = (shifted / m).clamp_min(lam)  # eigenvalues of F_b, at least CAP's damping
+    g = 0.01 if gamma is None else gamma
+    diag = h.diagonal(dim1=1, dim2=2)
+    coef = torch.tensor([closed_form_spectrum("e", float(diag[b].mean()), float(diag[b].sum()), m, g)[1]
+                         for b in range(nb)], dtype=torch.float64, device=h.device)[:, None]
+    f_eig = ((lam_h + coef * lam_h.sqrt()) / m).clamp_min(lam)
     return (vecs / f_eig.unsqueeze(1)) @ vecs.transpose(1, 2)
 
 
