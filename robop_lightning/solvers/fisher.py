@@ -151,8 +151,13 @@ def set_block_inverse(h_blocks: torch.Tensor, m: int, lam: float, uncertainty: s
     return (vecs / f_eig.unsqueeze(1)) @ vecs.transpose(1, 2)
 
 
+def _chunk(size: int, chunk_bytes: int) -> int:
+    """Blocks per batch: the elimination's factor holds ``size x size`` float64 numbers per block."""
+    return max(1, chunk_bytes // (size * size * 8))
+
+
 def eliminate_blocks(w_blocks: torch.Tensor, finv: torch.Tensor, pattern: Pattern | None = None,
-                     prior: torch.Tensor | None = None, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+                     prior: torch.Tensor | None = None, chunk_bytes: int = 1 << 28) -> tuple[torch.Tensor, torch.Tensor]:
     """Remove every weight of every block by OBS, in the order CAP would; record each step's loss.
 
     Args:
@@ -161,7 +166,7 @@ def eliminate_blocks(w_blocks: torch.Tensor, finv: torch.Tensor, pattern: Patter
         pattern: ``N:M`` restricts each step to groups with fewer than ``M - N`` removals (and stops
             there); anything else (or ``None``) eliminates every weight.
         prior: ``(nb, B)`` bool, True where a weight was pruned earlier: removed first (loss ``-inf``).
-        chunk: blocks per batch.
+        chunk_bytes: working memory of one batch of blocks.
 
     Returns:
         ``(order, cum)``: ``(nb, steps)`` the index removed at each step and the running maximum of
@@ -175,6 +180,7 @@ def eliminate_blocks(w_blocks: torch.Tensor, finv: torch.Tensor, pattern: Patter
     step_pattern = pattern if nm else Pattern(kind="unstructured", sparsity=0.0)
     order = torch.zeros(nb, steps, dtype=torch.long, device=w_blocks.device)
     losses = torch.full((nb, steps), math.inf, dtype=torch.float64, device=w_blocks.device)
+    chunk = _chunk(size, chunk_bytes)
     for a in range(0, nb, chunk):
         w = w_blocks[a : a + chunk].to(torch.float64).clone()
         removed = torch.zeros_like(w, dtype=torch.bool)
@@ -220,13 +226,14 @@ def select_counts(cums: list[torch.Tensor], prune: list[int] | int, selection: s
 
 
 def replay_blocks(w_blocks: torch.Tensor, finv: torch.Tensor, order: torch.Tensor, counts: torch.Tensor,
-                  chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+                  chunk_bytes: int = 1 << 28) -> tuple[torch.Tensor, torch.Tensor]:
     """The weights after each block's first ``counts[b]`` removals (with their OBS updates) and the keep-mask."""
     nb, size = w_blocks.shape
     out = torch.empty(nb, size, dtype=torch.float64, device=w_blocks.device)
     kept = torch.ones(nb, size, dtype=torch.bool, device=w_blocks.device)
     steps = int(counts.max()) if counts.numel() else 0
     every = Pattern(kind="unstructured", sparsity=0.0)
+    chunk = _chunk(size, chunk_bytes)
     for a in range(0, nb, chunk):
         w = w_blocks[a : a + chunk].to(torch.float64).clone()
         removed = torch.zeros_like(w, dtype=torch.bool)
