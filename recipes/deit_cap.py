@@ -348,6 +348,9 @@ def main(argv=None) -> dict:
     targets = []
     for choice in args.finetune if args.finetune_epochs > 0 else []:
         name = best(True) if choice == "best-robop" else best(False) if choice == "best-baseline" else f"{choice}@{top:g}"
+        if name is None and choice in ("best-robop", "best-baseline"):
+            print(f"--finetune {choice}: no such model was pruned at sparsity {top:g}; skipped")
+            continue
         if name is None or name not in models:
             raise SystemExit(f"--finetune {choice}: no such pruned model at sparsity {top:g} ({', '.join(pruned_top)}).")
         if name not in targets:
