@@ -6,23 +6,24 @@ The pipeline (maths in :mod:`robop_lightning.solvers.fisher`)::
     for each target linear, one at a time:
         accumulate H_b = sum_k g_kb g_kb^T over the m per-sample gradients (vmap, in batches)
         F_b^-1 under the uncertainty set (Baseline: CAP's lam I + H_b / m)
-        eliminate every weight of every block by OBS, record each step's loss
-        keep F_b^-1 and the removal order on disk, drop everything else
+        eliminate every weight of every block by OBS; keep each step's loss and the removal order
     one threshold over all blocks of all layers (global; or per layer: uniform; N:M: per group)
-    replay each layer's eliminations up to its count: the weights and the mask
+    for each target linear: the same H_b and F_b^-1 again (the same gradients, bit for bit), then
+        replay its eliminations up to each block's count: the weights and the mask
 
-Memory: one layer's ``B`` numbers per weight at a time (``B x B`` per block of ``B`` weights), and
-the ``batch_size`` gradients in flight; finished layers' inverses wait on disk. The gradients are
-those of the *dense* model (CAP's one-shot setting): every layer sees the same curvature source.
+Memory: one layer's blocks at a time (``H_b`` and ``F_b^-1``, ``2 x 8 B`` bytes per weight), the
+``batch_size`` gradients in flight, and 16 bytes per weight for the orders and losses. Nothing of
+size ``B`` per weight is kept for the whole model (that is 32 GB for DeiT-Small in float64): the
+blocks are rebuilt from the gradients for the replay, which doubles the gradient passes. The
+gradients are those of the *dense* model (CAP's one-shot setting): every layer sees the same
+curvature source.
 """
 
 from __future__ import annotations
 
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -201,26 +202,27 @@ def prune_model_fisher(
     })
     modes = {mod: mod.training for mod in model.modules()}
     undo = WeightUndo()
-    store = tempfile.TemporaryDirectory(prefix="robop-fisher-")
     state: dict[str, dict[str, Any]] = {}
+
+    def blocks(n: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``H_b`` (summed over the m gradients) and ``F_b^-1`` under the set, for layer ``n``."""
+        w = modules[n].weight
+        rows, cols = w.shape
+        size = sizes[n]
+        h = torch.zeros(rows * cols // size, size, size, dtype=torch.float64, device=w.device)
+        for b in batches:
+            g = per_sample_gradients(model, [f"{n}.weight"], b, loss_fn, method=opts.method)[f"{n}.weight"]
+            h += block_grams(g.reshape(g.shape[0], -1), cols, size)
+        return h, set_block_inverse(h, m, opts.lam, name_set, radius)
+
     try:
         model.eval()
         for n, mod in modules.items():  # one layer at a time: its Fisher blocks, its eliminations
             t = time.perf_counter()
-            w = mod.weight.detach()
-            rows, cols = w.shape
-            size = sizes[n]
-            h = torch.zeros(rows * cols // size, size, size, dtype=torch.float64, device=w.device)
-            for b in batches:
-                g = per_sample_gradients(model, [f"{n}.weight"], b, loss_fn, method=opts.method)[f"{n}.weight"]
-                h += block_grams(g.reshape(g.shape[0], -1), cols, size)
-            finv = set_block_inverse(h, m, opts.lam, name_set, radius)
-            w_blocks = w.to(torch.float64).reshape(-1, size)
-            order, cum = eliminate_blocks(w_blocks, finv, pat)
-            path = Path(store.name) / f"{len(state):05d}.pt"
-            torch.save({"finv": finv.cpu(), "h": h.cpu(), "order": order.cpu()}, path)
-            state[n] = {"path": path, "cum": cum.cpu(), "seconds": time.perf_counter() - t}
-            say(f"{n}: Fisher blocks of {size} from {m} gradients, eliminated in {time.perf_counter() - t:.1f}s")
+            h, finv = blocks(n)
+            order, cum = eliminate_blocks(mod.weight.detach().to(torch.float64).reshape(-1, sizes[n]), finv, pat)
+            state[n] = {"order": order.cpu(), "cum": cum.cpu(), "seconds": time.perf_counter() - t}
+            say(f"{n}: Fisher blocks of {sizes[n]} from {m} gradients, eliminated in {time.perf_counter() - t:.1f}s")
             del h, finv, order, cum
         cums = [state[n]["cum"] for n in names]
         if pat.kind == "nm":
@@ -233,22 +235,20 @@ def prune_model_fisher(
         else:
             counts = select_counts(cums, [modules[n].weight.numel() - pat.keep_count(*modules[n].weight.shape)
                                           for n in names], "uniform")
+        pruned: dict[str, torch.Tensor] = {}  # the model stays dense until every layer is replayed
         with torch.no_grad():
             for n, count in zip(names, counts):
                 t = time.perf_counter()
-                mod = modules[n]
-                saved = torch.load(state[n]["path"], weights_only=True)
-                w = mod.weight.detach()
+                w = modules[n].weight.detach()
+                h, finv = blocks(n)  # the dense model's gradients again, in the same order: the same blocks
                 w_blocks = w.to(torch.float64).reshape(-1, sizes[n])
-                out, kept = replay_blocks(w_blocks, saved["finv"].to(w.device), saved["order"].to(w.device),
-                                          count.to(w.device))
+                out, kept = replay_blocks(w_blocks, finv, state[n]["order"].to(w.device), count.to(w.device))
                 err = (w_blocks - out).unsqueeze(-1)
-                h = saved["h"].to(w.device)
                 num = float((err.transpose(1, 2) @ h @ err).sum())
                 den = float((w_blocks.unsqueeze(1) @ h @ w_blocks.unsqueeze(-1)).sum())
-                undo.save(n, mod.weight)
+                del h, finv
                 mask = kept.reshape(w.shape)
-                mod.weight.data.copy_(out.reshape(w.shape).to(w.dtype))
+                pruned[n] = out.reshape(w.shape).to(device="cpu", dtype=w.dtype)
                 report.masks[n] = mask.cpu()
                 report.layers.append({
                     "name": n, "shape": list(w.shape), "parameters": w.numel(),
@@ -257,6 +257,9 @@ def prune_model_fisher(
                     "heldout_error": None, "srank": None,
                     "seconds": state[n]["seconds"] + time.perf_counter() - t,
                 })
+            for n, value in pruned.items():
+                undo.save(n, modules[n].weight)
+                modules[n].weight.data.copy_(value)
     except BaseException:
         undo.restore({n: mod.weight for n, mod in modules.items()})
         raise
@@ -264,6 +267,5 @@ def prune_model_fisher(
         for mod, was in modes.items():
             mod.train(was)
         undo.close()
-        store.cleanup()
     report.seconds = time.perf_counter() - start
     return report

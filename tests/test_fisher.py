@@ -269,3 +269,27 @@ def test_brute_force_helper_is_exact_on_a_diagonal_fisher():
     w = torch.tensor([1.0, -1.0, 0.5], dtype=torch.float64)
     for q in range(3):
         assert _refit_loss(w, f, [q])[0] == pytest.approx(float(f[q, q] * w[q] ** 2))
+
+
+def test_prune_model_fisher_equals_the_steps_done_by_hand():
+    """Gradients -> block Grams -> set inverse -> elimination -> global threshold -> replay, composed
+    here from the pure functions, give exactly the weights prune_model_fisher writes."""
+    vit, data = _vit(), [_images(12, 3)]
+    reference = _vit()
+    names = [n for n, m in reference.named_modules() if isinstance(m, nn.Linear) and n.startswith("blocks.")]
+    pieces = {}
+    for n in names:
+        w = reference.get_submodule(n).weight.detach()
+        g = per_sample_gradients(reference, [f"{n}.weight"], data[0], _vit_loss)[f"{n}.weight"]
+        h = block_grams(g.reshape(12, -1), w.shape[1], 32)
+        finv = set_block_inverse(h, 12, 1e-8, "trace", 0.02)
+        wb = w.double().reshape(-1, 32)
+        order, cum = eliminate_blocks(wb, finv)
+        pieces[n] = (wb, finv, order, cum)
+    total = sum(p[0].numel() for p in pieces.values())
+    counts = select_counts([p[3] for p in pieces.values()], total - round(0.4 * total))
+    prune_model_fisher(vit, data, _vit_loss, sparsity=0.6, uncertainty="trace", radius=0.02,
+                       fisher={"gradients": 12, "block_size": 32})
+    for (n, (wb, finv, order, _)), count in zip(pieces.items(), counts):
+        out, _ = replay_blocks(wb, finv, order, count)
+        assert torch.equal(vit.get_submodule(n).weight, out.reshape(vit.get_submodule(n).weight.shape).float()), n
