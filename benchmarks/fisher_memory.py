@@ -5,9 +5,10 @@
 
 CAP keeps ``B`` numbers per weight: one ``B x B`` Fisher block per ``B`` weights. Held for every
 layer at once that is ``8 B`` bytes per pruned weight in float64 (DeiT-Small, ``B = 192``: 32 GB).
-``prune_model(curvature="fisher")`` builds and eliminates one layer at a time and keeps finished
-layers' inverses on disk, so its peak is about one layer's blocks (``H_b`` and ``F_b^-1``) plus the
-gradients in flight. The model is timm's DeiT-Small architecture with random weights at 64 px
+``prune_model(curvature="fisher")`` builds and eliminates one layer at a time, keeps only the removal
+orders and losses (16 bytes per weight), and rebuilds each layer's blocks from the same gradients for
+the replay, so its peak is about one layer's blocks (``H_b`` and ``F_b^-1``) plus the gradients in
+flight. The model is timm's DeiT-Small architecture with random weights at 64 px
 (17 tokens: the block memory depends on the weights, not the image size), pruned at 50 % with
 ``m`` gradients of random images and labels. Measured: the peak RSS above the RSS before the call
 (:class:`robop_lightning.memory.PeakRSS`), the time, and the two reference sizes.
