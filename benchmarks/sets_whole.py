@@ -98,6 +98,8 @@ def main(argv=None) -> dict:
     p.add_argument("--auto-scorer", default=None,
                    help="scorer of 'auto' / 'NAME=auto' specs (default: 'admm' for ALPS; 'solver': the solver itself)")
     p.add_argument("--auto-select", default="mean", choices=["mean", "worst"])
+    p.add_argument("--auto-candidates", nargs="+", default=None,
+                   help="the candidates of 'auto' (NAME=GAMMA specs; default: the library's grid)")
     p.add_argument("--baselines", nargs="*", default=["sparsegpt"], help="other solvers, Baseline set")
     p.add_argument("--calibration-windows", type=int, default=32)
     p.add_argument("--eval-windows", type=int, default=32)
@@ -172,7 +174,8 @@ def main(argv=None) -> dict:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)
                 t = time.perf_counter()
-                auto = {"scorer": args.auto_scorer, "select": args.auto_select}
+                auto = {"scorer": args.auto_scorer, "select": args.auto_select,
+                        **({"candidates": args.auto_candidates} if args.auto_candidates else {})}
                 report = prune_model(model, calibration, sparsity=sparsity, pattern=pattern, solver=solver,
                                      uncertainty=name, radius=radius, progress=False,
                                      **({"auto": auto} if "auto" in (name, radius) else {}))
