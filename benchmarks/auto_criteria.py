@@ -39,7 +39,7 @@ import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _real_layers as R  # noqa: E402
-from sets_whole import _setting, window_nll  # noqa: E402
+from sets_whole import _setting, text_model, window_nll  # noqa: E402
 
 from robop_lightning import prune_model  # noqa: E402
 from robop_lightning.uncertainty import parse_set_spec  # noqa: E402
@@ -129,25 +129,9 @@ def main(argv=None) -> dict:
     work = pathlib.Path(args.work or f"{args.out}_runs")
     work.mkdir(parents=True, exist_ok=True)
 
-    from robop_lightning.data import TextDataModule
-
+    dense, dm, _ = text_model(args.fast, args.calibration_windows)
     if args.fast:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "recipes"))
-        from llama_alps import bpe_tokenizer  # noqa: E402
-
-        tok = bpe_tokenizer("pydoc_topics", vocab_size=256)
-        torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-        dense = LlamaForCausalLM(cfg).eval()
-        dm = TextDataModule("pydoc_topics", ood_corpus="pydoc_topics", tokenizer=tok, seqlen=32,
-                            calibration_windows=8, batch_size=4)
         args.eval_windows = min(args.eval_windows, 8)
-    else:
-        dense = R.gemma()
-        dm = TextDataModule(seqlen=128, calibration_windows=args.calibration_windows, ood_corpus="brown", batch_size=8)
     dm.setup()
     calibration = [b for b in dm.calibration_dataloader()]
     windows = torch.cat(calibration)

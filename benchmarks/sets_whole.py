@@ -90,6 +90,29 @@ def _layer_fit_table(runs: dict, settings: list[str], solver: str) -> list[str]:
     return lines
 
 
+def text_model(fast: bool, calibration_windows: int, seqlen: int = 128):
+    """``(dense model, TextDataModule, label)``: Gemma 3 270M on Shakespeare / Brown, or with ``fast``
+    a tiny random Llama on pydoc text (the same corpus as "OOD": ``--fast`` checks the code path, not
+    a distribution shift). The datamodule is not set up yet."""
+    from robop_lightning.data import TextDataModule
+
+    if not fast:
+        dm = TextDataModule(seqlen=seqlen, calibration_windows=calibration_windows, ood_corpus="brown", batch_size=8)
+        return R.gemma(), dm, "gemma-3-270m (all 18 decoder layers)"
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "recipes"))
+    from llama_alps import bpe_tokenizer  # noqa: E402
+
+    tok = bpe_tokenizer("pydoc_topics", vocab_size=256)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    dm = TextDataModule("pydoc_topics", ood_corpus="pydoc_topics", tokenizer=tok, seqlen=32,
+                        calibration_windows=8, batch_size=4)
+    return LlamaForCausalLM(cfg).eval(), dm, "tiny random Llama (--fast)"
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--settings", nargs="+", default=["0.5", "0.7", "2:4"])
@@ -119,29 +142,9 @@ def main(argv=None) -> dict:
     work = pathlib.Path(args.work or f"{args.out}_runs")
     work.mkdir(parents=True, exist_ok=True)
 
-    from robop_lightning.data import TextDataModule
-
+    dense, dm, label = text_model(args.fast, args.calibration_windows, args.seqlen)
     if args.fast:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "recipes"))
-        from llama_alps import bpe_tokenizer  # noqa: E402
-
-        tok = bpe_tokenizer("pydoc_topics", vocab_size=256)
-        torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-        dense = LlamaForCausalLM(cfg).eval()
-        # the same corpus as "OOD": --fast checks the code path, not a distribution shift
-        dm = TextDataModule("pydoc_topics", ood_corpus="pydoc_topics", tokenizer=tok, seqlen=32,
-                            calibration_windows=8, batch_size=4)
         args.eval_windows = min(args.eval_windows, 8)
-        label = "tiny random Llama (--fast)"
-    else:
-        dense = R.gemma()
-        dm = TextDataModule(seqlen=args.seqlen, calibration_windows=args.calibration_windows, ood_corpus="brown",
-                            batch_size=8)
-        label = "gemma-3-270m (all 18 decoder layers)"
     dm.setup()
     calibration = [b for b in dm.calibration_dataloader()]
     evals = {"in-domain": dm.splits["test"][: args.eval_windows], "ood": dm.splits["ood"][: args.eval_windows]}

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +29,7 @@ import torch
 from robop_lightning.damping import damp_until_definite, unit_scale
 from robop_lightning.gram import LayerInputs, as_layer_inputs
 from robop_lightning.patterns import parse_pattern
+from robop_lightning.report import LayerResult
 from robop_lightning.solvers import DATA_FREE, SOLVERS, USES_FULL_GRAM, check_solver_options
 from robop_lightning.solvers.refit import refit
 from robop_lightning.selection import (
@@ -50,66 +50,6 @@ from robop_lightning.uncertainty import (
 __all__ = ["prune_layer", "LayerResult"]
 
 _STEP = lambda k: 2 / (k + 2)  # noqa: E731
-
-
-@dataclass
-class LayerResult:
-    """What :func:`prune_layer` returns.
-
-    Attributes:
-        weight: pruned weight, same shape / dtype / device as the input, exact zeros where pruned.
-        mask: bool keep-mask (True where a weight is kept).
-        nominal_error: ``tr(E H E^T) / tr(W H W^T)`` on the calibration Gram.
-        robust_error: the set's robust loss of the result, same normalisation (``>= nominal_error``).
-        heldout_error: the nominal error under the held-out Gram (None without held-out inputs).
-        srank: stable rank ``||E||_F^2 / ||E||_2^2`` of the error (coupled sets only).
-        sparsity: achieved fraction of zeros in the mask.
-        seconds: wall time of the call.
-        solver, uncertainty, pattern: what was run (``uncertainty`` includes the radius used).
-        damping: the absolute damping ``lambda0`` finally used.
-        history: one entry per solve of the alternating scheme.
-    """
-
-    weight: torch.Tensor
-    mask: torch.Tensor
-    nominal_error: float
-    robust_error: float
-    heldout_error: float | None = None
-    srank: float | None = None
-    sparsity: float = 0.0
-    seconds: float = 0.0
-    solver: str = ""
-    uncertainty: str = ""
-    pattern: str = ""
-    damping: float = 0.0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    selection: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """The scalar fields (no tensors), JSON-serialisable."""
-        return {
-            "solver": self.solver,
-            "uncertainty": self.uncertainty,
-            "pattern": self.pattern,
-            "sparsity": self.sparsity,
-            "nominal_error": self.nominal_error,
-            "robust_error": self.robust_error,
-            "heldout_error": self.heldout_error,
-            "srank": self.srank,
-            "seconds": self.seconds,
-            "damping": self.damping,
-            "solves": len(self.history),
-            **({"selection": self.selection} if self.selection is not None else {}),
-        }
-
-    def __repr__(self) -> str:
-        held = "" if self.heldout_error is None else f", heldout={self.heldout_error:.4g}"
-        sr = "" if self.srank is None else f", srank={self.srank:.3g}"
-        return (
-            f"LayerResult({self.solver}/{self.uncertainty}, {self.pattern}, shape={tuple(self.weight.shape)}, "
-            f"sparsity={self.sparsity:.4f}, nominal={self.nominal_error:.4g}, robust={self.robust_error:.4g}"
-            f"{held}{sr}, {self.seconds:.2f}s)"
-        )
 
 
 def _relative(num: float, den: float) -> float:

@@ -62,7 +62,7 @@ from robop_lightning.calibration import (
     run_block,
 )
 from robop_lightning.gram import LayerInputs
-from robop_lightning.report import PruneReport
+from robop_lightning.report import LayerResult, PruneReport
 from robop_lightning.uncertainty import ClosedFormSet, UncertaintySet, make_uncertainty
 from robop_lightning.uncertainty.base import inner
 
@@ -1284,7 +1284,6 @@ def prune_layer_structured(
         (4, 'structured')
     """
     from robop_lightning.gram import as_layer_inputs
-    from robop_lightning.layer import LayerResult
     from robop_lightning.patterns import parse_pattern
 
     start = time.perf_counter()
