@@ -55,7 +55,7 @@ __all__ = [
 _HEAD_NAMES = frozenset({"head", "head_dist", "lm_head", "classifier", "score"})
 # Keyword arguments of HF blocks that carry a KV cache: calibration runs every block several
 # times, so a cache would make later runs attend to stale keys.
-_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past")
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache")  # "cache": its name in transformers 5
 
 
 class _StopForward(Exception):
