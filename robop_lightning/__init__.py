@@ -4,7 +4,8 @@ from robop_lightning.gram import LayerInputs
 from robop_lightning.layer import LayerResult, prune_layer
 from robop_lightning.model import PruneReport, prune_model
 from robop_lightning.callback import RobOPCallback
-from robop_lightning.structured import load_structured, prune_model_structured, save_structured
+from robop_lightning.structured import prune_model_structured
+from robop_lightning.surgery import load_structured, save_structured
 
 __version__ = "0.1.0"
 

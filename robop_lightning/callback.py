@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
@@ -20,6 +21,7 @@ from robop_lightning.masks import SparsityMasks
 from robop_lightning.model import PruneReport, prune_model
 from robop_lightning.patterns import parse_pattern
 from robop_lightning.solvers import SOLVERS
+from robop_lightning.structured import STRUCTURED_OPTIONS, check_budget
 from robop_lightning.selection import AutoOptions, check_auto_request
 from robop_lightning.uncertainty import canonical_set_name, make_uncertainty
 
@@ -220,9 +222,7 @@ class RobOPCallback(Callback):
         self.progress = progress
         self.verbose = verbose
         self.resume_dir = None if resume_dir is None else os.fspath(resume_dir)
-        from robop_lightning.structured import check_callback_options  # pattern="structured" (issue 7)
-
-        self.structured_options = check_callback_options(pattern, prune_at, schedule, structured_options)
+        self.structured_options = _check_structured_options(pattern, prune_at, schedule, structured_options)
         if curvature not in ("gram", "fisher"):
             raise ValueError(f"curvature must be 'gram' or 'fisher' (CAP's empirical Fisher), got {curvature!r}.")
         if curvature == "fisher":
@@ -395,9 +395,7 @@ class RobOPCallback(Callback):
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, sparsity: float | None, *keys: str) -> None:
         if self.structured_options is not None:  # pattern="structured": the module shrinks, no masks
-            from robop_lightning.structured import callback_prune
-
-            report = callback_prune(self, trainer, pl_module, sparsity)
+            report = _prune_structured(self, trainer, pl_module, sparsity)
             self._done.extend(keys)
             self._current_sparsity = report.totals["sparsity"]
             self.reports.append(report)
@@ -502,3 +500,58 @@ class RobOPCallback(Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
         if self.verbose:
             rank_zero_info(str(report))
+
+
+# ---------------------------------------------------------------------- pattern="structured" (issue 7)
+def _check_structured_options(pattern, prune_at, schedule, options) -> dict[str, Any] | None:
+    """``RobOPCallback`` arguments for ``pattern="structured"``: the options dict, or ``None`` for other patterns."""
+    structured = isinstance(pattern, str) and pattern.strip().lower() == "structured"
+    if not structured:
+        if options is not None:
+            raise ValueError("structured_options only apply to pattern='structured'.")
+        return None
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(STRUCTURED_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown structured_options {unknown}: use {', '.join(STRUCTURED_OPTIONS)}.")
+    if prune_at != "start" or schedule is not None:
+        raise ValueError(
+            "pattern='structured' shrinks the modules, so it prunes once before training: use prune_at='start' "
+            "without a schedule (then the whole fit is recovery fine-tuning), or trainer.validate / trainer.test."
+        )
+    check_budget(
+        0.5, options.get("budget", "layer"), options.get("cost", "params"), options.get("min_keep", 1),
+        options.get("max_sparsity", 0.9),
+    )
+    return options
+
+
+def _prune_structured(callback, trainer, pl_module, sparsity):
+    """The structured branch of ``RobOPCallback._prune``: shrink, then rebuild the optimizers when fitting.
+
+    Lightning creates the optimizers in ``strategy.setup`` (before ``on_fit_start``), so after the
+    parameters change shape ``configure_optimizers`` runs again (``strategy.setup_optimizers``) and the
+    new optimizers move to the device; the LR schedule starts from step 0 of the recovery fine-tune.
+    """
+    if trainer.world_size > 1:
+        raise MisconfigurationException(
+            "RobOPCallback(pattern='structured') runs on one process: under DDP the wrapper's buckets are built for the "
+            "old shapes. Shrink first with prune_model(model, batches, pattern='structured'), save, and fine-tune the "
+            "shrunk model under DDP."
+        )
+    report = prune_model(
+        pl_module,
+        callback._calibration_batches(trainer, pl_module),
+        sparsity=sparsity,
+        pattern="structured",
+        uncertainty=callback.uncertainty,
+        radius=callback.radius,
+        targets=callback.targets,
+        ignore=callback.ignore,
+        progress=callback.progress and trainer.is_global_zero,
+        solver_options=dict(callback.structured_options),
+    )
+    if trainer.state.fn == "fit":
+        trainer.strategy.setup_optimizers(trainer)
+        _optimizers_to_device(trainer.strategy.optimizers, trainer.strategy.root_device)
+    return report

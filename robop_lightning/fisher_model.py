@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from robop_lightning.calibration import find_blocks, resolve_targets
+from robop_lightning.targets import find_blocks, resolve_targets
 from robop_lightning.gradients import LossFn, batch_size_of, per_sample_gradients, slice_batch
 from robop_lightning.report import PruneReport
 from robop_lightning.offload import WeightUndo

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 import torch
 
+from robop_lightning.offload import DiskTensor  # activations kept on disk under a budget
+
 __all__ = ["LayerInputs", "as_layer_inputs"]
 
 # Elements of a chunk converted to float64 and multiplied at once: 2**22 doubles = 32 MB, as much
@@ -65,8 +67,6 @@ class LayerInputs:
     distributed: bool = False
 
     def __post_init__(self) -> None:
-        from robop_lightning.offload import DiskTensor  # activations kept on disk under a budget
-
         if not isinstance(self.x, (torch.Tensor, DiskTensor)):
             raise ValueError(f"{self.name} must be a torch.Tensor, got {type(self.x).__name__}.")
         if self.x.dim() == 2:

@@ -32,6 +32,7 @@ from robop_lightning.patterns import parse_pattern
 from robop_lightning.report import LayerResult
 from robop_lightning.solvers import DATA_FREE, SOLVERS, USES_FULL_GRAM, check_solver_options
 from robop_lightning.solvers.refit import refit
+from robop_lightning.solvers.structured_obs import select_groups
 from robop_lightning.selection import (
     AutoOptions,
     Candidate,
@@ -102,7 +103,7 @@ def prune_layer(
         pattern: ``"unstructured"`` (budget over the whole layer), ``"row"`` (same per row),
             ``"N:M"`` such as ``"2:4"`` (keep N of every M consecutive inputs), or ``"structured"``:
             whole input columns (``solver_options={"groups": [...]}`` for heads) chosen by robust
-            structured OBS with exact compensation (:func:`robop_lightning.structured.select_groups`).
+            structured OBS with exact compensation (:func:`robop_lightning.solvers.structured_obs.select_groups`).
         solver: ``"alps"``, ``"cap"``, ``"sparsegpt"``, ``"wanda"`` or ``"magnitude"``.
         uncertainty: the authors' ``"baseline"``, ``"trace"``, ``"e"`` (or ``"ellipsoid"``) or
             ``"cte"`` (one solve on ``H + D``), this project's extension ``"minmax-trace"``,
@@ -146,8 +147,6 @@ def prune_layer(
     _check_weight(weight, name)
     if isinstance(pattern, str) and pattern.strip().lower() == "structured":
         # whole input columns (or solver_options["groups"]) by robust structured OBS (issue 7)
-        from robop_lightning.structured import prune_layer_structured
-
         return prune_layer_structured(
             weight, inputs, sparsity, uncertainty, radius, coupled, rounds, heldout, damping, solver_options,
             prior_mask, name,
@@ -335,4 +334,64 @@ def prune_layer(
         damping=used_lam[0],
         history=history,
         selection=None if selection is None else selection.to_dict(),
+    )
+
+
+def prune_layer_structured(
+    weight, inputs, sparsity, uncertainty, radius, coupled, rounds, heldout, damping, solver_options, prior_mask, name
+):
+    """``prune_layer(pattern="structured")``: zero whole input columns (or groups) and compensate the rest.
+
+    The layer keeps its shape (the removed columns are exact zeros, the same in every row); use
+    :func:`robop_lightning.structured.prune_model_structured` to shrink modules physically. ``solver_options`` may hold
+    ``groups`` (index lists, e.g. one per head; default: single columns) and ``per_step``.
+    The fraction of groups removed is ``round(sparsity * groups)``.
+
+    Example:
+        >>> from robop_lightning import prune_layer
+        >>> import torch
+        >>> r = prune_layer(torch.randn(8, 16), torch.randn(64, 16), sparsity=0.25, pattern="structured")
+        >>> int((r.mask.sum(0) == 0).sum()), r.pattern
+        (4, 'structured')
+    """
+    start = time.perf_counter()
+    pat = parse_pattern("structured", sparsity)
+    rows, cols = weight.shape
+    options = dict(solver_options or {})
+    groups = options.pop("groups", None) or [[j] for j in range(cols)]
+    per_step = options.pop("per_step", None)
+    if options:
+        raise ValueError(f"{name}: pattern='structured' takes solver_options groups and per_step, got {sorted(options)}.")
+    if prior_mask is not None:
+        raise ValueError(f"{name}: prior_mask (gradual schedules) is not supported with pattern='structured'.")
+    remove = min(int(round(pat.sparsity * len(groups))), len(groups) - 1)
+    li = as_layer_inputs(inputs, cols, name=f"{name}: inputs")
+    r = select_groups(
+        weight, li, groups, remove, uncertainty=uncertainty, radius=radius, coupled=coupled, damping=damping,
+        rounds=rounds, per_step=per_step, name=name,
+    )
+    out = torch.zeros_like(weight)
+    out[:, r.kept_columns.to(weight.device)] = r.weight.to(weight.device, weight.dtype)
+    mask = torch.zeros(rows, cols, dtype=torch.bool, device=weight.device)
+    mask[:, r.kept_columns.to(weight.device)] = True
+    heldout_error = None
+    if heldout is not None:
+        hh = as_layer_inputs(heldout, cols, name=f"{name}: heldout").gram(device="cpu")
+        e = (weight.detach().double().cpu() - out.double().cpu())
+        w64 = weight.detach().double().cpu()
+        den = float(((w64 @ hh) * w64).sum())
+        heldout_error = float(((e @ hh) * e).sum()) / den if den > 0 else 0.0
+    return LayerResult(
+        weight=out,
+        mask=mask,
+        nominal_error=r.nominal_error,
+        robust_error=r.robust_error,
+        heldout_error=heldout_error,
+        sparsity=1.0 - float(mask.float().mean()),
+        seconds=time.perf_counter() - start,
+        solver="structured-obs",
+        uncertainty=r.uncertainty,
+        pattern="structured",
+        damping=float(damping),
+        history=r.history,
     )

@@ -35,9 +35,7 @@ from robop_lightning.calibration import (
     capture_block_inputs,
     capture_linear_input,
     default_forward,
-    find_blocks,
     forward_order,
-    resolve_targets,
     run_block,
     same_on_all_ranks,
 )
@@ -47,8 +45,11 @@ from robop_lightning.layer import prune_layer
 from robop_lightning.offload import ActivationStore, WeightUndo, parse_bytes
 from robop_lightning.patterns import parse_pattern
 from robop_lightning.report import PruneReport
+from robop_lightning.resume import ResumeStore, fingerprint_batches, fingerprint_tensors
 from robop_lightning.solvers import SOLVERS, check_solver_options
 from robop_lightning.selection import AutoOptions, check_auto_request
+from robop_lightning.structured import STRUCTURED_OPTIONS, prune_model_structured
+from robop_lightning.targets import find_blocks, resolve_targets
 from robop_lightning.uncertainty import make_uncertainty
 
 __all__ = ["PruneReport", "prune_model"]
@@ -99,8 +100,6 @@ def _split(x: torch.Tensor, fraction: float, name: str) -> tuple[torch.Tensor, t
 
 def _resume_store(resume_dir, model, modules, batches, config, engine_kwargs, prior_masks):
     """The :class:`ResumeStore` of this job in ``resume_dir`` (raises if it belongs to another job)."""
-    from robop_lightning.resume import ResumeStore, fingerprint_batches, fingerprint_tensors
-
     if not isinstance(resume_dir, (str, Path)) or not str(resume_dir):
         raise ValueError(f"resume_dir must be a directory path (str or Path), got {resume_dir!r}.")
     job = {**config, "solver_options": engine_kwargs.get("solver_options")}
@@ -190,6 +189,29 @@ def _renamed(err: BaseException, name: str) -> BaseException:
     if hasattr(err, "add_note"):
         err.add_note(note)
     return err
+
+
+def _prune_structured(
+    model, calibration, sparsity, uncertainty, radius, targets, ignore, blocks, heldout_fraction, forward, progress,
+    prior_masks, engine_kwargs,
+):
+    """``prune_model(pattern="structured", ...)``: map its arguments onto :func:`prune_model_structured`."""
+    engine = dict(engine_kwargs)
+    options = dict(engine.pop("solver_options", None) or {})
+    unknown = sorted(set(engine) - {"coupled", "rounds", "damping"}) + sorted(set(options) - set(STRUCTURED_OPTIONS))
+    if unknown:
+        raise TypeError(
+            f"prune_model(pattern='structured') got unexpected option(s) {', '.join(unknown)}; it takes coupled, rounds, "
+            f"damping, and solver_options with {', '.join(STRUCTURED_OPTIONS)}."
+        )
+    if heldout_fraction:
+        raise ValueError("pattern='structured' does not report held-out errors yet; pass heldout_fraction=0.")
+    if prior_masks:
+        raise ValueError("pattern='structured' removes modules physically; prior_masks (gradual schedules) do not apply.")
+    return prune_model_structured(
+        model, calibration, sparsity=0.5 if sparsity is None else sparsity, uncertainty=uncertainty, radius=radius,
+        targets=targets, ignore=ignore, blocks=blocks, forward=forward, progress=progress, **engine, **options,
+    )
 
 
 def prune_model(
@@ -306,9 +328,7 @@ def prune_model(
         raise ValueError("loss_fn and fisher apply to curvature='fisher' only.")
     if isinstance(pattern, str) and pattern.strip().lower() == "structured":
         # whole heads / channels removed physically: robop_lightning.structured (issue 7)
-        from robop_lightning.structured import prune_model_structured_from_engine
-
-        return prune_model_structured_from_engine(
+        return _prune_structured(
             model, calibration, sparsity, uncertainty, radius, targets, ignore, blocks, heldout_fraction,
             forward, progress, prior_masks, engine_kwargs,
         )

@@ -1,4 +1,5 @@
-"""Result types: ``LayerResult`` (one layer) and ``PruneReport`` (a model, layer by layer); they import nothing of the pipeline."""
+"""Result types: ``LayerResult`` (one layer), ``StructuredResult`` (one structured selection) and
+``PruneReport`` (a model, layer by layer); they import nothing of the pipeline."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 
 from robop_lightning.resume import atomic_write
 
-__all__ = ["LayerResult", "PruneReport"]
+__all__ = ["LayerResult", "PruneReport", "StructuredResult"]
 
 
 @dataclass
@@ -183,3 +184,36 @@ class PruneReport:
         rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
         lines = [head, fmt.format(*cols), rule, *(fmt.format(*r) for r in rows[:-1]), rule, fmt.format(*rows[-1])]
         return "\n".join(lines)
+
+
+@dataclass
+class StructuredResult:
+    """What :func:`robop_lightning.solvers.structured_obs.select_groups` returns.
+
+    Attributes:
+        removed: indices (into ``groups``) of the removed groups, in greedy order.
+        kept: indices of the kept groups, ascending.
+        kept_columns: the consumer columns that stay, ascending (the new column order).
+        weight: ``(out_features, len(kept_columns))`` compensated weight (input dtype).
+        bias: the corrected bias (``None`` when the layer has none).
+        nominal_error: ``tr(E H E^T) / tr(W H W^T)`` on the calibration inputs (bias included).
+        robust_error: the set's robust loss of the result, same normalisation.
+        trajectory: relative nominal loss after each greedy step (cumulative; for global budgets).
+        steps: number of groups removed at each greedy step.
+        uncertainty: the set used, with its radius.
+        history: one entry per solve of the alternating scheme.
+        seconds: wall time.
+    """
+
+    removed: list[int]
+    kept: list[int]
+    kept_columns: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    nominal_error: float
+    robust_error: float
+    trajectory: list[float] = field(default_factory=list)
+    steps: list[int] = field(default_factory=list)
+    uncertainty: str = ""
+    history: list[dict[str, Any]] = field(default_factory=list)
+    seconds: float = 0.0

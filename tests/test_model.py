@@ -11,7 +11,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from robop_lightning.calibration import find_blocks, resolve_targets
+from robop_lightning.targets import find_blocks, resolve_targets
 from robop_lightning.layer import prune_layer
 from robop_lightning.model import PruneReport, prune_model
 

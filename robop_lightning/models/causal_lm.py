@@ -20,6 +20,7 @@ from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from robop_lightning.assets import require
 from robop_lightning.models._checkpoint import StructuredCheckpointHooks
 
 __all__ = ["CausalLMModule", "TokenPerplexity", "load_causal_lm", "token_nll"]
@@ -107,8 +108,6 @@ def load_causal_lm(model: str | nn.Module) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     if model == "embedded":
-        from robop_lightning.assets import require
-
         model = str(require("gemma3-270m"))
     return AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
 

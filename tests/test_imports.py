@@ -1,0 +1,137 @@
+"""The package's import graph: data flows one way, Lightning only at the top.
+
+Walks the source of every module of ``robop_lightning`` (no import is executed): module-level
+imports of the package must form no cycle, no function imports the package (the usual way to dodge
+a cycle), and the pruning chain (calibration, sets, solvers, masks, surgery, model) never imports
+Lightning.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import robop_lightning
+
+ROOT = Path(robop_lightning.__file__).parent
+# Lightning's glue: the callback, the LightningModules and DataModules (and what imports them).
+LIGHTNING_OK = ("robop_lightning", "robop_lightning.callback", "robop_lightning.models", "robop_lightning.data")
+MAX_LINES = 520  # "no module over about 500 lines"
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in sorted(ROOT.rglob("*.py")):
+        parts = path.relative_to(ROOT.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        out[name] = path
+    return out
+
+
+def _resolve(node: ast.ImportFrom | ast.Import, module: str, is_package: bool) -> list[str]:
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names]
+    base = node.module or ""
+    if node.level:
+        pkg = module.split(".") if is_package else module.split(".")[:-1]
+        pkg = pkg[: len(pkg) - node.level + 1]
+        base = ".".join(pkg + ([base] if base else []))
+    return [base] + [f"{base}.{a.name}" for a in node.names]
+
+
+def _imports(modules: dict[str, Path]):
+    """(module-level imports, imports inside functions or classes' methods) per module, package only."""
+    top: dict[str, set[str]] = {}
+    inner: dict[str, list[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        is_package = path.name == "__init__.py"
+        top[name], inner[name] = set(), []
+        nested = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                  for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))}
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            targets = _resolve(node, name, is_package)
+            if id(node) in nested:
+                inner[name] += [t for t in targets if t.split(".")[0] == "robop_lightning"]
+            else:
+                top[name] |= {t for t in targets if t in modules}
+    return top, inner
+
+
+def _all_imports(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Every import (any package) at module level, for the Lightning rule."""
+    out: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text())
+        out[name] = set()
+        for node in tree.body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                out[name] |= set(_resolve(node, name, path.name == "__init__.py"))
+    return out
+
+
+def test_the_walk_sees_the_package():
+    modules = _modules()
+    top, _ = _imports(modules)
+    assert {"robop_lightning.model", "robop_lightning.layer", "robop_lightning.structured"} <= set(modules)
+    assert "robop_lightning.layer" in top["robop_lightning.model"]
+
+
+def test_no_import_cycle():
+    modules = _modules()
+    top, _ = _imports(modules)
+    # a package's __init__ re-exports its children: importing a child implies the parent, not a cycle
+    graph = {m: {t for t in deps if not m.startswith(t + ".") and t != m} for m, deps in top.items()}
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for t in sorted(graph[m]):
+            if state.get(t) == 1:
+                cycle = stack[stack.index(t):] + [t]
+                raise AssertionError("import cycle: " + " -> ".join(cycle))
+            if t not in state:
+                visit(t)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+def test_no_function_level_imports_of_the_package():
+    _, inner = _imports(_modules())
+    offenders = {m: sorted(set(t)) for m, t in inner.items() if t}
+    assert not offenders, f"imports of robop_lightning inside functions: {offenders}"
+
+
+def test_lightning_only_at_the_top():
+    modules = _modules()
+    everything = _all_imports(modules)
+    top, _ = _imports(modules)
+    uses = {m for m, deps in everything.items() if any(d.split(".")[0] == "lightning" for d in deps)}
+
+    def allowed(m: str) -> bool:
+        return any(m == a or m.startswith(a + ".") for a in LIGHTNING_OK)
+
+    # direct importers, and every module that reaches one through the package
+    reach = set(uses)
+    changed = True
+    while changed:
+        changed = False
+        for m, deps in top.items():
+            if m not in reach and deps & reach:
+                reach.add(m)
+                changed = True
+    bad = sorted(m for m in reach if not allowed(m))
+    assert not bad, f"modules of the pruning chain that import Lightning: {bad}"
+
+
+def test_no_module_is_over_about_500_lines():
+    long = {m: n for m, p in _modules().items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
