@@ -13,25 +13,45 @@ import torch
 __all__ = ["positive_definite", "damp_until_definite", "unit_scale"]
 
 
-def positive_definite(hd: torch.Tensor) -> bool:
-    """Cholesky succeeds in float64 and, Jacobi-normalised, in float32 (solvers such as CAP and
-    SparseGPT eliminate in float32: a Gram that is only float64-definite breaks them)."""
+def positive_definite(hd: torch.Tensor, float32: bool = True) -> bool:
+    """Cholesky succeeds in float64 and (``float32=True``), Jacobi-normalised, in float32 (solvers
+    such as CAP and SparseGPT eliminate in float32: a Gram that is only float64-definite breaks them)."""
     if int(torch.linalg.cholesky_ex(hd).info) != 0:
         return False
+    if not float32:
+        return True
     d = hd.diagonal().clamp_min(torch.finfo(hd.dtype).tiny).rsqrt()
     return int(torch.linalg.cholesky_ex((hd * d[:, None] * d[None, :]).float()).info) == 0
 
 
-def damp_until_definite(h_eff: torch.Tensor, lam: float, name: str, warn: bool = True) -> tuple[torch.Tensor, float]:
+def damp_until_definite(
+    h_eff: torch.Tensor,
+    lam: float,
+    name: str,
+    warn: bool = True,
+    columns: int | None = None,
+    float32: bool = True,
+) -> tuple[torch.Tensor, float]:
     """``h_eff + lam I``, with ``lam`` raised x10 (up to 6 times) until Cholesky succeeds.
 
     ``warn=False`` leaves the warning to the caller (``prune_layer`` warns once per layer).
+    ``columns``: damp only the first ``columns`` diagonal entries, and scale the raise by their
+    mean (structured OBS: the last column is a bias's constant input). ``float32=False``: the
+    caller works in float64 only (see :func:`positive_definite`).
+
+    Example:
+        >>> h = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=torch.float64)  # singular
+        >>> hd, lam = damp_until_definite(h, 0.0, "layer", warn=False)
+        >>> lam > 0, positive_definite(hd)
+        (True, True)
     """
     eye = torch.eye(h_eff.shape[0], dtype=h_eff.dtype, device=h_eff.device)
+    if columns is not None:
+        eye.diagonal()[columns:] = 0
     base = lam
     for _ in range(7):
         hd = h_eff + lam * eye
-        if positive_definite(hd):
+        if positive_definite(hd, float32):
             if lam != base and warn:
                 warnings.warn(
                     f"{name}: the damped Gram was not positive definite; damping raised from "
@@ -41,7 +61,7 @@ def damp_until_definite(h_eff: torch.Tensor, lam: float, name: str, warn: bool =
                 )
             return hd, lam
         # x10, starting no lower than 1e-6 of the Gram's scale (an absolute ridge can be far below it)
-        scale = float(h_eff.diagonal().mean())
+        scale = float(h_eff.diagonal()[:columns].mean())
         lam = max(lam * 10, 1e-6 * (scale if scale > 0 else 1.0))
     raise ValueError(
         f"{name}: the calibration Gram stays singular even with damping {lam:.3g}; the inputs of this "

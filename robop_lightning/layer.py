@@ -2,7 +2,8 @@
 
 The authors' sets (baseline, trace, e, cte; SPEC §2a) are closed forms: the solver runs once on
 ``H + D`` (:mod:`robop_lightning.uncertainty.closed_form`). This project's min-max extension
-(minmax-trace, minmax-e, cvar; SPEC §2b) alternates (SPEC §3) for its dynamic sets::
+(minmax-trace, minmax-e, cvar; SPEC §2b) alternates (SPEC §3, :func:`robop_lightning.robust.alternate`)
+for its dynamic sets::
 
     H_0 = H;  W_0 = SOLVE(W, H_0)
     for k in 0 .. rounds-1:
@@ -30,6 +31,7 @@ from robop_lightning.damping import damp_until_definite, unit_scale
 from robop_lightning.gram import LayerInputs, as_layer_inputs
 from robop_lightning.patterns import parse_pattern
 from robop_lightning.report import LayerResult
+from robop_lightning.robust import alternate, clamp_robust, quad, relative_error
 from robop_lightning.solvers import DATA_FREE, SOLVERS, USES_FULL_GRAM, check_solver_options
 from robop_lightning.solvers.refit import refit
 from robop_lightning.solvers.structured_obs import select_groups
@@ -49,19 +51,6 @@ from robop_lightning.uncertainty import (
 )
 
 __all__ = ["prune_layer", "LayerResult"]
-
-_STEP = lambda k: 2 / (k + 2)  # noqa: E731
-
-
-def _relative(num: float, den: float) -> float:
-    return num / den if den > 0 else 0.0
-
-
-def _quad(h: torch.Tensor, e: torch.Tensor) -> float:
-    """``tr(E H E^T)`` in float64 (the error can be tiny next to ``W``: no float32 cancellation)."""
-    e64 = e.double()
-    return float(((e64 @ h.to(device=e.device, dtype=torch.float64)) * e64).sum())
-
 
 def _check_weight(weight, name):
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
@@ -242,28 +231,13 @@ def prune_layer(
     elif not uset.dynamic or solver in DATA_FREE or mean_diag == 0:
         w_hat, mask = solve(uset.effective(), h_diag=uset.score_diagonal())
     else:
-        h_k = h_solve
-        w_hat, mask = solve(h_k)
-        phi = uset.robust_loss(w - w_hat)
-        best = (phi, w_hat, mask, h_k)
-        history.append({"round": 0, "robust_loss": phi, "nominal_loss": _quad(h, w - w_hat), "mask_change": 0.0})
-        for k in range(rounds):
-            g = _STEP(k)
-            h_k = (1 - g) * h_k + g * uset.worst_case(w - w_hat)
-            prev_mask = mask
-            w_hat, mask = solve(h_k, warm=w_hat)
-            phi = uset.robust_loss(w - w_hat)
-            history.append(
-                {
-                    "round": k + 1,
-                    "robust_loss": phi,
-                    "nominal_loss": _quad(h, w - w_hat),
-                    "mask_change": float((mask != prev_mask).float().mean()),
-                }
-            )
-            if phi < best[0]:
-                best = (phi, w_hat, mask, h_k)
-        phi, w_hat, mask, h_k = best
+        def step(h_k: torch.Tensor, previous):
+            w_k, m_k = solve(h_k, warm=None if previous is None else previous[0])
+            return (w_k, m_k), w - w_k
+
+        best, history = alternate(step, h_solve, uset, rounds, nominal=lambda e: quad(h, e),
+                                  describe=lambda prev, cur: {"mask_change": float((cur[1] != prev[1]).float().mean())})
+        phi, (w_hat, mask), h_k = best.robust_loss, best.solution, best.h
         if solver in USES_FULL_GRAM:
             # With the mask fixed the problem is convex-concave and the robust optimum is the
             # least-squares refit under the saddle-point Gram (plug-in theorem). First the exact
@@ -278,7 +252,7 @@ def prune_layer(
                     refitted = refit(w, damp(h_try) / unit, mask, x0=w_hat)
                     phi_fit = uset.robust_loss(w - refitted)
                     history.append({"round": label, "robust_loss": phi_fit,
-                                    "nominal_loss": _quad(h, w - refitted), "mask_change": 0.0})
+                                    "nominal_loss": quad(h, w - refitted), "mask_change": 0.0})
                     if phi_fit < phi:
                         phi, w_hat, h_fit, improved = phi_fit, refitted, h_try, True
                         break
@@ -301,17 +275,10 @@ def prune_layer(
     w_hat = torch.where(mask, w_hat, torch.zeros_like(w_hat))
     w_in = weight.detach().to(torch.float32)
     err = w_in - w_hat
-    denom = _quad(h, w_in)
-    nominal = _relative(_quad(h, err), denom)
-    robust = _relative(uset.robust_loss(err), denom)
-    if nominal - 1e-6 * nominal - 1e-10 <= robust < nominal:
-        # the two are computed along different paths; equal up to rounding (relative, and absolute
-        # for a near-zero error in a rank-deficient Gram, where both lose digits to cancellation)
-        robust = nominal
-    heldout_error = None
-    if held is not None:
-        hh = held.gram(device=device)
-        heldout_error = _relative(_quad(hh, err), _quad(hh, w_in))
+    denom = quad(h, w_in)
+    nominal = relative_error(h, w_in, err)
+    robust = clamp_robust(nominal, uset.robust_loss(err) / denom if denom > 0 else 0.0)
+    heldout_error = None if held is None else relative_error(held.gram(device=device), w_in, err)
     srank = None
     if uset.dynamic:
         top, _ = spectral_norm_sq(err)
@@ -377,10 +344,8 @@ def prune_layer_structured(
     heldout_error = None
     if heldout is not None:
         hh = as_layer_inputs(heldout, cols, name=f"{name}: heldout").gram(device="cpu")
-        e = (weight.detach().double().cpu() - out.double().cpu())
         w64 = weight.detach().double().cpu()
-        den = float(((w64 @ hh) * w64).sum())
-        heldout_error = float(((e @ hh) * e).sum()) / den if den > 0 else 0.0
+        heldout_error = relative_error(hh, w64, w64 - out.double().cpu())
     return LayerResult(
         weight=out,
         mask=mask,

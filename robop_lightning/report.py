@@ -198,6 +198,7 @@ class StructuredResult:
         bias: the corrected bias (``None`` when the layer has none).
         nominal_error: ``tr(E H E^T) / tr(W H W^T)`` on the calibration inputs (bias included).
         robust_error: the set's robust loss of the result, same normalisation.
+        heldout_error: the nominal error on held-out inputs (``None`` without them).
         trajectory: relative nominal loss after each greedy step (cumulative; for global budgets).
         steps: number of groups removed at each greedy step.
         uncertainty: the set used, with its radius.
@@ -212,6 +213,7 @@ class StructuredResult:
     bias: torch.Tensor | None
     nominal_error: float
     robust_error: float
+    heldout_error: float | None = None
     trajectory: list[float] = field(default_factory=list)
     steps: list[int] = field(default_factory=list)
     uncertainty: str = ""

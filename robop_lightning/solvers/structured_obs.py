@@ -26,15 +26,14 @@ from typing import Any
 
 import torch
 
+from robop_lightning.damping import damp_until_definite
 from robop_lightning.gram import LayerInputs
 from robop_lightning.report import StructuredResult
+from robop_lightning.robust import alternate, clamp_robust, quad, relative_error
 from robop_lightning.uncertainty import ClosedFormSet, UncertaintySet, make_uncertainty
 from robop_lightning.uncertainty.base import inner
 
 __all__ = ["select_groups", "compensate"]
-
-_STEP = lambda k: 2 / (k + 2)  # noqa: E731
-
 
 def _group_index(groups: Sequence[Sequence[int] | torch.Tensor], cols: int, name: str) -> torch.Tensor:
     """``(num_groups, group_size)`` long tensor; groups must be disjoint, equal-sized, in range."""
@@ -194,6 +193,7 @@ def select_groups(
     trajectory_to: int | None = None,
     swap_limit: int = 64,
     name: str = "layer",
+    heldout: torch.Tensor | LayerInputs | None = None,
 ) -> StructuredResult:
     """Choose ``remove`` input-column groups of a linear layer by robust structured OBS, and compensate.
 
@@ -214,9 +214,10 @@ def select_groups(
         swap_limit: with at most this many groups (heads, KV groups) the greedy subset is refined by
             exact 1-swap local search (never worse than greedy); 0 turns it off.
         name: the layer's name in messages.
+        heldout: held-out inputs of the layer: ``heldout_error`` is the result's relative error on them.
 
     Returns:
-        A :class:`StructuredResult`.
+        A :class:`robop_lightning.report.StructuredResult`.
 
     Example:
         >>> torch.manual_seed(0) and None
@@ -263,10 +264,11 @@ def select_groups(
         uset.prepare(h, aug, lam0)
         h_static = uset.effective()
         robust_loss = uset.robust_loss
-    damp = torch.zeros(n1, dtype=torch.float64)
-    damp[:cols] = uset.ridge
-    if bias is not None:
-        damp[cols] = 1e-12 * float(h[cols, cols])
+    ridge = [uset.ridge]  # on the feature columns; raised (and kept raised) when a solve needs it
+    bias_ridge = None
+    if bias is not None:  # a tiny fixed ridge on the constant input
+        bias_ridge = torch.zeros(n1, dtype=torch.float64)
+        bias_ridge[cols] = 1e-12 * float(h[cols, cols])
 
     w_full = weight.detach().to("cpu", torch.float64)
     if bias is not None:
@@ -274,14 +276,10 @@ def select_groups(
     all_groups = torch.arange(g)
 
     def damped(h_eff: torch.Tensor) -> torch.Tensor:
-        hd = h_eff + torch.diag(damp)
-        for _ in range(7):
-            if int(torch.linalg.cholesky_ex(hd).info) == 0:
-                return hd
-            # x10, from no lower than 1e-6 of the Gram's scale (the authors' E has no ridge of its own)
-            damp[:cols] = torch.clamp(damp[:cols] * 10, min=1e-6 * max(float(h_eff.diagonal()[:cols].mean()), 1e-300))
-            hd = h_eff + torch.diag(damp)
-        raise ValueError(f"{name}: the calibration Gram stays singular after damping; use more calibration data.")
+        if bias_ridge is not None:
+            h_eff = h_eff + torch.diag(bias_ridge)
+        hd, ridge[0] = damp_until_definite(h_eff, ridge[0], name, warn=False, columns=cols, float32=False)
+        return hd
 
     def solve(h_eff: torch.Tensor, count: int, record: int | None = None):
         hd = damped(h_eff)
@@ -303,31 +301,30 @@ def select_groups(
             err[:, cols] -= new_b
         return chosen, keep_groups, keep_cols, new_w, new_b, err, losses, steps
 
-    denom = float(((w_full @ h) * w_full).sum())
+    denom = quad(h, w_full)
     rel = lambda v: v / denom if denom > 0 else 0.0  # noqa: E731
-    nominal = lambda e: float(((e @ h) * e).sum())  # noqa: E731
+    nominal = lambda e: quad(h, e)  # noqa: E731
     history: list[dict[str, Any]] = []
-
-    first = solve(h_static if not uset.dynamic else h, remove, trajectory_to)
-    traj_abs, steps = first[6], first[7]
-    best = first
     if uset.dynamic and remove > 0:
-        phi = robust_loss(first[5])
-        history.append({"round": 0, "robust_loss": phi, "nominal_loss": nominal(first[5])})
-        h_k, current = h, first
-        for k in range(rounds):
-            gk = _STEP(k)
-            h_k = (1 - gk) * h_k + gk * uset.worst_case(current[5])
-            current = solve(h_k, remove)
-            phi_k = robust_loss(current[5])
-            history.append({"round": k + 1, "robust_loss": phi_k, "nominal_loss": nominal(current[5])})
-            if phi_k < phi:
-                phi, best = phi_k, current
+        solves: list[tuple] = []
+
+        def step(h_k: torch.Tensor, previous):
+            solves.append(solve(h_k, remove, trajectory_to if previous is None else None))
+            return solves[-1], solves[-1][5]
+
+        won, history = alternate(step, h, uset, rounds, nominal)
+        first, best = solves[0], won.solution
+    else:
+        first = best = solve(h_static if not uset.dynamic else h, remove, trajectory_to)
+    traj_abs, steps = first[6], first[7]
     chosen, keep_groups, keep_cols, new_w, new_b, err, _, _ = best
-    robust = rel(robust_loss(err))
     nom = rel(nominal(err))
-    if nom - 1e-6 * max(nom, 1e-30) <= robust < nom:
-        robust = nom
+    robust = clamp_robust(nom, rel(robust_loss(err)))
+    heldout_error = None
+    if heldout is not None:
+        held = heldout if isinstance(heldout, LayerInputs) else LayerInputs(heldout, name=f"{name}: held-out inputs")
+        hh = (_augmented(held) if bias is not None else held).gram(device="cpu")
+        heldout_error = relative_error(hh, w_full, err)
     return StructuredResult(
         removed=list(chosen),
         kept=list(keep_groups),
@@ -336,6 +333,7 @@ def select_groups(
         bias=None if new_b is None else new_b.to(bias.dtype),
         nominal_error=nom,
         robust_error=robust,
+        heldout_error=heldout_error,
         trajectory=[rel(v) for v in traj_abs],
         steps=steps,
         uncertainty=uset.describe(),
