@@ -18,10 +18,7 @@ exception (``KeyboardInterrupt`` included), so a failure leaves the model exactl
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
@@ -31,21 +28,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from robop_lightning.calibration import (
-    capture_block_inputs,
-    capture_linear_input,
-    default_forward,
-    forward_order,
-    run_block,
-    same_on_all_ranks,
-)
+from robop_lightning.calibration import default_forward, forward_order
 from robop_lightning.fisher_model import FisherOptions, prune_model_fisher
 from robop_lightning.gram import LayerInputs
 from robop_lightning.layer import prune_layer
-from robop_lightning.offload import ActivationStore, WeightUndo, parse_bytes
+from robop_lightning.offload import WeightUndo, parse_bytes
 from robop_lightning.patterns import parse_pattern
+from robop_lightning.pipeline import BlockWalk, open_resume_store, split_heldout
 from robop_lightning.report import PruneReport
-from robop_lightning.resume import ResumeStore, fingerprint_batches, fingerprint_tensors
 from robop_lightning.solvers import SOLVERS, check_solver_options
 from robop_lightning.selection import AutoOptions, check_auto_request
 from robop_lightning.structured import STRUCTURED_OPTIONS, prune_model_structured
@@ -84,40 +74,6 @@ def _check_arguments(sparsity, pattern, solver, uncertainty, radius, heldout_fra
         )
 
 
-def _split(x: torch.Tensor, fraction: float, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Calibration and held-out samples: the last ``fraction`` of the samples are held out."""
-    if fraction <= 0:
-        return x, None
-    n = x.shape[0]
-    held = max(1, int(round(fraction * n)))
-    if n - held < 1:
-        raise ValueError(
-            f"{name}: heldout_fraction={fraction} of {n} calibration sample(s) leaves none to prune with; "
-            "pass more calibration batches or a smaller heldout_fraction."
-        )
-    return x[: n - held], x[n - held :]
-
-
-def _resume_store(resume_dir, model, modules, batches, config, engine_kwargs, prior_masks):
-    """The :class:`ResumeStore` of this job in ``resume_dir`` (raises if it belongs to another job)."""
-    if not isinstance(resume_dir, (str, Path)) or not str(resume_dir):
-        raise ValueError(f"resume_dir must be a directory path (str or Path), got {resume_dir!r}.")
-    job = {**config, "solver_options": engine_kwargs.get("solver_options")}
-    targets = {n: [list(m.weight.shape), str(m.weight.dtype)] for n, m in modules.items()}
-
-    def digest(obj: Any) -> str:
-        return hashlib.sha256(json.dumps(obj, sort_keys=True, default=repr).encode()).hexdigest()
-
-    components = {
-        "arguments": digest(job),
-        "targets": digest(targets),
-        "model weights": fingerprint_tensors(model.state_dict()),
-        "calibration batches": fingerprint_batches(batches),
-        "prior masks": fingerprint_tensors(prior_masks or {}),
-    }
-    return ResumeStore(resume_dir, components, {**job, "targets": list(modules)})
-
-
 def _check_shared_weights(model: nn.Module, modules: dict[str, nn.Module]) -> None:
     """Refuse targets whose weight tensor is also held elsewhere (tied or shared weights).
 
@@ -151,46 +107,6 @@ def _check_shared_weights(model: nn.Module, modules: dict[str, nn.Module]) -> No
         )
 
 
-def _dtype_mismatch(err: BaseException, batches: list[Any], modules: dict[str, nn.Module]) -> ValueError | None:
-    """A clear error for a forward that failed because float batches differ in dtype from the model."""
-    if not isinstance(err, RuntimeError) or not batches:
-        return None
-    first_name, first = next(iter(modules.items()))
-    dtype = first.weight.dtype
-    found: list[torch.dtype] = []
-
-    def scan(obj: Any) -> None:
-        if isinstance(obj, torch.Tensor):
-            if obj.is_floating_point() and obj.dtype != dtype:
-                found.append(obj.dtype)
-        elif isinstance(obj, (tuple, list)):
-            for o in obj:
-                scan(o)
-        elif isinstance(obj, dict):
-            for o in obj.values():
-                scan(o)
-
-    scan(batches[0])
-    if not found:
-        return None
-    have, want = str(found[0]).replace("torch.", ""), str(dtype).replace("torch.", "")
-    return ValueError(
-        f"{first_name}: the model's forward failed on a calibration batch ({err}). The batch holds {have} tensors "
-        f"but the layers to prune are {want}: cast the calibration data to the model's dtype "
-        f"(batch.to(torch.{want})), or calibrate the model in {have} (model.to(torch.{have})) and cast it after pruning."
-    )
-
-
-def _renamed(err: BaseException, name: str) -> BaseException:
-    """The exception to raise for ``err`` raised while pruning ``name``: the name in its message."""
-    note = f"while pruning {name} (every weight of the model was restored)"
-    if type(err) in (ValueError, RuntimeError, TypeError) and name not in str(err):
-        return type(err)(f"{name}: {err} [{note}]")
-    if hasattr(err, "add_note"):
-        err.add_note(note)
-    return err
-
-
 def _prune_structured(
     model, calibration, sparsity, uncertainty, radius, targets, ignore, blocks, heldout_fraction, forward, progress,
     prior_masks, engine_kwargs,
@@ -212,6 +128,94 @@ def _prune_structured(
         model, calibration, sparsity=0.5 if sparsity is None else sparsity, uncertainty=uncertainty, radius=radius,
         targets=targets, ignore=ignore, blocks=blocks, forward=forward, progress=progress, **engine, **options,
     )
+
+
+class MaskStep:
+    """Unstructured / N:M pruning as a :class:`robop_lightning.pipeline.Step`: a mask per linear.
+
+    Each target is pruned by :func:`prune_layer` from its captured inputs (q / k / v, or gate / up,
+    share one input: its Grams are computed once); the weight is overwritten in place (its original
+    goes to a :class:`WeightUndo` first) and the mask and a report row are recorded.
+    """
+
+    def __init__(self, walk: BlockWalk, modules: dict[str, nn.Module], report: PruneReport,
+                 layer_kwargs: dict[str, Any], heldout_fraction: float,
+                 prior_masks: dict[str, torch.Tensor] | None) -> None:
+        self.walk, self.modules, self.report = walk, modules, report
+        self.layer_kwargs, self.heldout_fraction, self.prior_masks = layer_kwargs, heldout_fraction, prior_masks
+        self.inside: dict[str, list[str]] = {}
+        self.undo = WeightUndo()  # each original weight goes to a temporary file just before it is overwritten
+        self._shared: tuple[torch.Tensor, LayerInputs, LayerInputs | None] | None = None
+
+        def restore() -> None:
+            self.undo.restore({n: m.weight for n, m in modules.items()})
+            report.masks.clear()
+            report.resumed.clear()
+
+        walk.on_undo(restore)
+        walk.on_close(self.undo.close)
+
+    def _inputs(self, name: str, x: torch.Tensor) -> tuple[LayerInputs, LayerInputs | None]:
+        if self._shared is not None and self._shared[0] is x:
+            return self._shared[1], self._shared[2]
+        self._shared = None  # drop the previous layer's Grams first
+        # Under torch.distributed each rank keeps its own samples; LayerInputs sums the partial
+        # Grams (and gathers per-sample losses) across ranks, and a NaN on any rank fails all.
+        inputs, heldout = split_heldout(x, self.heldout_fraction, name)
+        inputs = LayerInputs(inputs, name=f"{name}: calibration inputs", distributed=True)
+        if heldout is not None:
+            heldout = LayerInputs(heldout, name=f"{name}: held-out inputs", distributed=True)
+        self._shared = (x, inputs, heldout)
+        return inputs, heldout
+
+    def prune_linear(self, name: str, x: torch.Tensor) -> None:
+        self.walk.current = name
+        inputs, heldout = self._inputs(name, x)
+        weight = self.modules[name].weight
+        prior = None if self.prior_masks is None or name not in self.prior_masks else self.prior_masks[name]
+        result = prune_layer(weight.detach(), inputs, heldout=heldout, name=name,
+                             prior_mask=None if prior is None else prior.to(weight.device), **self.layer_kwargs)
+        self.walk.check_ranks(name, result.mask, "masks")
+        self.undo.save(name, weight)
+        weight.data.copy_(result.weight)
+        self.report.masks[name] = result.mask.detach().to("cpu", copy=True)
+        self.report.layers.append(
+            {
+                "name": name,
+                "shape": list(weight.shape),
+                "parameters": weight.numel(),
+                "sparsity": float(result.sparsity),
+                "nominal_error": float(result.nominal_error),
+                "robust_error": float(result.robust_error),
+                "heldout_error": None if result.heldout_error is None else float(result.heldout_error),
+                "srank": None if result.srank is None or not math.isfinite(result.srank) else float(result.srank),
+                "seconds": float(result.seconds),
+                **({"selection": result.selection} if result.selection is not None else {}),
+            }
+        )
+
+    def prune_block(self, walk: BlockWalk, name: str, block: nn.Module) -> list[str]:
+        names = self.inside[name]
+        captured = walk.capture(block, {n: self.modules[n] for n in names})
+        for n in names:
+            self.prune_linear(n, captured.pop(n))
+        del captured
+        self._shared = None
+        return names
+
+    def save(self, names: list[str]) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+        tensors = {f"{n}.weight": self.modules[n].weight for n in names}
+        tensors.update({f"{n}.mask": self.report.masks[n] for n in names})
+        return self.report.layers[-len(names):], tensors
+
+    def restore(self, rows: list[dict[str, Any]], tensors: dict[str, torch.Tensor]) -> None:
+        for row in rows:
+            name = row["name"]
+            self.undo.save(name, self.modules[name].weight)
+            self.modules[name].weight.data.copy_(tensors[f"{name}.weight"])
+            self.report.masks[name] = tensors[f"{name}.mask"]
+            self.report.layers.append(row)
+            self.report.resumed.append(name)
 
 
 def prune_model(
@@ -334,6 +338,7 @@ def prune_model(
         )
     start = time.perf_counter()
     _check_arguments(sparsity, pattern, solver, uncertainty, radius, heldout_fraction, engine_kwargs)
+    parse_bytes(activation_budget)
     choose = check_auto_request(uncertainty, radius, solver.lower(), "prune_model")
     forward = forward or default_forward
     structure = find_blocks(model, blocks)
@@ -349,8 +354,6 @@ def prune_model(
     if not batches:
         raise ValueError("calibration is empty: pass an iterable with at least one batch.")
     device = next(iter(modules.values())).weight.device
-    storage = torch.device("cpu") if device.type != "cpu" else device
-
     report = PruneReport(
         config={
             "sparsity": parse_pattern(pattern, sparsity).sparsity,
@@ -365,182 +368,31 @@ def prune_model(
             **({"auto": asdict(AutoOptions.coerce(engine_kwargs.get("auto")))} if choose else {}),
         }
     )
-    budget = parse_bytes(activation_budget)
-    acts = ActivationStore(budget, storage) if budget is not None else None
     store = None
     if resume_dir is not None:
-        store = _resume_store(resume_dir, model, modules, batches, report.config, engine_kwargs, prior_masks)
-    undo = WeightUndo()  # each original weight goes to a temporary file just before it is overwritten
-    modes = {m: m.training for m in model.modules()}
-    current = [type(model).__name__]
-    layer_files = [0]  # layer-00000.safetensors, ... for linears pruned on their own
-
-    def restore_unit(unit: str) -> bool:
-        """Load ``unit`` from ``resume_dir`` when it was finished there; whether it was."""
-        saved = store.take(unit) if store is not None else None
-        if saved is None:
-            return False
-        rows, tensors = saved
-        for row in rows:
-            name = row["name"]
-            undo.save(name, modules[name].weight)
-            modules[name].weight.data.copy_(tensors[f"{name}.weight"])
-            report.masks[name] = tensors[f"{name}.mask"]
-            report.layers.append(row)
-            report.resumed.append(name)
-        return True
-
-    def checkpoint_unit(unit: str, file: str, layer_names: list[str]) -> None:
-        if store is not None:
-            tensors = {f"{n}.weight": modules[n].weight for n in layer_names}
-            tensors.update({f"{n}.mask": report.masks[n] for n in layer_names})
-            store.save(unit, file, report.layers[-len(layer_names) :], tensors)
-
-    shared: list[Any] = [None]  # (captured tensor, its LayerInputs, held-out LayerInputs) of the last layer
-
-    def prune(name: str, x: torch.Tensor) -> None:
-        current[0] = name
-        if shared[0] is not None and shared[0][0] is x:
-            # q / k / v (gate / up) see one input: its Grams are computed once for all of them
-            _, inputs, heldout = shared[0]
+        job = {**report.config, "solver_options": engine_kwargs.get("solver_options")}
+        store = open_resume_store(resume_dir, model, {n: m.weight for n, m in modules.items()}, batches, job, prior_masks)
+    first_name, first = next(iter(modules.items()))
+    walk = BlockWalk(model, batches, forward, device, activation_budget=activation_budget, progress=progress,
+                     resume=store, dtype=(first_name, first.weight.dtype))
+    step = MaskStep(walk, modules, report, dict(sparsity=sparsity, pattern=pattern, solver=solver,
+                                                 uncertainty=uncertainty, radius=radius, **engine_kwargs),
+                    heldout_fraction, prior_masks)
+    with walk.transaction():
+        if not structure:
+            walk.linears(step, forward_order(model, modules, batches[0], forward, device), modules, "pruning layers")
         else:
-            shared[0] = None  # drop the previous layer's Grams first
-            # Under torch.distributed each rank keeps its own samples; LayerInputs sums the partial
-            # Grams (and gathers per-sample losses) across ranks, and a NaN on any rank fails all.
-            inputs, heldout = _split(x, heldout_fraction, name)
-            inputs = LayerInputs(inputs, name=f"{name}: calibration inputs", distributed=True)
-            if heldout is not None:
-                heldout = LayerInputs(heldout, name=f"{name}: held-out inputs", distributed=True)
-            shared[0] = (x, inputs, heldout)
-        weight = modules[name].weight
-        result = prune_layer(
-            weight.detach(),
-            inputs,
-            sparsity=sparsity,
-            pattern=pattern,
-            solver=solver,
-            uncertainty=uncertainty,
-            radius=radius,
-            heldout=heldout,
-            name=name,
-            prior_mask=None if prior_masks is None or name not in prior_masks else prior_masks[name].to(weight.device),
-            **engine_kwargs,
-        )
-        if not same_on_all_ranks(result.mask):
-            raise RuntimeError(f"{name}: ranks computed different masks; pruning must be deterministic across ranks.")
-        undo.save(name, weight)
-        weight.data.copy_(result.weight)
-        report.masks[name] = result.mask.detach().to("cpu", copy=True)
-        report.layers.append(
-            {
-                "name": name,
-                "shape": list(weight.shape),
-                "parameters": weight.numel(),
-                "sparsity": float(result.sparsity),
-                "nominal_error": float(result.nominal_error),
-                "robust_error": float(result.robust_error),
-                "heldout_error": None if result.heldout_error is None else float(result.heldout_error),
-                "srank": None if result.srank is None or not math.isfinite(result.srank) else float(result.srank),
-                "seconds": float(result.seconds),
-                **({"selection": result.selection} if result.selection is not None else {}),
-            }
-        )
-
-    def prune_sequentially(order: list[str], bar_desc: str | None = None) -> None:
-        for name in _progress(order, progress, bar_desc) if bar_desc else order:
-            current[0] = name
-            file = f"layer-{layer_files[0]:05d}.safetensors"
-            layer_files[0] += 1
-            if restore_unit(name):  # its forward-captured inputs need no replay
-                continue
-            prune(name, capture_linear_input(model, modules[name], batches, forward, device, storage, name, acts))
-            checkpoint_unit(name, file, [name])
-
-    try:
-        model.eval()
-        with torch.no_grad():
-            if not structure:
-                order = forward_order(model, modules, batches[0], forward, device)
-                prune_sequentially(order, "pruning layers")
-            else:
-                inside = {b: [n for n in names if n.startswith(b + ".")] for b, _ in block_list}
-                outside = [n for n in names if not any(n in group for group in inside.values())]
-                before, after = [], []
-                if outside:
-                    first_block = block_list[0][0]
-                    order = forward_order(
-                        model,
-                        {**{n: modules[n] for n in outside}, first_block: block_list[0][1]},
-                        batches[0],
-                        forward,
-                        device,
-                    )
-                    split = order.index(first_block)
-                    before, after = order[:split], order[split + 1 :]
-                prune_sequentially(before)
-                last = max((i for i, (b, _) in enumerate(block_list) if inside[b]), default=-1)
-                if last >= 0 and store is not None and store.peek([b for b, _ in block_list[: last + 1] if inside[b]]):
-                    for bname, _ in block_list[: last + 1]:  # every block finished: no activations to replay
-                        current[0] = bname
-                        if inside[bname]:
-                            restore_unit(bname)
-                    last = -1
-                if last >= 0:
-                    current[0] = block_list[0][0]
-                    calls = capture_block_inputs(
-                        model, block_list[0][1], batches, forward, device, storage, block_list[0][0], acts
-                    )
-                    for i, (bname, block) in enumerate(_progress(block_list[: last + 1], progress, "pruning blocks")):
-                        current[0] = bname
-                        # a block finished by an earlier run is loaded, then replayed like a pruned one
-                        if inside[bname] and not restore_unit(bname):
-                            captured = run_block(
-                                block,
-                                calls,
-                                device,
-                                storage,
-                                {n: modules[n] for n in inside[bname]},
-                                propagate=False,
-                                store=acts,
-                            )
-                            for name in inside[bname]:
-                                prune(name, captured.pop(name))
-                            del captured
-                            shared[0] = None
-                            checkpoint_unit(bname, f"block-{i:05d}.safetensors", inside[bname])
-                        if i < last:
-                            current[0] = bname
-                            run_block(block, calls, device, storage, store=acts)
-                    del calls
-                prune_sequentially(after)
-    except BaseException as err:
-        with torch.no_grad():
-            undo.restore({n: m.weight for n, m in modules.items()})
-        report.masks.clear()
-        report.resumed.clear()
-        mismatch = _dtype_mismatch(err, batches, modules)
-        if mismatch is not None:
-            raise mismatch from err
-        renamed = _renamed(err, current[0])
-        if renamed is err:
-            raise
-        raise renamed from err
-    finally:
-        undo.close()
-        if acts is not None:
-            acts.close()
-        for m, mode in modes.items():
-            m.training = mode
+            step.inside = {b: [n for n in names if n.startswith(b + ".")] for b, _ in block_list}
+            outside = [n for n in names if not any(n in group for group in step.inside.values())]
+            before, after = [], []
+            if outside:  # linears outside the blocks run before or after them, in forward order
+                first_block = block_list[0][0]
+                order = forward_order(model, {**{n: modules[n] for n in outside}, first_block: block_list[0][1]},
+                                      batches[0], forward, device)
+                split = order.index(first_block)
+                before, after = order[:split], order[split + 1 :]
+            walk.linears(step, before, modules)
+            walk.blocks(step, block_list, has_work=lambda b: bool(step.inside[b]))
+            walk.linears(step, after, modules)
     report.seconds = time.perf_counter() - start
     return report
-
-
-def _progress(items: list, progress: bool | None, desc: str):
-    """``items`` wrapped in a tqdm bar when asked for and stderr is a terminal."""
-    if progress is False or not sys.stderr.isatty():
-        return items
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return items
-    return tqdm(items, desc=desc, leave=False)

@@ -1,0 +1,321 @@
+"""One block walk for every kind of pruning (SPEC §5): :class:`BlockWalk` and the :class:`Step` it runs.
+
+The walk owns everything that is not the pruning itself::
+
+    record the first block's inputs for every batch (embeddings etc. run once)
+    for each block:
+        if resume_dir holds it finished: load it            (Step.restore)
+        else: capture inputs, prune                         (Step.prune_block, via BlockWalk.capture)
+              and checkpoint it                             (Step.save)
+        run the (pruned) block: its outputs are the next block's inputs
+
+plus capture of single linears outside the blocks (in forward order), the activation budget
+(:mod:`robop_lightning.offload`), progress (a bar on a terminal, a log line per block for logs),
+the undo transaction (every registered undo runs, newest first, on any exception, Ctrl-C
+included), naming the layer in errors, and the check that every rank of a process group computed
+the same result. A :class:`Step` is the pruning of one kind: a mask per linear
+(:func:`robop_lightning.model.prune_model`) or a shrink per unit
+(:func:`robop_lightning.structured.prune_model_structured`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from robop_lightning.calibration import (
+    BlockCall,
+    capture_block_inputs,
+    capture_linear_input,
+    run_block,
+    same_on_all_ranks,
+)
+from robop_lightning.offload import ActivationStore, parse_bytes
+from robop_lightning.resume import ResumeStore, fingerprint_batches, fingerprint_tensors
+
+__all__ = ["BlockWalk", "Step", "open_resume_store", "split_heldout"]
+
+log = logging.getLogger("robop_lightning")
+
+
+class Step(Protocol):
+    """What a kind of pruning plugs into :class:`BlockWalk`."""
+
+    def prune_block(self, walk: BlockWalk, name: str, block: nn.Module) -> list[str]:
+        """Prune the work of one block (capturing inputs with ``walk.capture``); the names done."""
+
+    def prune_linear(self, name: str, inputs: torch.Tensor) -> None:
+        """Prune one linear outside the blocks from its captured inputs."""
+
+    def save(self, names: list[str]) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+        """The report rows and tensors of finished ``names``, for ``resume_dir``."""
+
+    def restore(self, rows: list[dict[str, Any]], tensors: dict[str, torch.Tensor]) -> None:
+        """Apply a unit finished by an earlier run (from :meth:`save`'s output)."""
+
+
+def split_heldout(x: torch.Tensor, fraction: float, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Calibration and held-out samples: the last ``fraction`` of the samples are held out.
+
+    Example:
+        >>> a, b = split_heldout(torch.zeros(8, 3, 2), 0.25, "layer")
+        >>> a.shape[0], b.shape[0]
+        (6, 2)
+    """
+    if fraction <= 0:
+        return x, None
+    n = x.shape[0]
+    held = max(1, int(round(fraction * n)))
+    if n - held < 1:
+        raise ValueError(
+            f"{name}: heldout_fraction={fraction} of {n} calibration sample(s) leaves none to prune with; "
+            "pass more calibration batches or a smaller heldout_fraction."
+        )
+    return x[: n - held], x[n - held :]
+
+
+def open_resume_store(
+    resume_dir: str | Path,
+    model: nn.Module,
+    targets: Mapping[str, torch.Tensor],
+    batches: list[Any],
+    job: Mapping[str, Any],
+    prior_masks: Mapping[str, torch.Tensor] | None = None,
+) -> ResumeStore:
+    """The :class:`ResumeStore` of this job in ``resume_dir`` (raises if it belongs to another job).
+
+    The job is identified by its arguments, the targets' shapes and dtypes, the model's weights,
+    the calibration batches and the prior masks.
+    """
+    if not isinstance(resume_dir, (str, Path)) or not str(resume_dir):
+        raise ValueError(f"resume_dir must be a directory path (str or Path), got {resume_dir!r}.")
+    shapes = {n: [list(w.shape), str(w.dtype)] for n, w in targets.items()}
+
+    def digest(obj: Any) -> str:
+        return hashlib.sha256(json.dumps(obj, sort_keys=True, default=repr).encode()).hexdigest()
+
+    components = {
+        "arguments": digest(dict(job)),
+        "targets": digest(shapes),
+        "model weights": fingerprint_tensors(model.state_dict()),
+        "calibration batches": fingerprint_batches(batches),
+        "prior masks": fingerprint_tensors(prior_masks or {}),
+    }
+    return ResumeStore(resume_dir, components, {**job, "targets": list(targets)})
+
+
+def _dtype_mismatch(err: BaseException, batches: list[Any], dtype: torch.dtype, name: str) -> ValueError | None:
+    """A clear error for a forward that failed because float batches differ in dtype from the model."""
+    if not isinstance(err, RuntimeError) or not batches:
+        return None
+    found: list[torch.dtype] = []
+
+    def scan(obj: Any) -> None:
+        if isinstance(obj, torch.Tensor):
+            if obj.is_floating_point() and obj.dtype != dtype:
+                found.append(obj.dtype)
+        elif isinstance(obj, (tuple, list)):
+            for o in obj:
+                scan(o)
+        elif isinstance(obj, dict):
+            for o in obj.values():
+                scan(o)
+
+    scan(batches[0])
+    if not found:
+        return None
+    have, want = str(found[0]).replace("torch.", ""), str(dtype).replace("torch.", "")
+    return ValueError(
+        f"{name}: the model's forward failed on a calibration batch ({err}). The batch holds {have} tensors "
+        f"but the layers to prune are {want}: cast the calibration data to the model's dtype "
+        f"(batch.to(torch.{want})), or calibrate the model in {have} (model.to(torch.{have})) and cast it after pruning."
+    )
+
+
+class BlockWalk:
+    """Walk a model block by block for a :class:`Step` (see the module docstring).
+
+    Args:
+        model: the model (pruned in place by the step).
+        batches: the calibration batches (a list: iterated once per pass).
+        forward: ``forward(model, batch)``.
+        device: where the model's blocks run.
+        activation_budget: bytes (or ``"2GB"``) of activations kept in memory; the rest on disk.
+        progress: a progress bar on a terminal (``None`` / ``True``); ``False`` for none. Each
+            finished block is also logged (``logging.getLogger("robop_lightning")``, INFO).
+        resume: the job's :class:`ResumeStore`, or ``None``.
+        dtype: ``(name, dtype)`` of the first layer pruned (for the error on calibration batches of
+            another dtype).
+        restored_note: what the error note says about the model after a failure.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        batches: list[Any],
+        forward: Callable[[nn.Module, Any], Any],
+        device: torch.device,
+        activation_budget: int | str | None = None,
+        progress: bool | None = None,
+        resume: ResumeStore | None = None,
+        dtype: tuple[str, torch.dtype] | None = None,
+        restored_note: str = "every weight of the model was restored",
+    ) -> None:
+        self.model = model
+        self.batches = batches
+        self.forward = forward
+        self.device = device
+        self.storage = torch.device("cpu") if device.type != "cpu" else device
+        budget = parse_bytes(activation_budget)
+        self.acts = ActivationStore(budget, self.storage) if budget is not None else None
+        self.progress = progress
+        self.resume = resume
+        self.dtype = dtype
+        self.restored_note = restored_note
+        self.current = type(model).__name__
+        self.calls: list[BlockCall] | None = None
+        self._undo: list[Callable[[], None]] = []
+        self._close: list[Callable[[], None]] = []
+        self._files = 0
+
+    # ------------------------------------------------------------------ transaction
+    def on_undo(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` if the walk fails (newest first)."""
+        self._undo.append(fn)
+
+    def on_close(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` when the walk ends, failed or not (after the undos)."""
+        self._close.append(fn)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[BlockWalk]:
+        """Eval mode and no grad inside; on any exception every undo runs and the error names the layer."""
+        modes = {m: m.training for m in self.model.modules()}
+        try:
+            self.model.eval()
+            with torch.no_grad():
+                yield self
+        except BaseException as err:
+            with torch.no_grad():
+                for undo in reversed(self._undo):
+                    undo()
+            mismatch = _dtype_mismatch(err, self.batches, self.dtype[1], self.dtype[0]) if self.dtype else None
+            if mismatch is not None:
+                raise mismatch from err
+            renamed = self._renamed(err)
+            if renamed is err:
+                raise
+            raise renamed from err
+        finally:
+            for close in reversed(self._close):
+                close()
+            if self.acts is not None:
+                self.acts.close()
+            for m, mode in modes.items():
+                m.training = mode
+
+    def _renamed(self, err: BaseException) -> BaseException:
+        note = f"while pruning {self.current} ({self.restored_note})"
+        if type(err) in (ValueError, RuntimeError, TypeError) and self.current not in str(err):
+            return type(err)(f"{self.current}: {err} [{note}]")
+        if hasattr(err, "add_note"):
+            err.add_note(note)
+        return err
+
+    # ------------------------------------------------------------------ capture
+    def capture(self, block: nn.Module, modules: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
+        """The inputs of ``modules`` (inside ``block``) on the current block inputs; nothing propagates."""
+        return run_block(block, self.calls, self.device, self.storage, dict(modules), propagate=False, store=self.acts)
+
+    def check_ranks(self, name: str, result: torch.Tensor, what: str = "results") -> None:
+        """Under ``torch.distributed``: every rank must have computed the same ``result``."""
+        if not same_on_all_ranks(result):
+            raise RuntimeError(f"{name}: ranks computed different {what}; pruning must be deterministic across ranks.")
+
+    # ------------------------------------------------------------------ walks
+    def _bar(self, items: list, desc: str) -> Any:
+        if self.progress is False or not sys.stderr.isatty():
+            return items
+        return tqdm(items, desc=desc, leave=False)
+
+    def _unit(self, step: Step, unit: str, file: str, work: Callable[[], list[str]]) -> None:
+        """Restore ``unit`` from ``resume_dir`` when it was finished there, else do it and checkpoint it."""
+        saved = self.resume.take(unit) if self.resume is not None else None
+        if saved is not None:
+            step.restore(*saved)
+            return
+        names = work()
+        if self.resume is not None:
+            rows, tensors = step.save(names)
+            self.resume.save(unit, file, rows, tensors)
+
+    def linears(self, step: Step, names: list[str], modules: Mapping[str, nn.Module], desc: str | None = None) -> None:
+        """Prune linears one at a time in ``names`` order, each from whole-model forwards."""
+        for name in self._bar(names, desc) if desc else names:
+            self.current = name
+            file = f"layer-{self._files:05d}.safetensors"
+            self._files += 1
+
+            def work(name: str = name) -> list[str]:
+                x = capture_linear_input(self.model, modules[name], self.batches, self.forward, self.device,
+                                         self.storage, name, self.acts)
+                step.prune_linear(name, x)
+                return [name]
+
+            self._unit(step, name, file, work)
+
+    def blocks(
+        self,
+        step: Step,
+        block_list: list[tuple[str, nn.Module]],
+        has_work: Callable[[str], bool] = lambda name: True,
+        desc: str = "pruning blocks",
+        checkpoint: bool = True,
+    ) -> None:
+        """Walk ``block_list`` up to the last block with work; each block's outputs feed the next.
+
+        ``checkpoint=False``: a pass that changes nothing (planning); ``resume_dir`` is not used.
+        """
+        last = max((i for i, (b, _) in enumerate(block_list) if has_work(b)), default=-1)
+        if last < 0:
+            return
+        resume = self.resume if checkpoint else None
+        with_work = [b for b, _ in block_list[: last + 1] if has_work(b)]
+        if resume is not None and resume.peek(with_work):
+            for name, _ in block_list[: last + 1]:  # every block finished: no activations to replay
+                self.current = name
+                if has_work(name):
+                    step.restore(*resume.take(name))
+            log.info("%s: %d blocks loaded from %s", desc, len(with_work), resume.dir)
+            return
+        first_name, first = block_list[0]
+        self.current = first_name
+        self.calls = capture_block_inputs(self.model, first, self.batches, self.forward, self.device, self.storage,
+                                          first_name, self.acts)
+        try:
+            for i, (name, block) in enumerate(self._bar(block_list[: last + 1], desc)):
+                self.current = name
+                start = time.perf_counter()
+                if has_work(name):
+                    if checkpoint:
+                        self._unit(step, name, f"block-{i:05d}.safetensors",
+                                   lambda name=name, block=block: step.prune_block(self, name, block))
+                    else:
+                        step.prune_block(self, name, block)
+                if i < last:
+                    self.current = name
+                    run_block(block, self.calls, self.device, self.storage, store=self.acts)
+                log.info("%s: %d/%d %s (%.1f s)", desc, i + 1, last + 1, name, time.perf_counter() - start)
+        finally:
+            self.calls = None
