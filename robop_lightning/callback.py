@@ -548,7 +548,9 @@ def _prune_structured(callback, trainer, pl_module, sparsity):
         radius=callback.radius,
         targets=callback.targets,
         ignore=callback.ignore,
+        heldout_fraction=callback.heldout_fraction,
         progress=callback.progress and trainer.is_global_zero,
+        resume_dir=None if callback.resume_dir is None else os.path.join(callback.resume_dir, "start"),
         solver_options=dict(callback.structured_options),
     )
     if trainer.state.fn == "fit":

@@ -108,7 +108,8 @@ def prune_layer(
             ``percdamp``), and the extension's base damping; the authors' robust sets replace it
             by their own ``D``.
         solver_options: extra keyword arguments for the solver (e.g. ``{"block_size": 128}`` for
-            cap, ``{"max_iter": 100}`` for alps, ``{"blocksize": 64}`` for sparsegpt).
+            cap, ``{"max_iter": 100}`` for alps, ``{"block_size": 64}`` for sparsegpt; or the solver's dataclass,
+            :mod:`robop_lightning.solvers.options`).
         prior_mask: keep-mask of an earlier pruning (gradual schedules): weights outside it stay
             pruned and count towards the budget; solvers prune them first, with compensation.
         name: the layer's name in messages.

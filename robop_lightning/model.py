@@ -109,7 +109,7 @@ def _check_shared_weights(model: nn.Module, modules: dict[str, nn.Module]) -> No
 
 def _prune_structured(
     model, calibration, sparsity, uncertainty, radius, targets, ignore, blocks, heldout_fraction, forward, progress,
-    prior_masks, engine_kwargs,
+    prior_masks, resume_dir, activation_budget, engine_kwargs,
 ):
     """``prune_model(pattern="structured", ...)``: map its arguments onto :func:`prune_model_structured`."""
     engine = dict(engine_kwargs)
@@ -120,13 +120,12 @@ def _prune_structured(
             f"prune_model(pattern='structured') got unexpected option(s) {', '.join(unknown)}; it takes coupled, rounds, "
             f"damping, and solver_options with {', '.join(STRUCTURED_OPTIONS)}."
         )
-    if heldout_fraction:
-        raise ValueError("pattern='structured' does not report held-out errors yet; pass heldout_fraction=0.")
     if prior_masks:
         raise ValueError("pattern='structured' removes modules physically; prior_masks (gradual schedules) do not apply.")
     return prune_model_structured(
         model, calibration, sparsity=0.5 if sparsity is None else sparsity, uncertainty=uncertainty, radius=radius,
-        targets=targets, ignore=ignore, blocks=blocks, forward=forward, progress=progress, **engine, **options,
+        targets=targets, ignore=ignore, blocks=blocks, forward=forward, progress=progress,
+        heldout_fraction=heldout_fraction, resume_dir=resume_dir, activation_budget=activation_budget, **engine, **options,
     )
 
 
@@ -334,7 +333,7 @@ def prune_model(
         # whole heads / channels removed physically: robop_lightning.structured (issue 7)
         return _prune_structured(
             model, calibration, sparsity, uncertainty, radius, targets, ignore, blocks, heldout_fraction,
-            forward, progress, prior_masks, engine_kwargs,
+            forward, progress, prior_masks, resume_dir, activation_budget, engine_kwargs,
         )
     start = time.perf_counter()
     _check_arguments(sparsity, pattern, solver, uncertainty, radius, heldout_fraction, engine_kwargs)

@@ -17,16 +17,18 @@ Shrunk models save and load:
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from robop_lightning.calibration import capture_block_inputs, default_forward, run_block
+from robop_lightning.calibration import default_forward
+from robop_lightning.gram import LayerInputs
+from robop_lightning.offload import parse_bytes
+from robop_lightning.pipeline import BlockWalk, open_resume_store, split_heldout
 from robop_lightning.report import PruneReport
 from robop_lightning.solvers.structured_obs import select_groups
 from robop_lightning.surgery import Unit, block_units, load_structured, mark_shrunk, record_config, save_structured
@@ -132,7 +134,10 @@ def prune_model_structured(
     max_sparsity: float = 0.9,
     per_step: int | None = None,
     progress: bool | None = None,
-):
+    heldout_fraction: float = 0.0,
+    resume_dir: str | Path | None = None,
+    activation_budget: int | str | None = None,
+) -> PruneReport:
     """Remove whole heads / KV groups and MLP channels of every block, physically, in place.
 
     Block by block (SPEC §5): the attention unit is pruned first from the block's calibration
@@ -162,6 +167,9 @@ def prune_model_structured(
         max_sparsity: the largest share of groups any unit may lose under the global budget.
         per_step: groups removed per greedy step (``None``: 1 up to 256 groups, else 1/256 of them).
         progress: progress bar over blocks (``None``: on a terminal).
+        heldout_fraction, resume_dir, activation_budget: as in :func:`robop_lightning.prune_model`
+            (held-out errors per unit; a resumable run, bit-identical after an interruption;
+            activations beyond a budget on disk).
 
     Returns:
         A :class:`robop_lightning.PruneReport`: one row per unit (``name`` = the consumer, ``shape`` its
@@ -185,6 +193,10 @@ def prune_model_structured(
     start = time.perf_counter()
     check_budget(sparsity, budget, cost, min_keep, max_sparsity)
     make_uncertainty(uncertainty, radius, coupled)
+    if (isinstance(heldout_fraction, bool) or not isinstance(heldout_fraction, (int, float))
+            or not 0.0 <= heldout_fraction < 1.0):
+        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction!r}.")
+    parse_bytes(activation_budget)
     forward = forward or default_forward
     structure = find_blocks(model, blocks)
     if structure is None:
@@ -194,11 +206,8 @@ def prune_model_structured(
         )
     container, block_list = structure
     chosen = set(resolve_targets(model, targets, ignore, [b for b, _ in block_list]))
-    units: list[tuple[int, Unit]] = []
-    for i, (bname, block) in enumerate(block_list):
-        for unit in block_units(block, bname):
-            if unit.consumer_name in chosen:
-                units.append((i, unit))
+    units = [(i, unit) for i, (bname, block) in enumerate(block_list) for unit in block_units(block, bname)
+             if unit.consumer_name in chosen]
     if not units:
         raise ValueError(
             "pattern='structured': no unit to prune; targets / ignore must select consumers such as "
@@ -207,9 +216,7 @@ def prune_model_structured(
     batches = list(calibration)
     if not batches:
         raise ValueError("calibration is empty: pass an iterable with at least one batch.")
-    first_param = next(model.parameters())
-    device = first_param.device
-    storage = torch.device("cpu")
+    device = next(model.parameters()).device
     engine = dict(uncertainty=uncertainty, radius=radius, coupled=coupled, rounds=rounds, damping=damping, per_step=per_step)
     report = PruneReport(
         config={
@@ -225,127 +232,160 @@ def prune_model_structured(
             "coupled": coupled,
             "rounds": rounds,
             "damping": damping,
+            **({"heldout_fraction": heldout_fraction} if heldout_fraction else {}),
         }
     )
     plans = [
         {
             "unit": u,
-            "block": i,
+            "block": block_list[i][0],
             "remove": min(int(round(sparsity * u.n_groups)), u.n_groups - min_keep),
             "max": min(int(math.floor(max_sparsity * u.n_groups)), u.n_groups - min_keep),
         }
         for i, u in units
     ]
-    by_block: dict[int, list[dict[str, Any]]] = {}
+    by_block: dict[str, list[dict[str, Any]]] = {}
     for p in plans:
         by_block.setdefault(p["block"], []).append(p)
     if budget == "layer":
         for block_plans in by_block.values():
             _balance_block(block_plans, float(sparsity), min_keep)
-    last = max(by_block)
-    undos: list[Callable[[], None]] = []
-    premarked = {id(b) for _, b in block_list if getattr(b, "_robop_structured", False)}
-    modes = {m: m.training for m in model.modules()}
-    current = [container]
-    tokens = [1]
-
-    def capture(block: nn.Module, calls, unit: Unit) -> torch.Tensor:
-        return run_block(block, calls, device, storage, {unit.consumer_name: unit.consumer}, propagate=False)[
-            unit.consumer_name
-        ]
-
-    try:
-        model.eval()
-        with torch.no_grad():
-            if budget == "global" and sparsity > 0:
-                calls = capture_block_inputs(model, block_list[0][1], batches, forward, device, storage, block_list[0][0])
-                for i, (bname, block) in enumerate(_bar(block_list[: last + 1], progress, "planning blocks")):
-                    current[0] = bname
-                    for p in by_block.get(i, []):
-                        u = p["unit"]
-                        x = capture(block, calls, u)
-                        tokens[0] = x.shape[1]
-                        r = select_groups(
-                            u.consumer.weight.detach(), x, u.groups(), 0, bias=u.consumer.bias,
-                            trajectory_to=p["max"], name=u.consumer_name, **engine,
-                        )
-                        p["trajectory"], p["steps"] = r.trajectory, r.steps
-                    if i < last:
-                        run_block(block, calls, device, storage)
-                del calls
-            measure = (lambda u: u.params_per_group) if cost == "params" else (lambda u: u.flops_per_token(tokens[0]))
-            if budget == "global" and sparsity > 0:
-                for p in plans:
-                    p["cost"] = float(measure(p["unit"]))
-                total = sum(p["cost"] * p["unit"].n_groups for p in plans)
-                _allocate(plans, sparsity * total)
-
-            calls = capture_block_inputs(model, block_list[0][1], batches, forward, device, storage, block_list[0][0])
-            for i, (bname, block) in enumerate(_bar(block_list[: last + 1], progress, "pruning blocks")):
-                current[0] = bname
-                for p in by_block.get(i, []):
-                    u = p["unit"]
-                    current[0] = u.consumer_name
-                    x = capture(block, calls, u)
-                    tokens[0] = x.shape[1]
-                    r = select_groups(
-                        u.consumer.weight.detach(), x, u.groups(), p["remove"], bias=u.consumer.bias,
-                        name=u.consumer_name, **engine,
-                    )
-                    del x
-                    if p["remove"] > 0:
-                        undos.append(u.apply(torch.tensor(r.kept), r.weight, r.bias))
-                        mark_shrunk(block)
-                    report.layers.append(
-                        {
-                            "name": u.consumer_name,
-                            "unit": u.name,
-                            "kind": u.kind,
-                            "shape": list(u.consumer.weight.shape),
-                            "parameters": u.n_groups * u.params_per_group,
-                            "sparsity": p["remove"] / u.n_groups,
-                            "groups": u.n_groups,
-                            "kept": u.n_groups - p["remove"],
-                            "removed": sorted(r.removed),
-                            "nominal_error": float(r.nominal_error),
-                            "robust_error": float(r.robust_error),
-                            "heldout_error": None,
-                            "srank": None,
-                            "seconds": float(r.seconds),
-                        }
-                    )
-                if i < last:
-                    current[0] = bname
-                    run_block(block, calls, device, storage)
-            del calls
-    except BaseException as err:
-        for undo in reversed(undos):
-            undo()
-        for _, block in block_list:
-            if id(block) not in premarked and hasattr(block, "_robop_structured"):
-                del block._robop_structured
-        note = f"while pruning {current[0]} structurally (the model was restored)"
-        if type(err) in (ValueError, RuntimeError) and current[0] not in str(err):
-            raise type(err)(f"{current[0]}: {err} [{note}]") from err
-        if hasattr(err, "add_note"):
-            err.add_note(note)
-        raise
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
-    all_cost = {
-        "params": sum(u.n_groups * u.params_per_group for _, u in units),
-        "flops": sum(u.n_groups * u.flops_per_token(tokens[0]) for _, u in units),
-    }
-    for key, fn in (("params", lambda u: u.params_per_group), ("flops", lambda u: u.flops_per_token(tokens[0]))):
+    store = None
+    if resume_dir is not None:
+        job = {**report.config, "min_keep": min_keep, "max_sparsity": max_sparsity, "per_step": per_step}
+        store = open_resume_store(resume_dir, model, {u.consumer_name: u.consumer.weight for _, u in units}, batches, job)
+    walk = BlockWalk(model, batches, forward, device, activation_budget=activation_budget, progress=progress,
+                     resume=store, restored_note="the model was restored")
+    step = ShrinkStep(walk, by_block, engine, report, heldout_fraction, [b for _, b in block_list])
+    with walk.transaction():
+        if budget == "global" and sparsity > 0:
+            walk.blocks(step.planner(), block_list, has_work=lambda b: b in by_block, desc="planning blocks",
+                        checkpoint=False)
+            measure = (lambda u: u.params_per_group) if cost == "params" else (lambda u: u.flops_per_token(step.tokens))
+            for p in plans:
+                p["cost"] = float(measure(p["unit"]))
+            _allocate(plans, sparsity * sum(p["cost"] * p["unit"].n_groups for p in plans))
+        walk.blocks(step, block_list, has_work=lambda b: b in by_block)
+    for key, fn in (("params", lambda u: u.params_per_group), ("flops", lambda u: u.flops_per_token(step.tokens))):
+        total = sum(u.n_groups * fn(u) for _, u in units)
         removed = sum(p["remove"] * fn(p["unit"]) for p in plans)
-        report.config[f"{key}_removed"] = removed / all_cost[key] if all_cost[key] else 0.0
+        report.config[f"{key}_removed"] = removed / total if total else 0.0
     report.seconds = time.perf_counter() - start
     record_config(model)
     return report
 
 
-def _bar(items: list, progress: bool | None, desc: str):
-    if progress is False or not sys.stderr.isatty():
-        return items
-    return tqdm(items, desc=desc, leave=False)
+class ShrinkStep:
+    """Structured pruning as a :class:`robop_lightning.pipeline.Step`: a shrink per unit.
+
+    In each block the units run in order (attention, then MLP from inputs that went through the
+    pruned attention): structured OBS chooses the groups, the block shrinks (its undo is
+    registered with the walk) and a report row is recorded.
+    """
+
+    def __init__(self, walk: BlockWalk, plans: dict[str, list[dict[str, Any]]], engine: dict[str, Any],
+                 report: PruneReport, heldout_fraction: float, blocks: list[nn.Module]) -> None:
+        self.walk, self.plans, self.engine, self.report = walk, plans, engine, report
+        self.heldout_fraction = heldout_fraction
+        self.tokens = 1  # the calibration sequence length (FLOPs of attention)
+        self._units = {p["unit"].consumer_name: (p["unit"], p["block"]) for ps in plans.values() for p in ps}
+        premarked = {id(b) for b in blocks if getattr(b, "_robop_structured", False)}
+
+        def unmark() -> None:
+            for b in blocks:
+                if id(b) not in premarked and hasattr(b, "_robop_structured"):
+                    del b._robop_structured
+
+        walk.on_undo(unmark)
+
+    def _inputs(self, walk: BlockWalk, block: nn.Module, unit: Unit) -> tuple[LayerInputs, LayerInputs | None]:
+        x = walk.capture(block, {unit.consumer_name: unit.consumer})[unit.consumer_name]
+        self.tokens = x.shape[1]
+        x, held = split_heldout(x, self.heldout_fraction, unit.consumer_name)
+        name = unit.consumer_name
+        return (LayerInputs(x, name=f"{name}: calibration inputs", distributed=True),
+                None if held is None else LayerInputs(held, name=f"{name}: held-out inputs", distributed=True))
+
+    def planner(self) -> _PlanStep:
+        return _PlanStep(self)
+
+    def prune_block(self, walk: BlockWalk, name: str, block: nn.Module) -> list[str]:
+        for p in self.plans[name]:
+            u = p["unit"]
+            walk.current = u.consumer_name
+            x, held = self._inputs(walk, block, u)
+            r = select_groups(u.consumer.weight.detach(), x, u.groups(), p["remove"], bias=u.consumer.bias,
+                              name=u.consumer_name, heldout=held, **self.engine)
+            del x, held
+            walk.check_ranks(u.consumer_name, torch.tensor(r.kept), "groups")
+            if p["remove"] > 0:
+                walk.on_undo(u.apply(torch.tensor(r.kept), r.weight, r.bias))
+                mark_shrunk(block)
+            self.report.layers.append(
+                {
+                    "name": u.consumer_name,
+                    "unit": u.name,
+                    "kind": u.kind,
+                    "shape": list(u.consumer.weight.shape),
+                    "parameters": u.n_groups * u.params_per_group,
+                    "sparsity": p["remove"] / u.n_groups,
+                    "groups": u.n_groups,
+                    "kept": u.n_groups - p["remove"],
+                    "removed": sorted(r.removed),
+                    "nominal_error": float(r.nominal_error),
+                    "robust_error": float(r.robust_error),
+                    "heldout_error": r.heldout_error,
+                    "srank": None,
+                    "seconds": float(r.seconds),
+                }
+            )
+        return [p["unit"].consumer_name for p in self.plans[name]]
+
+    def prune_linear(self, name: str, inputs: torch.Tensor) -> None:  # pragma: no cover - units live in blocks
+        raise NotImplementedError("structured pruning works on blocks")
+
+    def save(self, names: list[str]) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+        tensors = {"tokens": torch.tensor(self.tokens)}
+        for n in names:
+            consumer = self._units[n][0].consumer
+            tensors[f"{n}.weight"] = consumer.weight
+            if consumer.bias is not None:
+                tensors[f"{n}.bias"] = consumer.bias
+        return self.report.layers[-len(names):], tensors
+
+    def restore(self, rows: list[dict[str, Any]], tensors: dict[str, torch.Tensor]) -> None:
+        self.tokens = int(tensors["tokens"])
+        for row in rows:
+            name = row["name"]
+            unit, block_name = self._units[name]
+            if row["removed"]:
+                keep = sorted(set(range(row["groups"])) - set(row["removed"]))
+                self.walk.on_undo(unit.apply(torch.tensor(keep), tensors[f"{name}.weight"], tensors.get(f"{name}.bias")))
+                mark_shrunk(self.walk.model.get_submodule(block_name))
+            self.report.layers.append(row)
+            self.report.resumed.append(name)
+
+
+class _PlanStep:
+    """The global budget's first pass: every unit's greedy loss trajectory on the dense model."""
+
+    def __init__(self, shrink: ShrinkStep) -> None:
+        self.shrink = shrink
+
+    def prune_block(self, walk: BlockWalk, name: str, block: nn.Module) -> list[str]:
+        for p in self.shrink.plans[name]:
+            u = p["unit"]
+            x, _ = self.shrink._inputs(walk, block, u)
+            r = select_groups(u.consumer.weight.detach(), x, u.groups(), 0, bias=u.consumer.bias,
+                              trajectory_to=p["max"], name=u.consumer_name, **self.shrink.engine)
+            p["trajectory"], p["steps"] = r.trajectory, r.steps
+        return []
+
+    def prune_linear(self, name: str, inputs: torch.Tensor) -> None:  # pragma: no cover - units live in blocks
+        raise NotImplementedError("structured pruning works on blocks")
+
+    def save(self, names):  # pragma: no cover - the planning pass is never checkpointed
+        raise NotImplementedError
+
+    def restore(self, rows, tensors):  # pragma: no cover
+        raise NotImplementedError

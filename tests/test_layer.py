@@ -158,7 +158,8 @@ def test_quality_ordering_on_correlated_uneven_inputs():
         (dict(uncertainty="box"), "unknown uncertainty"),
         (dict(uncertainty="cvar", radius=2.0), r"\(0, 1\]"),
         (dict(rounds=-1), "rounds"),
-        (dict(solver="sparsegpt", solver_options={"block_size": 64}), "its options are: blocksize"),
+        (dict(solver="sparsegpt", solver_options={"blocksz": 64}), "its options are: block_size"),
+        (dict(solver="sparsegpt", solver_options=[64]), "must be a dict or SparseGPTOptions"),
         (dict(solver="cap", solver_options={"blocksize": 64}), "'blocksize' for 'cap'; its options are: block_size"),
         (dict(damping=-1.0), "damping"),
     ],
@@ -167,6 +168,22 @@ def test_bad_arguments_raise_clear_errors(layer, kwargs, match):
     w, x = layer
     with pytest.raises(ValueError, match=match):
         prune_layer(w, x, **kwargs)
+
+
+def test_solver_options_dataclass_dict_and_old_spelling_agree(layer):
+    from robop_lightning.solvers.options import CapOptions, SparseGPTOptions
+
+    w, x = layer
+    by_dict = prune_layer(w, x, solver="sparsegpt", uncertainty="baseline", solver_options={"block_size": 8})
+    by_type = prune_layer(w, x, solver="sparsegpt", uncertainty="baseline", solver_options=SparseGPTOptions(block_size=8))
+    with pytest.warns(DeprecationWarning, match="'blocksize' is now called 'block_size'"):
+        old = prune_layer(w, x, solver="sparsegpt", uncertainty="baseline", solver_options={"blocksize": 8})
+    default = prune_layer(w, x, solver="sparsegpt", uncertainty="baseline")
+    assert torch.equal(by_dict.weight, by_type.weight) and torch.equal(by_dict.weight, old.weight)
+    assert not torch.equal(by_dict.weight, default.weight)  # the option reached the solver (block 8, not 128)
+    with pytest.raises(ValueError, match="CapOptions are not options of 'sparsegpt'; pass SparseGPTOptions"):
+        prune_layer(w, x, solver="sparsegpt", solver_options=CapOptions())
+    assert SparseGPTOptions().block_size == 128  # the solver's own default, read from its signature
 
 
 def test_bad_tensors_raise_clear_errors(layer):

@@ -124,7 +124,7 @@ def test_sparsegpt_matches_reference_numerics(seed):
     h = LayerInputs(x).gram()
     ref_w, ref_mask = _reference_sparsegpt(w, h, 0.5, blocksize=16)
     hd = h + 0.01 * float(h.diagonal().mean()) * torch.eye(64, dtype=torch.float64)
-    w_hat, mask = SOLVERS["sparsegpt"](w, hd, parse_pattern("unstructured", 0.5), blocksize=16)
+    w_hat, mask = SOLVERS["sparsegpt"](w, hd, parse_pattern("unstructured", 0.5), block_size=16)
     assert torch.equal(mask, ref_mask)
     assert torch.allclose(w_hat.double(), ref_w, atol=1e-4, rtol=1e-4)
 

@@ -354,3 +354,88 @@ def test_callback_validate_shrinks_and_refuses_mid_fit():
         RobOPCallback(pattern="structured", prune_at=1)
     with pytest.raises(ValueError, match="unknown structured_options"):
         RobOPCallback(pattern="structured", structured_options={"budjet": "global"})
+
+
+# --------------------------------------------------------------------------- the shared block walk (issue 15)
+def _tiny_decoder(layers: int = 3) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=64)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _decoder_batches():
+    g = torch.Generator().manual_seed(1)
+    return [{"input_ids": torch.randint(0, 64, (4, 12), generator=g)} for _ in range(2)]
+
+
+def _snapshot_model(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _same_state(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_structured_pruning_resumes_bit_identically_after_ctrl_c(tmp_path):
+    job = dict(sparsity=0.5, uncertainty="trace", budget="layer")
+    reference = _tiny_decoder()
+    ref_report = prune_model_structured(reference, _decoder_batches(), **job)
+
+    model, resume = _tiny_decoder(), tmp_path / "resume"
+    dense = _snapshot_model(model)
+
+    def ctrl_c(module, args):  # Ctrl-C while block 1's MLP is calibrated (its attention already shrunk)
+        raise KeyboardInterrupt
+
+    handle = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        prune_model_structured(model, _decoder_batches(), resume_dir=resume, **job)
+    handle.remove()
+    assert _same_state(_snapshot_model(model), dense)  # every shape and weight as it was
+    assert model.model.layers[1].self_attn.k_proj.out_features == 16
+
+    report = prune_model_structured(model, _decoder_batches(), resume_dir=resume, **job)
+    assert report.resumed == ["model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj"]
+    assert _same_state(_snapshot_model(model), _snapshot_model(reference))
+    strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert strip(report.layers) == strip(ref_report.layers)
+    assert report.config["params_removed"] == ref_report.config["params_removed"]
+    again = _tiny_decoder()  # a finished directory: everything loaded, nothing recomputed
+    calls = []
+    again.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, a: calls.append(1))
+    third = prune_model_structured(again, _decoder_batches(), resume_dir=resume, **job)
+    assert calls == [] and len(third.resumed) == 6
+    assert _same_state(_snapshot_model(again), _snapshot_model(reference))
+
+
+def test_structured_heldout_errors_are_the_error_on_the_held_out_samples():
+    model = _tiny_decoder(layers=2)
+    report = prune_model(model, _decoder_batches(), sparsity=0.5, pattern="structured", uncertainty="baseline",
+                         heldout_fraction=0.25, targets=["re:down_proj"])
+    rows = report.layers
+    assert all(r["heldout_error"] is not None and r["heldout_error"] >= 0 for r in rows)
+    # recompute layer 0's: the MLP's held-out inputs are the last quarter of the samples (2 of 8)
+    dense = _tiny_decoder(layers=2)
+    captured = []
+    dense.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
+    with torch.no_grad():
+        for b in _decoder_batches():
+            dense(**b, use_cache=False)
+    x = torch.cat(captured)  # (8, 12, 64)
+    held = x[6:].reshape(-1, 64).double()
+    mlp = model.model.layers[0].mlp
+    kept = sorted(set(range(64)) - set(rows[0]["removed"]))
+    w_dense = dense.model.layers[0].mlp.down_proj.weight.detach().double()
+    err = held @ w_dense.T - held[:, kept] @ mlp.down_proj.weight.detach().double().T
+    expected = float(err.pow(2).sum() / (held @ w_dense.T).pow(2).sum())
+    assert rows[0]["heldout_error"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_structured_activation_budget_keeps_the_result():
+    a, b = _tiny_decoder(), _tiny_decoder()
+    ra = prune_model_structured(a, _decoder_batches(), sparsity=0.5, uncertainty="trace")
+    rb = prune_model_structured(b, _decoder_batches(), sparsity=0.5, uncertainty="trace", activation_budget="4KB")
+    assert [r["removed"] for r in ra.layers] == [r["removed"] for r in rb.layers]
+    for (k, v), w in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        torch.testing.assert_close(v, w, rtol=1e-5, atol=1e-6, msg=k)

@@ -6,11 +6,15 @@ undamped diagonal (Wanda's ``||X_j||^2``, SparseGPT's dead-input test), ``warm``
 solution (used by ALPS). Options are solver specific (see each module).
 """
 
-import inspect
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 from robop_lightning.solvers.alps import alps
 from robop_lightning.solvers.cap import cap
 from robop_lightning.solvers.magnitude import magnitude
+from robop_lightning.solvers.options import RENAMED as OPTION_RENAMES
+from robop_lightning.solvers.options import OPTION_TYPES, solver_options
 from robop_lightning.solvers.refit import refit
 from robop_lightning.solvers.sparsegpt import sparsegpt
 from robop_lightning.solvers.wanda import wanda
@@ -20,30 +24,24 @@ SOLVERS = {"alps": alps, "cap": cap, "sparsegpt": sparsegpt, "wanda": wanda, "ma
 USES_FULL_GRAM = frozenset({"alps", "cap", "sparsegpt"})
 # Solvers whose result does not depend on the calibration data at all.
 DATA_FREE = frozenset({"magnitude"})
-# What the engine passes itself; everything else keyword-only in a solver's signature is a user option.
-_ENGINE_ARGS = frozenset({"warm", "prior", "h_diag", "history"})
-SOLVER_OPTIONS = {
-    name: tuple(
-        p.name for p in inspect.signature(fn).parameters.values()
-        if p.kind == p.KEYWORD_ONLY and p.name not in _ENGINE_ARGS
-    )
-    for name, fn in SOLVERS.items()
-}
+SOLVER_OPTIONS = {name: tuple(f.name for f in dataclasses.fields(cls)) for name, cls in OPTION_TYPES.items()}
 
 
-def check_solver_options(solver: str, options: dict | None, name: str = "layer") -> dict:
-    """``options`` as a dict, or a ``ValueError`` naming the unknown keys and the valid ones.
+def check_solver_options(solver: str, options: Any, name: str = "layer") -> dict:
+    """The options the caller gave, as a dict of keyword arguments for the solver.
+
+    ``options`` is a dict, the solver's options dataclass (:mod:`robop_lightning.solvers.options`) or
+    ``None``; an unknown key raises a ``ValueError`` naming the valid ones.
 
     Example:
-        >>> check_solver_options("sparsegpt", {"blocksize": 64})
-        {'blocksize': 64}
+        >>> check_solver_options("sparsegpt", {"block_size": 64})
+        {'block_size': 64}
     """
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(SOLVER_OPTIONS[solver]))
-    if unknown:
-        valid = ", ".join(SOLVER_OPTIONS[solver]) or "none"
-        raise ValueError(f"{name}: unknown solver option(s) {', '.join(map(repr, unknown))} for {solver!r}; "
-                         f"its options are: {valid}.")
-    return options
+    typed = solver_options(solver, options, name)
+    if not isinstance(options, Mapping):  # None, or the dataclass itself
+        return {} if options is None else dataclasses.asdict(typed)
+    keys = {OPTION_RENAMES.get(solver, {}).get(k, k) for k in options}
+    return {k: v for k, v in dataclasses.asdict(typed).items() if k in keys}
 
-__all__ = ["SOLVERS", "SOLVER_OPTIONS", "check_solver_options", "USES_FULL_GRAM", "DATA_FREE", "alps", "cap", "sparsegpt", "wanda", "magnitude", "refit"]
+
+__all__ = ["SOLVERS", "SOLVER_OPTIONS", "OPTION_TYPES", "check_solver_options", "solver_options", "USES_FULL_GRAM", "DATA_FREE", "alps", "cap", "sparsegpt", "wanda", "magnitude", "refit"]

@@ -1,7 +1,7 @@
 """SparseGPT (Frantar and Alistarh, 2023): column sweep with lazy batched OBS updates.
 
 Follows the reference algorithm: the damped Gram is inverted through Cholesky, the upper Cholesky
-factor ``U`` of ``H^-1`` drives a left-to-right sweep in blocks of ``blocksize`` columns, each block's
+factor ``U`` of ``H^-1`` drives a left-to-right sweep in blocks of ``block_size`` columns, each block's
 mask is chosen by ``w^2 / U_ii^2``, and the remaining columns receive the error ``err @ U``.
 One difference, for exact budgets: each block prunes an exact count (the layer budget spread over
 blocks by cumulative rounding) instead of thresholding at a quantile, which can be off by ties.
@@ -35,7 +35,7 @@ def sparsegpt(
     pattern: Pattern,
     *,
     h_diag: torch.Tensor | None = None,
-    blocksize: int = 128,
+    block_size: int = 128,
     prior: torch.Tensor | None = None,
     **_,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,8 +48,8 @@ def sparsegpt(
     total_prune = rows * cols - pattern.keep_count(rows, cols)
     row_prune = cols - pattern.keep_per_row(cols) if pattern.kind == "row" else 0
 
-    for i1 in range(0, cols, blocksize):
-        i2 = min(i1 + blocksize, cols)
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
         count = i2 - i1
         w1 = w[:, i1:i2].clone()
         q1 = torch.zeros_like(w1)
