@@ -18,10 +18,10 @@ exception (``KeyboardInterrupt`` included), so a failure leaves the model exactl
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -29,50 +29,19 @@ import torch
 from torch import nn
 
 from robop_lightning.calibration import default_forward, forward_order
+from robop_lightning.config import PruneConfig, StructuredOptions
 from robop_lightning.fisher_model import FisherOptions, prune_model_fisher
 from robop_lightning.gram import LayerInputs
 from robop_lightning.layer import prune_layer
-from robop_lightning.offload import WeightUndo, parse_bytes
+from robop_lightning.offload import WeightUndo
 from robop_lightning.patterns import parse_pattern
 from robop_lightning.pipeline import BlockWalk, open_resume_store, split_heldout
 from robop_lightning.report import PruneReport
-from robop_lightning.solvers import SOLVERS, check_solver_options
-from robop_lightning.selection import AutoOptions, check_auto_request
-from robop_lightning.structured import STRUCTURED_OPTIONS, prune_model_structured
+from robop_lightning.selection import AutoOptions
+from robop_lightning.structured import prune_model_structured
 from robop_lightning.targets import find_blocks, resolve_targets
-from robop_lightning.uncertainty import make_uncertainty
 
 __all__ = ["PruneReport", "prune_model"]
-
-_ENGINE_KWARGS = ("coupled", "rounds", "damping", "solver_options", "auto")
-
-
-def _check_arguments(sparsity, pattern, solver, uncertainty, radius, heldout_fraction, engine_kwargs) -> None:
-    parse_pattern(pattern, sparsity)
-    if not isinstance(solver, str) or solver.lower() not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}: use one of {', '.join(SOLVERS)}.")
-    unknown = sorted(set(engine_kwargs) - set(_ENGINE_KWARGS))
-    if unknown:
-        raise TypeError(
-            f"prune_model() got unexpected keyword argument(s) {', '.join(unknown)}; the extra arguments "
-            f"passed to prune_layer are {', '.join(_ENGINE_KWARGS)}."
-        )
-    if not (isinstance(pattern, str) and pattern.strip().lower() == "structured"):
-        check_solver_options(solver.lower(), engine_kwargs.get("solver_options"), "prune_model")
-    if check_auto_request(uncertainty, radius, solver.lower(), "prune_model"):
-        AutoOptions.coerce(engine_kwargs.get("auto"))
-    else:
-        make_uncertainty(uncertainty, radius, engine_kwargs.get("coupled"))
-    if (
-        isinstance(heldout_fraction, bool)
-        or not isinstance(heldout_fraction, (int, float))
-        or not 0.0 <= heldout_fraction < 1.0
-    ):
-        raise ValueError(
-            f"heldout_fraction must be in [0, 1) (the share of calibration samples kept out of pruning to "
-            f"measure held-out error), got {heldout_fraction!r}."
-        )
-
 
 def _check_shared_weights(model: nn.Module, modules: dict[str, nn.Module]) -> None:
     """Refuse targets whose weight tensor is also held elsewhere (tied or shared weights).
@@ -105,28 +74,6 @@ def _check_shared_weights(model: nn.Module, modules: dict[str, nn.Module]) -> No
             f"Leave {name} out of the targets, or untie the weights first (give {name} its own copy of the weight; "
             "for Hugging Face models set config.tie_word_embeddings=False)."
         )
-
-
-def _prune_structured(
-    model, calibration, sparsity, uncertainty, radius, targets, ignore, blocks, heldout_fraction, forward, progress,
-    prior_masks, resume_dir, activation_budget, engine_kwargs,
-):
-    """``prune_model(pattern="structured", ...)``: map its arguments onto :func:`prune_model_structured`."""
-    engine = dict(engine_kwargs)
-    options = dict(engine.pop("solver_options", None) or {})
-    unknown = sorted(set(engine) - {"coupled", "rounds", "damping"}) + sorted(set(options) - set(STRUCTURED_OPTIONS))
-    if unknown:
-        raise TypeError(
-            f"prune_model(pattern='structured') got unexpected option(s) {', '.join(unknown)}; it takes coupled, rounds, "
-            f"damping, and solver_options with {', '.join(STRUCTURED_OPTIONS)}."
-        )
-    if prior_masks:
-        raise ValueError("pattern='structured' removes modules physically; prior_masks (gradual schedules) do not apply.")
-    return prune_model_structured(
-        model, calibration, sparsity=0.5 if sparsity is None else sparsity, uncertainty=uncertainty, radius=radius,
-        targets=targets, ignore=ignore, blocks=blocks, forward=forward, progress=progress,
-        heldout_fraction=heldout_fraction, resume_dir=resume_dir, activation_budget=activation_budget, **engine, **options,
-    )
 
 
 class MaskStep:
@@ -237,7 +184,12 @@ def prune_model(
     curvature: str = "gram",
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     fisher: FisherOptions | dict[str, Any] | None = None,
-    **engine_kwargs: Any,
+    *,
+    coupled: bool | None = None,
+    rounds: int = 3,
+    damping: float = 0.01,
+    solver_options: Any = None,
+    auto: AutoOptions | dict[str, Any] | None = None,
 ) -> PruneReport:
     """Prune the linear layers of ``model`` in place, block by block, with :func:`prune_layer`.
 
@@ -289,10 +241,16 @@ def prune_model(
         loss_fn: ``loss_fn(model, batch) -> (B,)`` per-sample losses, for ``curvature="fisher"``.
         fisher: :class:`robop_lightning.fisher_model.FisherOptions` (or a dict): ``gradients``,
             ``block_size``, ``lam``, ``batch_size``, ``selection`` (``"global"`` / ``"uniform"``), ``method``.
-        **engine_kwargs: passed to :func:`prune_layer`: ``coupled``, ``rounds``, ``damping``,
-            ``solver_options``, ``auto`` (how ``uncertainty="auto"`` / ``radius="auto"`` choose, per
-            layer; each report row then has a ``selection``: the chosen set and every candidate's
-            held-out fold errors).
+        coupled, rounds, damping: engine options of :func:`prune_layer` (the extension's coupled
+            form; rounds of the alternating scheme; the Baseline damping).
+        solver_options: the solver's options (a dict or its dataclass from
+            :mod:`robop_lightning.solvers.options`); for ``pattern="structured"`` the keys of
+            :class:`robop_lightning.config.StructuredOptions`.
+        auto: how ``uncertainty="auto"`` / ``radius="auto"`` choose, per layer
+            (:class:`robop_lightning.selection.AutoOptions` or a dict); each report row then has a
+            ``selection``: the chosen set and every candidate's held-out fold errors.
+
+    All options are checked first, in one place (:class:`robop_lightning.config.PruneConfig`).
 
     Returns:
         A :class:`PruneReport` (``str(report)`` is a table; ``report.masks`` holds the masks).
@@ -312,33 +270,32 @@ def prune_model(
         >>> round(report.totals["sparsity"], 2)
         0.5
     """
-    if curvature not in ("gram", "fisher"):
-        raise ValueError(f"curvature must be 'gram' (layer reconstruction) or 'fisher' (CAP's empirical Fisher), "
-                         f"got {curvature!r}.")
+    config = PruneConfig(sparsity=sparsity, pattern=pattern, solver=solver, uncertainty=uncertainty, radius=radius,
+                         coupled=coupled, rounds=rounds, damping=damping, solver_options=solver_options, auto=auto,
+                         targets=targets, ignore=ignore, blocks=blocks, heldout_fraction=heldout_fraction,
+                         resume_dir=resume_dir, activation_budget=activation_budget, curvature=curvature, fisher=fisher)
     if curvature == "fisher":
-        unsupported = {"heldout_fraction": heldout_fraction, "prior_masks": prior_masks, "resume_dir": resume_dir,
-                       "activation_budget": activation_budget, "forward": forward, **engine_kwargs}
-        given = [k for k, v in unsupported.items() if v not in (None, 0.0)]
-        if solver != "cap" or given:
-            raise ValueError(
-                "curvature='fisher' is CAP's: use solver='cap'"
-                + (f", without {', '.join(given)} (layer-reconstruction options)" if given else "") + "."
-            )
+        given = [k for k, v in (("prior_masks", prior_masks), ("forward", forward)) if v is not None]
+        if given:
+            raise ValueError(f"curvature='fisher' is CAP's: use solver='cap', without {', '.join(given)} "
+                             "(layer-reconstruction options).")
         return prune_model_fisher(model, calibration, loss_fn, sparsity=sparsity, pattern=pattern,
-                                  uncertainty=uncertainty, radius=radius, targets=targets, ignore=ignore,
+                                  uncertainty=config.uncertainty, radius=radius, targets=targets, ignore=ignore,
                                   blocks=blocks, fisher=fisher)
-    if loss_fn is not None or fisher is not None:
+    if loss_fn is not None:
         raise ValueError("loss_fn and fisher apply to curvature='fisher' only.")
-    if isinstance(pattern, str) and pattern.strip().lower() == "structured":
+    if config.structured:
         # whole heads / channels removed physically: robop_lightning.structured (issue 7)
-        return _prune_structured(
-            model, calibration, sparsity, uncertainty, radius, targets, ignore, blocks, heldout_fraction,
-            forward, progress, prior_masks, resume_dir, activation_budget, engine_kwargs,
+        if prior_masks:
+            raise ValueError("pattern='structured' removes modules physically; prior_masks (gradual schedules) do not apply.")
+        return prune_model_structured(
+            model, calibration, sparsity=0.5 if sparsity is None else sparsity, uncertainty=config.uncertainty,
+            radius=radius, targets=targets, ignore=ignore, blocks=blocks, forward=forward, progress=progress,
+            heldout_fraction=heldout_fraction, resume_dir=resume_dir, activation_budget=activation_budget,
+            coupled=coupled, rounds=rounds, damping=damping,
+            **dataclasses.asdict(StructuredOptions.coerce(solver_options)),
         )
     start = time.perf_counter()
-    _check_arguments(sparsity, pattern, solver, uncertainty, radius, heldout_fraction, engine_kwargs)
-    parse_bytes(activation_budget)
-    choose = check_auto_request(uncertainty, radius, solver.lower(), "prune_model")
     forward = forward or default_forward
     structure = find_blocks(model, blocks)
     block_list = structure[1] if structure else []
@@ -357,26 +314,26 @@ def prune_model(
         config={
             "sparsity": parse_pattern(pattern, sparsity).sparsity,
             "pattern": pattern,
-            "solver": solver,
-            "uncertainty": uncertainty,
+            "solver": config.solver,
+            "uncertainty": config.uncertainty,
             "radius": radius,
             "heldout_fraction": heldout_fraction,
             "blocks": structure[0] if structure else None,
             "calibration_batches": len(batches),
-            **{k: v for k, v in engine_kwargs.items() if k not in ("solver_options", "auto")},
-            **({"auto": asdict(AutoOptions.coerce(engine_kwargs.get("auto")))} if choose else {}),
+            "coupled": coupled,
+            "rounds": rounds,
+            "damping": damping,
+            **({"auto": dataclasses.asdict(AutoOptions.coerce(auto))} if config.choose else {}),
         }
     )
     store = None
     if resume_dir is not None:
-        job = {**report.config, "solver_options": engine_kwargs.get("solver_options")}
+        job = {**report.config, "solver_options": solver_options}
         store = open_resume_store(resume_dir, model, {n: m.weight for n, m in modules.items()}, batches, job, prior_masks)
     first_name, first = next(iter(modules.items()))
     walk = BlockWalk(model, batches, forward, device, activation_budget=activation_budget, progress=progress,
                      resume=store, dtype=(first_name, first.weight.dtype))
-    step = MaskStep(walk, modules, report, dict(sparsity=sparsity, pattern=pattern, solver=solver,
-                                                 uncertainty=uncertainty, radius=radius, **engine_kwargs),
-                    heldout_fraction, prior_masks)
+    step = MaskStep(walk, modules, report, config.layer_options(), heldout_fraction, prior_masks)
     with walk.transaction():
         if not structure:
             walk.linears(step, forward_order(model, modules, batches[0], forward, device), modules, "pruning layers")

@@ -1,0 +1,198 @@
+"""One typed, validated configuration of a pruning job: :class:`PruneConfig`.
+
+``prune_model`` and ``RobOPCallback`` take the same options and both build a :class:`PruneConfig`,
+so every argument is checked here, once, with a message that says what to pass. Nested options are
+dataclasses too, each refusing unknown keys with the list of valid ones:
+
+* per solver: :mod:`robop_lightning.solvers.options` (``AlpsOptions``, ``CapOptions``, ...);
+* ``pattern="structured"``: :class:`StructuredOptions`;
+* ``uncertainty="auto"`` / ``radius="auto"``: :class:`robop_lightning.selection.AutoOptions`;
+* ``curvature="fisher"``: :class:`robop_lightning.fisher_model.FisherOptions`.
+
+A dict with the same keys works wherever a dataclass does, so every option is YAML-expressible
+(LightningCLI). Sets are accepted under their long names too (``"ellipsoid"`` for ``"e"``).
+
+Example:
+    >>> PruneConfig(sparsity=0.5, solver="sparsegpt", uncertainty="ellipsoid").uncertainty
+    'e'
+    >>> PruneConfig(solver="cap", solver_options={"blok_size": 64})
+    Traceback (most recent call last):
+    ...
+    ValueError: prune_model: unknown solver option(s) 'blok_size' for 'cap'; its options are: block_size, chunk_bytes, trajectory_bytes, dtype, truncate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from robop_lightning.fisher_model import FisherOptions
+from robop_lightning.offload import parse_bytes
+from robop_lightning.patterns import parse_pattern
+from robop_lightning.selection import AutoOptions, check_auto_request
+from robop_lightning.solvers import SOLVERS, check_solver_options
+from robop_lightning.uncertainty import canonical_set_name, make_uncertainty
+
+__all__ = ["PruneConfig", "StructuredOptions", "check_fraction", "is_structured"]
+
+
+def is_structured(pattern: Any) -> bool:
+    """Whether ``pattern`` asks for structured pruning (whole heads and channels removed)."""
+    return isinstance(pattern, str) and pattern.strip().lower() == "structured"
+
+
+def check_fraction(value: Any, what: str, meaning: str = "") -> float:
+    """``value`` as a float in ``[0, 1)``, or a ``ValueError`` naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:
+        raise ValueError(f"{what} must be in [0, 1){meaning}, got {value!r}.")
+    return float(value)
+
+
+@dataclass(frozen=True)
+class StructuredOptions:
+    """Options of ``pattern="structured"`` (see :func:`robop_lightning.structured.prune_model_structured`).
+
+    Attributes:
+        budget: ``"layer"`` (every block loses the share) or ``"global"`` (one ranking over all units).
+        cost: what the global budget counts: ``"params"`` or ``"flops"``.
+        min_keep: groups every unit keeps (>= 1).
+        max_sparsity: the largest share of groups any unit may lose under the global budget.
+        per_step: groups removed per greedy step (``None``: 1 up to 256 groups, else 1/256 of them).
+    """
+
+    budget: str = "layer"
+    cost: str = "params"
+    min_keep: int = 1
+    max_sparsity: float = 0.9
+    per_step: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.budget not in ("layer", "global"):
+            raise ValueError(f"budget must be 'layer' (every unit loses the same share) or 'global', got {self.budget!r}.")
+        if self.cost not in ("params", "flops"):
+            raise ValueError(f"cost must be 'params' or 'flops' (what the global budget counts), got {self.cost!r}.")
+        if isinstance(self.min_keep, bool) or not isinstance(self.min_keep, int) or self.min_keep < 1:
+            raise ValueError(f"min_keep must be an integer >= 1 (groups every unit keeps), got {self.min_keep!r}.")
+        if not isinstance(self.max_sparsity, (int, float)) or not 0.0 < self.max_sparsity < 1.0:
+            raise ValueError(f"max_sparsity must be in (0, 1) (the most any unit may lose), got {self.max_sparsity!r}.")
+        if self.per_step is not None and (isinstance(self.per_step, bool) or not isinstance(self.per_step, int)
+                                          or self.per_step < 1):
+            raise ValueError(f"per_step must be None or an integer >= 1, got {self.per_step!r}.")
+
+    @classmethod
+    def coerce(cls, value: StructuredOptions | dict[str, Any] | None, what: str = "structured_options") -> StructuredOptions:
+        """``None`` -> defaults; a dict -> checked fields (unknown keys are refused with the valid ones)."""
+        if value is None:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"{what} must be a StructuredOptions or a dict, got {type(value).__name__}.")
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(value) - set(valid))
+        if unknown:
+            raise ValueError(f"unknown {what} {unknown}: use {', '.join(valid)}.")
+        return cls(**value)
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Every option of a pruning job, validated on construction (see the module docstring).
+
+    The fields are ``prune_model``'s keyword arguments (those that are data, not code: ``forward``,
+    ``loss_fn``, ``progress`` and ``prior_masks`` stay arguments of the call). For
+    ``pattern="structured"``, ``solver_options`` holds :class:`StructuredOptions` keys.
+    """
+
+    sparsity: float | None = 0.5
+    pattern: str = "unstructured"
+    solver: str = "cap"
+    uncertainty: str = "trace"
+    radius: float | str | None = None
+    coupled: bool | None = None
+    rounds: int = 3
+    damping: float = 0.01
+    solver_options: Any = None
+    auto: AutoOptions | dict[str, Any] | None = None
+    targets: list[str] | str | None = None
+    ignore: list[str] | str | None = None
+    blocks: str | None = None
+    heldout_fraction: float = 0.0
+    resume_dir: str | os.PathLike | None = None
+    activation_budget: int | str | None = None
+    curvature: str = "gram"
+    fisher: FisherOptions | dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        parse_pattern(self.pattern, self.sparsity)
+        if not isinstance(self.solver, str) or self.solver.lower() not in SOLVERS:
+            raise ValueError(f"unknown solver {self.solver!r}: use one of {', '.join(SOLVERS)}.")
+        object.__setattr__(self, "solver", self.solver.lower())
+        if not isinstance(self.uncertainty, str):
+            raise ValueError(f"uncertainty must be a set name such as 'trace', got {self.uncertainty!r}.")
+        if self.choose:
+            if self.structured:
+                raise ValueError("uncertainty='auto' / radius='auto' choose per linear layer; pattern='structured' takes "
+                                 "a fixed set.")
+            AutoOptions.coerce(self.auto)
+        else:
+            make_uncertainty(self.uncertainty, self.radius, self.coupled)
+            object.__setattr__(self, "uncertainty", canonical_set_name(self.uncertainty))
+        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
+            raise ValueError(f"rounds must be a non-negative integer, got {self.rounds!r}.")
+        if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not self.damping >= 0:
+            raise ValueError(f"damping must be a number >= 0 (relative to mean(diag H)), got {self.damping!r}.")
+        if self.structured:
+            StructuredOptions.coerce(self.solver_options, "solver_options for pattern='structured'")
+        else:
+            check_solver_options(self.solver, self.solver_options, "prune_model")
+        for what, value in (("targets", self.targets), ("ignore", self.ignore)):
+            if value is not None and not isinstance(value, str) and not all(isinstance(v, str) and v for v in value):
+                raise ValueError(f"{what} must be module names or 're:<regex>' patterns, got {value!r}.")
+        if self.blocks is not None and (not isinstance(self.blocks, str) or not self.blocks):
+            raise ValueError(f"blocks must be the dotted name of the block list (such as 'model.layers'), got {self.blocks!r}.")
+        check_fraction(self.heldout_fraction, "heldout_fraction",
+                       " (the share of calibration samples kept out of pruning to measure held-out error)")
+        if self.resume_dir is not None and (not isinstance(self.resume_dir, (str, os.PathLike))
+                                            or not os.fspath(self.resume_dir)):
+            raise ValueError(f"resume_dir must be a directory path (str or Path), got {self.resume_dir!r}.")
+        parse_bytes(self.activation_budget)
+        self._check_curvature()
+
+    @property
+    def structured(self) -> bool:
+        return is_structured(self.pattern)
+
+    @property
+    def choose(self) -> bool:
+        """Whether the set or its radius is chosen per layer (``"auto"``)."""
+        return check_auto_request(self.uncertainty, self.radius, self.solver, "prune_model")
+
+    def _check_curvature(self) -> None:
+        if self.curvature not in ("gram", "fisher"):
+            raise ValueError(f"curvature must be 'gram' (layer reconstruction) or 'fisher' (CAP's empirical Fisher), "
+                             f"got {self.curvature!r}.")
+        if self.curvature == "gram":
+            if self.fisher is not None:
+                raise ValueError("fisher options apply to curvature='fisher' only.")
+            return
+        clash = [k for k, bad in (("heldout_fraction", self.heldout_fraction > 0), ("resume_dir", self.resume_dir),
+                                  ("activation_budget", self.activation_budget), ("coupled", self.coupled is not None),
+                                  ("rounds", self.rounds != 3), ("damping", self.damping != 0.01),
+                                  ("solver_options", self.solver_options), ("auto", self.auto),
+                                  ("uncertainty='auto'", self.choose))
+                 if bad]
+        if self.solver != "cap" or clash:
+            raise ValueError(
+                "curvature='fisher' is CAP's: use solver='cap'"
+                + (f", without {', '.join(clash)} (layer-reconstruction options)" if clash else "") + "."
+            )
+        FisherOptions.coerce(self.fisher)
+
+    def layer_options(self) -> dict[str, Any]:
+        """The keyword arguments every target's :func:`robop_lightning.prune_layer` call gets."""
+        return dict(sparsity=self.sparsity, pattern=self.pattern, solver=self.solver, uncertainty=self.uncertainty,
+                    radius=self.radius, coupled=self.coupled, rounds=self.rounds, damping=self.damping,
+                    solver_options=self.solver_options, auto=self.auto)
