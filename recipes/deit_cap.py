@@ -23,7 +23,9 @@ Steps (each cached or timed, every number written to ``--out``):
 4. Every model is scored on identical inputs (corruption and attack noise seeded by dataset index):
    clean accuracy on the whole test set; ImageNet-C-style corruptions x 5 severities (CIFAR-10-C
    parameters for small images) on a fixed random test subset (``--eval-size``); PGD L-inf and FGSM
-   on a random ``--adv-size`` of those images; relative mCE against the dense model.
+   on a random ``--adv-size`` of those images; against the dense model, the mCE (errors under
+   corruption: lower = fewer errors) and the relative mCE (the drop from each model's own clean
+   accuracy: a poor model has little left to lose, so it can look robust there).
    Every RobOP model is compared with RobOP-CAP under the Baseline set at the same sparsity, image by
    image: the difference in clean, corrupted and PGD (largest eps) accuracy with a 95 % paired
    bootstrap interval over the images.
@@ -31,6 +33,10 @@ Steps (each cached or timed, every number written to ``--out``):
    differences), three PNG plots and checkpoints that load with the stock
    ``DeiTClassifier.load_from_checkpoint``. Files are written to a temporary name and renamed, never
    overwritten in place.
+
+Every phase prints a flushed line when it starts and one when it ends, with its time
+(``[deit_cap] pruning robop-cap/trace 80 % (6/24) done in 4.1 s``), so a run sent to a log file
+(``python recipes/deit_cap.py > log.txt 2>&1``) shows where it is.
 
 PGD here runs ``--pgd-steps 10`` with one restart (EVAL.md's development setting) so that every
 model fits the CPU budget; pass ``--pgd-steps 50 --pgd-restarts 2`` for numbers to publish.
@@ -40,33 +46,31 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import hashlib
-import io
 import json
-import logging
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
-from lightning.pytorch import Trainer, seed_everything
 from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
 
 from robop_lightning import RobOPCallback, prune_model
 from robop_lightning.data import FashionMNISTDataModule, ImageFolderDataModule
 from robop_lightning.data.vision import cache_dir
 from robop_lightning.memory import PeakRSS
 from robop_lightning.models import DeiTClassifier
+from robop_lightning.resume import atomic_write  # temporary sibling, fsync, rename
 from robop_lightning.robustness import CORRUPTIONS, evaluate_robustness, relative_mce
 from robop_lightning.robustness.metrics import format_eps, mce
 from robop_lightning.robustness.stats import accuracy_difference_ci, format_ci
-from robop_lightning.resume import atomic_write  # temporary sibling, fsync, rename
 from robop_lightning.uncertainty import parse_set_spec
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # the sibling helpers, however this file is loaded
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as common  # noqa: E402
 
 # ----------------------------------------------------------------------------- defaults
 config = dict(
@@ -138,35 +142,27 @@ FAST = dict(
 TINY_DEIT = dict(patch_size=7, embed_dim=96, depth=4, num_heads=3)
 
 
+# how to read the two corruption columns: under the table (table.txt, the terminal)
+MCE_NOTE = """\
+mCE: mean corruption error against the dense model (each corruption's errors summed over
+  severities, divided by the dense model's, averaged over corruptions; dense = 1). Lower = fewer
+  errors under corruption overall: rank robustness by this column.
+rel mCE: Hendrycks' relative mCE, the same ratio of each model's DROP from its own clean accuracy
+  (1 = degrades as much as the dense model). It measures degradation, not errors: a poor model has
+  little left to lose, so it can score low (even below 0) while making more errors than the dense one."""
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for key, value in config.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=value)
-        elif isinstance(value, list):
-            kind = type(value[0]) if value else str
-            parser.add_argument(flag, nargs="*", type=kind, default=value)
-        elif key == "model_kwargs":
-            parser.add_argument(flag, type=json.loads, default=value, help="JSON, e.g. '{\"depth\": 6}'")
-        elif value is None:
-            kind = {"img_size": int, "epochs": int, "train_batches": int}.get(key, str)
-            parser.add_argument(flag, type=kind, default=None)
-        else:
-            parser.add_argument(flag, type=type(value), default=value)
-    parser.add_argument("--fast", action="store_true", help="tiny everything: a minute or two, for CI")
+    parser = common.config_parser(
+        __doc__, config,
+        types={"model_kwargs": json.loads, "img_size": int, "epochs": int, "train_batches": int},
+        helps={"model_kwargs": "JSON, e.g. '{\"depth\": 6}'"},
+        fast_help="tiny everything: a minute or two, for CI",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    for flag, specs in (("--robop-sets", args.robop_sets), ("--fisher-sets", args.fisher_sets)):
-        for spec in specs:
-            try:
-                name, radius = parse_set_spec(spec, allow_auto=flag == "--robop-sets")
-            except ValueError as err:
-                parser.error(f"{flag}: {err}")
-    if args.fast:  # --fast sets its values unless the command line gave them explicitly
-        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])}
-        for key, value in FAST.items():
-            if key not in given:
-                setattr(args, key, value)
+    common.check_set_specs(parser, "--robop-sets", args.robop_sets, allow_auto=True)
+    common.check_set_specs(parser, "--fisher-sets", args.fisher_sets, allow_auto=False)
+    common.apply_fast(args, FAST, argv)
     imagenet = args.data is not None
     if args.model_kwargs is None:
         args.model_kwargs = {} if imagenet else dict(TINY_DEIT)
@@ -179,24 +175,356 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--sparsity needs values in (0, 1), got {args.sparsity}.")
     if args.adv_size > args.eval_size:
         parser.error("--adv-size must not exceed --eval-size (the attacked images are a prefix of the evaluated ones).")
-    if args.save_checkpoints not in ("best", "all", "none"):
-        parser.error("--save-checkpoints is best, all or none.")
+    common.check_save_checkpoints(parser, args.save_checkpoints)
     return args
 
 
+# ----------------------------------------------------------------------------- the recipe
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    out, progress = common.start_run(args, "deit_cap")
+    datamodule, data_id, in_chans = setup_data(args, progress)
+    dense, dense_ckpt = dense_model(args, datamodule, data_id, in_chans, progress)
+    calibration = list(datamodule.calibration_dataloader())  # fixed subset of the training split
+    models = prune_all(args, dense, calibration, progress)
+    validate_all(args, models, datamodule, progress)  # picks the "best" models; the test set only reports
+    finetune_best(args, models, dense, datamodule, len(calibration), progress)
+    inputs = evaluation_inputs(args, datamodule)
+    raw, correct = evaluate_all(args, models, inputs, progress)
+    with progress.phase("paired comparisons with robop-cap/baseline (bootstrap)", timing="comparisons_s"):
+        reference, vs_baseline = compare_to_baseline(models, correct, args)
+    rows = [make_row(name, entry, raw, vs_baseline.get(name), args, inputs["eps"]) for name, entry in models.items()]
+    kept = save_checkpoints(args, models, rows, datamodule, out, progress)
+    progress.timings["total_s"] = progress.elapsed()
+    protocol = make_protocol(args, models, reference, inputs, data_id, dense_ckpt, len(calibration))
+    return write_reports(args, out, rows, protocol, reference, inputs["eps"], kept, progress)
+
+
+# ----------------------------------------------------------------------------- phases
+def setup_data(args, progress: common.Progress):
+    """The datamodule (Fashion-MNIST, or an ImageNet-style folder), set up; with its id and input channels."""
+    name = "Fashion-MNIST" if args.data is None else args.data
+    with progress.phase(f"data: {name}, {args.img_size} px, {args.calibration_size} calibration images") as phase:
+        if args.data is None:
+            datamodule = FashionMNISTDataModule(
+                img_size=args.img_size, batch_size=args.batch_size, calibration_size=args.calibration_size,
+                seed=args.seed,
+            )  # fmt: skip
+            in_chans, data_id = 1, "fashion-mnist"
+        else:
+            if not Path(args.data).expanduser().is_dir():
+                raise SystemExit(f"--data {args.data}: no such folder. Pass an ImageNet-style folder with train/ and val/.")
+            datamodule = ImageFolderDataModule(
+                args.data, img_size=args.img_size, batch_size=args.batch_size,
+                calibration_size=args.calibration_size, seed=args.seed, model_name=args.model,
+            )  # fmt: skip
+            in_chans, data_id = 3, str(Path(args.data).expanduser().resolve())
+        try:
+            datamodule.setup()
+        except FileNotFoundError as error:  # the message says how to get the data
+            raise SystemExit(f"deit_cap: {error}") from None
+        phase.note = f"{datamodule.num_classes} classes"
+    return datamodule, data_id, in_chans
+
+
+def dense_model(args, datamodule, data_id: str, in_chans: int, progress: common.Progress):
+    """The dense model: timm's pretrained weights, or trained once and cached (keyed by everything that shapes it)."""
+    hparams = dict(
+        model_name=args.model, num_classes=datamodule.num_classes, img_size=args.img_size, in_chans=in_chans,
+        pretrained=args.pretrained, model_kwargs=args.model_kwargs, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
+    )  # fmt: skip
+    training = dict(hparams, data=data_id, epochs=args.epochs, train_batches=args.train_batches,
+                    batch_size=args.batch_size, seed=args.seed)  # fmt: skip
+    key = hashlib.sha256(json.dumps(training, sort_keys=True).encode()).hexdigest()[:12]
+    cache = Path(args.cache).expanduser() if args.cache else cache_dir() / "recipes"
+    dense_ckpt = cache / f"deit_cap-{args.model}-{key}.ckpt"
+    if args.epochs == 0:
+        what = f"dense model: timm {args.model} pretrained weights, not trained here"
+    elif dense_ckpt.is_file():
+        what = f"dense model: loading the cached {dense_ckpt}"
+    else:
+        what = f"dense model: training {args.model} {args.model_kwargs} for {args.epochs} epoch(s)"
+    with progress.phase(what, timing="dense_model_s") as phase:
+        if args.epochs == 0:
+            dense = DeiTClassifier(**hparams)
+        elif dense_ckpt.is_file():
+            dense = DeiTClassifier.load_from_checkpoint(dense_ckpt, map_location="cpu", pretrained=False)
+        else:
+            dense = DeiTClassifier(**hparams)
+            trainer = quiet_trainer(args, max_epochs=args.epochs, limit_train_batches=args.train_batches)
+            trainer.fit(dense, datamodule=datamodule)
+            cache.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(args, dense, datamodule, dense_ckpt)
+            progress.say(f"dense model: cached as {dense_ckpt}")
+        dense = dense.cpu().eval()
+        params = sum(p.numel() for p in dense.parameters())
+        phase.note = f"{type(dense.model).__name__}, {params / 1e6:.3f} M parameters"
+    return dense, dense_ckpt
+
+
+def prune_all(args, dense, calibration: list, progress: common.Progress) -> dict[str, dict]:
+    """One-shot ``prune_model`` of a copy of ``dense`` per (sparsity, method), all on the same calibration batches."""
+    jobs = [(s, "cap", u) for s in args.sparsity for u in args.robop_sets]
+    jobs += [(s, "cap-fisher", u) for s in args.sparsity for u in args.fisher_sets]
+    jobs += [(s, b, "baseline") for s in args.sparsity for b in args.baselines]
+    models: dict[str, dict] = {"dense": dict(method="dense", solver=None, uncertainty=None, sparsity=0.0,
+                                             model=dense, prune_seconds=0.0, finetuned=False)}  # fmt: skip
+    with progress.phase(f"pruning: {len(jobs)} models on {len(calibration)} calibration batches", timing="pruning_s"):
+        for i, (sparsity, solver, uncertainty) in enumerate(jobs, 1):
+            name = f"{model_label(solver, uncertainty)}@{sparsity:g}"
+            with progress.phase(f"pruning {model_label(solver, uncertainty)} {100 * sparsity:g} % ({i}/{len(jobs)})") as step:
+                models[name] = prune_one(args, dense, calibration, sparsity, solver, uncertainty)
+                step.note = f"sparsity {models[name]['sparsity']:.3f}"
+    return models
+
+
+def prune_one(args, dense, calibration: list, sparsity: float, solver: str, uncertainty: str) -> dict:
+    model = copy.deepcopy(dense)
+    set_name, radius = parse_set_spec(uncertainty, allow_auto=True)
+    fisher = fisher_options(args, solver)
+    if fisher:
+        fisher["loss_fn"] = per_sample_loss
+    with PeakRSS() as peak:
+        report = prune_model(model, calibration, sparsity=sparsity, solver="cap" if fisher else solver,
+                             uncertainty=set_name, radius=radius, progress=False,
+                             **auto_options(args, set_name, radius), **fisher)  # fmt: skip
+    return dict(method=model_label(solver, uncertainty), solver=solver, uncertainty=uncertainty,
+                sparsity=report.totals["sparsity"], target_sparsity=sparsity, model=model.eval(),
+                prune_seconds=report.seconds, prune_peak_mb=peak.extra_mb, masks=report.masks, finetuned=False,
+                nominal_error=report.totals["nominal_error"], robust_error=report.totals["robust_error"])  # fmt: skip
+
+
+def validate_all(args, models: dict[str, dict], datamodule, progress: common.Progress) -> None:
+    """``val_acc`` of every model (the held-out training images: what "best" is chosen by)."""
+    with progress.phase(f"validation accuracy of {len(models)} models"):
+        for i, (name, entry) in enumerate(models.items(), 1):
+            with progress.phase(f"validating {name} ({i}/{len(models)})") as step:
+                entry["val_acc"] = val_accuracy(args, entry["model"], datamodule)
+                step.note = f"val {100 * entry['val_acc']:.1f} %"
+
+
+def finetune_targets(args, models: dict[str, dict], progress: common.Progress) -> list[str]:
+    """The models ``--finetune`` names at the highest sparsity (``best-robop``, ``best-baseline`` by val accuracy)."""
+    top = max(args.sparsity)
+    pruned_top = {k: v for k, v in models.items() if v.get("target_sparsity") == top}
+
+    def best(robop: bool) -> str | None:
+        names = [k for k, v in pruned_top.items() if (v["solver"] in ROBOP_SOLVERS) == robop]
+        return max(names, key=lambda k: pruned_top[k]["val_acc"]) if names else None
+
+    targets = []
+    for choice in args.finetune if args.finetune_epochs > 0 else []:
+        name = best(True) if choice == "best-robop" else best(False) if choice == "best-baseline" else f"{choice}@{top:g}"
+        if name is None and choice in ("best-robop", "best-baseline"):
+            progress.say(f"--finetune {choice}: no such model was pruned at sparsity {top:g}; skipped")
+            continue
+        if name is None or name not in models:
+            raise SystemExit(f"--finetune {choice}: no such pruned model at sparsity {top:g} ({', '.join(pruned_top)}).")
+        if name not in targets:
+            targets.append(name)
+    return targets
+
+
+def finetune_best(args, models: dict[str, dict], dense, datamodule, calibration_batches: int,
+                  progress: common.Progress) -> None:  # fmt: skip
+    """Recovery fine-tuning with ``RobOPCallback``: it prunes at fit start (the same masks), then holds them."""
+    targets = finetune_targets(args, models, progress)
+    with progress.phase(f"fine-tuning {len(targets)} model(s): {', '.join(targets) or 'none'}", timing="finetune_s"):
+        for name in targets:
+            what = (f"fine-tuning {name}: {args.finetune_epochs} epoch(s) x {args.finetune_batches} batches, "
+                    f"lr {args.finetune_lr:g}")  # fmt: skip
+            with progress.phase(what) as step:
+                models[f"{name}+ft"] = finetune_one(args, models[name], dense, datamodule, calibration_batches)
+                step.note = f"val {100 * models[f'{name}+ft']['val_acc']:.1f} %"
+
+
+def finetune_one(args, source: dict, dense, datamodule, calibration_batches: int) -> dict:
+    model = copy.deepcopy(dense).train()  # dense was put in eval(); Lightning keeps module modes
+    model.hparams.lr, model.hparams.warmup_epochs = args.finetune_lr, 0.0  # configure_optimizers reads these
+    set_name, radius = parse_set_spec(source["uncertainty"], allow_auto=True)
+    fisher = fisher_options(args, source["solver"])
+    robop = RobOPCallback(sparsity=source["target_sparsity"], solver="cap" if fisher else source["solver"],
+                          uncertainty=set_name, radius=radius, **auto_options(args, set_name, radius), **fisher,
+                          calibration="calibration", calibration_batches=calibration_batches, progress=False,
+                          verbose=False)  # fmt: skip
+    trainer = quiet_trainer(args, max_epochs=args.finetune_epochs, limit_train_batches=args.finetune_batches,
+                            limit_val_batches=0, callbacks=[robop])  # fmt: skip
+    t1 = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule)
+    same = robop.masks is not None and all(torch.equal(robop.masks[k], m) for k, m in source["masks"].items())
+    zeros = all(bool((model.get_submodule(k).weight[~m] == 0).all()) for k, m in source["masks"].items()) if same else None
+    entry = dict(source, method=source["method"] + "+ft", model=model.cpu().eval(), finetuned=True,
+                 finetune_seconds=time.perf_counter() - t1, masks_match_one_shot=same, masks_held=zeros)  # fmt: skip
+    entry["val_acc"] = val_accuracy(args, model, datamodule)
+    return entry
+
+
+def evaluation_inputs(args, datamodule) -> dict:
+    """The test images every model is scored on: all of them (clean), a random subset (corruptions), a prefix of it (attacks)."""
+    test = datamodule.dataset("test")
+    order = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))
+    eval_positions = order[: args.eval_size].sort().values.tolist()
+    adv_positions = order[: args.adv_size].sort().values.tolist()  # a subset of the evaluated images
+    loaders = {
+        "full": DataLoader(test, batch_size=max(args.eval_batch_size, 500)),
+        "eval": DataLoader(Subset(test, eval_positions), batch_size=args.eval_batch_size),
+        "adv": DataLoader(Subset(test, adv_positions), batch_size=args.eval_batch_size),
+    }
+    return dict(test=test, eval_positions=eval_positions, adv_positions=adv_positions, loaders=loaders,
+                eps=[e / 255 for e in args.eps], device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))  # fmt: skip
+
+
+def evaluate_all(args, models: dict[str, dict], inputs: dict, progress: common.Progress):
+    """Clean / corrupted / adversarial accuracy of every model on identical inputs.
+
+    Returns ``raw`` (each model's aggregate metrics) and ``correct`` (per-image correctness in loader
+    order, the same images for every model: what the paired comparisons resample).
+    """
+    raw: dict[str, dict] = {}
+    correct: dict[str, dict] = {}
+    what = (f"evaluation of {len(models)} models: clean on {len(inputs['test'])} test images, "
+            f"{len(args.corruptions)} corruptions x {len(args.severities)} severities on {len(inputs['eval_positions'])}, "
+            f"PGD / FGSM on {len(inputs['adv_positions'])}")  # fmt: skip
+    with progress.phase(what, timing="evaluation_s"):
+        for i, name in enumerate(models, 1):
+            with progress.phase(f"evaluating {name} ({i}/{len(models)})") as step:
+                raw[name], correct[name] = evaluate_one(args, models[name], inputs)
+                step.note = (f"clean {100 * raw[name]['clean']['test/clean_acc']:.1f} %, "
+                             f"corrupt {100 * raw[name]['corrupted'].get('test/corrupt_acc', math.nan):.1f} %")  # fmt: skip
+    return raw, correct
+
+
+def evaluate_one(args, entry: dict, inputs: dict) -> tuple[dict, dict]:
+    loaders, eps = inputs["loaders"], inputs["eps"]
+    pgd_top = f"test/adv_acc@linf_{format_eps(max(eps))}" if eps else None  # compared at the largest eps
+    model = entry["model"].to(inputs["device"])
+    t1 = time.perf_counter()
+    clean, clean_each = evaluate_robustness(model, loaders["full"], corruptions=(), eps=(), per_sample=True)
+    corrupted, corrupted_each = evaluate_robustness(model, loaders["eval"], corruptions=args.corruptions,
+                                                    severities=args.severities, eps=(), seed=args.seed,
+                                                    per_sample=True)  # fmt: skip
+    attacked, attacked_each = {}, {}
+    if eps and args.adv_size:
+        attacked, attacked_each = evaluate_robustness(model, loaders["adv"], corruptions=(), eps=eps,
+                                                      steps=args.pgd_steps, restarts=args.pgd_restarts,
+                                                      seed=args.seed, per_sample=True)  # fmt: skip
+    entry["eval_seconds"] = time.perf_counter() - t1
+    entry["model"] = model.cpu()
+    correct = dict(clean=clean_each["test/clean_acc"], corrupt=corrupted_each.get("test/corrupt_acc"),
+                   pgd=attacked_each.get(pgd_top))  # fmt: skip
+    return dict(clean=clean, corrupted=corrupted, attacked=attacked), correct
+
+
+def make_row(name: str, entry: dict, raw: dict[str, dict], vs_baseline: dict | None, args, eps: list[float]) -> dict:
+    """One model's line of ``results.json`` / ``results.csv``: every accuracy, both mCEs, its costs."""
+    r, dense = raw[name], raw["dense"]
+    row = dict(
+        name=name, method=entry["method"], solver=entry["solver"] or "-", uncertainty=entry["uncertainty"] or "-",
+        sparsity=round(entry["sparsity"], 4), pattern="unstructured" if entry["solver"] else "dense",
+        finetuned=entry["finetuned"], val_acc=entry["val_acc"], clean_acc=r["clean"]["test/clean_acc"],
+        clean_acc_eval_subset=r["corrupted"]["test/clean_acc"],
+        corrupt_acc=r["corrupted"].get("test/corrupt_acc", math.nan),
+        rel_mce=1.0 if name == "dense" else relative_mce(r["corrupted"], dense["corrupted"]),
+        mce=1.0 if name == "dense" else mce(r["corrupted"], dense["corrupted"]),
+        vs_baseline=vs_baseline,
+    )  # fmt: skip
+    for c in args.corruptions:
+        row[f"corrupt_acc/{c}"] = r["corrupted"][f"test/corrupt_acc/{c}"]
+    if r["attacked"]:
+        row["clean_acc_adv_subset"] = r["attacked"]["test/clean_acc"]
+    for e in eps:
+        row[f"pgd_acc@{format_eps(e)}"] = r["attacked"].get(f"test/adv_acc@linf_{format_eps(e)}", math.nan)
+        row[f"fgsm_acc@{format_eps(e)}"] = r["attacked"].get(f"test/fgsm_acc@{format_eps(e)}", math.nan)
+    for c in args.corruptions:
+        for s in args.severities:
+            row[f"corrupt_acc/{c}@{s}"] = r["corrupted"][f"test/corrupt_acc/{c}@{s}"]
+    row.update(prune_seconds=round(entry["prune_seconds"], 3), prune_peak_mb=entry.get("prune_peak_mb"),
+               finetune_seconds=entry.get("finetune_seconds"),
+               eval_seconds=round(entry["eval_seconds"], 2), nominal_error=entry.get("nominal_error"),
+               robust_error=entry.get("robust_error"), masks_match_one_shot=entry.get("masks_match_one_shot"),
+               masks_held=entry.get("masks_held"), checkpoint=None)  # fmt: skip
+    return row
+
+
+def save_checkpoints(args, models: dict[str, dict], rows: list[dict], datamodule, out: Path,
+                     progress: common.Progress) -> set[str]:  # fmt: skip
+    """The best RobOP model per sparsity and every fine-tuned model (or all / none) under ``out/checkpoints``."""
+    keep = set()
+    if args.save_checkpoints == "all":
+        keep = {n for n in models if n != "dense"}
+    elif args.save_checkpoints == "best":
+        for s in args.sparsity:
+            robop = [n for n, v in models.items()
+                     if v.get("target_sparsity") == s and v["solver"] in ROBOP_SOLVERS and not v["finetuned"]]
+            if robop:
+                keep.add(max(robop, key=lambda n: models[n]["val_acc"]))
+        keep |= {n for n, v in models.items() if v["finetuned"]}
+    if not keep:
+        return keep
+    with progress.phase(f"saving {len(keep)} checkpoint(s) under {out / 'checkpoints'}"):
+        for row in rows:
+            if row["name"] in keep:
+                path = out / "checkpoints" / (row["name"].replace("/", "-").replace("@", "_s") + ".ckpt")
+                save_checkpoint(args, models[row["name"]]["model"], datamodule, path)
+                row["checkpoint"] = str(path)
+    return keep
+
+
+def write_reports(args, out: Path, rows: list[dict], protocol: dict, reference: str | None, eps: list[float],
+                  kept: set[str], progress: common.Progress) -> dict:  # fmt: skip
+    """``results.json`` / ``.csv``, ``table.txt``, ``comparisons.md`` and the plots; the table printed."""
+    timings = progress.timings
+    with progress.phase(f"writing reports to {out}"):
+        results = dict(config=vars(args), protocol=protocol, environment=common.environment(), timings=timings,
+                       rows=rows)  # fmt: skip
+        table = format_table(rows, eps) + "\n\n" + MCE_NOTE
+        common.write_results(out, results, table)
+        comparisons = format_comparisons(rows, reference, protocol["vs_baseline"], eps)
+        atomic_write(out / "comparisons.md", comparisons + "\n")
+        plot_all(rows, args, eps, out)
+    print(f"\n{table}", flush=True)
+    print(f"\n{protocol['corrupted']}; {protocol['adversarial']}")
+    print()
+    print(comparisons)
+    print(f"\nwrote {out}/results.json, results.csv, table.txt, comparisons.md, *.png" + (", checkpoints/" if kept else ""))
+    print(common.timings_line(timings), flush=True)
+    return results
+
+
+def make_protocol(args, models: dict[str, dict], reference: str | None, inputs: dict, data_id: str, dense_ckpt: Path,
+                  calibration_batches: int) -> dict:  # fmt: skip
+    """What every number means, in words (``results.json``'s ``protocol``)."""
+    eps, test = inputs["eps"], inputs["test"]
+    n_eval, n_adv = len(inputs["eval_positions"]), len(inputs["adv_positions"])
+    return dict(
+        data=data_id, dense_checkpoint=str(dense_ckpt) if args.epochs else None,
+        parameters=sum(p.numel() for p in models["dense"]["model"].parameters()),
+        calibration=f"{args.calibration_size} fixed training images ({calibration_batches} batches), the same for every method",
+        clean=f"top-1 on the whole test split ({len(test)} images)",
+        corrupted=f"{n_eval} random test images (seed {args.seed}) x {len(args.corruptions)} corruptions x "
+        f"severities {args.severities}, ImageNet-C-style, {'CIFAR-10-C' if args.img_size <= 32 else 'ImageNet-C'} parameters",
+        adversarial=f"{n_adv} of those: PGD L-inf {args.pgd_steps} steps, {args.pgd_restarts} restart(s), "
+        f"step eps/4, random start; FGSM; eps {[format_eps(e) for e in eps]}",
+        rel_mce="Hendrycks' relative mCE against the dense model on the evaluated subset (1 = same degradation)",
+        mce="mean corruption error against the dense model on the evaluated subset (1 = as many errors; lower = "
+        "fewer errors under corruption)",
+        vs_baseline=f"accuracy minus that of {reference or 'robop-cap/baseline (not run)'} at the same sparsity and "
+        f"fine-tuning, [estimate, low, high], a {args.bootstrap}-resample paired percentile bootstrap (95 %) over "
+        f"images: clean on the {len(test)} test images; corrupt on the {n_eval} evaluated images, each "
+        f"scored by the fraction of its corrupted variants classified correctly; pgd at eps "
+        f"{format_eps(max(eps)) if eps else '-'} on the {n_adv} attacked images",
+        selection="best = highest validation accuracy (5k held-out training images), never the test set",
+    )  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- small helpers
-def quiet_trainer(args, **kwargs) -> Trainer:
-    """A Trainer without loggers or automatic checkpoints (the recipe saves what it needs)."""
+def quiet_trainer(args, **kwargs):
+    """A Trainer without loggers or automatic checkpoints; ``--devices`` > 1 fits with DDP (spawned)."""
     multi = args.devices > 1
-    options = dict(
-        accelerator="auto",
-        devices=args.devices if multi else 1,
-        strategy="ddp_spawn" if multi else "auto",  # spawn: only fit runs on N processes, not this script
-        logger=False,
-        enable_checkpointing=False,
-        enable_model_summary=False,
-    )
-    return Trainer(**(options | kwargs))
+    # spawn: only fit runs on N processes, not this script
+    options = dict(devices=args.devices if multi else 1, strategy="ddp_spawn" if multi else "auto")
+    return common.quiet_trainer(**(options | kwargs))
 
 
 def save_checkpoint(args, model: DeiTClassifier, datamodule, path: Path) -> float:
@@ -245,290 +573,25 @@ def per_sample_loss(model, batch):
     return model.per_sample_loss(batch)
 
 
-# ----------------------------------------------------------------------------- the recipe
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    start = time.perf_counter()
-    torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)  # no "GPU available" banner per Trainer
-    seed_everything(args.seed, verbose=False)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-
-    # --- data -------------------------------------------------------------------------------
-    if args.data is None:
-        datamodule = FashionMNISTDataModule(
-            img_size=args.img_size, batch_size=args.batch_size, calibration_size=args.calibration_size, seed=args.seed
-        )
-        in_chans, data_id = 1, "fashion-mnist"
-    else:
-        if not Path(args.data).expanduser().is_dir():
-            raise SystemExit(f"--data {args.data}: no such folder. Pass an ImageNet-style folder with train/ and val/.")
-        datamodule = ImageFolderDataModule(
-            args.data, img_size=args.img_size, batch_size=args.batch_size,
-            calibration_size=args.calibration_size, seed=args.seed, model_name=args.model,
-        )  # fmt: skip
-        in_chans, data_id = 3, str(Path(args.data).expanduser().resolve())
-    try:
-        datamodule.setup()
-    except FileNotFoundError as error:  # the message says how to get the data
-        raise SystemExit(f"deit_cap: {error}") from None
-    num_classes = datamodule.num_classes
-
-    # --- 1. the dense model, trained once and cached ------------------------------------------
-    hparams = dict(
-        model_name=args.model, num_classes=num_classes, img_size=args.img_size, in_chans=in_chans,
-        pretrained=args.pretrained, model_kwargs=args.model_kwargs, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs, label_smoothing=args.label_smoothing,
-    )  # fmt: skip
-    training = dict(hparams, data=data_id, epochs=args.epochs, train_batches=args.train_batches,
-                    batch_size=args.batch_size, seed=args.seed)  # fmt: skip
-    key = hashlib.sha256(json.dumps(training, sort_keys=True).encode()).hexdigest()[:12]
-    cache = Path(args.cache).expanduser() if args.cache else cache_dir() / "recipes"
-    dense_ckpt = cache / f"deit_cap-{args.model}-{key}.ckpt"
-    t0 = time.perf_counter()
-    if args.epochs == 0:
-        dense = DeiTClassifier(**hparams)
-        print(f"dense model: timm {args.model} pretrained weights, not trained here")
-    elif dense_ckpt.is_file():
-        dense = DeiTClassifier.load_from_checkpoint(dense_ckpt, map_location="cpu", pretrained=False)
-        print(f"dense model: cached {dense_ckpt}")
-    else:
-        print(f"dense model: training {args.model} {args.model_kwargs} for {args.epochs} epoch(s); cached as {dense_ckpt}")
-        dense = DeiTClassifier(**hparams)
-        trainer = quiet_trainer(args, max_epochs=args.epochs, limit_train_batches=args.train_batches)
-        trainer.fit(dense, datamodule=datamodule)
-        cache.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(args, dense, datamodule, dense_ckpt)
-    timings["dense_model_s"] = time.perf_counter() - t0
-    dense = dense.cpu().eval()
-    params = sum(p.numel() for p in dense.parameters())
-    print(f"  {type(dense.model).__name__}, {params / 1e6:.3f} M parameters ({timings['dense_model_s']:.0f} s)")
-
-    # --- 2. one-shot pruning, every method on the same calibration batches ---------------------
-    calibration = list(datamodule.calibration_dataloader())  # fixed subset of the training split
-    jobs = [(s, "cap", u) for s in args.sparsity for u in args.robop_sets]
-    jobs += [(s, "cap-fisher", u) for s in args.sparsity for u in args.fisher_sets]
-    jobs += [(s, b, "baseline") for s in args.sparsity for b in args.baselines]
-    models: dict[str, dict] = {"dense": dict(method="dense", solver=None, uncertainty=None, sparsity=0.0,
-                                             model=dense, prune_seconds=0.0, finetuned=False)}  # fmt: skip
-    t0 = time.perf_counter()
-    bar = tqdm(jobs, desc="pruning", disable=None)
-    for sparsity, solver, uncertainty in bar:
-        name = f"{model_label(solver, uncertainty)}@{sparsity:g}"
-        bar.set_postfix_str(name)
-        model = copy.deepcopy(dense)
-        set_name, radius = parse_set_spec(uncertainty, allow_auto=True)
-        fisher = fisher_options(args, solver)
-        if fisher:
-            fisher["loss_fn"] = per_sample_loss
-        with PeakRSS() as peak:
-            report = prune_model(model, calibration, sparsity=sparsity, solver="cap" if fisher else solver,
-                                 uncertainty=set_name, radius=radius, progress=False,
-                                 **auto_options(args, set_name, radius), **fisher)  # fmt: skip
-        models[name] = dict(method=model_label(solver, uncertainty), solver=solver, uncertainty=uncertainty,
-                            sparsity=report.totals["sparsity"], target_sparsity=sparsity, model=model.eval(),
-                            prune_seconds=report.seconds, prune_peak_mb=peak.extra_mb, masks=report.masks, finetuned=False,
-                            nominal_error=report.totals["nominal_error"], robust_error=report.totals["robust_error"])  # fmt: skip
-    timings["pruning_s"] = time.perf_counter() - t0
-
-    # validation accuracy picks the "best" models (the test set is only for reporting)
-    for entry in tqdm(list(models.values()), desc="validation", disable=None):
-        entry["val_acc"] = val_accuracy(args, entry["model"], datamodule)
-
-    # --- 3. recovery fine-tuning with RobOPCallback: it prunes at fit start, then holds the masks
-    top = max(args.sparsity)
-    pruned_top = {k: v for k, v in models.items() if v.get("target_sparsity") == top}
-
-    def best(robop: bool) -> str | None:
-        names = [k for k, v in pruned_top.items() if (v["solver"] in ROBOP_SOLVERS) == robop]
-        return max(names, key=lambda k: pruned_top[k]["val_acc"]) if names else None
-
-    targets = []
-    for choice in args.finetune if args.finetune_epochs > 0 else []:
-        name = best(True) if choice == "best-robop" else best(False) if choice == "best-baseline" else f"{choice}@{top:g}"
-        if name is None and choice in ("best-robop", "best-baseline"):
-            print(f"--finetune {choice}: no such model was pruned at sparsity {top:g}; skipped")
-            continue
-        if name is None or name not in models:
-            raise SystemExit(f"--finetune {choice}: no such pruned model at sparsity {top:g} ({', '.join(pruned_top)}).")
-        if name not in targets:
-            targets.append(name)
-    t0 = time.perf_counter()
-    for name in targets:
-        source = models[name]
-        print(f"fine-tuning {name}: {args.finetune_epochs} epoch(s) x {args.finetune_batches} batches, lr {args.finetune_lr:g}")
-        model = copy.deepcopy(dense).train()  # dense was put in eval(); Lightning keeps module modes
-        model.hparams.lr, model.hparams.warmup_epochs = args.finetune_lr, 0.0  # configure_optimizers reads these
-        set_name, radius = parse_set_spec(source["uncertainty"], allow_auto=True)
-        fisher = fisher_options(args, source["solver"])
-        robop = RobOPCallback(sparsity=source["target_sparsity"], solver="cap" if fisher else source["solver"],
-                              uncertainty=set_name, radius=radius, **auto_options(args, set_name, radius), **fisher,
-                              calibration="calibration", calibration_batches=len(calibration), progress=False,
-                              verbose=False)  # fmt: skip
-        trainer = quiet_trainer(args, max_epochs=args.finetune_epochs, limit_train_batches=args.finetune_batches,
-                                limit_val_batches=0, callbacks=[robop])  # fmt: skip
-        t1 = time.perf_counter()
-        trainer.fit(model, datamodule=datamodule)
-        same = robop.masks is not None and all(torch.equal(robop.masks[k], m) for k, m in source["masks"].items())
-        zeros = all(bool((model.get_submodule(k).weight[~m] == 0).all()) for k, m in source["masks"].items()) if same else None
-        models[f"{name}+ft"] = dict(source, method=source["method"] + "+ft", model=model.cpu().eval(), finetuned=True,
-                                    finetune_seconds=time.perf_counter() - t1, masks_match_one_shot=same,
-                                    masks_held=zeros)  # fmt: skip
-        models[f"{name}+ft"]["val_acc"] = val_accuracy(args, model, datamodule)
-    timings["finetune_s"] = time.perf_counter() - t0
-
-    # --- 4. clean / corrupted / adversarial accuracy, paired ----------------------------------
-    test = datamodule.dataset("test")
-    order = torch.randperm(len(test), generator=torch.Generator().manual_seed(args.seed))
-    eval_positions = order[: args.eval_size].sort().values.tolist()
-    adv_positions = order[: args.adv_size].sort().values.tolist()  # a subset of the evaluated images
-    loaders = {
-        "full": DataLoader(test, batch_size=max(args.eval_batch_size, 500)),
-        "eval": DataLoader(Subset(test, eval_positions), batch_size=args.eval_batch_size),
-        "adv": DataLoader(Subset(test, adv_positions), batch_size=args.eval_batch_size),
-    }
-    eps = [e / 255 for e in args.eps]
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    t0 = time.perf_counter()
-    raw: dict[str, dict] = {}
-    correct: dict[str, dict] = {}  # per-image correctness in loader order: the same images for every model
-    pgd_top = f"test/adv_acc@linf_{format_eps(max(eps))}" if eps else None  # compared at the largest eps
-    bar = tqdm(list(models), desc="evaluation", disable=None)
-    for name in bar:
-        bar.set_postfix_str(name)
-        model = models[name]["model"].to(device)
-        t1 = time.perf_counter()
-        clean, clean_each = evaluate_robustness(model, loaders["full"], corruptions=(), eps=(), per_sample=True)
-        corrupted, corrupted_each = evaluate_robustness(model, loaders["eval"], corruptions=args.corruptions,
-                                                        severities=args.severities, eps=(), seed=args.seed,
-                                                        per_sample=True)  # fmt: skip
-        attacked, attacked_each = {}, {}
-        if eps and args.adv_size:
-            attacked, attacked_each = evaluate_robustness(model, loaders["adv"], corruptions=(), eps=eps,
-                                                          steps=args.pgd_steps, restarts=args.pgd_restarts,
-                                                          seed=args.seed, per_sample=True)  # fmt: skip
-        raw[name] = dict(clean=clean, corrupted=corrupted, attacked=attacked)
-        correct[name] = dict(clean=clean_each["test/clean_acc"], corrupt=corrupted_each.get("test/corrupt_acc"),
-                             pgd=attacked_each.get(pgd_top))  # fmt: skip
-        models[name]["eval_seconds"] = time.perf_counter() - t1
-        models[name]["model"] = model.cpu()
-    timings["evaluation_s"] = time.perf_counter() - t0
-
-    # paired differences to RobOP-CAP under the Baseline set at the same sparsity, 95 % bootstrap intervals
-    t0 = time.perf_counter()
-    reference, vs_baseline = compare_to_baseline(models, correct, args)
-    timings["comparisons_s"] = time.perf_counter() - t0
-
-    # --- 5. rows, files, plots ------------------------------------------------------------------
-    rows = []
-    for name, entry in models.items():
-        r = raw[name]
-        row = dict(
-            name=name, method=entry["method"], solver=entry["solver"] or "-", uncertainty=entry["uncertainty"] or "-",
-            sparsity=round(entry["sparsity"], 4), pattern="unstructured" if entry["solver"] else "dense",
-            finetuned=entry["finetuned"], val_acc=entry["val_acc"], clean_acc=r["clean"]["test/clean_acc"],
-            clean_acc_eval_subset=r["corrupted"]["test/clean_acc"],
-            corrupt_acc=r["corrupted"].get("test/corrupt_acc", math.nan),
-            rel_mce=1.0 if name == "dense" else relative_mce(r["corrupted"], raw["dense"]["corrupted"]),
-            mce=1.0 if name == "dense" else mce(r["corrupted"], raw["dense"]["corrupted"]),
-            vs_baseline=vs_baseline.get(name),
-        )  # fmt: skip
-        for c in args.corruptions:
-            row[f"corrupt_acc/{c}"] = r["corrupted"][f"test/corrupt_acc/{c}"]
-        if r["attacked"]:
-            row["clean_acc_adv_subset"] = r["attacked"]["test/clean_acc"]
-        for e in eps:
-            row[f"pgd_acc@{format_eps(e)}"] = r["attacked"].get(f"test/adv_acc@linf_{format_eps(e)}", math.nan)
-            row[f"fgsm_acc@{format_eps(e)}"] = r["attacked"].get(f"test/fgsm_acc@{format_eps(e)}", math.nan)
-        for c in args.corruptions:
-            for s in args.severities:
-                row[f"corrupt_acc/{c}@{s}"] = r["corrupted"][f"test/corrupt_acc/{c}@{s}"]
-        row.update(prune_seconds=round(entry["prune_seconds"], 3), prune_peak_mb=entry.get("prune_peak_mb"),
-                   finetune_seconds=entry.get("finetune_seconds"),
-                   eval_seconds=round(entry["eval_seconds"], 2), nominal_error=entry.get("nominal_error"),
-                   robust_error=entry.get("robust_error"), masks_match_one_shot=entry.get("masks_match_one_shot"),
-                   masks_held=entry.get("masks_held"), checkpoint=None)  # fmt: skip
-        rows.append(row)
-
-    # checkpoints: the best RobOP model per sparsity and every fine-tuned model (or all / none)
-    keep = set()
-    if args.save_checkpoints == "all":
-        keep = {n for n in models if n != "dense"}
-    elif args.save_checkpoints == "best":
-        for s in args.sparsity:
-            robop = [n for n, v in models.items()
-                     if v.get("target_sparsity") == s and v["solver"] in ROBOP_SOLVERS and not v["finetuned"]]
-            if robop:
-                keep.add(max(robop, key=lambda n: models[n]["val_acc"]))
-        keep |= {n for n, v in models.items() if v["finetuned"]}
-    for row in rows:
-        if row["name"] in keep:
-            path = out / "checkpoints" / (row["name"].replace("/", "-").replace("@", "_s") + ".ckpt")
-            save_checkpoint(args, models[row["name"]]["model"], datamodule, path)
-            row["checkpoint"] = str(path)
-
-    timings["total_s"] = time.perf_counter() - start
-    table = format_table(rows, eps)
-    environment = dict(
-        machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, {'GPU ' + torch.cuda.get_device_name() if device.type == 'cuda' else 'no GPU'}",
-        load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
-    )
-    protocol = dict(
-        data=data_id, dense_checkpoint=str(dense_ckpt) if args.epochs else None, parameters=params,
-        calibration=f"{args.calibration_size} fixed training images ({len(calibration)} batches), the same for every method",
-        clean=f"top-1 on the whole test split ({len(test)} images)",
-        corrupted=f"{len(eval_positions)} random test images (seed {args.seed}) x {len(args.corruptions)} corruptions x "
-        f"severities {args.severities}, ImageNet-C-style, {'CIFAR-10-C' if args.img_size <= 32 else 'ImageNet-C'} parameters",
-        adversarial=f"{len(adv_positions)} of those: PGD L-inf {args.pgd_steps} steps, {args.pgd_restarts} restart(s), "
-        f"step eps/4, random start; FGSM; eps {[format_eps(e) for e in eps]}",
-        rel_mce="Hendrycks' relative mCE against the dense model on the evaluated subset (1 = same degradation)",
-        vs_baseline=f"accuracy minus that of {reference or 'robop-cap/baseline (not run)'} at the same sparsity and "
-        f"fine-tuning, [estimate, low, high], a {args.bootstrap}-resample paired percentile bootstrap (95 %) over "
-        f"images: clean on the {len(test)} test images; corrupt on the {len(eval_positions)} evaluated images, each "
-        f"scored by the fraction of its corrupted variants classified correctly; pgd at eps "
-        f"{format_eps(max(eps)) if eps else '-'} on the {len(adv_positions)} attacked images",
-        selection="best = highest validation accuracy (5k held-out training images), never the test set",
-    )  # fmt: skip
-    results = dict(config=vars(args), protocol=protocol, environment=environment, timings=timings, rows=rows)
-    atomic_write(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
-    atomic_write(out / "results.csv", to_csv(rows))
-    atomic_write(out / "table.txt", table + "\n")
-    comparisons = format_comparisons(rows, reference, protocol["vs_baseline"], eps)
-    atomic_write(out / "comparisons.md", comparisons + "\n")
-    plot_all(rows, args, eps, out)
-    print()
-    print(table)
-    print(f"\n{protocol['corrupted']}; {protocol['adversarial']}")
-    print()
-    print(comparisons)
-    print(f"\nwrote {out}/results.json, results.csv, table.txt, comparisons.md, *.png" + (", checkpoints/" if keep else ""))
-    print("timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
-    return results
-
-
+# ----------------------------------------------------------------------------- tables
 def format_table(rows: list[dict], eps: list[float]) -> str:
-    """The terminal table: one line per model, accuracies in %."""
+    """The terminal table: one line per model, accuracies in %, absolute and relative mCE side by side."""
     adv = [f"pgd {format_eps(e).replace('/255', '')}" for e in eps]
-    header = ["method", "sparsity", "val", "clean", "corrupt", "rel mCE", *adv]
+    header = ["method", "sparsity", "val", "clean", "corrupt", "mCE", "rel mCE", *adv]
     if eps:
         header.append(f"fgsm {format_eps(eps[-1]).replace('/255', '')}")
     header += ["prune s", "prune MiB"]
     lines = []
     for r in rows:
         cells = [r["method"], f"{r['sparsity']:.2f}", f"{100 * r['val_acc']:.1f}", f"{100 * r['clean_acc']:.1f}",
-                 f"{100 * r['corrupt_acc']:.1f}", f"{r['rel_mce']:.3f}"]  # fmt: skip
+                 f"{100 * r['corrupt_acc']:.1f}", f"{r['mce']:.3f}", f"{r['rel_mce']:.3f}"]  # fmt: skip
         cells += [f"{100 * r[f'pgd_acc@{format_eps(e)}']:.1f}" for e in eps]
         if eps:
             cells.append(f"{100 * r[f'fgsm_acc@{format_eps(eps[-1])}']:.1f}")
         cells.append(f"{r['prune_seconds']:.1f}")
         cells.append("-" if r.get("prune_peak_mb") is None else f"{r['prune_peak_mb']:.0f}")
         lines.append(cells)
-    widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(header)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)])
+    return common.text_table(header, lines)
 
 
 def compare_to_baseline(models: dict[str, dict], correct: dict[str, dict], args) -> tuple[str | None, dict]:
@@ -565,36 +628,7 @@ def format_comparisons(rows: list[dict], reference: str | None, note: str, eps: 
     points = lambda ci: "n/a" if ci is None else format_ci(*(100 * v for v in ci), fmt="{:+.2f}")  # noqa: E731
     lines = [[r["method"], f"{r['sparsity']:.2f}", *(points(r["vs_baseline"][k]) for k in ("clean", "corrupt", "pgd"))]
              for r in rows if r.get("vs_baseline")]  # fmt: skip
-    widths = [max([len(h), *(len(c[i]) for c in lines)]) for i, h in enumerate(header)]
-    cell = lambda i, c: c.ljust(widths[i]) if i == 0 else c.rjust(widths[i])  # noqa: E731
-    fmt = lambda cells: "| " + " | ".join(cell(i, c) for i, c in enumerate(cells)) + " |"  # noqa: E731
-    rule = "|" + "|".join("-" * (w + 1) + ":" if i else ":" + "-" * (w + 1) for i, w in enumerate(widths)) + "|"
-    title = f"Paired differences in percentage points: {note}."
-    return "\n".join([title, "", fmt(header), rule, *map(fmt, lines)])
-
-
-def to_csv(rows: list[dict]) -> str:
-    nested = {k for r in rows for k, v in r.items() if isinstance(v, dict)}
-    flat = [_flatten(r, nested) for r in rows]
-    columns = list(dict.fromkeys(k for r in flat for k in r))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(flat)
-    return buffer.getvalue()
-
-
-def _flatten(row: dict, nested: set[str]) -> dict:
-    """``vs_baseline: {"clean": [est, low, high]}`` -> ``vs_baseline/clean``, ``.../clean_low``, ``.../clean_high``."""
-    flat = {}
-    for key, value in row.items():
-        if key not in nested:
-            flat[key] = value
-            continue
-        for name, ci in (value or {}).items():
-            estimate, low, high = ci if ci is not None else (None, None, None)
-            flat |= {f"{key}/{name}": estimate, f"{key}/{name}_low": low, f"{key}/{name}_high": high}
-    return flat
+    return f"Paired differences in percentage points: {note}.\n\n" + common.markdown_table(header, lines)
 
 
 # ----------------------------------------------------------------------------- plots
@@ -611,12 +645,6 @@ def _style(method: str) -> dict:
     if method == "dense":
         style.update(marker="D", linewidth=2.2, zorder=4)
     return style
-
-
-def _save_png(fig, path: Path) -> None:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=130, bbox_inches="tight")
-    atomic_write(path, buffer.getvalue())
 
 
 def plot_all(rows: list[dict], args, eps: list[float], out: Path) -> None:
@@ -648,7 +676,7 @@ def plot_all(rows: list[dict], args, eps: list[float], out: Path) -> None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 6), fontsize=8, bbox_to_anchor=(0.5, -0.12))
     fig.suptitle("DeiT one-shot pruning: accuracy vs sparsity (dashed: + fine-tuning)", fontsize=11)
-    _save_png(fig, out / "accuracy_vs_sparsity.png")
+    common.save_png(fig, out / "accuracy_vs_sparsity.png")
     plt.close(fig)
 
     # corrupted accuracy per corruption: one heat map per sparsity (rows: models, columns: corruptions)
@@ -671,7 +699,7 @@ def plot_all(rows: list[dict], args, eps: list[float], out: Path) -> None:
         ax.set_yticks(range(len(chosen)), [r["method"] for r in chosen], fontsize=8)
         ax.set_title(f"sparsity {s:g}: accuracy (%) per corruption", fontsize=10)
         fig.colorbar(image, ax=ax, fraction=0.03)
-    _save_png(fig, out / "corruptions.png")
+    common.save_png(fig, out / "corruptions.png")
     plt.close(fig)
 
     # adversarial accuracy vs eps: one panel per sparsity, dense in every panel
@@ -690,7 +718,7 @@ def plot_all(rows: list[dict], args, eps: list[float], out: Path) -> None:
         axes[0][0].set_ylabel("robust accuracy (%)")
         handles, labels = axes[0][-1].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=8, bbox_to_anchor=(0.5, -0.14))
-        _save_png(fig, out / "adversarial.png")
+        common.save_png(fig, out / "adversarial.png")
         plt.close(fig)
 
 

@@ -12,9 +12,9 @@ The DeiT recipe (``recipes/deit_cap.py``) will replace this as the main job.
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
+import sys
 import time
 
 import torch
@@ -22,6 +22,10 @@ from tqdm import tqdm
 
 from robop_lightning import prune_layer
 from robop_lightning.synthetic import synthetic_layer
+
+if str(pathlib.Path(__file__).resolve().parent) not in sys.path:  # the sibling helpers, however this file is loaded
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _common as common  # noqa: E402
 
 # ----------------------------------------------------------------------------- defaults
 config = dict(
@@ -39,13 +43,7 @@ config = dict(
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for key, value in config.items():
-        if isinstance(value, list):
-            parser.add_argument(f"--{key}", nargs="+", type=type(value[0]), default=value)
-        else:
-            parser.add_argument(f"--{key}", type=type(value), default=value)
-    parser.add_argument("--fast", action="store_true", help="a tiny layer, two solvers: seconds")
+    parser = common.config_parser(__doc__, config, nargs="+", fast_help="a tiny layer, two solvers: seconds")
     args = parser.parse_args(argv)
     if args.fast:
         args.rows, args.cols, args.samples, args.tokens = 32, 64, 16, 8

@@ -26,26 +26,24 @@ Steps (every number written to ``--out``):
    ``table.txt`` and PNG plots; ``--save-checkpoints best`` also writes the best RobOP model per
    setting with ``save_pretrained`` (loads with ``AutoModelForCausalLM.from_pretrained``). Files
    are written to a temporary name and renamed, never overwritten in place.
+
+Every phase prints a flushed line when it starts and one when it ends, with its time
+(``[llama_alps] pruning robop-alps/trace 2:4 (10/21) done in 0.2 s``), so a run sent to a log file
+(``python recipes/llama_alps.py > log.txt 2>&1``) shows where it is.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import io
 import json
-import logging
 import math
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
-from lightning.pytorch import Trainer, seed_everything
-from tqdm import tqdm
 
 from robop_lightning import prune_model
 from robop_lightning.assets import AssetMissingError
@@ -53,8 +51,11 @@ from robop_lightning.data import TextDataModule
 from robop_lightning.models import CausalLMModule
 from robop_lightning.models.causal_lm import load_causal_lm
 from robop_lightning.robustness.text import PROBE_LABEL, evaluate_corruptions, evaluate_pgd
-from robop_lightning.resume import atomic_write  # temporary sibling, fsync, rename
 from robop_lightning.uncertainty import parse_set_spec
+
+if str(Path(__file__).resolve().parent) not in sys.path:  # the sibling helpers, however this file is loaded
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as common  # noqa: E402
 
 # ----------------------------------------------------------------------------- defaults
 config = dict(
@@ -112,30 +113,14 @@ TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for key, value in config.items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, list):
-            kind = type(value[0]) if value else str
-            parser.add_argument(flag, nargs="*", type=kind, default=value)
-        elif key == "tiny_llama":
-            parser.add_argument(flag, type=json.loads, default=None, help='JSON, e.g. \'{"num_hidden_layers": 4}\'')
-        elif value is None:
-            parser.add_argument(flag, type=str, default=None)
-        else:
-            parser.add_argument(flag, type=type(value), default=value)
-    parser.add_argument("--fast", action="store_true", help="a tiny Llama trained here: a minute or two, for CI")
+    parser = common.config_parser(
+        __doc__, config,
+        types={"tiny_llama": json.loads}, helps={"tiny_llama": 'JSON, e.g. \'{"num_hidden_layers": 4}\''},
+        fast_help="a tiny Llama trained here: a minute or two, for CI",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    for spec in args.robop_sets:
-        try:
-            parse_set_spec(spec, allow_auto=True)
-        except ValueError as err:
-            parser.error(f"--robop-sets: {err}")
-    if args.fast:  # --fast sets its values unless the command line gave them explicitly
-        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (argv if argv is not None else sys.argv[1:])}
-        for key, value in FAST.items():
-            if key not in given:
-                setattr(args, key, value)
+    common.check_set_specs(parser, "--robop-sets", args.robop_sets, allow_auto=True)
+    common.apply_fast(args, FAST, argv)
     for setting in args.settings:
         try:
             parse_setting(setting)
@@ -143,8 +128,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(str(error))
     if not 1 <= args.suffix_len < args.seqlen:
         parser.error(f"--suffix-len must be in [1, --seqlen), got {args.suffix_len} with seqlen {args.seqlen}")
-    if args.save_checkpoints not in ("best", "all", "none"):
-        parser.error("--save-checkpoints is best, all or none.")
+    common.check_save_checkpoints(parser, args.save_checkpoints)
     if args.model == "tiny-llama" and args.train_steps < 1:
         parser.error("--model tiny-llama is trained here: pass --train-steps >= 1 (or use --fast).")
     return args
@@ -166,11 +150,154 @@ def parse_setting(setting: str) -> tuple[float | None, str]:
     return sparsity, "unstructured"
 
 
+# ----------------------------------------------------------------------------- the recipe
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    out, progress = common.start_run(args, "llama_alps")
+    datamodule = setup_data(args, progress)
+    dense = dense_model(args, datamodule, progress)
+    models = prune_all(args, dense, datamodule, progress)
+    evaluate_all(args, models, datamodule, progress)
+    rows = [make_row(name, entry, models["dense"]) for name, entry in models.items()]
+    saved = save_models(args, models, out, progress)
+    for row in rows:
+        row["checkpoint"] = saved.get(row["name"])
+    progress.timings["total_s"] = progress.elapsed()
+    return write_reports(args, out, rows, make_protocol(args, datamodule, dense), saved, progress)
+
+
+# ----------------------------------------------------------------------------- phases
+def setup_data(args, progress: common.Progress) -> TextDataModule:
+    """The tokenizer (a BPE trained here for ``tiny-llama``) and the calibration / train / val / test / OOD windows."""
+    if args.fast:
+        fallback_corpora(args, progress)
+    with progress.phase(f"data: {args.corpus} (OOD {args.ood_corpus}), windows of {args.seqlen} tokens",
+                        timing="setup_s") as phase:  # fmt: skip
+        try:
+            if args.model == "tiny-llama":
+                tokenizer = args.tokenizer or bpe_tokenizer(args.corpus)
+            else:
+                tokenizer = args.tokenizer or args.model
+            datamodule = TextDataModule(args.corpus, ood_corpus=args.ood_corpus, tokenizer=tokenizer, seqlen=args.seqlen,
+                                        calibration_windows=args.calibration_windows, max_eval_windows=args.eval_windows,
+                                        batch_size=args.batch_size, seed=args.seed)  # fmt: skip
+            datamodule.setup()
+        except AssetMissingError as error:  # the message gives the fetch command
+            raise SystemExit(f"llama_alps: {error}") from None
+        phase.note = "windows: " + ", ".join(f"{k} {v.shape[0]}" for k, v in datamodule.splits.items())
+    return datamodule
+
+
+def dense_model(args, datamodule: TextDataModule, progress: common.Progress) -> torch.nn.Module:
+    """The dense model: ``tiny-llama`` trained here for ``--train-steps``, or loaded (the embedded Gemma, a hub id, a path)."""
+    tiny = args.model == "tiny-llama"
+    what = f"dense model: training a tiny Llama for {args.train_steps} steps" if tiny else f"dense model: loading {args.model}"
+    with progress.phase(what, timing="setup_s") as phase:  # setup_s: the data and the dense model
+        try:
+            dense = tiny_llama(args, datamodule) if tiny else load_causal_lm(args.model)
+        except AssetMissingError as error:  # the message gives the fetch command
+            raise SystemExit(f"llama_alps: {error}") from None
+        dense = dense.cpu().eval()
+        params = sum(p.numel() for p in dense.parameters())
+        phase.note = f"{type(dense).__name__} ({args.model}), {params / 1e6:.1f} M parameters"
+    return dense
+
+
+def prune_all(args, dense, datamodule: TextDataModule, progress: common.Progress) -> dict[str, dict]:
+    """One-shot ``prune_model`` of a copy of ``dense`` per (setting, method), all on the same calibration windows."""
+    calibration = list(datamodule.calibration_dataloader())
+    settings = [(s, *parse_setting(s)) for s in args.settings]
+    jobs = [(setting, "alps", u) for setting in settings for u in args.robop_sets]
+    jobs += [(setting, b, "baseline") for setting in settings for b in args.baselines]
+    models: dict[str, dict] = {"dense": dict(method="dense", solver=None, uncertainty=None, setting="dense",
+                                             sparsity=0.0, pattern="dense", model=dense, prune_seconds=0.0)}  # fmt: skip
+    with progress.phase(f"pruning: {len(jobs)} models on {len(calibration)} calibration batches", timing="pruning_s"):
+        for i, ((setting, sparsity, pattern), solver, uncertainty) in enumerate(jobs, 1):
+            name = f"{model_label(solver, uncertainty)}@{setting}"
+            what = f"pruning {model_label(solver, uncertainty)} {setting if sparsity is None else f'{100 * sparsity:g} %'}"
+            with progress.phase(f"{what} ({i}/{len(jobs)})") as step:
+                models[name] = prune_one(args, dense, calibration, setting, sparsity, pattern, solver, uncertainty)
+                step.note = f"sparsity {models[name]['sparsity']:.3f}"
+    return models
+
+
+def prune_one(args, dense, calibration: list, setting: str, sparsity: float | None, pattern: str, solver: str,
+              uncertainty: str) -> dict:  # fmt: skip
+    model = copy.deepcopy(dense)
+    set_name, radius = parse_set_spec(uncertainty, allow_auto=True)
+    report = prune_model(model, calibration, sparsity=sparsity, pattern=pattern, solver=solver,
+                         uncertainty=set_name, radius=radius, targets=args.targets, progress=False)  # fmt: skip
+    return dict(method=model_label(solver, uncertainty), solver=solver, uncertainty=uncertainty,
+                setting=setting, sparsity=report.totals["sparsity"], pattern=pattern, model=model.eval(),
+                prune_seconds=report.seconds, nominal_error=report.totals["nominal_error"],
+                robust_error=report.totals["robust_error"])  # fmt: skip
+
+
+def evaluate_all(args, models: dict[str, dict], datamodule: TextDataModule, progress: common.Progress) -> None:
+    """Perplexity, corrupted-context accuracy and the embedding probe of every model, on identical inputs."""
+    what = (f"evaluation of {len(models)} models: perplexity, {len(args.corruptions)} context corruptions on "
+            f"{min(args.corrupt_windows, len(datamodule.splits['test']))} windows, probe on "
+            f"{min(args.probe_windows, len(datamodule.splits['test']))}")  # fmt: skip
+    with progress.phase(what, timing="evaluation_s"):
+        for i, (name, entry) in enumerate(models.items(), 1):
+            with progress.phase(f"evaluating {name} ({i}/{len(models)})") as step:
+                evaluate_one(args, entry, datamodule)
+                step.note = f"ppl {entry['scores']['ppl']:.2f}"
+
+
+def evaluate_one(args, entry: dict, datamodule: TextDataModule) -> None:
+    tok, test = datamodule.tokenizer, datamodule.splits["test"]
+    bos = [tok.bos_token_id] if getattr(tok, "bos_token_id", None) is not None else []
+    model = entry["model"]
+    t1 = time.perf_counter()
+    entry["scores"] = perplexities(model, datamodule)
+    entry["corrupted"] = {kind: evaluate_corruptions(model, test[: args.corrupt_windows], args.suffix_len, kind=kind,
+                                                     severities=args.severities, tokenizer=tok, seed=args.seed,
+                                                     batch_size=args.batch_size, protected=bos)
+                          for kind in args.corruptions}  # fmt: skip
+    entry["probe"] = evaluate_pgd(model, test[: args.probe_windows], args.suffix_len, eps_values=args.probe_eps,
+                                  steps=args.probe_steps, seed=args.seed, batch_size=args.batch_size)  # fmt: skip
+    entry["eval_seconds"] = time.perf_counter() - t1
+
+
+def write_reports(args, out: Path, rows: list[dict], protocol: dict, saved: dict[str, str],
+                  progress: common.Progress) -> dict:  # fmt: skip
+    """``results.json`` / ``.csv``, ``table.txt`` and the plots; the table printed."""
+    timings = progress.timings
+    with progress.phase(f"writing reports to {out}"):
+        results = dict(config=vars(args), protocol=protocol, environment=common.environment(), timings=timings,
+                       rows=rows)  # fmt: skip
+        table = format_table(rows, args)
+        common.write_results(out, results, table)
+        plot_all(rows, args, out)
+    print(f"\n{table}")
+    print(f"\n{protocol['perplexity']}\n{protocol['corrupted']}\n{protocol['probe']}")
+    print(f"wrote {out}/results.json, results.csv, table.txt, *.png" + (", checkpoints/" if saved else ""))
+    print(common.timings_line(timings), flush=True)
+    return results
+
+
+def make_protocol(args, datamodule: TextDataModule, dense) -> dict:
+    """What every number means, in words (``results.json``'s ``protocol``)."""
+    test = datamodule.splits["test"]
+    return dict(
+        model=args.model, parameters=sum(p.numel() for p in dense.parameters()), vocab_size=len(datamodule.tokenizer),
+        calibration=f"{len(datamodule.splits['calibration'])} windows x {args.seqlen} tokens of {args.corpus} "
+        "(their own region), the same for every method",
+        perplexity=f"exp(mean token NLL) over every scored token of the first {test.shape[0]} "
+        f"{args.corpus} test windows (in-domain) and {datamodule.splits['ood'].shape[0] if 'ood' in datamodule.splits else 0} "
+        f"{args.ood_corpus} windows (OOD), BOS-prefixed",
+        corrupted=f"{test[: args.corrupt_windows].shape[0]} test windows, the last {args.suffix_len} tokens scored, "
+        f"context corrupted by {args.corruptions} at p {args.severities}, seeded per window; PDR = 1 - acc / clean acc",
+        probe=f"{PROBE_LABEL}: {test[: args.probe_windows].shape[0]} windows, L2 PGD on context embeddings, "
+        f"{args.probe_steps} steps, eps {args.probe_eps} x mean embedding norm; random noise of the same radius beside it",
+    )  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- small helpers
-def quiet_trainer(**kwargs) -> Trainer:
-    options = dict(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
-                   enable_model_summary=False, enable_progress_bar=False)  # fmt: skip
-    return Trainer(**(options | kwargs))
+def quiet_trainer(**kwargs):
+    """A Trainer without loggers, checkpoints or progress bar (``kwargs`` override)."""
+    return common.quiet_trainer(**({"enable_progress_bar": False} | kwargs))
 
 
 def model_label(solver: str, uncertainty: str) -> str:
@@ -194,16 +321,16 @@ def bpe_tokenizer(corpus: str, vocab_size: int = 1024):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", pad_token="<pad>")
 
 
-def fallback_corpora(args) -> None:
+def fallback_corpora(args, progress: common.Progress) -> None:
     """--fast on a machine without the text assets: the Python help topics in-domain, no OOD set (said so)."""
     from robop_lightning.assets import is_available
 
     if args.corpus in ("shakespeare", "brown") and not is_available(args.corpus):
-        print(f"--fast: {args.corpus} is not cached (python -m robop_lightning.assets fetch {args.corpus}); "
-              "using the Python help topics instead")  # fmt: skip
+        progress.say(f"--fast: {args.corpus} is not cached (python -m robop_lightning.assets fetch {args.corpus}); "
+                     "using the Python help topics instead")  # fmt: skip
         args.corpus = "pydoc_topics"
     if args.ood_corpus in ("shakespeare", "brown") and not is_available(args.ood_corpus):
-        print(f"--fast: {args.ood_corpus} is not cached; no OOD test set")
+        progress.say(f"--fast: {args.ood_corpus} is not cached; no OOD test set")
         args.ood_corpus = None
 
 
@@ -232,123 +359,6 @@ def perplexities(model, datamodule) -> dict[str, float]:
     return {k: float(v) for k, v in result.items()}
 
 
-# ----------------------------------------------------------------------------- the recipe
-def main(argv=None) -> dict:
-    args = parse_args(argv)
-    start = time.perf_counter()
-    torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
-    logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    seed_everything(args.seed, verbose=False)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
-
-    # --- 1-2. tokenizer, data, dense model -----------------------------------------------------
-    t0 = time.perf_counter()
-    tiny = args.model == "tiny-llama"
-    if args.fast:
-        fallback_corpora(args)
-    try:
-        if tiny:
-            tokenizer = args.tokenizer or bpe_tokenizer(args.corpus)
-        else:
-            tokenizer = args.tokenizer or args.model
-        datamodule = TextDataModule(args.corpus, ood_corpus=args.ood_corpus, tokenizer=tokenizer, seqlen=args.seqlen,
-                                    calibration_windows=args.calibration_windows, max_eval_windows=args.eval_windows,
-                                    batch_size=args.batch_size, seed=args.seed)  # fmt: skip
-        datamodule.setup()
-        dense = tiny_llama(args, datamodule) if tiny else load_causal_lm(args.model)
-    except AssetMissingError as error:  # the message gives the fetch command
-        raise SystemExit(f"llama_alps: {error}") from None
-    dense = dense.cpu().eval()
-    timings["setup_s"] = time.perf_counter() - t0
-    tok = datamodule.tokenizer
-    params = sum(p.numel() for p in dense.parameters())
-    print(f"dense model: {type(dense).__name__} ({args.model}), {params / 1e6:.1f} M parameters; windows: "
-          + ", ".join(f"{k} {v.shape[0]}" for k, v in datamodule.splits.items()) + f" of {args.seqlen} tokens")  # fmt: skip
-
-    # --- 3. one-shot pruning, every method on the same calibration windows ---------------------
-    calibration = list(datamodule.calibration_dataloader())
-    settings = [(s, *parse_setting(s)) for s in args.settings]
-    jobs = [(setting, "alps", u) for setting in settings for u in args.robop_sets]
-    jobs += [(setting, b, "baseline") for setting in settings for b in args.baselines]
-    models: dict[str, dict] = {"dense": dict(method="dense", solver=None, uncertainty=None, setting="dense",
-                                             sparsity=0.0, pattern="dense", model=dense, prune_seconds=0.0)}  # fmt: skip
-    t0 = time.perf_counter()
-    bar = tqdm(jobs, desc="pruning", disable=None)
-    for (setting, sparsity, pattern), solver, uncertainty in bar:
-        name = f"{model_label(solver, uncertainty)}@{setting}"
-        bar.set_postfix_str(name)
-        model = copy.deepcopy(dense)
-        set_name, radius = parse_set_spec(uncertainty, allow_auto=True)
-        report = prune_model(model, calibration, sparsity=sparsity, pattern=pattern, solver=solver,
-                             uncertainty=set_name, radius=radius, targets=args.targets, progress=False)  # fmt: skip
-        models[name] = dict(method=model_label(solver, uncertainty), solver=solver, uncertainty=uncertainty,
-                            setting=setting, sparsity=report.totals["sparsity"], pattern=pattern, model=model.eval(),
-                            prune_seconds=report.seconds, nominal_error=report.totals["nominal_error"],
-                            robust_error=report.totals["robust_error"])  # fmt: skip
-    timings["pruning_s"] = time.perf_counter() - t0
-
-    # --- 4. perplexity, corrupted context, embedding probe: identical inputs for every model ---
-    test = datamodule.splits["test"]
-    corrupt_ids = test[: args.corrupt_windows]
-    probe_ids = test[: args.probe_windows]
-    bos = [tok.bos_token_id] if getattr(tok, "bos_token_id", None) is not None else []
-    t0 = time.perf_counter()
-    bar = tqdm(list(models), desc="evaluation", disable=None)
-    for name in bar:
-        bar.set_postfix_str(name)
-        entry = models[name]
-        model = entry["model"]
-        t1 = time.perf_counter()
-        entry["scores"] = perplexities(model, datamodule)
-        entry["corrupted"] = {kind: evaluate_corruptions(model, corrupt_ids, args.suffix_len, kind=kind,
-                                                         severities=args.severities, tokenizer=tok, seed=args.seed,
-                                                         batch_size=args.batch_size, protected=bos)
-                              for kind in args.corruptions}  # fmt: skip
-        entry["probe"] = evaluate_pgd(model, probe_ids, args.suffix_len, eps_values=args.probe_eps,
-                                      steps=args.probe_steps, seed=args.seed, batch_size=args.batch_size)  # fmt: skip
-        entry["eval_seconds"] = time.perf_counter() - t1
-    timings["evaluation_s"] = time.perf_counter() - t0
-
-    # --- 5. rows, files, plots ------------------------------------------------------------------
-    rows = [make_row(name, entry, models["dense"]) for name, entry in models.items()]
-    saved = save_models(args, models, out)
-    for row in rows:
-        row["checkpoint"] = saved.get(row["name"])
-    timings["total_s"] = time.perf_counter() - start
-    table = format_table(rows, args)
-    environment = dict(
-        machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, "
-        f"{'GPU ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}",
-        load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
-    )
-    protocol = dict(
-        model=args.model, parameters=params, vocab_size=len(tok),
-        calibration=f"{len(datamodule.splits['calibration'])} windows x {args.seqlen} tokens of {args.corpus} "
-        "(their own region), the same for every method",
-        perplexity=f"exp(mean token NLL) over every scored token of the first {datamodule.splits['test'].shape[0]} "
-        f"{args.corpus} test windows (in-domain) and {datamodule.splits['ood'].shape[0] if 'ood' in datamodule.splits else 0} "
-        f"{args.ood_corpus} windows (OOD), BOS-prefixed",
-        corrupted=f"{corrupt_ids.shape[0]} test windows, the last {args.suffix_len} tokens scored, context corrupted by "
-        f"{args.corruptions} at p {args.severities}, seeded per window; PDR = 1 - acc / clean acc",
-        probe=f"{PROBE_LABEL}: {probe_ids.shape[0]} windows, L2 PGD on context embeddings, {args.probe_steps} steps, "
-        f"eps {args.probe_eps} x mean embedding norm; random noise of the same radius beside it",
-    )  # fmt: skip
-    results = dict(config=vars(args), protocol=protocol, environment=environment, timings=timings, rows=rows)
-    atomic_write(out / "results.json", json.dumps(results, indent=2, default=str) + "\n")
-    atomic_write(out / "results.csv", to_csv(rows))
-    atomic_write(out / "table.txt", table + "\n")
-    plot_all(rows, args, out)
-    print()
-    print(table)
-    print(f"\n{protocol['perplexity']}\n{protocol['corrupted']}\n{protocol['probe']}")
-    print(f"wrote {out}/results.json, results.csv, table.txt, *.png" + (", checkpoints/" if saved else ""))
-    print("timings: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()))
-    return results
-
-
 def make_row(name: str, entry: dict, dense: dict) -> dict:
     row = dict(name=name, method=entry["method"], solver=entry["solver"] or "-", uncertainty=entry["uncertainty"] or "-",
                setting=entry["setting"], sparsity=round(entry["sparsity"], 4), pattern=entry["pattern"],
@@ -373,7 +383,7 @@ def make_row(name: str, entry: dict, dense: dict) -> dict:
     return row
 
 
-def save_models(args, models: dict, out: Path) -> dict[str, str]:
+def save_models(args, models: dict, out: Path, progress: common.Progress) -> dict[str, str]:
     """``save_pretrained`` the chosen models into ``out/checkpoints/<name>`` (temporary folder, then rename)."""
     if args.save_checkpoints == "none":
         return {}
@@ -384,14 +394,15 @@ def save_models(args, models: dict, out: Path) -> dict[str, str]:
             if robop:  # best by in-domain perplexity on the test windows (the only held-out split evaluated)
                 keep.append(min(robop, key=lambda n: models[n]["scores"]["ppl"]))
     saved = {}
-    for name in keep:
-        path = out / "checkpoints" / name.replace("/", "-").replace("@", "_").replace(":", "-")
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        models[name]["model"].save_pretrained(tmp)
-        if path.exists():  # an earlier run's folder: moved aside, never written into
-            os.replace(path, path.with_name(f".{path.name}.old{os.getpid()}"))
-        os.replace(tmp, path)
-        saved[name] = str(path)
+    with progress.phase(f"saving {len(keep)} checkpoint(s) under {out / 'checkpoints'}"):
+        for name in keep:
+            path = out / "checkpoints" / name.replace("/", "-").replace("@", "_").replace(":", "-")
+            tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+            models[name]["model"].save_pretrained(tmp)
+            if path.exists():  # an earlier run's folder: moved aside, never written into
+                os.replace(path, path.with_name(f".{path.name}.old{os.getpid()}"))
+            os.replace(tmp, path)
+            saved[name] = str(path)
     return saved
 
 
@@ -408,30 +419,13 @@ def format_table(rows: list[dict], args) -> str:
         cells += [f"{100 * r[f'probe_acc@{e:g}']:.1f}" for e in args.probe_eps]
         cells.append(f"{r['prune_seconds']:.1f}")
         lines.append(cells)
-    widths = [max(len(h), *(len(c[i]) for c in lines)) for i, h in enumerate(header)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, lines)])
-
-
-def to_csv(rows: list[dict]) -> str:
-    columns = list(dict.fromkeys(k for r in rows for k in r))
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    return buffer.getvalue()
+    return common.text_table(header, lines, left=2)
 
 
 # ----------------------------------------------------------------------------- plots
 _COLOURS = {"robop-alps/baseline": "#08519c", "robop-alps/trace": "#3182bd", "robop-alps/e": "#31a354",
             "robop-alps/cte": "#006d2c", "robop-alps/cvar": "#41ab5d", "sparsegpt": "#e6550d", "wanda": "#d62728", "magnitude": "#7f7f7f",
             "dense": "black"}  # fmt: skip
-
-
-def _save_png(fig, path: Path) -> None:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=130, bbox_inches="tight")
-    atomic_write(path, buffer.getvalue())
 
 
 def plot_all(rows: list[dict], args, out: Path) -> None:
@@ -464,7 +458,7 @@ def plot_all(rows: list[dict], args, out: Path) -> None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=8, bbox_to_anchor=(0.5, -0.08))
     fig.suptitle("one-shot pruning: perplexity (lower is better)", fontsize=11)
-    _save_png(fig, out / "perplexity.png")
+    common.save_png(fig, out / "perplexity.png")
     plt.close(fig)
 
     # corrupted-context suffix accuracy vs severity and probe accuracy vs eps, one panel per setting
@@ -491,9 +485,10 @@ def plot_all(rows: list[dict], args, out: Path) -> None:
         handles, labels = axes[0][0].get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 8), fontsize=8,
                    bbox_to_anchor=(0.5, -0.1))  # fmt: skip
-        _save_png(fig, out / fname)
+        common.save_png(fig, out / fname)
         plt.close(fig)
 
 
 if __name__ == "__main__":
     main()
+

@@ -13,9 +13,9 @@ Needs Fashion-MNIST: ``python -m robop_lightning.assets fetch fashion-mnist``.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import pathlib
+import sys
 
 import torch
 from lightning.pytorch import Trainer, seed_everything
@@ -24,6 +24,10 @@ from lightning.pytorch.loggers import CSVLogger
 from robop_lightning import RobOPCallback
 from robop_lightning.data import FashionMNISTDataModule
 from robop_lightning.models import DeiTClassifier
+
+if str(pathlib.Path(__file__).resolve().parent) not in sys.path:  # the sibling helpers, however this file is loaded
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _common as common  # noqa: E402
 
 # ----------------------------------------------------------------------------- defaults
 config = dict(
@@ -41,11 +45,8 @@ config = dict(
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for key, value in config.items():
-        kind = (lambda v: float(v) if "." in v else int(v)) if key.startswith("limit") else type(value)
-        parser.add_argument(f"--{key.replace('_', '-')}", dest=key, type=kind, default=value)
-    parser.add_argument("--fast", action="store_true", help="a few batches per epoch, for CI")
+    limits = {key: common.count_or_fraction for key in config if key.startswith("limit")}  # 30 batches or 0.25 of them
+    parser = common.config_parser(__doc__, config, types=limits, fast_help="a few batches per epoch, for CI")
     args = parser.parse_args(argv)
     if args.fast:
         args.epochs, args.prune_at, args.limit_train_batches, args.limit_eval_batches = 2, 0, 30, 4

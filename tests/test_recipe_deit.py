@@ -9,8 +9,7 @@ import math
 import pytest
 import torch
 
-from tests.script_loader import load_script
-
+from tests.script_loader import load_script, phases_in_log, run_script
 
 
 def _fashion_mnist_present() -> bool:
@@ -32,9 +31,10 @@ def fast_run(tmp_path_factory):
         )
     tmp = tmp_path_factory.mktemp("deit_cap")
     out = tmp / "out"
-    # a fresh cache: the tiny dense model is trained here, not taken from an earlier run
-    _load_recipe().main(["--fast", "--out", str(out), "--cache", str(tmp / "cache"),
-                         "--robop-sets", "baseline", "trace", "e", "cte", "auto"])
+    # as a new user runs it, its output sent to a log file; a fresh cache: the tiny dense model is
+    # trained here, not taken from an earlier run
+    run_script("recipes/deit_cap.py", ["--fast", "--out", str(out), "--cache", str(tmp / "cache"), "--threads", "1",
+                                       "--robop-sets", "baseline", "trace", "e", "cte", "auto"], log=tmp / "log.txt")  # fmt: skip
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -114,6 +114,61 @@ def test_every_robop_set_is_compared_with_the_baseline_set_image_by_image(fast_r
         csv_rows = {r["name"]: r for r in csv.DictReader(f)}
     high = rows["robop-cap/trace@0.5"]["vs_baseline"]["clean"][2]
     assert float(csv_rows["robop-cap/trace@0.5"]["vs_baseline/clean_high"]) == pytest.approx(high)  # flattened columns
+
+
+def test_the_log_says_when_every_phase_starts_and_ends_with_its_time(fast_run):
+    """``python recipes/deit_cap.py --fast > log.txt``: a line when each phase starts, one when it ends, with seconds."""
+    out, results = fast_run
+    phases = phases_in_log((out.parent / "log.txt").read_text(), "deit_cap")
+    for start in ("data: ", "dense model: training ", "pruning: ", "validation accuracy of ", "fine-tuning 2 model(s)",
+                  "evaluation of ", "paired comparisons", "saving ", "writing reports"):  # fmt: skip
+        assert any(p.startswith(start) for p in phases), (start, list(phases))
+    for row in results["rows"]:  # one pair of lines per model in the long loops
+        assert any(p.startswith(f"evaluating {row['name']} (") for p in phases), row["name"]
+        if row["finetuned"]:  # validated as the end of its fine-tuning
+            assert any(p.startswith(f"fine-tuning {row['name'].removesuffix('+ft')}: ") for p in phases), row["name"]
+            continue
+        assert any(p.startswith(f"validating {row['name']} (") for p in phases), row["name"]
+        if row["method"] != "dense":
+            assert any(p.startswith(f"pruning {row['method']} 50 % (") for p in phases), row["name"]
+    assert all(seconds >= 0 for seconds in phases.values())
+    timings = results["timings"]  # results.json's timings are the phases' times
+    assert timings["pruning_s"] == pytest.approx(next(v for p, v in phases.items() if p.startswith("pruning: ")), abs=0.051)
+
+
+def test_absolute_mce_beside_relative_mce_in_table_csv_and_json(fast_run):
+    """mCE (errors under corruption, lower = fewer) is printed beside rel mCE (the drop from the model's own clean accuracy)."""
+    out, results = fast_run
+    rows = results["rows"]
+    config = results["config"]
+    dense = next(r for r in rows if r["method"] == "dense")
+    for row in rows:  # the two definitions, recomputed from the per-corruption, per-severity accuracies
+        ratios, relative = [], []
+        for c in config["corruptions"]:
+            errors = [1 - row[f"corrupt_acc/{c}@{s}"] for s in config["severities"]]
+            dense_errors = [1 - dense[f"corrupt_acc/{c}@{s}"] for s in config["severities"]]
+            ratios.append(sum(errors) / sum(dense_errors))
+            drop = sum(e - (1 - row["clean_acc_eval_subset"]) for e in errors)
+            dense_drop = sum(e - (1 - dense["clean_acc_eval_subset"]) for e in dense_errors)
+            if dense_drop > 0:
+                relative.append(drop / dense_drop)
+        assert row["mce"] == pytest.approx(sum(ratios) / len(ratios), abs=1e-9), row["name"]
+        assert row["rel_mce"] == pytest.approx(sum(relative) / len(relative), abs=1e-9), row["name"]
+    assert dense["mce"] == 1.0 and dense["rel_mce"] == 1.0
+    assert "mce" in results["protocol"] and "lower" in results["protocol"]["mce"]
+    with open(out / "results.csv", newline="") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert [float(r["mce"]) for r in csv_rows] == pytest.approx([r["mce"] for r in rows])
+    table = (out / "table.txt").read_text()
+    lines = table.splitlines()
+    header = lines[0].split("  ")
+    header = [h.strip() for h in header if h.strip()]
+    assert header[header.index("mCE") + 1] == "rel mCE"  # side by side
+    for row, line in zip(rows, lines[2:]):
+        assert f" {row['mce']:.3f}  " in line and f" {row['rel_mce']:.3f}  " in line, (row["name"], line)
+    note = table.split("\n\n", 1)[1]  # under the table: how to read both
+    assert "mCE: mean corruption error" in note and "Lower = fewer" in note
+    assert "rel mCE: Hendrycks' relative mCE" in note and "little" in note and "left to lose" in note
 
 
 def test_imagenet_path_fails_clearly_without_data(tmp_path):

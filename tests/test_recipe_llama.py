@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from tests.script_loader import load_script
+from tests.script_loader import load_script, phases_in_log, run_script
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,8 +21,10 @@ def _load_recipe():
 @pytest.fixture(scope="module")
 def fast_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("llama_alps") / "out"
-    # the tiny Llama is trained here; Shakespeare / Brown when cached (setup.sh fetches them), else offline text
-    _load_recipe().main(["--fast", "--out", str(out), "--save-checkpoints", "best", "--threads", "1"])
+    # as a new user runs it, its output sent to a log file; the tiny Llama is trained here;
+    # Shakespeare / Brown when cached (setup.sh fetches them), else offline text
+    run_script("recipes/llama_alps.py", ["--fast", "--out", str(out), "--save-checkpoints", "best", "--threads", "1"],
+               log=out.parent / "log.txt")  # fmt: skip
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -76,6 +78,23 @@ def test_files_and_a_checkpoint_that_loads_with_from_pretrained(fast_run):
     assert abs(zeros - row["sparsity"]) < 1e-3
     table = (out / "table.txt").read_text()
     assert all(r["method"] in table for r in results["rows"])
+
+
+def test_the_log_says_when_every_phase_starts_and_ends_with_its_time(fast_run):
+    """``python recipes/llama_alps.py --fast > log.txt``: a line when each phase starts, one when it ends, with seconds."""
+    out, results = fast_run
+    phases = phases_in_log((out.parent / "log.txt").read_text(), "llama_alps")
+    for start in ("data: ", "dense model: training a tiny Llama", "pruning: ", "evaluation of ", "saving 2 checkpoint(s)",
+                  "writing reports"):  # fmt: skip
+        assert any(p.startswith(start) for p in phases), (start, list(phases))
+    for row in results["rows"]:  # one pair of lines per model in the long loops
+        assert any(p.startswith(f"evaluating {row['name']} (") for p in phases), row["name"]
+        if row["method"] != "dense":
+            what = row["setting"] if ":" in row["setting"] else f"{100 * float(row['setting']):g} %"
+            assert any(p.startswith(f"pruning {row['method']} {what} (") for p in phases), row["name"]
+    assert all(seconds >= 0 for seconds in phases.values())
+    setup = sum(v for p, v in phases.items() if p.startswith(("data: ", "dense model: ")))
+    assert results["timings"]["setup_s"] == pytest.approx(setup, abs=0.11)  # results.json's timings are the phases'
 
 
 def test_bad_settings_are_refused_with_a_clear_message(capsys):

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import re
 
 import pytest
 
-from tests.script_loader import ROOT, load_script
-
+from tests.script_loader import ROOT, load_script, phases_in_log
 
 
 def test_engine_demo_fast(tmp_path):
@@ -65,3 +65,50 @@ def test_prune_then_finetune_fast(tmp_path):
     assert sorted(summary["val_acc_per_epoch"]) == [0, 1]  # dense epoch 0, pruned at its end, epoch 1 fine-tunes
     assert abs(summary["sparsity"] - 0.6) < 1e-3 and summary["layers"] == 16
     assert summary["test_acc"] > 0.3  # ten classes: far above chance after a few dozen steps
+
+
+def test_every_recipe_loads_by_path_with_its_shared_helpers():
+    """The recipes import ``recipes/_common.py`` as a sibling, run as scripts or imported by path."""
+    for name in ("deit_cap", "llama_alps", "engine_demo", "prune_then_finetune"):
+        recipe = load_script(f"recipes/{name}.py")
+        assert pathlib.Path(recipe.common.__file__) == ROOT / "recipes" / "_common.py", name
+        assert callable(recipe.main)
+
+
+def test_recipe_config_becomes_a_command_line():
+    common = load_script("recipes/_common.py")
+    config = dict(flag=True, sizes=[1, 2], name=None, kw=None, rate=0.5, limit=1.0)
+    parser = common.config_parser("doc", config, types={"kw": json.loads, "limit": common.count_or_fraction},
+                                  fast_help="tiny")  # fmt: skip
+    argv = ["--no-flag", "--sizes", "3", "4", "--kw", '{"a": 1}', "--limit", "30", "--fast"]
+    args = parser.parse_args(argv)
+    assert (args.flag, args.sizes, args.name, args.kw, args.rate, args.limit) == (False, [3, 4], None, {"a": 1}, 0.5, 30)
+    assert isinstance(args.limit, int) and parser.parse_args(["--limit", "0.25"]).limit == 0.25
+    common.apply_fast(args, {"rate": 0.1, "sizes": [9]}, argv)  # --fast: its values, except those given
+    assert args.rate == 0.1 and args.sizes == [3, 4]
+    with pytest.raises(SystemExit):
+        common.check_set_specs(parser, "--robop-sets", ["trace=abc"], allow_auto=True)
+    with pytest.raises(SystemExit):
+        common.check_save_checkpoints(parser, "some")
+
+
+def test_progress_prints_a_start_and_an_end_line_with_the_time(capsys):
+    common = load_script("recipes/_common.py")
+    progress = common.Progress("demo")
+    with progress.phase("outer", timing="outer_s"):
+        with progress.phase("inner (1/1)", timing="outer_s") as inner:
+            inner.note = "fine"
+    log = capsys.readouterr().out
+    assert log.splitlines() == ["[demo] outer ...", "[demo] inner (1/1) ...", "[demo] inner (1/1) done in 0.0 s: fine",
+                                "[demo] outer done in 0.0 s"]  # fmt: skip
+    assert phases_in_log(log, "demo") == {"inner (1/1)": 0.0, "outer": 0.0}
+    assert progress.timings["outer_s"] >= 0  # the same key twice: added up
+    with pytest.raises(ValueError):
+        with progress.phase("doomed"):
+            raise ValueError("no")
+    failed = capsys.readouterr().out
+    assert failed.splitlines()[-1].startswith("[demo] doomed failed after ")
+    with pytest.raises(AssertionError, match="failed after"):
+        phases_in_log(failed, "demo")
+    with pytest.raises(AssertionError, match="without an end line"):
+        phases_in_log("[demo] stuck ...\n", "demo")
