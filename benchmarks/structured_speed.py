@@ -172,7 +172,7 @@ def accuracy(args) -> list[dict]:
         options = {"budget": budget, "cost": "params"}
         m = copy.deepcopy(dense).train()
         m.hparams.lr, m.hparams.warmup_epochs = args.finetune_lr, 0.0
-        robop = RobOPCallback(sparsity=args.sparsity, pattern="structured", uncertainty=unc, calibration="calibration",
+        robop = RobOPCallback(sparsity=args.sparsity, pattern="structured", uncertainty=unc, calibration_dataloader="calibration",
                               calibration_batches=len(calibration), verbose=False, progress=False,
                               structured_options=options)  # fmt: skip
         trainer = Trainer(max_epochs=1, limit_train_batches=args.finetune_batches, callbacks=[robop], logger=False,

@@ -346,7 +346,7 @@ def finetune_one(args, source: dict, dense, datamodule, calibration_batches: int
     fisher = fisher_options(args, source["solver"])
     robop = RobOPCallback(sparsity=source["target_sparsity"], solver="cap" if fisher else source["solver"],
                           uncertainty=set_name, radius=radius, **auto_options(args, set_name, radius), **fisher,
-                          calibration="calibration", calibration_batches=calibration_batches, progress=False,
+                          calibration_dataloader="calibration", calibration_batches=calibration_batches, progress=False,
                           verbose=False)  # fmt: skip
     trainer = quiet_trainer(args, max_epochs=args.finetune_epochs, limit_train_batches=args.finetune_batches,
                             limit_val_batches=0, callbacks=[robop])  # fmt: skip

@@ -71,7 +71,7 @@ def main(argv=None) -> dict:
         solver=args.solver,
         uncertainty=args.uncertainty,
         prune_at=args.prune_at,
-        calibration="calibration",  # the datamodule's fixed calibration subset
+        calibration_dataloader="calibration",  # the datamodule's fixed calibration subset
         calibration_batches=2,
         verbose=False,
     )

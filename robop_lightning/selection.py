@@ -41,7 +41,6 @@ from robop_lightning.gram import LayerInputs
 from robop_lightning.patterns import Pattern
 from robop_lightning.solvers import DATA_FREE, SOLVERS, USES_FULL_GRAM
 from robop_lightning.solvers.alps import support
-from robop_lightning.solvers.refit import masked_pcg
 from robop_lightning.uncertainty import CLOSED_FORM_SETS, canonical_set_name, parse_set_spec
 from robop_lightning.uncertainty.closed_form import closed_form_spectrum, sqrt_psd
 

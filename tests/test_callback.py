@@ -334,7 +334,7 @@ def test_validate_prunes_then_evaluates(tmp_path):
     model = Classifier("mlp")
     _trainer(tmp_path, [], max_epochs=3).fit(model, datamodule=BlobData())
     dense = _trainer(tmp_path, []).validate(model, datamodule=BlobData(), verbose=False)[0]
-    robop = RobOPCallback(sparsity=0.75, solver="magnitude", uncertainty="baseline", calibration="val", verbose=False)
+    robop = RobOPCallback(sparsity=0.75, solver="magnitude", uncertainty="baseline", calibration_dataloader="val", verbose=False)
     pruned = _trainer(tmp_path, [robop]).validate(model, datamodule=BlobData(), verbose=False)[0]
     again = _trainer(tmp_path, []).validate(model, datamodule=BlobData(), verbose=False)[0]
     assert pruned == again != dense  # the metrics are those of the pruned model
@@ -381,7 +381,7 @@ def test_fp16_amp_on_cuda_holds_zeros(tmp_path):
         ({"uncertainty": "cvar", "radius": 2.0}, "alpha"),
         ({"targets": "blocks"}, "list of module names"),
         ({"calibration_batches": 0}, "calibration_batches"),
-        ({"calibration": "my loader"}, "calibration must name"),
+        ({"calibration": "my loader"}, "calibration_dataloader must name"),
         ({"prune_at": "end"}, "prune_at"),
         ({"schedule": {0: 0.6, 2: 0.5}}, "must not decrease"),
         ({"schedule": {"x": 0.5}}, "epoch numbers"),

@@ -136,7 +136,7 @@ def test_real_fashion_mnist_and_robop_calibration(tmp_path):
     torch.manual_seed(0)
     model = DeiTClassifier(num_classes=10, img_size=28, in_chans=1,
                            model_kwargs=dict(patch_size=7, embed_dim=32, depth=2, num_heads=2))  # fmt: skip
-    robop = RobOPCallback(sparsity=0.5, solver="wanda", uncertainty="baseline", calibration="calibration",
+    robop = RobOPCallback(sparsity=0.5, solver="wanda", uncertainty="baseline", calibration_dataloader="calibration",
                           calibration_batches=2, progress=False, verbose=False)  # fmt: skip
     trainer = pl.Trainer(accelerator="cpu", callbacks=[robop], logger=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=tmp_path, limit_test_batches=2)  # fmt: skip

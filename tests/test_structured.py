@@ -346,7 +346,7 @@ def test_callback_shrinks_then_fine_tunes_and_checkpoint_loads(tmp_path):
 def test_callback_validate_shrinks_and_refuses_mid_fit():
     data = DataLoader(TensorDataset(torch.rand(32, 1, 28, 28), torch.randint(0, 4, (32,))), batch_size=16)
     model = _tiny_classifier()
-    robop = RobOPCallback(sparsity=0.5, pattern="structured", uncertainty="baseline", calibration="val",
+    robop = RobOPCallback(sparsity=0.5, pattern="structured", uncertainty="baseline", calibration_dataloader="val",
                           calibration_batches=1, verbose=False, progress=False)
     _trainer(robop).validate(model, data)
     assert model.model.blocks[1].attn.num_heads == 2

@@ -35,7 +35,6 @@ not beat the Baseline on held-out or out-of-distribution data; they stay as an e
 
 from __future__ import annotations
 
-import math
 
 import torch
 

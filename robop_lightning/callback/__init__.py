@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import warnings
 from collections.abc import Iterator, Mapping
 from itertools import islice
 from typing import Any, Literal
@@ -16,14 +18,11 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from robop_lightning.fisher_model import FisherOptions
+from robop_lightning.callback.loaders import calibration_loader
+from robop_lightning.config import PruneConfig, StructuredOptions, is_structured
 from robop_lightning.masks import SparsityMasks
 from robop_lightning.model import PruneReport, prune_model
 from robop_lightning.patterns import parse_pattern
-from robop_lightning.solvers import SOLVERS
-from robop_lightning.structured import STRUCTURED_OPTIONS, check_budget
-from robop_lightning.selection import AutoOptions, check_auto_request
-from robop_lightning.uncertainty import canonical_set_name, make_uncertainty
 
 __all__ = ["RobOPCallback"]
 
@@ -80,9 +79,10 @@ class RobOPCallback(Callback):
             the repeated blocks (output heads stay dense).
         ignore: names or patterns left dense.
         calibration_batches: number of batches used for calibration.
-        calibration: which dataloader calibrates: ``"train"`` (default), ``"val"``, ``"test"``,
-            ``"predict"``, or any name ``X`` whose ``X_dataloader()`` the datamodule (or the
-            module) defines (``"calib"`` or ``"calib_dataloader"`` calls ``calib_dataloader()``).
+        calibration_dataloader: which dataloader calibrates: ``"train"`` (default), ``"val"``, ``"test"``,
+            ``"predict"``, or any name ``X`` whose ``X_dataloader()`` the datamodule (or the module)
+            defines (``"calib"`` or ``"calib_dataloader"`` calls ``calib_dataloader()``). (The
+            iterable of batches itself is ``prune_model``'s ``calibration``.)
         prune_at: ``"start"`` (fit start) or an epoch at whose end to prune.
         schedule: ``{epoch: sparsity}`` for gradual pruning (overrides ``sparsity``); sparsities
             must rise with the epochs.
@@ -107,6 +107,12 @@ class RobOPCallback(Callback):
             ``cost`` (``"params"`` / ``"flops"``), ``min_keep``, ``max_sparsity``, ``per_step``. The
             module shrinks at ``prune_at="start"`` (or at ``validate`` / ``test``) and the optimizers are
             created again for the new parameters; ``prune_at=<epoch>`` and schedules are refused.
+        coupled, rounds, damping, solver_options, blocks, activation_budget: as in
+            :func:`robop_lightning.prune_model` (``solver_options``: a dict of the solver's options,
+            :mod:`robop_lightning.solvers.options`; ``activation_budget``: bytes or ``"2GB"`` of
+            calibration activations kept in memory, the rest on disk). Every option is checked in
+            ``__init__`` by :class:`robop_lightning.config.PruneConfig`.
+        calibration: the old name of ``calibration_dataloader`` (deprecated).
 
     Raises:
         ValueError: an argument is invalid (raised in ``__init__``, with what to pass instead).
@@ -156,7 +162,7 @@ class RobOPCallback(Callback):
         targets: list[str] | None = None,
         ignore: list[str] | None = None,
         calibration_batches: int = 16,
-        calibration: str = "train",
+        calibration_dataloader: str = "train",
         prune_at: Literal["start"] | int = "start",
         schedule: dict[int, float] | None = None,
         heldout_fraction: float = 0.0,
@@ -166,27 +172,44 @@ class RobOPCallback(Callback):
         structured_options: dict[str, Any] | None = None,
         curvature: Literal["gram", "fisher"] = "gram",
         fisher: dict[str, Any] | None = None,
+        coupled: bool | None = None,
+        rounds: int = 3,
+        damping: float = 0.01,
+        solver_options: dict[str, Any] | None = None,
+        blocks: str | None = None,
+        activation_budget: int | str | None = None,
+        calibration: str | None = None,
     ) -> None:
         super().__init__()
-        parse_pattern(pattern, sparsity)
-        if not isinstance(solver, str) or solver.lower() not in SOLVERS:
-            raise ValueError(f"unknown solver {solver!r}: use one of {', '.join(SOLVERS)}.")
-        if check_auto_request(uncertainty, radius, str(solver).lower(), "RobOPCallback"):
-            AutoOptions.coerce(auto)
-        else:
-            make_uncertainty(uncertainty, radius)
+        if calibration is not None:  # the old name of calibration_dataloader
+            warnings.warn("RobOPCallback(calibration=...) is now calibration_dataloader=...", DeprecationWarning,
+                          stacklevel=2)
+            calibration_dataloader = calibration
         for what, value in (("targets", targets), ("ignore", ignore)):
-            if value is not None and (isinstance(value, str) or not all(isinstance(v, str) and v for v in value)):
-                raise ValueError(
-                    f"{what} must be a list of module names or 're:<regex>' patterns, got {value!r} "
-                    f"(for one name write [{value!r}])."
-                )
+            if value is not None and isinstance(value, str):
+                raise ValueError(f"{what} must be a list of module names or 're:<regex>' patterns, got {value!r} "
+                                 f"(for one name write [{value!r}]).")
+        structured = is_structured(pattern)
+        if structured and solver_options is not None:
+            raise ValueError("pattern='structured' takes structured_options, not solver_options.")
+        if not structured and structured_options is not None:
+            raise ValueError("structured_options only apply to pattern='structured'.")
+        if structured:
+            StructuredOptions.coerce(structured_options)
+        # every option prune_model has, checked in one place (schedules: their largest sparsity)
+        self.config = PruneConfig(
+            sparsity=max(schedule.values()) if isinstance(schedule, Mapping) and schedule else sparsity,
+            pattern=pattern, solver=solver, uncertainty=uncertainty, radius=radius, coupled=coupled, rounds=rounds,
+            damping=damping, solver_options=structured_options if structured else solver_options, auto=auto,
+            targets=targets, ignore=ignore, blocks=blocks, heldout_fraction=heldout_fraction, resume_dir=resume_dir,
+            activation_budget=activation_budget, curvature=curvature, fisher=fisher,
+        )
         if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
             raise ValueError(f"calibration_batches must be a positive integer, got {calibration_batches!r}.")
-        if not isinstance(calibration, str) or not calibration.strip().isidentifier():
+        if not isinstance(calibration_dataloader, str) or not calibration_dataloader.strip().isidentifier():
             raise ValueError(
-                f"calibration must name a dataloader: 'train', 'val', 'test', 'predict', or X for a "
-                f"datamodule method X_dataloader(); got {calibration!r}."
+                f"calibration_dataloader must name a dataloader: 'train', 'val', 'test', 'predict', or X for a "
+                f"datamodule method X_dataloader(); got {calibration_dataloader!r}."
             )
         if prune_at != "start" and (isinstance(prune_at, bool) or not isinstance(prune_at, int) or prune_at < 0):
             raise ValueError(f"prune_at must be 'start' or an epoch number >= 0 (prune at its end), got {prune_at!r}.")
@@ -194,50 +217,38 @@ class RobOPCallback(Callback):
             schedule = self._check_schedule(schedule, pattern)
             if prune_at != "start":
                 raise ValueError("pass either prune_at=<epoch> or a schedule: the schedule's epochs say when to prune.")
-        if (
-            isinstance(heldout_fraction, bool)
-            or not isinstance(heldout_fraction, (int, float))
-            or not 0.0 <= heldout_fraction < 1.0
-        ):
-            raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction!r}.")
         for what, value in (("progress", progress), ("verbose", verbose)):
             if not isinstance(value, bool):
                 raise ValueError(f"{what} must be true or false, got {value!r}.")
-        if resume_dir is not None and (not isinstance(resume_dir, (str, os.PathLike)) or not os.fspath(resume_dir)):
-            raise ValueError(f"resume_dir must be a directory path or None, got {resume_dir!r}.")
+        if structured and (prune_at != "start" or schedule is not None):
+            raise ValueError(
+                "pattern='structured' shrinks the modules, so it prunes once before training: use prune_at='start' "
+                "without a schedule (then the whole fit is recovery fine-tuning), or trainer.validate / trainer.test."
+            )
+        if curvature == "fisher":
+            clash = [what for what, bad in (("schedule", schedule is not None), ("prune_at=<epoch>", prune_at != "start"))
+                     if bad]
+            if clash:
+                raise ValueError(f"curvature='fisher' (CAP's one-shot pruning with the loss's Fisher) does not take: "
+                                 f"{', '.join(clash)}.")
 
         self.sparsity = sparsity
         self.pattern = pattern
-        self.solver = solver.lower()
-        self.uncertainty = "auto" if uncertainty.strip().lower() == "auto" else canonical_set_name(uncertainty)
+        self.solver = self.config.solver
+        self.uncertainty = self.config.uncertainty
         self.auto = None if auto is None else dict(auto)
         self.radius = radius
         self.targets = list(targets) if targets is not None else None
         self.ignore = list(ignore) if ignore is not None else None
         self.calibration_batches = calibration_batches
-        self.calibration = _ALIASES.get(calibration.strip(), calibration.strip())
+        self.calibration_dataloader = _ALIASES.get(calibration_dataloader.strip(), calibration_dataloader.strip())
         self.prune_at = prune_at
         self.schedule = schedule
         self.heldout_fraction = float(heldout_fraction)
         self.progress = progress
         self.verbose = verbose
         self.resume_dir = None if resume_dir is None else os.fspath(resume_dir)
-        self.structured_options = _check_structured_options(pattern, prune_at, schedule, structured_options)
-        if curvature not in ("gram", "fisher"):
-            raise ValueError(f"curvature must be 'gram' or 'fisher' (CAP's empirical Fisher), got {curvature!r}.")
-        if curvature == "fisher":
-            clash = [what for what, bad in (("solver other than 'cap'", self.solver != "cap"),
-                                            ("schedule", schedule is not None), ("prune_at=<epoch>", prune_at != "start"),
-                                            ("heldout_fraction", self.heldout_fraction > 0),
-                                            ("resume_dir", resume_dir is not None), ("auto", auto is not None),
-                                            ("uncertainty='auto'", self.uncertainty == "auto"))
-                     if bad]
-            if clash:
-                raise ValueError(f"curvature='fisher' (CAP's one-shot pruning with the loss's Fisher) does not take: "
-                                 f"{', '.join(clash)}.")
-            FisherOptions.coerce(fisher)
-        elif fisher is not None:
-            raise ValueError("fisher options apply to curvature='fisher' only.")
+        self.structured_options = dict(structured_options or {}) if structured else None
         self.curvature = curvature
         self.fisher = None if fisher is None else dict(fisher)
 
@@ -246,16 +257,23 @@ class RobOPCallback(Callback):
         self._done: list[str] = []  # milestones already pruned: "start", "epoch_end:3", "schedule:2"
         self._current_sparsity: float | None = None
 
-    def _fisher_arguments(self, pl_module: pl.LightningModule) -> dict[str, Any]:
-        """``curvature="fisher"``: per-sample losses from the module's own ``per_sample_loss(batch)``."""
-        if not callable(getattr(pl_module, "per_sample_loss", None)):
-            raise MisconfigurationException(
-                f"RobOPCallback(curvature='fisher') needs per-sample losses of {type(pl_module).__name__}'s own loss: "
-                "define `def per_sample_loss(self, batch) -> Tensor` returning one loss per sample (shape (B,), "
-                "reduction='none', with the batch's true labels)."
-            )
-        return {"curvature": "fisher", "loss_fn": lambda module, batch: module.per_sample_loss(batch),
-                "fisher": self.fisher}
+    def _prune_arguments(self, trainer: pl.Trainer, pl_module: pl.LightningModule, sparsity: float | None,
+                         milestone: str) -> dict[str, Any]:
+        """``prune_model``'s keyword arguments for one milestone (``"start"``, ``"epoch_end:3"``, ...)."""
+        config = dataclasses.replace(self.config, sparsity=sparsity)
+        kwargs = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+        kwargs["uncertainty"] = self.uncertainty
+        kwargs["progress"] = self.progress and trainer.is_global_zero
+        kwargs["resume_dir"] = None if self.resume_dir is None else os.path.join(self.resume_dir, milestone.replace(":", "-"))
+        if self.curvature == "fisher":
+            if not callable(getattr(pl_module, "per_sample_loss", None)):
+                raise MisconfigurationException(
+                    f"RobOPCallback(curvature='fisher') needs per-sample losses of {type(pl_module).__name__}'s own "
+                    "loss: define `def per_sample_loss(self, batch) -> Tensor` returning one loss per sample (shape "
+                    "(B,), reduction='none', with the batch's true labels)."
+                )
+            kwargs["loss_fn"] = lambda module, batch: module.per_sample_loss(batch)
+        return kwargs
 
     @staticmethod
     def _check_schedule(schedule: Any, pattern: str) -> dict[int, float]:
@@ -395,7 +413,7 @@ class RobOPCallback(Callback):
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, sparsity: float | None, *keys: str) -> None:
         if self.structured_options is not None:  # pattern="structured": the module shrinks, no masks
-            report = _prune_structured(self, trainer, pl_module, sparsity)
+            report = self._shrink(trainer, pl_module, sparsity)
             self._done.extend(keys)
             self._current_sparsity = report.totals["sparsity"]
             self.reports.append(report)
@@ -408,19 +426,8 @@ class RobOPCallback(Callback):
             report = prune_model(
                 pl_module,
                 self._calibration_batches(trainer, pl_module),
-                sparsity=sparsity,
-                pattern=self.pattern,
-                solver=self.solver,
-                uncertainty=self.uncertainty,
-                radius=self.radius,
-                targets=self.targets,
-                ignore=self.ignore,
-                heldout_fraction=self.heldout_fraction,
-                **({"auto": self.auto} if self.auto is not None else {}),
-                **(self._fisher_arguments(pl_module) if self.curvature == "fisher" else {}),
-                progress=self.progress and trainer.is_global_zero,
+                **self._prune_arguments(trainer, pl_module, sparsity, keys[0]),
                 prior_masks=previous.to_dict() if previous is not None else None,
-                resume_dir=None if self.resume_dir is None else os.path.join(self.resume_dir, keys[0].replace(":", "-")),
             )
         except BaseException:
             if previous is not None:  # prune_model restored the weights; restore the hooks too
@@ -435,45 +442,33 @@ class RobOPCallback(Callback):
         self.reports.append(report)
         self._log(trainer, report)
 
+    def _shrink(self, trainer: pl.Trainer, pl_module: pl.LightningModule, sparsity: float | None) -> PruneReport:
+        """``pattern="structured"``: shrink, then rebuild the optimizers when fitting.
+
+        Lightning creates the optimizers in ``strategy.setup`` (before ``on_fit_start``), so after the
+        parameters change shape ``configure_optimizers`` runs again (``strategy.setup_optimizers``) and
+        the new optimizers move to the device; the LR schedule starts from step 0 of the recovery fine-tune.
+        """
+        if trainer.world_size > 1:
+            raise MisconfigurationException(
+                "RobOPCallback(pattern='structured') runs on one process: under DDP the wrapper's buckets are built "
+                "for the old shapes. Shrink first with prune_model(model, batches, pattern='structured'), save, and "
+                "fine-tune the shrunk model under DDP."
+            )
+        report = prune_model(pl_module, self._calibration_batches(trainer, pl_module),
+                             **self._prune_arguments(trainer, pl_module, sparsity, "start"))
+        if trainer.state.fn == "fit":
+            trainer.strategy.setup_optimizers(trainer)
+            _optimizers_to_device(trainer.strategy.optimizers, trainer.strategy.root_device)
+        return report
+
     def _calibration_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[Any]:
         loader = self._calibration_loader(trainer, pl_module)
         for batch in islice(loader, self.calibration_batches):
             yield trainer.strategy.batch_to_device(batch)
 
     def _calibration_loader(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
-        name, fn = self.calibration, trainer.state.fn
-        loader = None
-        if name == "train" and fn == "fit":
-            trainer.fit_loop.setup_data()
-            loader = trainer.train_dataloader
-        elif name == "val" and fn in ("fit", "validate"):
-            loop = trainer.fit_loop.epoch_loop.val_loop if fn == "fit" else trainer.validate_loop
-            loop.setup_data()
-            loader = trainer.val_dataloaders
-        elif name == "test" and fn == "test":
-            trainer.test_loop.setup_data()
-            loader = trainer.test_dataloaders
-        if loader is None:
-            hook = name if name.endswith("_dataloader") else f"{name}_dataloader"
-            sources = [s for s in (trainer.datamodule, pl_module) if s is not None and callable(getattr(s, hook, None))]
-            for source in sources:
-                try:
-                    loader = getattr(source, hook)()
-                except (NotImplementedError, MisconfigurationException):  # the LightningModule's stub hooks
-                    continue
-                if loader is not None:
-                    break
-        if isinstance(loader, (list, tuple)):
-            loader = loader[0] if loader else None
-        elif isinstance(loader, Mapping):
-            loader = next(iter(loader.values()), None)
-        if loader is None:
-            raise MisconfigurationException(
-                f"RobOPCallback(calibration={self.calibration!r}) found no dataloader: define {name}_dataloader() in "
-                "the datamodule or the LightningModule, or pass another calibration (e.g. calibration='val' "
-                "with trainer.validate)."
-            )
-        return loader
+        return calibration_loader(trainer, pl_module, self.calibration_dataloader)
 
     def _check_ranks(self, trainer: pl.Trainer) -> None:
         if trainer.world_size <= 1 or self.masks is None:
@@ -500,60 +495,3 @@ class RobOPCallback(Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
         if self.verbose:
             rank_zero_info(str(report))
-
-
-# ---------------------------------------------------------------------- pattern="structured" (issue 7)
-def _check_structured_options(pattern, prune_at, schedule, options) -> dict[str, Any] | None:
-    """``RobOPCallback`` arguments for ``pattern="structured"``: the options dict, or ``None`` for other patterns."""
-    structured = isinstance(pattern, str) and pattern.strip().lower() == "structured"
-    if not structured:
-        if options is not None:
-            raise ValueError("structured_options only apply to pattern='structured'.")
-        return None
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(STRUCTURED_OPTIONS))
-    if unknown:
-        raise ValueError(f"unknown structured_options {unknown}: use {', '.join(STRUCTURED_OPTIONS)}.")
-    if prune_at != "start" or schedule is not None:
-        raise ValueError(
-            "pattern='structured' shrinks the modules, so it prunes once before training: use prune_at='start' "
-            "without a schedule (then the whole fit is recovery fine-tuning), or trainer.validate / trainer.test."
-        )
-    check_budget(
-        0.5, options.get("budget", "layer"), options.get("cost", "params"), options.get("min_keep", 1),
-        options.get("max_sparsity", 0.9),
-    )
-    return options
-
-
-def _prune_structured(callback, trainer, pl_module, sparsity):
-    """The structured branch of ``RobOPCallback._prune``: shrink, then rebuild the optimizers when fitting.
-
-    Lightning creates the optimizers in ``strategy.setup`` (before ``on_fit_start``), so after the
-    parameters change shape ``configure_optimizers`` runs again (``strategy.setup_optimizers``) and the
-    new optimizers move to the device; the LR schedule starts from step 0 of the recovery fine-tune.
-    """
-    if trainer.world_size > 1:
-        raise MisconfigurationException(
-            "RobOPCallback(pattern='structured') runs on one process: under DDP the wrapper's buckets are built for the "
-            "old shapes. Shrink first with prune_model(model, batches, pattern='structured'), save, and fine-tune the "
-            "shrunk model under DDP."
-        )
-    report = prune_model(
-        pl_module,
-        callback._calibration_batches(trainer, pl_module),
-        sparsity=sparsity,
-        pattern="structured",
-        uncertainty=callback.uncertainty,
-        radius=callback.radius,
-        targets=callback.targets,
-        ignore=callback.ignore,
-        heldout_fraction=callback.heldout_fraction,
-        progress=callback.progress and trainer.is_global_zero,
-        resume_dir=None if callback.resume_dir is None else os.path.join(callback.resume_dir, "start"),
-        solver_options=dict(callback.structured_options),
-    )
-    if trainer.state.fn == "fit":
-        trainer.strategy.setup_optimizers(trainer)
-        _optimizers_to_device(trainer.strategy.optimizers, trainer.strategy.root_device)
-    return report
