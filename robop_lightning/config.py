@@ -28,6 +28,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from robop_lightning.fisher_model import FisherOptions
 from robop_lightning.offload import parse_bytes
 from robop_lightning.patterns import parse_pattern
@@ -124,6 +126,7 @@ class PruneConfig:
     activation_budget: int | str | None = None
     curvature: str = "gram"
     fisher: FisherOptions | dict[str, Any] | None = None
+    device: str | None = None
 
     def __post_init__(self) -> None:
         parse_pattern(self.pattern, self.sparsity)
@@ -159,6 +162,12 @@ class PruneConfig:
                                             or not os.fspath(self.resume_dir)):
             raise ValueError(f"resume_dir must be a directory path (str or Path), got {self.resume_dir!r}.")
         parse_bytes(self.activation_budget)
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as err:
+                raise ValueError(f"device must name a torch device such as 'cuda' or 'cuda:1', got {self.device!r} "
+                                 f"({err}).") from None
         self._check_curvature()
 
     @property
@@ -182,6 +191,7 @@ class PruneConfig:
                                   ("activation_budget", self.activation_budget), ("coupled", self.coupled is not None),
                                   ("rounds", self.rounds != 3), ("damping", self.damping != 0.01),
                                   ("solver_options", self.solver_options), ("auto", self.auto),
+                                  ("device", self.device),
                                   ("uncertainty='auto'", self.choose))
                  if bad]
         if self.solver != "cap" or clash:

@@ -190,6 +190,7 @@ def prune_model(
     damping: float = 0.01,
     solver_options: Any = None,
     auto: AutoOptions | dict[str, Any] | None = None,
+    device: str | torch.device | None = None,
 ) -> PruneReport:
     """Prune the linear layers of ``model`` in place, block by block, with :func:`prune_layer`.
 
@@ -246,6 +247,11 @@ def prune_model(
         solver_options: the solver's options (a dict or its dataclass from
             :mod:`robop_lightning.solvers.options`); for ``pattern="structured"`` the keys of
             :class:`robop_lightning.config.StructuredOptions`.
+        device: where blocks are calibrated and solved (``None``: where the model is). With the
+            model on the host and ``device="cuda"``, the weights stay on the host and each block moves
+            to the GPU for its capture and solving, then back (onloading): the GPU holds about one
+            block, its activations and one layer's solver work. The result equals pruning with the
+            whole model on ``device``.
         auto: how ``uncertainty="auto"`` / ``radius="auto"`` choose, per layer
             (:class:`robop_lightning.selection.AutoOptions` or a dict); each report row then has a
             ``selection``: the chosen set and every candidate's held-out fold errors.
@@ -273,7 +279,8 @@ def prune_model(
     config = PruneConfig(sparsity=sparsity, pattern=pattern, solver=solver, uncertainty=uncertainty, radius=radius,
                          coupled=coupled, rounds=rounds, damping=damping, solver_options=solver_options, auto=auto,
                          targets=targets, ignore=ignore, blocks=blocks, heldout_fraction=heldout_fraction,
-                         resume_dir=resume_dir, activation_budget=activation_budget, curvature=curvature, fisher=fisher)
+                         resume_dir=resume_dir, activation_budget=activation_budget, curvature=curvature, fisher=fisher,
+                         device=None if device is None else str(device))
     if curvature == "fisher":
         given = [k for k, v in (("prior_masks", prior_masks), ("forward", forward)) if v is not None]
         if given:
@@ -292,7 +299,7 @@ def prune_model(
             model, calibration, sparsity=0.5 if sparsity is None else sparsity, uncertainty=config.uncertainty,
             radius=radius, targets=targets, ignore=ignore, blocks=blocks, forward=forward, progress=progress,
             heldout_fraction=heldout_fraction, resume_dir=resume_dir, activation_budget=activation_budget,
-            coupled=coupled, rounds=rounds, damping=damping,
+            coupled=coupled, rounds=rounds, damping=damping, device=device,
             **dataclasses.asdict(StructuredOptions.coerce(solver_options)),
         )
     start = time.perf_counter()
@@ -309,7 +316,7 @@ def prune_model(
     batches = list(calibration)
     if not batches:
         raise ValueError("calibration is empty: pass an iterable with at least one batch.")
-    device = next(iter(modules.values())).weight.device
+    home = next(iter(modules.values())).weight.device
     report = PruneReport(
         config={
             "sparsity": parse_pattern(pattern, sparsity).sparsity,
@@ -331,12 +338,13 @@ def prune_model(
         job = {**report.config, "solver_options": solver_options}
         store = open_resume_store(resume_dir, model, {n: m.weight for n, m in modules.items()}, batches, job, prior_masks)
     first_name, first = next(iter(modules.items()))
-    walk = BlockWalk(model, batches, forward, device, activation_budget=activation_budget, progress=progress,
-                     resume=store, dtype=(first_name, first.weight.dtype))
+    walk = BlockWalk(model, batches, forward, home if device is None else torch.device(device),
+                     activation_budget=activation_budget, progress=progress, resume=store,
+                     dtype=(first_name, first.weight.dtype), home=home)
     step = MaskStep(walk, modules, report, config.layer_options(), heldout_fraction, prior_masks)
     with walk.transaction():
         if not structure:
-            walk.linears(step, forward_order(model, modules, batches[0], forward, device), modules, "pruning layers")
+            walk.linears(step, forward_order(model, modules, batches[0], forward, home), modules, "pruning layers")
         else:
             step.inside = {b: [n for n in names if n.startswith(b + ".")] for b, _ in block_list}
             outside = [n for n in names if not any(n in group for group in step.inside.values())]
@@ -344,7 +352,7 @@ def prune_model(
             if outside:  # linears outside the blocks run before or after them, in forward order
                 first_block = block_list[0][0]
                 order = forward_order(model, {**{n: modules[n] for n in outside}, first_block: block_list[0][1]},
-                                      batches[0], forward, device)
+                                      batches[0], forward, home)
                 split = order.index(first_block)
                 before, after = order[:split], order[split + 1 :]
             walk.linears(step, before, modules)

@@ -150,7 +150,12 @@ class BlockWalk:
         model: the model (pruned in place by the step).
         batches: the calibration batches (a list: iterated once per pass).
         forward: ``forward(model, batch)``.
-        device: where the model's blocks run.
+        device: where the blocks run (capture, solving, propagation).
+        home: where the model lives (``None``: ``device``). When it differs from ``device`` the model
+            is *onloaded*: its weights stay at ``home`` and each block (or linear outside the blocks)
+            moves to ``device`` for its capture and solving, then back, so ``device`` holds about one
+            block, its activations and one layer's solver work (SparseGPT's and llm-compressor's
+            sequential onloading). The first forward up to the first block runs at ``home``.
         activation_budget: bytes (or ``"2GB"``) of activations kept in memory; the rest on disk.
         progress: a progress bar on a terminal (``None`` / ``True``); ``False`` for none. Each
             finished block is also logged (``logging.getLogger("robop_lightning")``, INFO).
@@ -171,12 +176,15 @@ class BlockWalk:
         resume: ResumeStore | None = None,
         dtype: tuple[str, torch.dtype] | None = None,
         restored_note: str = "every weight of the model was restored",
+        home: torch.device | None = None,
     ) -> None:
         self.model = model
         self.batches = batches
         self.forward = forward
-        self.device = device
-        self.storage = torch.device("cpu") if device.type != "cpu" else device
+        self.device = torch.device(device)
+        self.home = self.device if home is None else torch.device(home)
+        self.onload = self.home != self.device
+        self.storage = torch.device("cpu") if self.device.type != "cpu" else self.device
         budget = parse_bytes(activation_budget)
         self.acts = ActivationStore(budget, self.storage) if budget is not None else None
         self.progress = progress
@@ -210,6 +218,8 @@ class BlockWalk:
             with torch.no_grad():
                 for undo in reversed(self._undo):
                     undo()
+                if self.onload:  # parameters put back by an undo may still be on the execution device
+                    self.model.to(self.home)
             mismatch = _dtype_mismatch(err, self.batches, self.dtype[1], self.dtype[0]) if self.dtype else None
             if mismatch is not None:
                 raise mismatch from err
@@ -244,6 +254,18 @@ class BlockWalk:
             raise RuntimeError(f"{name}: ranks computed different {what}; pruning must be deterministic across ranks.")
 
     # ------------------------------------------------------------------ walks
+    @contextlib.contextmanager
+    def _onloaded(self, module: nn.Module) -> Iterator[None]:
+        """``module`` on the execution device inside, back home after (whatever happened)."""
+        if not self.onload:
+            yield
+            return
+        module.to(self.device)
+        try:
+            yield
+        finally:
+            module.to(self.home)
+
     def _bar(self, items: list, desc: str) -> Any:
         if self.progress is False or not sys.stderr.isatty():
             return items
@@ -268,9 +290,10 @@ class BlockWalk:
             self._files += 1
 
             def work(name: str = name) -> list[str]:
-                x = capture_linear_input(self.model, modules[name], self.batches, self.forward, self.device,
+                x = capture_linear_input(self.model, modules[name], self.batches, self.forward, self.home,
                                          self.storage, name, self.acts)
-                step.prune_linear(name, x)
+                with self._onloaded(modules[name]):
+                    step.prune_linear(name, x)
                 return [name]
 
             self._unit(step, name, file, work)
@@ -301,21 +324,22 @@ class BlockWalk:
             return
         first_name, first = block_list[0]
         self.current = first_name
-        self.calls = capture_block_inputs(self.model, first, self.batches, self.forward, self.device, self.storage,
+        self.calls = capture_block_inputs(self.model, first, self.batches, self.forward, self.home, self.storage,
                                           first_name, self.acts)
         try:
             for i, (name, block) in enumerate(self._bar(block_list[: last + 1], desc)):
                 self.current = name
                 start = time.perf_counter()
-                if has_work(name):
-                    if checkpoint:
-                        self._unit(step, name, f"block-{i:05d}.safetensors",
-                                   lambda name=name, block=block: step.prune_block(self, name, block))
-                    else:
-                        step.prune_block(self, name, block)
-                if i < last:
-                    self.current = name
-                    run_block(block, self.calls, self.device, self.storage, store=self.acts)
+                with self._onloaded(block):
+                    if has_work(name):
+                        if checkpoint:
+                            self._unit(step, name, f"block-{i:05d}.safetensors",
+                                       lambda name=name, block=block: step.prune_block(self, name, block))
+                        else:
+                            step.prune_block(self, name, block)
+                    if i < last:
+                        self.current = name
+                        run_block(block, self.calls, self.device, self.storage, store=self.acts)
                 log.info("%s: %d/%d %s (%.1f s)", desc, i + 1, last + 1, name, time.perf_counter() - start)
         finally:
             self.calls = None

@@ -137,6 +137,7 @@ def prune_model_structured(
     heldout_fraction: float = 0.0,
     resume_dir: str | Path | None = None,
     activation_budget: int | str | None = None,
+    device: str | torch.device | None = None,
 ) -> PruneReport:
     """Remove whole heads / KV groups and MLP channels of every block, physically, in place.
 
@@ -167,9 +168,9 @@ def prune_model_structured(
         max_sparsity: the largest share of groups any unit may lose under the global budget.
         per_step: groups removed per greedy step (``None``: 1 up to 256 groups, else 1/256 of them).
         progress: progress bar over blocks (``None``: on a terminal).
-        heldout_fraction, resume_dir, activation_budget: as in :func:`robop_lightning.prune_model`
+        heldout_fraction, resume_dir, activation_budget, device: as in :func:`robop_lightning.prune_model`
             (held-out errors per unit; a resumable run, bit-identical after an interruption;
-            activations beyond a budget on disk).
+            activations beyond a budget on disk; blocks onloaded to ``device`` one at a time).
 
     Returns:
         A :class:`robop_lightning.PruneReport`: one row per unit (``name`` = the consumer, ``shape`` its
@@ -216,7 +217,7 @@ def prune_model_structured(
     batches = list(calibration)
     if not batches:
         raise ValueError("calibration is empty: pass an iterable with at least one batch.")
-    device = next(model.parameters()).device
+    home = next(model.parameters()).device
     engine = dict(uncertainty=uncertainty, radius=radius, coupled=coupled, rounds=rounds, damping=damping, per_step=per_step)
     report = PruneReport(
         config={
@@ -254,8 +255,9 @@ def prune_model_structured(
     if resume_dir is not None:
         job = {**report.config, "min_keep": min_keep, "max_sparsity": max_sparsity, "per_step": per_step}
         store = open_resume_store(resume_dir, model, {u.consumer_name: u.consumer.weight for _, u in units}, batches, job)
-    walk = BlockWalk(model, batches, forward, device, activation_budget=activation_budget, progress=progress,
-                     resume=store, restored_note="the model was restored")
+    walk = BlockWalk(model, batches, forward, home if device is None else torch.device(device),
+                     activation_budget=activation_budget, progress=progress, resume=store,
+                     restored_note="the model was restored", home=home)
     step = ShrinkStep(walk, by_block, engine, report, heldout_fraction, [b for _, b in block_list])
     with walk.transaction():
         if budget == "global" and sparsity > 0:

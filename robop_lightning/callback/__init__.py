@@ -107,10 +107,11 @@ class RobOPCallback(Callback):
             ``cost`` (``"params"`` / ``"flops"``), ``min_keep``, ``max_sparsity``, ``per_step``. The
             module shrinks at ``prune_at="start"`` (or at ``validate`` / ``test``) and the optimizers are
             created again for the new parameters; ``prune_at=<epoch>`` and schedules are refused.
-        coupled, rounds, damping, solver_options, blocks, activation_budget: as in
+        coupled, rounds, damping, solver_options, blocks, activation_budget, device: as in
             :func:`robop_lightning.prune_model` (``solver_options``: a dict of the solver's options,
             :mod:`robop_lightning.solvers.options`; ``activation_budget``: bytes or ``"2GB"`` of
-            calibration activations kept in memory, the rest on disk). Every option is checked in
+            calibration activations kept in memory, the rest on disk; ``device``: onload one block
+            at a time to this device while the module stays where it is). Every option is checked in
             ``__init__`` by :class:`robop_lightning.config.PruneConfig`.
         calibration: the old name of ``calibration_dataloader`` (deprecated).
 
@@ -178,6 +179,7 @@ class RobOPCallback(Callback):
         solver_options: dict[str, Any] | None = None,
         blocks: str | None = None,
         activation_budget: int | str | None = None,
+        device: str | None = None,
         calibration: str | None = None,
     ) -> None:
         super().__init__()
@@ -202,7 +204,7 @@ class RobOPCallback(Callback):
             pattern=pattern, solver=solver, uncertainty=uncertainty, radius=radius, coupled=coupled, rounds=rounds,
             damping=damping, solver_options=structured_options if structured else solver_options, auto=auto,
             targets=targets, ignore=ignore, blocks=blocks, heldout_fraction=heldout_fraction, resume_dir=resume_dir,
-            activation_budget=activation_budget, curvature=curvature, fisher=fisher,
+            activation_budget=activation_budget, curvature=curvature, fisher=fisher, device=device,
         )
         if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
             raise ValueError(f"calibration_batches must be a positive integer, got {calibration_batches!r}.")
