@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 __all__ = ["SparsityMasks"]
 
@@ -55,6 +56,15 @@ def _pack(mask: torch.Tensor) -> torch.Tensor:
     flat = mask.detach().reshape(-1).to("cpu", torch.int32)
     flat = torch.nn.functional.pad(flat, (0, (-flat.numel()) % 8))
     return (flat.view(-1, 8) * _BITS).sum(1).to(torch.uint8)
+
+
+def _like(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``mask`` placed like ``param``: on its device, or, for a sharded DTensor parameter (FSDP2's
+    ``fully_shard``), a DTensor with the same mesh and placements (each rank keeps its own shard)."""
+    if isinstance(param, DTensor):
+        local = mask.to(param.device_mesh.device_type)
+        return distribute_tensor(local, param.device_mesh, param.placements, src_data_rank=None)
+    return mask.to(param.device)
 
 
 def _unpack(bits: torch.Tensor, shape: Iterable[int]) -> torch.Tensor:
@@ -162,7 +172,7 @@ class SparsityMasks:
                     "the masks belong to a different model."
                 )
             self._params[name] = param
-            self._pruned[name] = (~mask).to(param.device)
+            self._pruned[name] = _like(~mask, param)
             if param.requires_grad:
                 self._handles.append(param.register_post_accumulate_grad_hook(self._grad_hook(name)))
         self.apply()
@@ -182,7 +192,8 @@ class SparsityMasks:
             for name, param in self._params.items():
                 for value in optimizer.state.get(param, {}).values():
                     if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                        value.masked_fill_(self._pruned[name].to(value.device), 0)
+                        pruned = self._pruned[name]
+                        value.masked_fill_(pruned if isinstance(value, DTensor) else pruned.to(value.device), 0)
 
     def detach(self) -> None:
         """Remove every hook; the weights keep their current values."""
@@ -217,6 +228,8 @@ class SparsityMasks:
         """Whether every pruned entry of ``model``'s masked weights is exactly zero."""
         for name, mask in self._masks.items():
             weight = model.get_submodule(name).weight.detach()
+            if isinstance(weight, DTensor):
+                weight = weight.full_tensor()
             if bool((weight[~mask.to(weight.device)] != 0).any()):
                 return False
         return True

@@ -36,7 +36,10 @@ class RobOPCallback(Callback):
     Lifecycle, hook by hook (the one-off job follows ``BatchSizeFinder``: it runs at whatever entry
     point was called):
 
-    * ``setup``: refuse sharded strategies (FSDP, DeepSpeed, model parallel).
+    * ``setup``: under ``ModelParallelStrategy`` (FSDP2's ``fully_shard`` in ``configure_model``),
+      prune now, on whole weights, before the model is sharded; the masks are then sharded like
+      their parameters (DTensor placements) when they attach in ``on_fit_start``. FSDP (v1) and
+      DeepSpeed flatten parameters and are refused.
     * ``on_fit_start``: with ``prune_at="start"`` (and no ``schedule``), prune now, so the whole of
       ``fit`` is recovery fine-tuning. When the callback's state came from a checkpoint
       (``ckpt_path=``), nothing is pruned again: the saved masks are re-installed.
@@ -312,12 +315,22 @@ class RobOPCallback(Callback):
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        if isinstance(trainer.strategy, (FSDPStrategy, DeepSpeedStrategy, ModelParallelStrategy)):
+        strategy = trainer.strategy
+        if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
             raise MisconfigurationException(
-                f"RobOPCallback does not support {type(trainer.strategy).__name__}: pruning needs every rank to hold "
-                "whole weights. Use strategy='ddp' (or a single device), or prune first with prune_model and "
-                "fine-tune under a sharded strategy without the callback."
+                f"RobOPCallback does not support {type(strategy).__name__}: its parameters are flattened, so masks "
+                "cannot follow them. Use ModelParallelStrategy with FSDP2's fully_shard in configure_model (the "
+                "callback prunes whole weights in setup, before the sharding), strategy='ddp', or prune first with "
+                "prune_model and fine-tune without the callback."
             )
+        if isinstance(strategy, ModelParallelStrategy):
+            if self.schedule is not None or self.prune_at != "start" or self.structured_options is not None:
+                raise MisconfigurationException(
+                    "Under ModelParallelStrategy RobOPCallback prunes once, in setup, on whole weights before "
+                    "configure_model shards them: use prune_at='start' without a schedule (unstructured or N:M)."
+                )
+            if stage == "fit" and not self.pruned and trainer.ckpt_path is None:
+                self._prune(trainer, pl_module, self.sparsity, "start")  # before configure_model shards the weights
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

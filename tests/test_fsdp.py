@@ -1,0 +1,148 @@
+"""Sharded recovery fine-tuning (issue 17): RobOPCallback under ModelParallelStrategy with FSDP2.
+
+The child runs a real 2-process gloo fit on CPU: the callback prunes whole weights in ``setup``,
+``configure_model`` shards every decoder layer with ``fully_shard``, the masks attach as DTensors
+sharded like their parameters, and AdamW fine-tunes with gradient accumulation. The parent checks
+that the zeros hold, that both ranks agree, that the full checkpoint loads strictly into the stock
+module, and that the result equals the same fine-tune in one process.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from robop_lightning import RobOPCallback
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS, ACCUMULATE, BATCH = 3, 2, 4
+
+
+def _config() -> LlamaConfig:
+    return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=64, tie_word_embeddings=False)
+
+
+class TinyLM(pl.LightningModule):
+    """A tiny Llama; ``configure_model`` applies FSDP2 when the strategy gives a device mesh."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.model = LlamaForCausalLM(_config())
+
+    def configure_model(self) -> None:
+        mesh = getattr(self, "device_mesh", None)
+        if mesh is None or getattr(self, "_sharded", False):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in self.model.model.layers:
+            fully_shard(layer, mesh=mesh["data_parallel"])
+        fully_shard(self.model, mesh=mesh["data_parallel"])
+        self._sharded = True
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+    def training_step(self, batch, batch_idx):
+        (ids,) = batch
+        return self.model(input_ids=ids, labels=ids, use_cache=False).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1)
+
+
+def _tokens() -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 64, (2 * BATCH * STEPS * ACCUMULATE, 12), generator=g)
+
+
+def _callback() -> RobOPCallback:
+    return RobOPCallback(sparsity=0.5, solver="sparsegpt", uncertainty="trace", calibration_batches=2, verbose=False,
+                         progress=False)
+
+
+def _trainer(strategy, devices: int, out: str, **kwargs) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=STEPS,
+                      accumulate_grad_batches=ACCUMULATE, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=out, use_distributed_sampler=False, **kwargs)
+
+
+def _child(out: str) -> None:
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    torch.set_num_threads(1)
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False)
+    robop = _callback()
+    module = TinyLM()
+    trainer = _trainer(strategy, 2, out, callbacks=[robop], enable_checkpointing=False)
+    tokens = _tokens()
+
+    class Shard(pl.LightningDataModule):
+        def train_dataloader(self):  # rank r: every other batch-sized slice, so ranks see disjoint samples
+            r = trainer.global_rank
+            shard = torch.cat([tokens[i : i + BATCH] for i in range(r * BATCH, len(tokens), 2 * BATCH)])
+            return DataLoader(TensorDataset(shard), batch_size=BATCH, shuffle=False)
+
+    trainer.fit(module, datamodule=Shard())
+    from torch.distributed.tensor import DTensor
+
+    weight = module.model.model.layers[0].mlp.down_proj.weight
+    sharded = isinstance(weight, DTensor)
+    full = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+            for k, v in module.model.state_dict().items()}
+    trainer.save_checkpoint(os.path.join(out, "full.ckpt"))  # save_distributed_checkpoint=False: one file
+    robop.masks.attach(module)  # (teardown detached them) the masks as they are held during training
+    placements = str(robop.masks._pruned["model.model.layers.0.mlp.down_proj"].placements)
+    robop.masks.detach()
+    torch.save({"masks": robop.masks.to_dict(), "state": full, "sharded": sharded, "mask_placements": placements},
+               os.path.join(out, f"rank{trainer.global_rank}.pt"))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def test_sharded_fine_tuning_holds_zeros_and_equals_one_process(tmp_path):
+    launcher = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    proc = subprocess.run([sys.executable, __file__, str(tmp_path)], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
+    assert r0["sharded"] and "Shard(dim=0)" in r0["mask_placements"]  # the masks follow the DTensor placements
+    for name in r0["masks"]:
+        assert torch.equal(r0["masks"][name], r1["masks"][name]), name
+        weight = r0["state"][name.removeprefix("model.") + ".weight"]
+        assert bool((weight[~r0["masks"][name]] == 0).all()), name  # zeros held through sharded AdamW steps
+    for k in r0["state"]:
+        assert torch.equal(r0["state"][k], r1["state"][k]), k
+
+    # the full checkpoint loads strictly into the stock module
+    stock = TinyLM()
+    stock.load_state_dict(torch.load(tmp_path / "full.ckpt", weights_only=False)["state_dict"], strict=True)
+
+    # one process, same samples (both ranks' slices in one batch of 2 x BATCH), same steps
+    torch.set_num_threads(1)
+    tokens = _tokens()
+    single = TinyLM()
+    robop = _callback()
+    loader = DataLoader(TensorDataset(tokens), batch_size=2 * BATCH, shuffle=False)
+    _trainer("auto", 1, str(tmp_path / "single"), callbacks=[robop], enable_checkpointing=False).fit(single, loader)
+    for name in robop.masks:
+        assert torch.equal(robop.masks[name], r0["masks"][name]), name
+    for k, v in single.model.state_dict().items():
+        torch.testing.assert_close(r0["state"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1])
