@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorData
 
 from robop_lightning.callback import RobOPCallback
 from robop_lightning.masks import SparsityMasks
-from tests.test_model import tiny_llama
+from tests.engine_helpers import tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,11 +10,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import robop_lightning.gram as gram_module
 from robop_lightning import LayerInputs, prune_layer
 from robop_lightning.patterns import parse_pattern
 from robop_lightning.solvers.refit import exact_refit
-from tests.engine_helpers import correlated_inputs, quad, random_weight
+from tests.engine_helpers import _correlated, correlated_inputs, quad, random_weight
 
 SOLVERS = ["alps", "cap", "sparsegpt", "wanda", "magnitude"]
 SETS = ["baseline", "trace", "e", "cte", "minmax-trace", "minmax-e", "cvar"]
@@ -122,15 +121,6 @@ def test_all_zero_inputs_warn_and_fall_back_to_magnitude():
     with pytest.warns(RuntimeWarning, match="all calibration inputs are zero"):
         r = prune_layer(w, torch.zeros(5, 8), sparsity=0.5, solver="alps")
     assert torch.equal(r.mask, parse_pattern("unstructured", 0.5).select(w.abs()))
-
-
-def test_chunked_gram_equals_direct(monkeypatch):
-    x = correlated_inputs(37, 5, 24, 4)
-    direct = (x.reshape(-1, 24).double().T @ x.reshape(-1, 24).double())
-    monkeypatch.setattr(gram_module, "_CHUNK_ELEMENTS", 24 * 5 * 3)  # 3 samples per chunk
-    li = LayerInputs(x)
-    assert list(li._sample_chunks())[:2] == [(0, 3), (3, 6)]
-    assert torch.allclose(li.gram(), direct, rtol=1e-5)
 
 
 def test_quality_ordering_on_correlated_uneven_inputs():
@@ -288,3 +278,152 @@ def test_robust_solution_beats_nominal_solution_on_the_robust_objective(uncertai
         denom = quad(li.gram(), w)
         gains.append(s.robust_loss(w - nominal.weight) / denom - robust.robust_error)
     assert min(gains) >= -1e-9 and sum(gains) > 0
+
+
+# --------------------------------------------------------------------------- bad input (issue 8)
+def _degenerate(case: str) -> torch.Tensor:
+    """Calibration inputs ``(samples, tokens, 32)`` of a 16 x 32 layer that make its Gram degenerate."""
+    g = torch.Generator().manual_seed(0)
+    if case == "constant":  # every token the same vector: a rank-1 Gram
+        return torch.full((6, 3, 32), 0.7)
+    if case == "constant-per-feature":  # every feature constant, different values: rank 1 again
+        return torch.linspace(-2, 2, 32).expand(6, 3, 32).clone()
+    if case == "single-sample":  # one sequence of 4 tokens: CTE has one sample, E no bootstrap
+        return torch.randn(1, 4, 32, generator=g)
+    if case == "single-row":  # one token in total
+        return torch.randn(1, 32, generator=g)
+    if case == "rank-deficient":  # 2 tokens, 32 features, 5 dead
+        x = torch.randn(2, 1, 32, generator=g)
+        x[..., :5] = 0
+        return x
+    if case == "near-singular":  # rank 2 up to 1e-9 noise
+        return torch.randn(10, 4, 2, generator=g) @ torch.randn(2, 32, generator=g) + 1e-9 * torch.randn(
+            10, 4, 32, generator=g
+        )
+    if case == "tiny-scale":  # a Gram of ~1e-70: its inverse overflows float32
+        return correlated_inputs(8, 2, 32, 0) * 1e-35
+    if case == "huge-scale":  # a Gram of ~1e60: overflows float32
+        return correlated_inputs(8, 2, 32, 0) * 1e30
+    raise AssertionError(case)
+
+
+CASES = [
+    "constant", "constant-per-feature", "single-sample", "single-row", "rank-deficient", "near-singular",
+    "tiny-scale", "huge-scale",
+]
+
+
+@pytest.mark.usefixtures("one_thread")  # as in test_bad_input.py, where it applied to the whole module
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_degenerate_calibration_data_works_for_every_set(case, solver):
+    """Constant data, one sample (CTE over a single sample), rank-deficient, near-singular and
+    badly scaled Grams: exact budget, finite weights, nothing mutated, for every set and pattern."""
+    w = random_weight(16, 32, 0)
+    x = _degenerate(case)
+    w0, x0 = w.clone(), x.clone()
+    for uncertainty in SETS:
+        for pattern, sparsity in (("unstructured", 0.6), ("row", 0.5), ("2:4", None)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # raised damping is reported, not an error
+                r = prune_layer(w, x, sparsity=sparsity, pattern=pattern, solver=solver, uncertainty=uncertainty,
+                                rounds=2, name="blocks.0.fc1")
+            where = (case, solver, uncertainty, pattern)
+            assert parse_pattern(pattern, sparsity).validate_mask(r.mask), where
+            assert torch.isfinite(r.weight).all() and bool((r.weight[~r.mask] == 0).all()), where
+            assert 0 <= r.nominal_error <= r.robust_error < float("inf"), where
+            assert torch.equal(w, w0) and torch.equal(x, x0), where
+
+
+@pytest.mark.usefixtures("one_thread")  # as in test_bad_input.py, where it applied to the whole module
+def test_all_zero_inputs_warn_once_per_layer_for_every_solver_and_set():
+    w = random_weight(4, 8, 2)
+    expected = parse_pattern("unstructured", 0.5).select(w.abs())
+    for solver in SOLVERS:
+        for uncertainty in SETS:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                r = prune_layer(w, torch.zeros(3, 2, 8), sparsity=0.5, solver=solver, uncertainty=uncertainty,
+                                name="fc")
+            assert [str(c.message)[:36] for c in caught] == ["fc: all calibration inputs are zero;"]
+            assert torch.equal(r.mask, expected) and torch.equal(r.weight, w * expected), (solver, uncertainty)
+
+
+@pytest.mark.usefixtures("one_thread")  # as in test_bad_input.py, where it applied to the whole module
+@pytest.mark.parametrize(
+    "weight_dtype,input_dtype",
+    [
+        (torch.bfloat16, torch.float32),
+        (torch.float16, torch.bfloat16),
+        (torch.float32, torch.float16),
+        (torch.float64, torch.bfloat16),
+    ],
+)
+def test_mismatched_dtypes_work(weight_dtype, input_dtype):
+    """The Gram is always float64 and the result takes the weight's dtype, whatever the inputs'."""
+    w, x = random_weight(16, 32, 3).to(weight_dtype), correlated_inputs(8, 4, 32, 3).to(input_dtype)
+    for solver in SOLVERS:
+        r = prune_layer(w, x, sparsity=0.5, solver=solver, uncertainty="cvar", heldout=x[:2].double())
+        assert r.weight.dtype == weight_dtype and int(r.mask.sum()) == 256
+        assert torch.isfinite(r.weight).all() and bool((r.weight[~r.mask] == 0).all())
+        assert r.heldout_error is not None and r.heldout_error >= 0
+
+
+@pytest.mark.usefixtures("one_thread")  # as in test_bad_input.py, where it applied to the whole module
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_mismatched_devices_work():
+    """Weight on the GPU, inputs on the CPU (how prune_model keeps activations): result on the GPU."""
+    w, x = random_weight(16, 32, 3).cuda(), correlated_inputs(8, 4, 32, 3)
+    for solver in SOLVERS:
+        for uncertainty in SETS:
+            r = prune_layer(w, x, sparsity=0.5, solver=solver, uncertainty=uncertainty)
+            assert r.weight.device == w.device and r.mask.device == w.device and int(r.mask.sum()) == 256
+            ref = prune_layer(w.cpu(), x, sparsity=0.5, solver=solver, uncertainty=uncertainty)
+            assert (r.mask.cpu() != ref.mask).float().mean() < 0.05
+
+
+@pytest.mark.usefixtures("one_thread")  # as in test_bad_input.py, where it applied to the whole module
+@pytest.mark.parametrize("solver", SOLVERS)
+@pytest.mark.parametrize("uncertainty", SETS)
+def test_sparsity_zero_and_099(solver, uncertainty):
+    w, x = random_weight(16, 32, 4), correlated_inputs(8, 4, 32, 4)
+    r = prune_layer(w, x, sparsity=0.0, solver=solver, uncertainty=uncertainty)
+    assert bool(r.mask.all()) and torch.equal(r.weight, w) and r.nominal_error == 0 and r.sparsity == 0
+    r = prune_layer(w, x, sparsity=0.99, solver=solver, uncertainty=uncertainty)
+    assert int(r.mask.sum()) == 5  # round(0.01 * 512)
+    assert torch.isfinite(r.weight).all() and int((r.weight != 0).sum()) <= 5
+    r = prune_layer(w, x, sparsity=0.99, pattern="row", solver=solver, uncertainty=uncertainty)
+    assert int(r.mask.sum()) == 0 and bool((r.weight == 0).all())  # round(0.32) = 0 per row: all zero
+
+
+# --------------------------------------------------------------------------- pattern='structured'
+@pytest.mark.usefixtures("one_thread")  # as in test_structured.py, where it applied to the whole module
+def test_prune_layer_structured_zeroes_whole_columns():
+    x, g = _correlated(128, 16, 5)
+    w = torch.randn(8, 16, generator=g)
+    r = prune_layer(w, x.float(), sparsity=0.25, pattern="structured", uncertainty="trace")
+    assert int((r.mask.sum(0) == 0).sum()) == 4 and bool((r.mask == r.mask[:1]).all())
+    assert bool((r.weight[~r.mask] == 0).all()) and r.pattern == "structured"
+
+
+# --------------------------------------------------------------------------- Llama-7B-sized layers (slow; run with -m slow)
+@pytest.mark.slow
+@pytest.mark.parametrize("solver", ["magnitude", "wanda", "sparsegpt"])
+def test_down_proj_sized_layer(solver):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(4096, 11008, generator=g, dtype=torch.bfloat16)
+    x = torch.randn(8, 64, 11008, generator=g, dtype=torch.bfloat16)  # 512 tokens: a rank-deficient Gram
+    x[..., :16] = 0  # dead inputs
+    r = prune_layer(w, x, sparsity=0.5, solver=solver, uncertainty="baseline")
+    assert r.weight.dtype == torch.bfloat16 and int(r.mask.sum()) == w.numel() // 2
+    assert torch.isfinite(r.weight.float()).all() and 0 < r.nominal_error < 1
+
+
+@pytest.mark.slow
+def test_alps_and_cte_on_a_4096_wide_layer():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(512, 4096, generator=g)
+    x = torch.randn(16, 64, 4096, generator=g)
+    r = prune_layer(w, x, sparsity=0.5, solver="alps", uncertainty="cvar", rounds=1,
+                    solver_options={"max_iter": 30})
+    assert int(r.mask.sum()) == w.numel() // 2 and r.robust_error >= r.nominal_error > 0

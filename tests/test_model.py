@@ -1,9 +1,11 @@
-"""prune_model on tiny real models: an MLP, a timm ViT and a Hugging Face Llama (CPU)."""
+"""robop_lightning.model: prune_model end to end on tiny real models (an MLP, a timm ViT, a Hugging Face
+Llama, CPU): correctness against block-by-block pruning by hand, bad input, shared / tied / frozen weights,
+determinism."""
 
 from __future__ import annotations
 
 import copy
-import json
+import warnings
 
 import pytest
 import torch
@@ -11,80 +13,12 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from robop_lightning.targets import find_blocks, resolve_targets
 from robop_lightning.layer import prune_layer
-from robop_lightning.model import PruneReport, prune_model
-
-
-# --------------------------------------------------------------------------- tiny models
-class MLP(nn.Module):
-    """No repeated blocks: pruned linear by linear, the ``head`` stays dense."""
-
-    def __init__(self, n_in: int = 16, hidden: int = 32, n_out: int = 4) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(n_in, hidden)
-        self.fc2 = nn.Linear(hidden, hidden)
-        self.head = nn.Linear(hidden, n_out)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
-
-
-def tiny_vit(seed: int = 0) -> VisionTransformer:
-    torch.manual_seed(seed)
-    return VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=4).eval()
-
-
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=128,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def images(batches: int = 4, size: int = 4, seed: int = 1) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randn(size, 3, 16, 16, generator=g) for _ in range(batches)]
-
-
-def clone_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def linear_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-
-
-def no_hooks_left(model: nn.Module) -> bool:
-    return all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
-
-
-# --------------------------------------------------------------------------- structure
-def test_block_discovery_and_default_targets():
-    vit, llama, mlp = tiny_vit(), tiny_llama(), MLP()
-    name, blocks = find_blocks(vit)
-    assert name == "blocks" and [b for b, _ in blocks] == ["blocks.0", "blocks.1"]
-    name, blocks = find_blocks(llama)
-    assert name == "model.layers" and len(blocks) == 2
-    assert find_blocks(mlp) is None
-
-    vit_targets = resolve_targets(vit, None, None, ["blocks.0", "blocks.1"])
-    assert vit_targets == [n for n in linear_names(vit) if n.startswith("blocks.")]
-    assert len(vit_targets) == 8 and "head" not in vit_targets
-    assert resolve_targets(mlp, None, None, None) == ["fc1", "fc2"]  # head left dense
-    assert resolve_targets(vit, ["re:mlp"], ["blocks.1"], None) == ["blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]
-    with pytest.raises(ValueError, match="matches no nn.Linear"):
-        resolve_targets(vit, ["blocks.7"], None, None)
-    with pytest.raises(ValueError, match="ignore entry"):
-        resolve_targets(vit, None, ["re:nothing_like_this"], ["blocks.0"])
-    with pytest.raises(ValueError, match="not a submodule"):
-        find_blocks(vit, "encoder.layers")
+from robop_lightning.model import prune_model
+from tests.engine_helpers import (
+    MLP, _batches, _net, _state, _unchanged, clone_state, images, linear_names, no_hooks_left, state,
+    tiny_llama, tiny_vit,
+)
 
 
 # --------------------------------------------------------------------------- correctness
@@ -175,21 +109,6 @@ def test_llama_kwargs_padding_and_lm_head_dense():
     assert torch.isfinite(err) and err < err_mag
 
 
-def test_sequences_of_different_lengths_are_zero_padded_exactly():
-    """Padding short sequences with zero rows gives the result of the unpadded token rows."""
-    llama, ref = tiny_llama(), tiny_llama()
-    g = torch.Generator().manual_seed(3)
-    short, long = torch.randint(0, 128, (2, 6), generator=g), torch.randint(0, 128, (2, 10), generator=g)
-    prune_model(llama, [{"input_ids": short}, {"input_ids": long}], solver="sparsegpt", uncertainty="baseline")
-    with torch.no_grad():  # q_proj of block 0 sees input_layernorm(embeddings): all token rows, unpadded
-        rows = torch.cat(
-            [ref.model.layers[0].input_layernorm(ref.model.embed_tokens(ids)).reshape(-1, 32) for ids in (short, long)]
-        )
-    q = ref.model.layers[0].self_attn.q_proj
-    expected = prune_layer(q.weight.detach(), rows, sparsity=0.5, solver="sparsegpt")
-    torch.testing.assert_close(llama.model.layers[0].self_attn.q_proj.weight, expected.weight, rtol=1e-4, atol=1e-5)
-
-
 @pytest.mark.parametrize("solver", ["cap", "alps"])
 def test_robust_solvers_on_mlp(solver):
     torch.manual_seed(0)
@@ -223,123 +142,6 @@ def test_pattern_targets_outside_blocks_and_engine_kwargs():
     assert report.config["damping"] == 0.05
 
 
-# --------------------------------------------------------------------------- report
-def test_report_table_dict_and_json(tmp_path):
-    torch.manual_seed(0)
-    report = prune_model(MLP(), [torch.randn(8, 16)], sparsity=0.25, solver="wanda", uncertainty="baseline")
-    assert isinstance(report, PruneReport)
-    text = str(report)
-    assert "fc1" in text and "fc2" in text and "total (2 layers" in text and "wanda" in text
-    d = report.to_dict()
-    assert d["totals"]["parameters"] == 16 * 32 + 32 * 32
-    assert d["totals"]["zeros"] == round(0.25 * d["totals"]["parameters"])
-    assert d["totals"]["sparsity"] == pytest.approx(0.25)
-    path = tmp_path / "report.json"
-    report.to_json(path)
-    assert json.loads(path.read_text()) == json.loads(json.dumps(d))
-
-
-# --------------------------------------------------------------------------- failures
-def test_nan_activations_leave_every_weight_bit_identical():
-    vit, batches = tiny_vit(), images(2)
-    before = clone_state(vit)
-    vit.blocks[1].mlp.act.register_forward_hook(lambda m, i, out: out * float("nan"))
-    with pytest.raises(ValueError, match=r"blocks\.1\.mlp\.fc2") as info:
-        prune_model(vit, batches, solver="sparsegpt", uncertainty="baseline")
-    assert "NaN" in str(info.value)
-    after = vit.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    vit.blocks[1].mlp.act._forward_hooks.clear()
-    assert no_hooks_left(vit)
-
-
-def test_keyboard_interrupt_restores_weights():
-    vit, batches = tiny_vit(), images(2)
-    before = clone_state(vit)
-
-    def interrupt(module, args):
-        raise KeyboardInterrupt
-
-    handle = vit.blocks[1].register_forward_pre_hook(interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        prune_model(vit, batches, solver="wanda", uncertainty="baseline")
-    handle.remove()
-    after = vit.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert no_hooks_left(vit)
-
-
-def test_input_validation():
-    vit = tiny_vit()
-    before = clone_state(vit)
-    with pytest.raises(ValueError, match="calibration is empty"):
-        prune_model(vit, [], solver="wanda")
-    with pytest.raises(ValueError, match="unknown solver"):
-        prune_model(vit, images(1), solver="obs")
-    with pytest.raises(ValueError, match="sparsity"):
-        prune_model(vit, images(1), sparsity=1.5)
-    with pytest.raises(TypeError, match="unexpected keyword"):
-        prune_model(vit, images(1), solver="wanda", blocksize=3)
-    with pytest.raises(ValueError, match="heldout_fraction"):
-        prune_model(vit, images(1), solver="wanda", uncertainty="baseline", heldout_fraction=0.9)
-    after = vit.state_dict()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-
-
-def test_training_mode_restored():
-    vit = tiny_vit().train()
-    prune_model(vit, images(1), solver="magnitude", uncertainty="baseline")
-    assert all(m.training for m in vit.modules())
-
-
-# --------------------------------------------------------------------------- masks
-def test_masks_hold_zeros_through_momentum_and_unmasked_gradients():
-    from robop_lightning.masks import SparsityMasks
-
-    torch.manual_seed(0)
-    mlp = MLP()
-    opt = torch.optim.SGD(mlp.parameters(), lr=0.1, momentum=0.9, weight_decay=0.01)
-    for _ in range(3):  # dense steps: every weight has momentum now
-        mlp(torch.randn(8, 16)).pow(2).mean().backward()
-        opt.step()
-        opt.zero_grad()
-    mask = torch.rand(mlp.fc1.weight.shape) > 0.5
-    masks = SparsityMasks({"fc1": mask})
-    masks.attach(mlp, [opt])
-    assert bool((opt.state[mlp.fc1.weight]["momentum_buffer"][~mask] == 0).all())
-    for _ in range(3):
-        mlp(torch.randn(8, 16)).pow(2).mean().backward()
-        assert bool((mlp.fc1.weight.grad[~mask] == 0).all())  # masked after accumulation
-        mlp.fc1.weight.grad += 1.0  # something else writes the pruned gradients: the step post-hook still wins
-        opt.step()
-        opt.zero_grad()
-        assert bool((mlp.fc1.weight[~mask] == 0).all()) and bool((mlp.fc1.weight[mask] != 0).all())
-    assert masks.holds(mlp) and masks.sparsity() == pytest.approx(1 - float(mask.float().mean()))
-    masks.detach()
-    assert not opt._optimizer_step_post_hooks and not mlp.fc1.weight._post_accumulate_grad_hooks
-    mlp(torch.randn(8, 16)).pow(2).mean().backward()
-    opt.step()
-    assert not masks.holds(mlp)  # detached: nothing holds the zeros any more
-    with pytest.raises(ValueError, match="different model"):
-        SparsityMasks({"fc2": mask}).attach(mlp)
-
-
-def test_masks_state_dict_is_bit_packed_and_round_trips():
-    from robop_lightning.masks import SparsityMasks
-
-    g = torch.Generator().manual_seed(0)
-    masks = SparsityMasks({"a": torch.rand(3, 5, generator=g) > 0.5, "b": torch.rand(32, 16, generator=g) > 0.3})
-    state = masks.state_dict()
-    assert state["a"]["bits"].dtype == torch.uint8 and state["a"]["bits"].numel() == 2  # 15 bits -> 2 bytes
-    assert state["b"]["bits"].numel() == 64
-    again = SparsityMasks.from_state_dict(state)
-    assert all(torch.equal(again[n], masks[n]) for n in ("a", "b"))
-    assert again.digest() == masks.digest()  # what DDP ranks compare
-    flipped = again.to_dict()
-    flipped["b"][0, 0] = ~flipped["b"][0, 0]
-    assert SparsityMasks(flipped).digest() != masks.digest()
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_model_keeps_activations_on_cpu_and_matches_cpu_masks():
@@ -349,3 +151,178 @@ def test_cuda_model_keeps_activations_on_cpu_and_matches_cpu_masks():
     for name, mask in masks_cpu.items():
         assert gpu.get_submodule(name).weight.is_cuda
         assert float((mask == masks_gpu[name]).float().mean()) > 0.97, name  # TF32 / kernel rounding only
+
+
+# --------------------------------------------------------------------------- bad input (issue 8)
+def _tiny_llama(tie: bool) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64, tie_word_embeddings=tie)
+    return LlamaForCausalLM(config).eval()
+
+
+def _token_batches() -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    return [{"input_ids": torch.randint(0, 64, (2, 8), generator=g)} for _ in range(2)]
+
+
+@pytest.mark.usefixtures("one_thread")  # as in test_bad_input.py, where it applied to the whole module
+@pytest.mark.parametrize(
+    "case,calibration",
+    [
+        ("constant", [torch.ones(8, 16)] * 2),
+        ("all-zero", [torch.zeros(8, 16)] * 2),
+        ("single sample", [torch.randn(1, 16, generator=torch.Generator().manual_seed(0))]),
+        ("single unbatched sample", [torch.randn(16, generator=torch.Generator().manual_seed(0))]),
+        ("batches of different sizes", [torch.randn(1, 16), torch.randn(7, 16)]),
+    ],
+)
+@pytest.mark.parametrize("solver,uncertainty", [("cap", "cvar"), ("alps", "minmax-e"), ("sparsegpt", "minmax-trace"), ("alps", "e"), ("cap", "trace")])
+def test_prune_model_on_degenerate_calibration_works(case, calibration, solver, uncertainty):
+    model = _net()
+    data = [b.clone() for b in calibration]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        report = prune_model(model, data, sparsity=0.5, solver=solver, uncertainty=uncertainty, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(data, calibration))  # batches untouched
+    assert [r["name"] for r in report.layers] == ["fc1", "fc2"]
+    for name, mask in report.masks.items():
+        weight = model.get_submodule(name).weight
+        assert int(mask.sum()) == weight.numel() // 2 and torch.isfinite(weight).all()
+        assert bool((weight[~mask] == 0).all())
+
+
+@pytest.mark.usefixtures("one_thread")  # as in test_bad_input.py, where it applied to the whole module
+@pytest.mark.parametrize("sparsity", [0.0, 0.99])
+def test_prune_model_sparsity_zero_and_099(sparsity):
+    model = _net()
+    before = _state(model)
+    report = prune_model(model, _batches(), sparsity=sparsity, solver="cap", uncertainty="cvar", progress=False)
+    if sparsity == 0.0:
+        assert _unchanged(model, before) and all(bool(m.all()) for m in report.masks.values())
+    else:
+        for name, mask in report.masks.items():
+            weight = model.get_submodule(name).weight
+            assert int(mask.sum()) == round(0.01 * weight.numel()) == int((weight != 0).sum())  # 5 of 512
+
+
+@pytest.mark.usefixtures("one_thread")  # as in test_bad_input.py, where it applied to the whole module
+def test_layer_narrower_than_nm_group_fails_before_any_work():
+    """A 2-wide layer under 2:4: refused up front with the layer's name and the fix, no forward run."""
+
+    class Narrow(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc1, self.fc2, self.head = nn.Linear(16, 2), nn.Linear(2, 8), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.head(self.fc2(self.fc1(x)))
+
+    model = Narrow()
+    before = _state(model)
+    calls = []
+    model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    with pytest.raises(ValueError, match=r"but fc2 has in_features=2\. Use pattern='unstructured' or 'row'"):
+        prune_model(model, _batches(), pattern="2:4", sparsity=None, solver="alps", uncertainty="cvar")
+    assert calls == [] and _unchanged(model, before)
+    report = prune_model(model, _batches(), pattern="2:4", sparsity=None, solver="alps", ignore=["fc2"])
+    assert list(report.masks) == ["fc1"] and bool((report.masks["fc1"].view(2, 4, 4).sum(-1) == 2).all())
+
+
+@pytest.mark.usefixtures("one_thread")  # as in test_bad_input.py, where it applied to the whole module
+def test_tied_embedding_and_lm_head():
+    """lm_head tied to the embedding: targeting it is refused (it would prune the embedding too);
+    the default targets (the blocks) prune fine and leave the tied pair untouched."""
+    model = _tiny_llama(tie=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    before = _state(model)
+    with pytest.raises(
+        ValueError,
+        match=r"^lm_head: its weight is tied to model\.embed_tokens\.weight .*Leave lm_head out of the targets, or "
+        r"untie the weights first .*tie_word_embeddings=False",
+    ):
+        prune_model(model, _token_batches(), targets=["lm_head"], solver="sparsegpt", uncertainty="cvar")
+    assert _unchanged(model, before)
+    report = prune_model(model, _token_batches(), solver="sparsegpt", uncertainty="cvar", progress=False)
+    assert len(report.masks) == 14 and report.totals["sparsity"] == pytest.approx(0.5)
+    assert torch.equal(model.model.embed_tokens.weight, before["model.embed_tokens.weight"])
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    # untied (the stock fix): lm_head prunes, the embedding keeps every entry
+    untied = _tiny_llama(tie=False)
+    report = prune_model(untied, _token_batches(), targets=["lm_head"], solver="sparsegpt", uncertainty="cvar")
+    assert int(report.masks["lm_head"].sum()) == 64 * 32 // 2
+    assert not bool((untied.model.embed_tokens.weight == 0).any())
+
+
+@pytest.mark.usefixtures("one_thread")  # as in test_bad_input.py, where it applied to the whole module
+def test_weights_shared_between_layers():
+    model = _net(hidden=16)
+    model.fc2.weight = model.fc1.weight  # both 16 x 16, one tensor
+    before = _state(model)
+    with pytest.raises(
+        ValueError,
+        match=r"^fc1: its weight is the same tensor as fc2\.weight \(weights shared between layers\).*Untie them "
+        r"first .*ignore=\['fc1', 'fc2'\]",
+    ):
+        prune_model(model, _batches(), solver="cap", uncertainty="cvar")
+    assert _unchanged(model, before)
+    with pytest.raises(ValueError, match=r"^fc1: its weight is tied to fc2\.weight"):  # one of the two: still shared
+        prune_model(model, _batches(), solver="cap", uncertainty="cvar", ignore=["fc2"])
+    report = prune_model(model, _batches(), solver="cap", uncertainty="cvar", ignore=["fc1", "fc2"], targets=["head"])
+    assert list(report.masks) == ["head"] and torch.equal(model.fc1.weight, before["fc1.weight"])
+    model.fc2.weight = nn.Parameter(model.fc1.weight.detach().clone())  # untied: both prune
+    report = prune_model(model, _batches(), solver="cap", uncertainty="cvar")
+    assert list(report.masks) == ["fc1", "fc2"] and not torch.equal(report.masks["fc1"], report.masks["fc2"])
+
+
+@pytest.mark.usefixtures("one_thread")  # as in test_bad_input.py, where it applied to the whole module
+@pytest.mark.parametrize("solver,uncertainty", [("alps", "cvar"), ("wanda", "baseline")])
+def test_modules_without_bias(solver, uncertainty):
+    model = _net(bias=False)
+    report = prune_model(model, _batches(), solver=solver, uncertainty=uncertainty, progress=False)
+    assert model.fc1.bias is None and report.totals["sparsity"] == pytest.approx(0.5)
+    assert all(torch.isfinite(model.get_submodule(n).weight).all() for n in report.masks)
+
+
+@pytest.mark.usefixtures("one_thread")  # as in test_bad_input.py, where it applied to the whole module
+def test_frozen_parameters_are_pruned_and_stay_frozen():
+    from robop_lightning.masks import SparsityMasks
+
+    model = _net()
+    model.fc1.requires_grad_(False)
+    report = prune_model(model, _batches(), solver="sparsegpt", uncertainty="cvar", progress=False)
+    assert not model.fc1.weight.requires_grad and model.fc2.weight.requires_grad
+    assert int(report.masks["fc1"].sum()) == 256 and bool((model.fc1.weight[~report.masks["fc1"]] == 0).all())
+    # fine-tuning the rest: the frozen layer has no gradient hook, its zeros stay and so do fc2's
+    masks = SparsityMasks(report.masks)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0.1)
+    masks.attach(model, [opt])
+    for x in _batches():
+        model(x).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    assert masks.holds(model)
+    masks.detach()
+
+
+# --------------------------------------------------------------------------- determinism
+@pytest.mark.usefixtures("one_thread")  # as in test_reliability.py, where it applied to the whole module
+@pytest.mark.parametrize("solver", ["alps", "cap", "sparsegpt", "wanda", "magnitude"])
+def test_same_data_and_seed_give_bit_identical_weights_and_masks(solver):
+    torch.manual_seed(0)
+    vit = VisionTransformer(
+        img_size=8, patch_size=4, embed_dim=16, depth=2, num_heads=2, num_classes=4, mlp_ratio=2
+    ).eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [torch.randn(4, 3, 8, 8, generator=g) for _ in range(2)]
+    for uncertainty in ("baseline", "trace", "e", "cte", "minmax-trace", "minmax-e", "cvar"):
+        runs = []
+        for _ in range(2):
+            model = copy.deepcopy(vit)
+            report = prune_model(model, batches, solver=solver, uncertainty=uncertainty, progress=False)
+            runs.append((state(model), report.masks))
+        (s1, m1), (s2, m2) = runs
+        assert len(m1) == 8
+        assert all(torch.equal(s1[k], s2[k]) for k in s1), (solver, uncertainty)
+        assert all(torch.equal(m1[n], m2[n]) for n in m1), (solver, uncertainty)
+        assert not all(torch.equal(s1[k], v) for k, v in vit.state_dict().items())  # it did prune

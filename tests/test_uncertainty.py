@@ -155,13 +155,6 @@ def test_sets_contain_the_nominal_gram():
         assert s.robust_loss(e) >= quad(h, e) * (1 - 1e-7)
 
 
-def test_bootstrap_radius_shrinks_with_more_samples():
-    few = LayerInputs(correlated_inputs(8, 4, 12, 0)).bootstrap_radius()
-    many = LayerInputs(correlated_inputs(512, 4, 12, 0)).bootstrap_radius()
-    assert 0 < many < few
-    assert LayerInputs(correlated_inputs(1, 4, 12, 0)).bootstrap_radius() == 0.0
-
-
 @pytest.mark.parametrize(
     "name,radius,coupled,match",
     [
