@@ -71,8 +71,8 @@ def _callback() -> RobOPCallback:
                          progress=False)
 
 
-def _trainer(strategy, devices: int, out: str, **kwargs) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=STEPS,
+def _trainer(strategy, devices: int, out: str, max_steps: int = STEPS, **kwargs) -> pl.Trainer:
+    return pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=max_steps,
                       accumulate_grad_batches=ACCUMULATE, logger=False, enable_progress_bar=False,
                       enable_model_summary=False, default_root_dir=out, use_distributed_sampler=False, **kwargs)
 
@@ -106,6 +106,28 @@ def _child(out: str) -> None:
     robop.masks.detach()
     torch.save({"masks": robop.masks.to_dict(), "state": full, "sharded": sharded, "mask_placements": placements},
                os.path.join(out, f"rank{trainer.global_rank}.pt"))
+    # resume from the full checkpoint and from a distributed one: the masks come back, nothing is pruned twice
+    for kind, path in (("full", os.path.join(out, "full.ckpt")), ("distributed", os.path.join(out, "dist.ckpt"))):
+        if kind == "distributed":
+            dist_strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
+                                                  save_distributed_checkpoint=True)
+            saver = _trainer(dist_strategy, 2, out, callbacks=[_callback()], enable_checkpointing=False)
+            saver.fit(TinyLM(), datamodule=Shard())
+            saver.save_checkpoint(path)  # a directory of shards
+        again = _callback()
+        resumed = TinyLM()
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1,
+                                         save_distributed_checkpoint=kind == "distributed")
+        trainer = _trainer(strategy, 2, out, max_steps=STEPS + 2, callbacks=[again], enable_checkpointing=False)
+        calls = []
+        prune = again._prune
+        again._prune = lambda *args: calls.append(args[-1]) or prune(*args)  # records every pruning
+        trainer.fit(resumed, datamodule=Shard(), ckpt_path=path)
+        state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().clone()
+                 for k, v in resumed.model.state_dict().items()}
+        torch.save({"done": list(again._done), "reports": len(again.reports), "masks": again.masks.to_dict(),
+                    "state": state, "steps": trainer.global_step, "pruned": calls},
+                   os.path.join(out, f"resumed-{kind}{trainer.global_rank}.pt"))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -126,6 +148,16 @@ def test_sharded_fine_tuning_holds_zeros_and_equals_one_process(tmp_path):
         assert bool((weight[~r0["masks"][name]] == 0).all()), name  # zeros held through sharded AdamW steps
     for k in r0["state"]:
         assert torch.equal(r0["state"][k], r1["state"][k]), k
+
+    for kind in ("full", "distributed"):
+        resumed = torch.load(tmp_path / f"resumed-{kind}0.pt", weights_only=False)
+        assert resumed["done"] == ["start"] and resumed["reports"] == 1, kind  # restored, not pruned again
+        assert resumed["steps"] == STEPS + 2, kind
+        assert resumed["pruned"] == [], kind  # the resumed run did not prune
+        for name, mask in resumed["masks"].items():
+            assert torch.equal(mask, r0["masks"][name]), (kind, name)
+            weight = resumed["state"][name.removeprefix("model.") + ".weight"]
+            assert bool((weight[~mask] == 0).all()), (kind, name)
 
     # the full checkpoint loads strictly into the stock module
     stock = TinyLM()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from itertools import islice
@@ -329,11 +330,15 @@ class RobOPCallback(Callback):
                     "Under ModelParallelStrategy RobOPCallback prunes once, in setup, on whole weights before "
                     "configure_model shards them: use prune_at='start' without a schedule (unstructured or N:M)."
                 )
-            if stage == "fit" and not self.pruned and trainer.ckpt_path is None:
+            if stage == "fit" and not self.pruned and _checkpoint_to_restore(trainer) is None:
                 self._prune(trainer, pl_module, self.sparsity, "start")  # before configure_model shards the weights
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if isinstance(trainer.strategy, ModelParallelStrategy):  # pruned in setup, or restored after this hook
+            if self.masks is not None:
+                self.masks.attach(pl_module, trainer.optimizers)
+            return
         if self.masks is not None:
             self.masks.attach(pl_module, trainer.optimizers)
             self._check_ranks(trainer)
@@ -345,6 +350,16 @@ class RobOPCallback(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the epoch counter is restored from a checkpoint only after on_fit_start
+        if isinstance(trainer.strategy, ModelParallelStrategy):
+            if not self.pruned:
+                raise MisconfigurationException(
+                    "RobOPCallback: the checkpoint this fit resumed from holds no RobOP state, and under "
+                    "ModelParallelStrategy the weights are sharded by now; prune first (a fit without ckpt_path), "
+                    "then resume from its checkpoints."
+                )
+            if not self.masks.attached:  # restored from the checkpoint after on_fit_start
+                self.masks.attach(pl_module, trainer.optimizers)
+                self._check_ranks(trainer)
         self._catch_up(trainer, pl_module, epoch=trainer.current_epoch)
         if self.masks is not None:
             for optimizer in trainer.optimizers:
@@ -510,3 +525,21 @@ class RobOPCallback(Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
         if self.verbose:
             rank_zero_info(str(report))
+
+
+def _checkpoint_to_restore(trainer: pl.Trainer) -> Any:
+    """The checkpoint the running ``fit`` will restore, already in ``setup``.
+
+    Lightning sets ``trainer.ckpt_path`` only when it restores, after ``setup`` and ``configure_model``
+    under sharded strategies; the path is then an argument of ``Trainer._run`` on the stack. (If a
+    future Lightning hides it, the fallback prunes in ``setup`` and the restored state replaces the
+    result: the same model, one wasted pruning.)
+    """
+    if trainer.ckpt_path is not None:
+        return trainer.ckpt_path
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_run" and frame.f_locals.get("self") is trainer:
+            return frame.f_locals.get("ckpt_path")
+        frame = frame.f_back
+    return None
