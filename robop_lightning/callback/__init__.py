@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import warnings
 from collections.abc import Iterator, Mapping
 from itertools import islice
@@ -19,11 +18,11 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
+from robop_lightning.callback.hooks import check_schedule, checkpoint_to_restore
 from robop_lightning.callback.loaders import calibration_loader
 from robop_lightning.config import PruneConfig, StructuredOptions, is_structured
 from robop_lightning.masks import SparsityMasks
 from robop_lightning.model import PruneReport, prune_model
-from robop_lightning.patterns import parse_pattern
 
 __all__ = ["RobOPCallback"]
 
@@ -220,7 +219,7 @@ class RobOPCallback(Callback):
         if prune_at != "start" and (isinstance(prune_at, bool) or not isinstance(prune_at, int) or prune_at < 0):
             raise ValueError(f"prune_at must be 'start' or an epoch number >= 0 (prune at its end), got {prune_at!r}.")
         if schedule is not None:
-            schedule = self._check_schedule(schedule, pattern)
+            schedule = check_schedule(schedule, pattern)
             if prune_at != "start":
                 raise ValueError("pass either prune_at=<epoch> or a schedule: the schedule's epochs say when to prune.")
         for what, value in (("progress", progress), ("verbose", verbose)):
@@ -281,33 +280,6 @@ class RobOPCallback(Callback):
             kwargs["loss_fn"] = lambda module, batch: module.per_sample_loss(batch)
         return kwargs
 
-    @staticmethod
-    def _check_schedule(schedule: Any, pattern: str) -> dict[int, float]:
-        if not isinstance(schedule, Mapping) or not schedule:
-            raise ValueError(f"schedule must be a non-empty mapping {{epoch: sparsity}}, got {schedule!r}.")
-        out: dict[int, float] = {}
-        for epoch, value in schedule.items():
-            try:
-                key = int(epoch)
-            except (TypeError, ValueError):
-                key = -1
-            if isinstance(epoch, bool) or key < 0 or str(key) != str(epoch).strip():
-                raise ValueError(f"schedule keys must be epoch numbers >= 0, got {epoch!r}.")
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"schedule[{key}] must be a sparsity in [0, 1), got {value!r}.")
-            parse_pattern(pattern, float(value))
-            out[key] = float(value)
-        ordered = sorted(out.items())
-        if any(b[1] < a[1] for a, b in zip(ordered[:-1], ordered[1:], strict=True)):
-            raise ValueError(
-                f"schedule sparsities must not decrease with the epochs (pruned weights stay pruned), got {schedule!r}."
-            )
-        if parse_pattern(pattern, None).kind == "nm" and len(ordered) > 1:
-            raise ValueError(
-                f"pattern {pattern!r} fixes the sparsity; a gradual schedule needs 'unstructured' or 'row'."
-            )
-        return dict(ordered)
-
     # ------------------------------------------------------------------ lifecycle
     @property
     def pruned(self) -> bool:
@@ -330,7 +302,7 @@ class RobOPCallback(Callback):
                     "Under ModelParallelStrategy RobOPCallback prunes once, in setup, on whole weights before "
                     "configure_model shards them: use prune_at='start' without a schedule (unstructured or N:M)."
                 )
-            if stage == "fit" and not self.pruned and _checkpoint_to_restore(trainer) is None:
+            if stage == "fit" and not self.pruned and checkpoint_to_restore(trainer) is None:
                 self._prune(trainer, pl_module, self.sparsity, "start")  # before configure_model shards the weights
 
     @override
@@ -525,21 +497,3 @@ class RobOPCallback(Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
         if self.verbose:
             rank_zero_info(str(report))
-
-
-def _checkpoint_to_restore(trainer: pl.Trainer) -> Any:
-    """The checkpoint the running ``fit`` will restore, already in ``setup``.
-
-    Lightning sets ``trainer.ckpt_path`` only when it restores, after ``setup`` and ``configure_model``
-    under sharded strategies; the path is then an argument of ``Trainer._run`` on the stack. (If a
-    future Lightning hides it, the fallback prunes in ``setup`` and the restored state replaces the
-    result: the same model, one wasted pruning.)
-    """
-    if trainer.ckpt_path is not None:
-        return trainer.ckpt_path
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "_run" and frame.f_locals.get("self") is trainer:
-            return frame.f_locals.get("ckpt_path")
-        frame = frame.f_back
-    return None

@@ -1,0 +1,59 @@
+"""Small pieces of the callback's glue: gradual schedules, and the checkpoint a fit will restore."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import lightning.pytorch as pl
+
+from robop_lightning.patterns import parse_pattern
+
+__all__ = ["check_schedule", "checkpoint_to_restore"]
+
+
+def check_schedule(schedule: Any, pattern: str) -> dict[int, float]:
+    """``{epoch: sparsity}`` checked: epochs >= 0, sparsities valid for ``pattern`` and not decreasing."""
+    if not isinstance(schedule, Mapping) or not schedule:
+        raise ValueError(f"schedule must be a non-empty mapping {{epoch: sparsity}}, got {schedule!r}.")
+    out: dict[int, float] = {}
+    for epoch, value in schedule.items():
+        try:
+            key = int(epoch)
+        except (TypeError, ValueError):
+            key = -1
+        if isinstance(epoch, bool) or key < 0 or str(key) != str(epoch).strip():
+            raise ValueError(f"schedule keys must be epoch numbers >= 0, got {epoch!r}.")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"schedule[{key}] must be a sparsity in [0, 1), got {value!r}.")
+        parse_pattern(pattern, float(value))
+        out[key] = float(value)
+    ordered = sorted(out.items())
+    if any(b[1] < a[1] for a, b in zip(ordered[:-1], ordered[1:], strict=True)):
+        raise ValueError(
+            f"schedule sparsities must not decrease with the epochs (pruned weights stay pruned), got {schedule!r}."
+        )
+    if parse_pattern(pattern, None).kind == "nm" and len(ordered) > 1:
+        raise ValueError(
+            f"pattern {pattern!r} fixes the sparsity; a gradual schedule needs 'unstructured' or 'row'."
+        )
+    return dict(ordered)
+
+
+def checkpoint_to_restore(trainer: pl.Trainer) -> Any:
+    """The checkpoint the running ``fit`` will restore, already in ``setup``.
+
+    Lightning sets ``trainer.ckpt_path`` only when it restores, after ``setup`` and ``configure_model``
+    under sharded strategies; the path is then an argument of ``Trainer._run`` on the stack. (If a
+    future Lightning hides it, the fallback prunes in ``setup`` and the restored state replaces the
+    result: the same model, one wasted pruning.)
+    """
+    if trainer.ckpt_path is not None:
+        return trainer.ckpt_path
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "_run" and frame.f_locals.get("self") is trainer:
+            return frame.f_locals.get("ckpt_path")
+        frame = frame.f_back
+    return None
