@@ -4,6 +4,7 @@
     .venv/bin/python benchmarks/cost.py --threads 1 --gemma-blocks 18 --widths 256 512 1024 2048 \\
         --tokens 2048 4096 8192 16384                           # the full grid
     .venv/bin/python benchmarks/cost.py --device cuda           # the same on a GPU
+    .venv/bin/python benchmarks/cost.py --onload cuda           # model on the host, one block at a time on the GPU
     .venv/bin/python benchmarks/cost.py --fast --out /tmp/cost  # seconds: synthetic parts only
 
 Three parts, measured in one process on the same data so that ratios hold on a loaded machine:
@@ -98,11 +99,13 @@ def _mb(x: float) -> float:
 
 
 # --------------------------------------------------------------------------- part 1
-def whole_model(label, model, batches, targets, methods, device, hidden_bytes, sparsity=0.5, fork=True, sets=("baseline",)):
+def whole_model(label, model, batches, targets, methods, device, hidden_bytes, sparsity=0.5, fork=True, sets=("baseline",),
+                onload=None):
     """Prune ``model`` with each method x set in turn (weights restored between), timing and memory.
 
     ``sets`` (``NAME`` or ``NAME=GAMMA``) apply to the solvers that use the Gram; every row also gets
-    its time ratio to the same solver under the Baseline set (``time_vs_baseline``).
+    its time ratio to the same solver under the Baseline set (``time_vs_baseline``). ``onload``: the
+    model stays on the host and ``prune_model(device=onload)`` moves one block at a time there.
     """
     model.to(device)
     batches = [b.to(device) for b in batches]
@@ -123,14 +126,14 @@ def whole_model(label, model, batches, targets, methods, device, hidden_bytes, s
             ctx = mp.get_context("fork")
             recv, send = ctx.Pipe(duplex=False)
             proc = ctx.Process(target=_child, args=(send, model, batches, sparsity, solver, targets, device,
-                                                    model_bytes, hidden_bytes, label, spec))
+                                                    model_bytes, hidden_bytes, label, spec, onload))
             proc.start()
             row = recv.recv()
             proc.join()
             if "error" in row:
                 raise RuntimeError(f"{label} / {solver}: {row['error']}")
         else:
-            row = _one(model, batches, sparsity, solver, targets, device, model_bytes, hidden_bytes, label, spec)
+            row = _one(model, batches, sparsity, solver, targets, device, model_bytes, hidden_bytes, label, spec, onload)
         rows.append(row)
         print(f"{label} {solver:9s} {spec:12s} {row['seconds']:7.2f}s  +{row['peak_extra_rss_mb']:.0f} MiB RSS  "
               f"mean nominal {row['mean_nominal_error']:.5f}", flush=True)
@@ -155,17 +158,19 @@ def _child(send, *args):
         send.close()
 
 
-def _one(model, batches, sparsity, solver, targets, device, model_bytes, hidden_bytes, label, spec="baseline"):
+def _one(model, batches, sparsity, solver, targets, device, model_bytes, hidden_bytes, label, spec="baseline",
+         onload=None):
     name, radius = parse_set_spec(spec, allow_auto=True)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    gpu = torch.device(onload) if onload is not None else device
+    if gpu.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(gpu)
         torch.cuda.empty_cache()
     with warnings.catch_warnings(), PeakRSS() as mem:
         warnings.simplefilter("ignore", RuntimeWarning)
         _sync(device)
         t = time.perf_counter()
         report = prune_model(model, batches, sparsity=sparsity, solver=solver, uncertainty=name, radius=radius,
-                             targets=targets, progress=False)
+                             targets=targets, progress=False, device=onload)
         _sync(device)
         seconds = time.perf_counter() - t
     layers = report.layers
@@ -176,6 +181,7 @@ def _one(model, batches, sparsity, solver, targets, device, model_bytes, hidden_
         "pattern": "unstructured",
         "model": label,
         "device": str(device),
+        "blocks_on": str(gpu),  # where blocks were calibrated and solved (onloading when != device)
         "layers": len(layers),
         "parameters_pruned": sum(r["parameters"] for r in layers),
         "seconds": seconds,
@@ -186,8 +192,8 @@ def _one(model, batches, sparsity, solver, targets, device, model_bytes, hidden_
         "model_mb": _mb(model_bytes),
         "block_activations_mb": _mb(hidden_bytes),
     }
-    if device.type == "cuda":
-        row["peak_gpu_mb"] = _mb(torch.cuda.max_memory_allocated(device))
+    if gpu.type == "cuda":
+        row["peak_gpu_mb"] = _mb(torch.cuda.max_memory_allocated(gpu))
     return row
 
 
@@ -267,6 +273,8 @@ def main(argv=None) -> dict:
     p.add_argument("--no-fork", action="store_true", help="run every method in this process (memory then "
                    "counts only growth beyond earlier methods' high-water mark)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--onload", default=None, help="keep the model on --device (the host) and onload one block at "
+                   "a time to this device (prune_model(device=...)); cpu:0 runs the path on a CPU")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--out", default="benchmarks/results/cost")
     args = p.parse_args(argv)
@@ -288,7 +296,7 @@ def main(argv=None) -> dict:
             hidden = 2 * args.images * tok * d * 4
             rows += whole_model("deit-tiny-fmnist (4 blocks, all linears)", model, batches, None,
                                 args.methods, device, hidden, sparsity=args.sparsity, fork=not args.no_fork,
-                                sets=args.sets)
+                                sets=args.sets, onload=args.onload)
             del model
     if "gemma" in args.models:
         model = R.gemma()
@@ -298,7 +306,7 @@ def main(argv=None) -> dict:
         hidden = 2 * args.windows * 129 * model.config.hidden_size * 4
         rows += whole_model(f"gemma-3-270m (first {k} of 18 decoder layers)", model, batches, targets,
                             [m for m in args.methods if m != "cap"], device, hidden, sparsity=args.sparsity,
-                            fork=not args.no_fork, sets=args.sets)
+                            fork=not args.no_fork, sets=args.sets, onload=args.onload)
         del model
     whole_s = time.perf_counter() - start
     scale_rows, limits, exps = [], [], []
@@ -323,7 +331,7 @@ def main(argv=None) -> dict:
             mv = "" if r["memory_vs_sparsegpt"] is None else f"{r['memory_vs_sparsegpt']:.2f}"
             gpu = f" {r['peak_gpu_mb']:.0f} |" if "peak_gpu_mb" in r else ""
             bv = "" if r["time_vs_baseline"] is None else f"{r['time_vs_baseline']:.2f}"
-            md.append(f"| {r['model']} | {r['method']} | {r['uncertainty']} | {r['seconds']:.1f} | {tv} | {bv} | "
+            md.append(f"| {r['model']} | {r['method']}{' (onloaded to ' + r['blocks_on'] + ')' if r['blocks_on'] != r['device'] else ''} | {r['uncertainty']} | {r['seconds']:.1f} | {tv} | {bv} | "
                       f"{r['solver_seconds']:.1f} | "
                       f"{r['peak_extra_rss_mb']:.0f} | {mv} | {r['model_mb']:.0f} | {r['block_activations_mb']:.0f} | "
                       f"{r['mean_nominal_error']:.5f} |{gpu}")

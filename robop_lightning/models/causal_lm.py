@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
+from torch.distributed.fsdp import fully_shard
 from torchmetrics import Metric
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
@@ -212,6 +213,23 @@ class CausalLMModule(StructuredCheckpointHooks, LightningModule):
 
         self.val_metrics = _metrics()
         self.test_metrics = _metrics()
+
+    @override
+    def configure_model(self) -> None:
+        """Under ``ModelParallelStrategy``: shard every decoder layer, then the root, with FSDP2's ``fully_shard``.
+
+        Nothing happens under other strategies (no device mesh) or when already sharded. RobOP's
+        callback prunes the whole weights before this runs (``setup``) and shards its masks alike.
+        """
+        mesh = self.device_mesh
+        if mesh is None or getattr(self, "_fully_sharded", False):
+            return
+        dp = mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh
+        layers = getattr(getattr(self.model, "model", None), "layers", None)
+        for layer in layers if layers is not None else []:
+            fully_shard(layer, mesh=dp)
+        fully_shard(self.model, mesh=dp)
+        self._fully_sharded = True
 
     @override
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
