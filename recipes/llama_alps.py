@@ -4,6 +4,8 @@
     python recipes/llama_alps.py --fast               # a tiny Llama trained here in seconds (CI)
     python recipes/llama_alps.py --model meta-llama/Llama-3.2-1B --settings 0.5 0.7 2:4
     python recipes/llama_alps.py --robop-sets baseline trace=0.003 --baselines sparsegpt --settings 0.7
+    python recipes/llama_alps.py --model meta-llama/Llama-3.1-8B --settings 0.7 --robop-sets trace \
+        --baselines sparsegpt --device cuda --finetune-steps 2000 --devices 8 --strategy fsdp
 
 Steps (every number written to ``--out``):
 
@@ -26,6 +28,14 @@ Steps (every number written to ``--out``):
    ``table.txt`` and PNG plots; ``--save-checkpoints best`` also writes the best RobOP model per
    setting with ``save_pretrained`` (loads with ``AutoModelForCausalLM.from_pretrained``). Files
    are written to a temporary name and renamed, never overwritten in place.
+
+6. ``--finetune-steps K`` (large models): ``RobOPCallback`` prunes one model again (``--finetune``;
+   the same masks as its one-shot run) and fine-tunes it for K steps with the zeros held, on
+   ``--devices N`` processes; ``--strategy fsdp`` is Lightning's ``ModelParallelStrategy`` with
+   FSDP2's ``fully_shard`` (``CausalLMModule.configure_model``), pruning whole weights before the
+   sharding. It is evaluated beside the others as ``<name>+ft``. ``--device cuda`` prunes with the
+   model on the host, one block at a time on the GPU. Lightning starts the other processes by
+   running this script again; they only rebuild the data and the dense model and join the fit.
 
 Every phase prints a flushed line when it starts and one when it ends, with its time
 (``[llama_alps] pruning robop-alps/trace 2:4 (10/21) done in 0.2 s``), so a run sent to a log file
@@ -91,6 +101,13 @@ config = dict(
     out="outputs/llama_alps",
     save_checkpoints="none",  # none; best: best RobOP model per setting (save_pretrained); all
     threads=2,
+    # large models: onloaded pruning, and recovery fine-tuning of one model, sharded across processes
+    device=None,  # prune with the model on the host and one block at a time on this device ("cuda")
+    finetune_steps=0,  # > 0: RobOPCallback prunes one model again (same masks) and fine-tunes it: "<name>+ft"
+    finetune="",  # which model ("robop-alps/trace@0.7"); "": the first RobOP set at the last setting
+    finetune_lr=1e-4,
+    devices=1,  # processes (GPUs) for the fine-tune
+    strategy="auto",  # auto, ddp, or fsdp: Lightning's ModelParallelStrategy with FSDP2's fully_shard
 )
 
 # --fast: the same code path on a tiny Llama trained here (a minute or two on 2 cores)
@@ -153,10 +170,13 @@ def parse_setting(setting: str) -> tuple[float | None, str]:
 # ----------------------------------------------------------------------------- the recipe
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if int(os.environ.get("LOCAL_RANK", "0")) > 0:  # a process Lightning started for a multi-process fine-tune
+        return finetune_worker(args)
     out, progress = common.start_run(args, "llama_alps")
     datamodule = setup_data(args, progress)
     dense = dense_model(args, datamodule, progress)
     models = prune_all(args, dense, datamodule, progress)
+    finetune(args, dense, models, datamodule, out, progress)
     evaluate_all(args, models, datamodule, progress)
     rows = [make_row(name, entry, models["dense"]) for name, entry in models.items()]
     saved = save_models(args, models, out, progress)
@@ -225,12 +245,113 @@ def prune_one(args, dense, calibration: list, setting: str, sparsity: float | No
               uncertainty: str) -> dict:  # fmt: skip
     model = copy.deepcopy(dense)
     set_name, radius = parse_set_spec(uncertainty, allow_auto=True)
-    report = prune_model(model, calibration, sparsity=sparsity, pattern=pattern, solver=solver,
-                         uncertainty=set_name, radius=radius, targets=args.targets, progress=False)  # fmt: skip
+    report = prune_model(model, calibration, sparsity=sparsity, pattern=pattern, solver=solver, uncertainty=set_name,
+                         radius=radius, targets=args.targets, progress=False, device=args.device)  # fmt: skip
     return dict(method=model_label(solver, uncertainty), solver=solver, uncertainty=uncertainty,
                 setting=setting, sparsity=report.totals["sparsity"], pattern=pattern, model=model.eval(),
                 prune_seconds=report.seconds, nominal_error=report.totals["nominal_error"],
                 robust_error=report.totals["robust_error"])  # fmt: skip
+
+
+def finetune(args, dense, models: dict[str, dict], datamodule: TextDataModule, out: Path,
+             progress: common.Progress) -> None:  # fmt: skip
+    """``--finetune-steps``: prune one model again with ``RobOPCallback`` (the same masks) and fine-tune it."""
+    if args.finetune_steps <= 0:
+        return
+    name = finetune_name(args)
+    if name not in models or name == "dense":
+        raise SystemExit(f"llama_alps: --finetune {name!r} is not a pruned model; choose one of "
+                         f"{', '.join(n for n in models if n != 'dense')}.")
+    if args.devices > 1 and args.model == "tiny-llama":  # Lightning's workers re-run this script: no retraining
+        torch.save(dense.state_dict(), out / ".finetune-dense.pt")
+    what = (f"fine-tuning {name} for {args.finetune_steps} steps on {args.devices} process(es), "
+            f"strategy {args.strategy}")
+    with progress.phase(what, timing="finetune_s") as phase:
+        state, masks = finetune_one(args, dense, name, datamodule)
+        model = copy.deepcopy(dense)
+        model.load_state_dict(state)
+        held = all(bool((model.get_submodule(n.removeprefix("model.")).weight[~m] == 0).all()) for n, m in masks.items())
+        kept = sum(int(m.sum()) for m in masks.values())
+        sparsity = 1 - kept / sum(m.numel() for m in masks.values())
+        phase.note = f"sparsity {sparsity:.3f}, zeros held: {held}"
+    models[f"{name}+ft"] = dict(models[name], method=models[name]["method"] + "+ft", model=model.eval(),
+                                sparsity=sparsity, zeros_held=held, finetune_steps=args.finetune_steps,
+                                devices=args.devices, strategy=args.strategy)  # fmt: skip
+
+
+def finetune_name(args) -> str:
+    """``--finetune``, or the first RobOP set at the last setting."""
+    return args.finetune or f"{model_label('alps', args.robop_sets[0])}@{args.settings[-1]}"
+
+
+def finetune_worker(args) -> dict:
+    """A process Lightning started for ``--devices N``: the same data and dense model, then the same fit."""
+    torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
+    common.seed_everything(args.seed, verbose=False)
+    if args.fast:
+        silent = common.Progress("llama_alps")
+        silent.say = lambda message: None
+        fallback_corpora(args, silent)
+    tokenizer = (args.tokenizer or bpe_tokenizer(args.corpus)) if args.model == "tiny-llama" else (args.tokenizer or args.model)
+    datamodule = TextDataModule(args.corpus, ood_corpus=args.ood_corpus, tokenizer=tokenizer, seqlen=args.seqlen,
+                                calibration_windows=args.calibration_windows, max_eval_windows=args.eval_windows,
+                                batch_size=args.batch_size, seed=args.seed)  # fmt: skip
+    datamodule.setup()
+    if args.model == "tiny-llama":
+        dense = tiny_llama(args, datamodule, train=False)
+        dense.load_state_dict(torch.load(Path(args.out) / ".finetune-dense.pt", weights_only=True))
+    else:
+        dense = load_causal_lm(args.model).cpu().eval()
+    finetune_one(args, dense, finetune_name(args), datamodule)
+    return {}
+
+
+def finetune_one(args, dense, name: str, datamodule: TextDataModule) -> tuple[dict, dict]:
+    """Prune ``name``'s setting and method with ``RobOPCallback`` and fine-tune; the full state and masks.
+
+    Under ``--devices N`` each process calibrates on its share of the calibration windows (the
+    Grams are summed across processes, so the masks equal one process's); ``--strategy fsdp`` shards
+    the model with FSDP2 (``CausalLMModule.configure_model``) after the callback pruned whole weights.
+    """
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.distributed.tensor import DTensor
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    from robop_lightning import RobOPCallback
+
+    label, setting = name.split("@")
+    solver, uncertainty = ("alps", label.removeprefix("robop-alps/")) if label.startswith("robop-alps/") else (label, "baseline")
+    sparsity, pattern = parse_setting(setting)
+    set_name, radius = parse_set_spec(uncertainty, allow_auto=True)
+    calibration = datamodule.calibration_dataloader()
+
+    def shard() -> DataLoader:  # this process's calibration windows
+        trainer = module.trainer
+        if trainer.world_size == 1:
+            return calibration
+        sampler = DistributedSampler(calibration.dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                     shuffle=False)  # fmt: skip
+        return DataLoader(calibration.dataset, batch_size=calibration.batch_size, sampler=sampler,
+                          collate_fn=calibration.collate_fn)  # fmt: skip
+
+    module = CausalLMModule(copy.deepcopy(dense), lr=args.finetune_lr, max_steps=args.finetune_steps)
+    module.calibration_dataloader = shard
+    robop = RobOPCallback(sparsity=sparsity, pattern=pattern, solver=solver, uncertainty=set_name, radius=radius,
+                          targets=args.targets, calibration_dataloader="calibration", calibration_batches=len(calibration),
+                          verbose=False, progress=False, device=args.device)  # fmt: skip
+    strategy = {"fsdp": ModelParallelStrategy(data_parallel_size=args.devices, tensor_parallel_size=1,
+                                              save_distributed_checkpoint=False),
+                "ddp": "ddp", "auto": "auto"}[args.strategy]  # fmt: skip
+    trainer = quiet_trainer(devices=args.devices, strategy=strategy, max_steps=args.finetune_steps, callbacks=[robop],
+                            limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False)  # fmt: skip
+    trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
+    state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone()
+             for k, v in module.model.state_dict().items()}  # every process takes part in the gather
+    if torch.distributed.is_initialized():  # leave no group behind: later evaluation is one process
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+    return state, robop.masks.to_dict()
 
 
 def evaluate_all(args, models: dict[str, dict], datamodule: TextDataModule, progress: common.Progress) -> None:
@@ -334,14 +455,16 @@ def fallback_corpora(args, progress: common.Progress) -> None:
         args.ood_corpus = None
 
 
-def tiny_llama(args, datamodule) -> torch.nn.Module:
-    """A tiny ``LlamaForCausalLM`` trained for ``--train-steps`` on the training windows."""
+def tiny_llama(args, datamodule, train: bool = True) -> torch.nn.Module:
+    """A tiny ``LlamaForCausalLM`` trained for ``--train-steps`` on the training windows (``train=False``: untrained)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tok = datamodule.tokenizer
     fields = dict(TINY_LLAMA, **(args.tiny_llama or {}))
     cfg = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id, **fields)
     model = LlamaForCausalLM(cfg)
+    if not train:
+        return model
     module = CausalLMModule(model, lr=args.train_lr, warmup_steps=20, weight_decay=0.01)
     trainer = quiet_trainer(max_steps=args.train_steps, limit_val_batches=0, enable_progress_bar=None)
     trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
@@ -380,6 +503,8 @@ def make_row(name: str, entry: dict, dense: dict) -> dict:
     row.update(ppl_vs_dense=row["ppl"] / dense["scores"]["ppl"], prune_seconds=round(entry["prune_seconds"], 2),
                eval_seconds=round(entry["eval_seconds"], 2), nominal_error=entry.get("nominal_error"),
                robust_error=entry.get("robust_error"))  # fmt: skip
+    if "zeros_held" in entry:  # a fine-tuned model
+        row.update({k: entry[k] for k in ("zeros_held", "finetune_steps", "devices", "strategy")})
     return row
 
 

@@ -122,3 +122,20 @@ def test_runs_merge_into_one_table_and_other_protocols_are_refused(fast_run, tmp
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(SystemExit, match="protocol differs"):
         merge_runs.main([str(out), str(tmp_path / "other.json"), "--out", str(tmp_path / "refused")])
+
+
+def test_prune_then_sharded_fine_tune_on_two_processes(tmp_path):
+    """``--finetune-steps K --devices 2 --strategy fsdp``: RobOPCallback prunes whole weights, FSDP2 shards
+    them across 2 gloo processes (Lightning re-runs the script for the second), zeros held, then evaluated."""
+    out = tmp_path / "out"
+    run_script("recipes/llama_alps.py", ["--fast", "--settings", "0.5", "--robop-sets", "baseline", "--baselines",
+                                         "magnitude", "--finetune-steps", "4", "--devices", "2", "--strategy", "fsdp",
+                                         "--out", str(out), "--threads", "1"], log=tmp_path / "log.txt")  # fmt: skip
+    rows = {r["name"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    tuned = rows["robop-alps/baseline@0.5+ft"]
+    assert tuned["zeros_held"] is True and tuned["devices"] == 2 and tuned["strategy"] == "fsdp"
+    assert abs(tuned["sparsity"] - 0.5) < 1e-3  # the callback's masks: the one-shot setting
+    assert math.isfinite(tuned["ppl"]) and tuned["ppl"] >= 1.0
+    assert tuned["ppl"] != rows["robop-alps/baseline@0.5"]["ppl"]  # the fine-tune changed the model
+    log = (tmp_path / "log.txt").read_text()
+    assert "fine-tuning robop-alps/baseline@0.5 for 4 steps on 2 process(es), strategy fsdp done in" in log
