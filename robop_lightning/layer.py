@@ -31,7 +31,7 @@ from robop_lightning.damping import damp_until_definite, unit_scale
 from robop_lightning.gram import LayerInputs, as_layer_inputs
 from robop_lightning.patterns import parse_pattern
 from robop_lightning.report import LayerResult
-from robop_lightning.robust import alternate, clamp_robust, quad, relative_error
+from robop_lightning.robust import alternate, blown_up, clamp_robust, quad, relative_error
 from robop_lightning.solvers import DATA_FREE, SOLVERS, USES_FULL_GRAM, check_solver_options
 from robop_lightning.solvers.refit import refit
 from robop_lightning.solvers.structured_obs import select_groups
@@ -201,7 +201,7 @@ def prune_layer(
     h_solve = h if mean_diag > 0 else torch.eye(cols, dtype=h.dtype, device=device)
     uset.prepare(h_solve, li, lam0)
     history: list[dict[str, Any]] = []
-    lam_base = uset.ridge  # what the set adds to its effective matrix (replaces lam0 for trace/e/cte)
+    lam_set = lam_base = uset.ridge  # what the set adds to its effective matrix (replaces lam0 for trace/e/cte)
     used_lam = [lam_base]
     # Every solver is invariant to scaling H, but some work in float32: a Gram of badly scaled
     # inputs (mean diag far outside float32's range once inverted) is handed over divided by a
@@ -230,7 +230,16 @@ def prune_layer(
     if pat.kind != "nm" and pat.keep_count(rows, cols) == rows * cols and prior_mask is None:
         w_hat, mask = w.clone(), torch.ones(rows, cols, dtype=torch.bool, device=device)
     elif not uset.dynamic or solver in DATA_FREE or mean_diag == 0:
-        w_hat, mask = solve(uset.effective(), h_diag=uset.score_diagonal())
+        for _ in range(7):
+            w_hat, mask = solve(uset.effective(), h_diag=uset.score_diagonal())
+            if solver not in USES_FULL_GRAM or mean_diag == 0 or not blown_up(h, w, w_hat, mask):
+                break
+            # numerically singular H + D (Cholesky passed on rounding noise): the compensation exploded
+            lam_base = max(lam_base * 10, 1e-6 * scale)
+            raised[0] = max(raised[0], lam_base)
+        else:
+            raise ValueError(f"{name}: the solver's result stays non-finite or far worse than masking alone even "
+                             f"with damping {lam_base:.3g}; the calibration inputs are degenerate for this set.")
     else:
         def step(h_k: torch.Tensor, previous):
             w_k, m_k = solve(h_k, warm=None if previous is None else previous[0])
@@ -262,9 +271,9 @@ def prune_layer(
                 worst = uset.worst_case(w - w_hat)
                 candidates = [((1 - g) * h_fit + g * worst, f"refit step {g:g}") for g in (0.2, 0.05)]
 
-    if raised[0] > lam_base:
+    if raised[0] > lam_set:
         warnings.warn(
-            f"{name}: the damped Gram was not positive definite; damping raised from {lam_base:.3g} to "
+            f"{name}: the damped Gram was not positive definite; damping raised from {lam_set:.3g} to "
             f"{raised[0]:.3g} (rank-deficient or badly scaled calibration inputs). More calibration data, "
             "or a larger `damping`, avoids this.",
             RuntimeWarning,

@@ -27,7 +27,7 @@ import torch
 
 from robop_lightning.uncertainty import UncertaintySet
 
-__all__ = ["Round", "alternate", "clamp_robust", "frank_wolfe_step", "quad", "relative_error"]
+__all__ = ["Round", "alternate", "blown_up", "clamp_robust", "frank_wolfe_step", "quad", "relative_error"]
 
 S = TypeVar("S")
 
@@ -64,6 +64,25 @@ def clamp_robust(nominal: float, robust: float) -> float:
     if nominal - 1e-6 * nominal - 1e-10 <= robust < nominal:
         return nominal
     return robust
+
+
+def blown_up(h: torch.Tensor, weight: torch.Tensor, w_hat: torch.Tensor, mask: torch.Tensor, factor: float = 10.0) -> bool:
+    """Whether a compensating solver's result is numerically broken: non-finite, or its error under
+    ``h`` more than ``factor`` times that of the same mask with no compensation (``W * mask``).
+
+    A singular ``H + D`` can pass Cholesky on rounding noise (the authors' E on LayerNorm outputs:
+    ``D`` vanishes on ``H``'s null space too); the OBS updates then explode by orders of magnitude.
+
+    Example:
+        >>> h, w = torch.eye(2, dtype=torch.float64), torch.ones(1, 2)
+        >>> keep = torch.tensor([[True, False]])
+        >>> blown_up(h, w, w * keep, keep), blown_up(h, w, torch.tensor([[1e6, 0.0]]), keep)
+        (False, True)
+    """
+    if not bool(torch.isfinite(w_hat).all()):
+        return True
+    masked = quad(h, weight * ~mask)
+    return quad(h, weight - w_hat) > factor * masked + 1e-12 * quad(h, weight)
 
 
 @dataclass

@@ -81,3 +81,26 @@ def test_damping_can_spare_the_bias_column():
     hd, lam = damp_until_definite(h, 0.0, "layer", warn=False, columns=2, float32=False)
     assert lam > 0 and positive_definite(hd, float32=False)
     assert hd[2, 2] == 4.0 and hd[0, 0] == 1.0 + lam  # only the feature columns were damped
+
+
+def test_a_singular_gram_under_e_no_longer_explodes_the_compensation():
+    """A LayerNorm without bias makes the inputs of qkv / fc1 rank-deficient (mean zero). The authors'
+    E adds ``c H^(1/2)``, zero on the same null direction; Cholesky passed on rounding noise and CAP's
+    updates reached 1e37 (NaN in the next block). The blow-up is detected and the damping raised."""
+    import warnings
+
+    import timm
+
+    from robop_lightning import prune_model
+
+    torch.manual_seed(0)
+    vit = timm.create_model("deit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4,
+                            num_classes=3).eval()
+    g = torch.Generator().manual_seed(1)
+    images = [torch.randn(8, 3, 32, 32, generator=g) for _ in range(2)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        report = prune_model(vit, images, sparsity=0.5, solver="cap", uncertainty="e", heldout_fraction=0.25)
+    assert any("blocks.0.attn.qkv: the damped Gram was not positive definite" in str(w.message) for w in caught)
+    assert all(torch.isfinite(p).all() for p in vit.parameters())
+    assert all(r["nominal_error"] < 0.5 for r in report.layers)  # was 2e74 on blocks.0.attn.qkv
