@@ -2,7 +2,8 @@
 
 The child runs a real 2-process gloo fit on CPU: the callback prunes whole weights in ``setup``,
 ``configure_model`` shards every decoder layer with ``fully_shard``, the masks attach as DTensors
-sharded like their parameters, and AdamW fine-tunes with gradient accumulation. The parent checks
+sharded like their parameters, and AdamW fine-tunes with gradient accumulation (and once more in
+bf16-mixed precision). The parent checks
 that the zeros hold, that both ranks agree, that the full checkpoint loads strictly into the stock
 module, and that the result equals the same fine-tune in one process.
 """
@@ -127,6 +128,16 @@ def _child(out: str) -> None:
         torch.save({"done": list(again._done), "reports": len(again.reports), "masks": again.masks.to_dict(),
                     "state": state, "steps": trainer.global_step, "pruned": calls},
                    os.path.join(out, f"resumed-{kind}{trainer.global_rank}.pt"))
+    # mixed precision (autocast bf16 over the float32 sharded parameters): the zeros hold too
+    mixed_cb, mixed = _callback(), TinyLM()
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False)
+    trainer = _trainer(strategy, 2, out, callbacks=[mixed_cb], enable_checkpointing=False, precision="bf16-mixed")
+    trainer.fit(mixed, datamodule=Shard())
+    held = all(bool(((w.full_tensor() if isinstance(w, DTensor) else w)[~m] == 0).all())
+               for n, m in mixed_cb.masks.items() for w in [mixed.get_submodule(n).weight])
+    torch.save({"held": held, "changed": not torch.equal(
+        mixed.model.lm_head.weight.full_tensor(), TinyLM().model.lm_head.weight)},
+        os.path.join(out, f"mixed{trainer.global_rank}.pt"))
     if torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
@@ -157,6 +168,9 @@ def test_sharded_fine_tuning_holds_zeros_and_equals_one_process(tmp_path):
             assert torch.equal(mask, r0["masks"][name]), (kind, name)
             weight = resumed["state"][name.removeprefix("model.") + ".weight"]
             assert bool((weight[~mask] == 0).all()), (kind, name)
+
+    mixed = torch.load(tmp_path / "mixed0.pt", weights_only=False)
+    assert mixed["held"] and mixed["changed"]  # bf16-mixed trained the model and kept its zeros
 
     # the full checkpoint loads strictly into the stock module
     stock = TinyLM()
