@@ -516,3 +516,27 @@ def test_ddp_masks_match_single_process(tmp_path):
 
 if __name__ == "__main__":
     _ddp_main(sys.argv[1])
+
+
+def test_engine_options_reach_prune_model_from_the_callback(tmp_path):
+    """Every option of prune_model is a callback argument too (issue 15): same masks as prune_model with them."""
+    from robop_lightning.model import prune_model
+
+    options = dict(sparsity=0.5, solver="sparsegpt", uncertainty="baseline", damping=0.05, rounds=0,
+                   solver_options={"block_size": 8}, activation_budget="64KB", targets=["re:fc"])
+    torch.manual_seed(0)
+    module = Classifier()
+    reference = Classifier()
+    reference.load_state_dict(module.state_dict())
+    robop = RobOPCallback(calibration_batches=2, verbose=False, progress=False, **options)
+    _trainer(tmp_path, [robop]).validate(module, datamodule=BlobData(batch_size=32))
+    x = _blobs(256, 0).tensors[0]
+    report = prune_model(reference, [x[:32], x[32:64]], progress=False, **options)
+    assert robop.reports[0].config["damping"] == 0.05 and robop.reports[0].config["rounds"] == 0
+    assert robop.masks.to_dict().keys() == report.masks.keys()
+    for name, mask in report.masks.items():
+        assert torch.equal(robop.masks[name], mask), name
+    with pytest.raises(ValueError, match="unknown solver option"):
+        RobOPCallback(solver="cap", solver_options={"blocksize": 8})
+    with pytest.warns(DeprecationWarning, match="calibration_dataloader"):
+        RobOPCallback(calibration="val")
