@@ -30,6 +30,7 @@ from torch import nn
 
 from robop_lightning.calibration import default_forward, forward_order
 from robop_lightning.config import PruneConfig, StructuredOptions
+from robop_lightning.dispatch import execution_device, materialized, read_weight, write_weight
 from robop_lightning.fisher_model import FisherOptions, prune_model_fisher
 from robop_lightning.gram import LayerInputs
 from robop_lightning.layer import prune_layer
@@ -94,7 +95,8 @@ class MaskStep:
         self._shared: tuple[torch.Tensor, LayerInputs, LayerInputs | None] | None = None
 
         def restore() -> None:
-            self.undo.restore({n: m.weight for n, m in modules.items()})
+            for name, value in self.undo.saved():  # (accelerate-offloaded weights: into their weights_map)
+                write_weight(modules[name], value)
             report.masks.clear()
             report.resumed.clear()
 
@@ -117,13 +119,15 @@ class MaskStep:
     def prune_linear(self, name: str, x: torch.Tensor) -> None:
         self.walk.current = name
         inputs, heldout = self._inputs(name, x)
-        weight = self.modules[name].weight
+        module = self.modules[name]
         prior = None if self.prior_masks is None or name not in self.prior_masks else self.prior_masks[name]
-        result = prune_layer(weight.detach(), inputs, heldout=heldout, name=name,
-                             prior_mask=None if prior is None else prior.to(weight.device), **self.layer_kwargs)
-        self.walk.check_ranks(name, result.mask, "masks")
-        self.undo.save(name, weight)
-        weight.data.copy_(result.weight)
+        with materialized(module):  # an accelerate-offloaded weight is loaded for the solve
+            weight = module.weight
+            result = prune_layer(weight.detach(), inputs, heldout=heldout, name=name,
+                                 prior_mask=None if prior is None else prior.to(weight.device), **self.layer_kwargs)
+            self.walk.check_ranks(name, result.mask, "masks")
+            self.undo.save(name, weight)
+            write_weight(module, result.weight)
         self.report.masks[name] = result.mask.detach().to("cpu", copy=True)
         self.report.layers.append(
             {
@@ -150,15 +154,15 @@ class MaskStep:
         return names
 
     def save(self, names: list[str]) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
-        tensors = {f"{n}.weight": self.modules[n].weight for n in names}
+        tensors = {f"{n}.weight": read_weight(self.modules[n]) for n in names}
         tensors.update({f"{n}.mask": self.report.masks[n] for n in names})
         return self.report.layers[-len(names):], tensors
 
     def restore(self, rows: list[dict[str, Any]], tensors: dict[str, torch.Tensor]) -> None:
         for row in rows:
             name = row["name"]
-            self.undo.save(name, self.modules[name].weight)
-            self.modules[name].weight.data.copy_(tensors[f"{name}.weight"])
+            self.undo.save(name, read_weight(self.modules[name]))
+            write_weight(self.modules[name], tensors[f"{name}.weight"])
             self.report.masks[name] = tensors[f"{name}.mask"]
             self.report.layers.append(row)
             self.report.resumed.append(name)
@@ -317,6 +321,15 @@ def prune_model(
     if not batches:
         raise ValueError("calibration is empty: pass an iterable with at least one batch.")
     home = next(iter(modules.values())).weight.device
+    dispatched = execution_device(model)  # accelerate keeps (some) weights off the device and onloads per forward
+    if dispatched is not None:
+        if device is not None and torch.device(device) != dispatched:
+            raise ValueError(f"the model is dispatched by accelerate to run on {dispatched}; its hooks already onload "
+                             f"the weights, so pass device=None (or {str(dispatched)!r}).")
+        if resume_dir is not None:
+            raise ValueError("resume_dir is not supported for accelerate-offloaded models yet (their weights are not "
+                             "in the model's state_dict); prune without it, or load the model onto the host.")
+        home = dispatched
     report = PruneReport(
         config={
             "sparsity": parse_pattern(pattern, sparsity).sparsity,

@@ -260,8 +260,13 @@ class WeightUndo:
 
     def restore(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy every saved value back into ``tensors[name]`` (in place)."""
+        for name, value in self.saved():
+            tensors[name].data.copy_(value)
+
+    def saved(self):
+        """``(name, original value)`` of every weight saved so far, read back one at a time."""
         for name, path in self._files.items():
-            tensors[name].data.copy_(torch.load(path, weights_only=True))
+            yield name, torch.load(path, weights_only=True)
 
     def close(self) -> None:
         self._files.clear()

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from robop_lightning.calibration import default_forward
+from robop_lightning.dispatch import execution_device
 from robop_lightning.gram import LayerInputs
 from robop_lightning.offload import parse_bytes
 from robop_lightning.pipeline import BlockWalk, open_resume_store, split_heldout
@@ -206,6 +207,9 @@ def prune_model_structured(
             "Pass blocks='<dotted name of the block list>'."
         )
     container, block_list = structure
+    if execution_device(model) is not None:
+        raise ValueError("pattern='structured' reshapes modules, which accelerate's offload hooks do not follow; load the "
+                         "model onto the host (without a device_map offload) and pass device='cuda' to onload it.")
     chosen = set(resolve_targets(model, targets, ignore, [b for b, _ in block_list]))
     units = [(i, unit) for i, (bname, block) in enumerate(block_list) for unit in block_units(block, bname)
              if unit.consumer_name in chosen]

@@ -12,6 +12,7 @@ MODULES = [
     "robop_lightning.callback",
     "robop_lightning.config",
     "robop_lightning.damping",
+    "robop_lightning.dispatch",
     "robop_lightning.layer",
     "robop_lightning.masks",
     "robop_lightning.model",

@@ -120,3 +120,51 @@ def test_host_model_onloaded_to_cuda_equals_the_model_on_cuda():
     assert next(host.parameters()).device.type == "cpu"  # the weights stayed on the host
     for (k, v), w in zip(host.state_dict().items(), on_gpu.state_dict().values(), strict=True):
         torch.testing.assert_close(v, w.cpu(), rtol=1e-5, atol=1e-6, msg=k)
+
+
+# --------------------------------------------------------------------------- accelerate device_map offload
+@pytest.mark.parametrize("kind", ["cpu", "disk"])
+def test_accelerate_offloaded_model_prunes_like_the_model_in_memory(kind, tmp_path):
+    """Weights kept off the device by accelerate (meta parameters, loaded per forward from host memory
+    or disk): pruning reads them through the hooks and writes the result into accelerate's weights map."""
+    from accelerate import cpu_offload, disk_offload
+
+    from robop_lightning.dispatch import read_weight
+
+    reference, model = _llama(), _llama()
+    ref = prune_model(reference, _batches(), sparsity=0.5, solver="alps", uncertainty="trace")
+    if kind == "cpu":
+        cpu_offload(model, execution_device=torch.device("cpu"))
+    else:
+        disk_offload(model, str(tmp_path / "offload"), execution_device=torch.device("cpu"))
+    report = prune_model(model, _batches(), sparsity=0.5, solver="alps", uncertainty="trace")
+    assert model.model.layers[0].mlp.down_proj.weight.device.type == "meta"  # still offloaded
+    for name, mask in ref.masks.items():
+        assert torch.equal(report.masks[name], mask), name
+        assert torch.equal(read_weight(model.get_submodule(name)), reference.get_submodule(name).weight), name
+    with torch.no_grad():  # the forwards load the pruned weights
+        assert torch.equal(model(**_batches()[0], use_cache=False).logits,
+                           reference(**_batches()[0], use_cache=False).logits)
+
+
+def test_a_failure_restores_accelerate_offloaded_weights():
+    from accelerate import cpu_offload
+
+    from robop_lightning.dispatch import read_weight
+
+    model = _llama()
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
+    dense = {n: read_weight(model.get_submodule(n)).clone() for n in names}
+
+    def boom(module, args):
+        raise RuntimeError("disk full")
+
+    model.model.layers[1].mlp.down_proj.register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match="disk full"):
+        prune_model(model, _batches(), sparsity=0.5, solver="sparsegpt", uncertainty="baseline")
+    assert all(torch.equal(read_weight(model.get_submodule(n)), w) for n, w in dense.items())
+    with pytest.raises(ValueError, match="resume_dir is not supported for accelerate-offloaded"):
+        prune_model(model, _batches(), resume_dir="unused")
+    with pytest.raises(ValueError, match="accelerate's offload hooks"):
+        prune_model(model, _batches(), pattern="structured")

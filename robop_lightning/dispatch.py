@@ -1,0 +1,76 @@
+"""Models whose weights accelerate keeps off the device (``device_map`` with offload, ``cpu_offload``).
+
+accelerate's ``AlignDevicesHook`` keeps each offloaded parameter on the ``meta`` device and loads it
+from its ``weights_map`` (host memory or disk) to the execution device for every forward, then drops
+it. Calibration forwards therefore onload one module at a time by themselves; pruning must read a
+weight through the hook and write the result back into the ``weights_map``, or the next forward
+would load the dense weight again. These helpers do that and do nothing for ordinary modules.
+
+Example:
+    >>> import torch
+    >>> from accelerate import cpu_offload
+    >>> layer = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    >>> _ = cpu_offload(layer, execution_device=torch.device("cpu"))
+    >>> layer[0].weight.device.type, is_offloaded(layer[0])
+    ('meta', True)
+    >>> write_weight(layer[0], torch.zeros(2, 4))
+    >>> with materialized(layer[0]):
+    ...     bias = layer[0].bias.clone()
+    >>> bool((read_weight(layer[0]) == 0).all()), torch.equal(layer(torch.ones(1, 4)), bias[None])  # forwards see it
+    (True, True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from accelerate.utils import align_module_device, has_offloaded_params
+from accelerate.utils.offload import OffloadedWeightsLoader
+from torch import nn
+
+__all__ = ["execution_device", "is_offloaded", "materialized", "read_weight", "write_weight"]
+
+
+def is_offloaded(module: nn.Module) -> bool:
+    """Whether accelerate keeps ``module``'s own parameters off the device (loaded per forward)."""
+    return has_offloaded_params(module)
+
+
+def execution_device(model: nn.Module) -> torch.device | None:
+    """The device accelerate runs an offloaded ``model``'s modules on (``None``: nothing offloaded)."""
+    for module in model.modules():
+        if has_offloaded_params(module):
+            return torch.device(module._hf_hook.execution_device)
+    return None
+
+
+@contextlib.contextmanager
+def materialized(module: nn.Module) -> Iterator[nn.Module]:
+    """``module``'s parameters real on its execution device inside (offloaded or not)."""
+    with align_module_device(module):
+        yield module
+
+
+def read_weight(module: nn.Module) -> torch.Tensor:
+    """``module.weight`` as stored: from accelerate's ``weights_map`` when offloaded."""
+    if has_offloaded_params(module):
+        return module._hf_hook.weights_map["weight"]
+    return module.weight
+
+
+@torch.no_grad()
+def write_weight(module: nn.Module, value: torch.Tensor) -> None:
+    """Set ``module.weight`` to ``value`` in place; for an offloaded module, in its ``weights_map`` too."""
+    if not has_offloaded_params(module):
+        module.weight.data.copy_(value)
+        return
+    weights = module._hf_hook.weights_map
+    key = weights.prefix + "weight"
+    stored = weights["weight"]
+    new = value.detach().to(device=stored.device, dtype=stored.dtype).clone()
+    if isinstance(weights.dataset, OffloadedWeightsLoader):  # disk: its in-memory state dict has priority
+        weights.dataset.state_dict[key] = new
+    else:
+        weights.dataset[key] = new
