@@ -128,6 +128,24 @@ def _child(out: str) -> None:
         torch.save({"done": list(again._done), "reports": len(again.reports), "masks": again.masks.to_dict(),
                     "state": state, "steps": trainer.global_step, "pruned": calls},
                    os.path.join(out, f"resumed-{kind}{trainer.global_rank}.pt"))
+    # trainer.validate prunes in setup too (before the sharding), then evaluates the sharded model
+    class Validated(TinyLM):
+        def validation_step(self, batch, batch_idx):
+            (ids,) = batch
+            self.log("val_loss", self.model(input_ids=ids, labels=ids, use_cache=False).loss, sync_dist=True)
+
+    class WithVal(Shard):
+        def val_dataloader(self):
+            return self.train_dataloader()
+
+    val_cb, validated = _callback(), Validated()
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False)
+    metrics = _trainer(strategy, 2, out, callbacks=[val_cb], enable_checkpointing=False).validate(validated,
+                                                                                                  datamodule=WithVal())
+    torch.save({"masks": val_cb.masks.to_dict(), "val_loss": metrics[0]["val_loss"],
+                "sharded": isinstance(validated.model.model.layers[0].mlp.down_proj.weight, DTensor)},
+               os.path.join(out, f"validate{trainer.global_rank}.pt"))
+
     # mixed precision (autocast bf16 over the float32 sharded parameters): the zeros hold too
     mixed_cb, mixed = _callback(), TinyLM()
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False)
@@ -168,6 +186,11 @@ def test_sharded_fine_tuning_holds_zeros_and_equals_one_process(tmp_path):
             assert torch.equal(mask, r0["masks"][name]), (kind, name)
             weight = resumed["state"][name.removeprefix("model.") + ".weight"]
             assert bool((weight[~mask] == 0).all()), (kind, name)
+
+    validated = torch.load(tmp_path / "validate0.pt", weights_only=False)
+    assert validated["sharded"] and validated["val_loss"] > 0
+    for name, mask in validated["masks"].items():  # the same calibration: the fit's masks
+        assert torch.equal(mask, r0["masks"][name]), name
 
     mixed = torch.load(tmp_path / "mixed0.pt", weights_only=False)
     assert mixed["held"] and mixed["changed"]  # bf16-mixed trained the model and kept its zeros

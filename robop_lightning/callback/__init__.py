@@ -302,7 +302,7 @@ class RobOPCallback(Callback):
                     "Under ModelParallelStrategy RobOPCallback prunes once, in setup, on whole weights before "
                     "configure_model shards them: use prune_at='start' without a schedule (unstructured or N:M)."
                 )
-            if stage == "fit" and not self.pruned and checkpoint_to_restore(trainer) is None:
+            if not self.pruned and checkpoint_to_restore(trainer) is None:  # fit, validate or test
                 self._prune(trainer, pl_module, self.sparsity, "start")  # before configure_model shards the weights
 
     @override
