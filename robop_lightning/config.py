@@ -35,6 +35,7 @@ from robop_lightning.offload import parse_bytes
 from robop_lightning.patterns import parse_pattern
 from robop_lightning.selection import AutoOptions, check_auto_request
 from robop_lightning.solvers import SOLVERS, check_solver_options
+from robop_lightning.typed import coerce_options
 from robop_lightning.uncertainty import canonical_set_name, make_uncertainty
 
 __all__ = ["PruneConfig", "StructuredOptions", "check_fraction", "is_structured"]
@@ -86,17 +87,7 @@ class StructuredOptions:
     @classmethod
     def coerce(cls, value: StructuredOptions | dict[str, Any] | None, what: str = "structured_options") -> StructuredOptions:
         """``None`` -> defaults; a dict -> checked fields (unknown keys are refused with the valid ones)."""
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if not isinstance(value, dict):
-            raise ValueError(f"{what} must be a StructuredOptions or a dict, got {type(value).__name__}.")
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(value) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown {what} {unknown}: use {', '.join(valid)}.")
-        return cls(**value)
+        return coerce_options(cls, value, what)
 
 
 @dataclass(frozen=True)

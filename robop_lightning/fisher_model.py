@@ -34,6 +34,7 @@ from robop_lightning.gradients import LossFn, batch_size_of, per_sample_gradient
 from robop_lightning.report import PruneReport
 from robop_lightning.offload import WeightUndo
 from robop_lightning.patterns import parse_pattern
+from robop_lightning.typed import coerce_options
 from robop_lightning.solvers.fisher import (
     SELECTIONS,
     block_grams,
@@ -73,19 +74,7 @@ class FisherOptions:
 
     @classmethod
     def coerce(cls, value: FisherOptions | dict[str, Any] | None) -> FisherOptions:
-        if value is None:
-            out = cls()
-        elif isinstance(value, cls):
-            out = value
-        elif isinstance(value, dict):
-            valid = tuple(cls.__dataclass_fields__)
-            unknown = sorted(set(value) - set(valid))
-            if unknown:
-                raise ValueError(f"unknown fisher option(s) {', '.join(map(repr, unknown))}: valid keys are "
-                                 f"{', '.join(valid)}.")
-            out = cls(**value)
-        else:
-            raise ValueError(f"fisher options must be a FisherOptions or a dict, got {type(value).__name__}.")
+        out = coerce_options(cls, value, "fisher option(s)")
         for key in ("gradients", "batch_size"):
             v = getattr(out, key)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:

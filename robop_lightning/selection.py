@@ -38,6 +38,7 @@ import torch
 
 from robop_lightning.damping import damp_until_definite, unit_scale
 from robop_lightning.gram import LayerInputs
+from robop_lightning.typed import coerce_options
 from robop_lightning.patterns import Pattern
 from robop_lightning.solvers import DATA_FREE, SOLVERS, USES_FULL_GRAM
 from robop_lightning.solvers.alps import support
@@ -162,16 +163,9 @@ class AutoOptions:
     @classmethod
     def coerce(cls, value: AutoOptions | dict[str, Any] | None) -> AutoOptions:
         """``None`` -> defaults; a dict -> checked fields (unknown keys are refused with the valid ones)."""
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if not isinstance(value, dict):
-            raise ValueError(f"auto options must be an AutoOptions or a dict, got {type(value).__name__}.")
-        valid = ("candidates", "folds", "select", "scorer", "rows")
-        unknown = sorted(set(value) - set(valid))
-        if unknown:
-            raise ValueError(f"unknown auto option(s) {', '.join(map(repr, unknown))}: valid keys are {', '.join(valid)}.")
+        if value is None or isinstance(value, cls):
+            return coerce_options(cls, value, "auto option(s)")
+        coerce_options(cls, value, "auto option(s)")  # the keys
         out = dict(value)
         scorer = out.get("scorer")
         if scorer is not None and (not isinstance(scorer, str) or scorer not in ("solver", *SCORERS)):

@@ -48,17 +48,23 @@ def tiny_vit(seed: int = 0) -> VisionTransformer:
     return VisionTransformer(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=4).eval()
 
 
-def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
+def tiny_llama(seed: int = 0, layers: int = 2, vocab: int = 128) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         hidden_size=32,
         intermediate_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        vocab_size=128,
+        vocab_size=vocab,
     )
     return LlamaForCausalLM(config).eval()
+
+
+def token_batches(vocab: int = 64, batches: int = 2, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    """Dict batches of ``input_ids`` (4 sequences of 12 tokens each)."""
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, vocab, (4, 12), generator=g)} for _ in range(batches)]
 
 
 def images(batches: int = 4, size: int = 4, seed: int = 1) -> list[torch.Tensor]:

@@ -7,18 +7,10 @@ import warnings
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from robop_lightning import prune_model
 from robop_lightning.layer import prune_layer
 from tests.engine_helpers import _batches, _net, tiny_llama
-
-
-def _tiny_llama() -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=64)
-    return LlamaForCausalLM(cfg).eval()
 
 
 def test_tensor_batches_run_blocks_without_a_kv_cache():
@@ -29,7 +21,7 @@ def test_tensor_batches_run_blocks_without_a_kv_cache():
     """
     g = torch.Generator().manual_seed(1)
     toks = [torch.randint(0, 64, (4, 12), generator=g) for _ in range(2)]
-    a, b = _tiny_llama(), _tiny_llama()
+    a, b = tiny_llama(vocab=64), tiny_llama(vocab=64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prune_model(a, toks, sparsity=0.5, solver="sparsegpt", uncertainty="baseline")
@@ -43,7 +35,7 @@ def test_structured_pruning_of_a_decoder_from_tensor_batches():
     """Structured pruning runs a block once per unit; with a cache the shrunk attention met stale keys."""
     g = torch.Generator().manual_seed(1)
     toks = [torch.randint(0, 64, (4, 12), generator=g) for _ in range(2)]
-    model = _tiny_llama()
+    model = tiny_llama(vocab=64)
     report = prune_model(model, toks, sparsity=0.5, pattern="structured", uncertainty="baseline")
     assert model.model.layers[0].self_attn.k_proj.out_features == 8  # one of two KV groups
     assert model(toks[0]).logits.shape == (4, 12, 64)

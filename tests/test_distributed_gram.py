@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from robop_lightning import LayerInputs, prune_layer, prune_model_structured
-from tests.engine_helpers import correlated_inputs, random_weight
+from tests.engine_helpers import correlated_inputs, random_weight, tiny_llama, token_batches
 
 
 def _free_port() -> int:
@@ -75,14 +75,12 @@ def test_two_ranks_equal_one_process(tmp_path):
 
 
 def _structured_worker(rank: int, port: int, out: str) -> None:
-    from tests.test_structured import _decoder_batches, _tiny_decoder
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        model = _tiny_decoder(layers=2)
-        batches = _decoder_batches()
+        model = tiny_llama(layers=2, vocab=64)
+        batches = token_batches()
         report = prune_model_structured(model, batches[rank : rank + 1], sparsity=0.5, uncertainty="trace")
         torch.save({"state": model.state_dict(), "removed": [r["removed"] for r in report.layers]},
                    os.path.join(out, f"structured{rank}.pt"))
@@ -93,12 +91,10 @@ def _structured_worker(rank: int, port: int, out: str) -> None:
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
 def test_structured_pruning_on_two_ranks_equals_one_process(tmp_path):
     """Each rank calibrates on its own batch; the summed Grams give every rank the one-process result."""
-    from tests.test_structured import _decoder_batches, _tiny_decoder
-
     mp.spawn(_structured_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"structured{r}.pt") for r in range(2))
-    model = _tiny_decoder(layers=2)
-    report = prune_model_structured(model, _decoder_batches(), sparsity=0.5, uncertainty="trace")
+    model = tiny_llama(layers=2, vocab=64)
+    report = prune_model_structured(model, token_batches(), sparsity=0.5, uncertainty="trace")
     assert r0["removed"] == r1["removed"] == [r["removed"] for r in report.layers]
     for k, v in model.state_dict().items():
         assert torch.equal(r0["state"][k], r1["state"][k]), k

@@ -25,6 +25,7 @@ MODULES = [
     "robop_lightning.surgery.decoder",
     "robop_lightning.surgery.io",
     "robop_lightning.surgery.vit",
+    "robop_lightning.typed",
 ]
 
 

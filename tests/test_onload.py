@@ -13,22 +13,10 @@ import pytest
 import timm
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from robop_lightning import prune_model
 from robop_lightning.structured import prune_model_structured
-
-
-def _llama(layers: int = 3) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=64)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def _batches():
-    g = torch.Generator().manual_seed(1)
-    return [{"input_ids": torch.randint(0, 64, (4, 12), generator=g)} for _ in range(2)]
+from tests.engine_helpers import tiny_llama, token_batches
 
 
 def _moves(model: nn.Module, blocks: list[nn.Module]) -> list[tuple[int, str]]:
@@ -47,10 +35,10 @@ def _moves(model: nn.Module, blocks: list[nn.Module]) -> list[tuple[int, str]]:
 
 @pytest.mark.parametrize("solver", ["sparsegpt", "alps"])
 def test_onloaded_pruning_equals_pruning_in_place(solver):
-    reference, model = _llama(), _llama()
-    ref = prune_model(reference, _batches(), sparsity=0.5, solver=solver, uncertainty="trace")
+    reference, model = tiny_llama(layers=3, vocab=64), tiny_llama(layers=3, vocab=64)
+    ref = prune_model(reference, token_batches(), sparsity=0.5, solver=solver, uncertainty="trace")
     seen = _moves(model, list(model.model.layers))
-    report = prune_model(model, _batches(), sparsity=0.5, solver=solver, uncertainty="trace", device="cpu:0")
+    report = prune_model(model, token_batches(), sparsity=0.5, solver=solver, uncertainty="trace", device="cpu:0")
     # every block went to the execution device and back, one at a time, in order
     assert seen == [(i, d) for i in range(3) for d in ("cpu:0", "cpu")]
     for (k, v), w in zip(reference.state_dict().items(), model.state_dict().values(), strict=True):
@@ -72,20 +60,20 @@ def test_onloading_without_blocks_moves_one_linear_at_a_time():
 
 
 def test_onloaded_structured_pruning_and_resume(tmp_path):
-    reference, model = _llama(), _llama()
-    prune_model_structured(reference, _batches(), sparsity=0.5, uncertainty="trace")
-    prune_model_structured(model, _batches(), sparsity=0.5, uncertainty="trace", device="cpu:0",
+    reference, model = tiny_llama(layers=3, vocab=64), tiny_llama(layers=3, vocab=64)
+    prune_model_structured(reference, token_batches(), sparsity=0.5, uncertainty="trace")
+    prune_model_structured(model, token_batches(), sparsity=0.5, uncertainty="trace", device="cpu:0",
                            resume_dir=tmp_path / "r")
     assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), model.state_dict().values()))
-    again = _llama()
-    report = prune_model_structured(again, _batches(), sparsity=0.5, uncertainty="trace", device="cpu:0",
+    again = tiny_llama(layers=3, vocab=64)
+    report = prune_model_structured(again, token_batches(), sparsity=0.5, uncertainty="trace", device="cpu:0",
                                     resume_dir=tmp_path / "r")
     assert len(report.resumed) == 6
     assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), again.state_dict().values()))
 
 
 def test_a_failure_while_onloaded_restores_the_model_at_home():
-    model = _llama()
+    model = tiny_llama(layers=3, vocab=64)
     dense = {k: v.clone() for k, v in model.state_dict().items()}
 
     def boom(module, args):
@@ -93,14 +81,14 @@ def test_a_failure_while_onloaded_restores_the_model_at_home():
 
     model.model.layers[1].mlp.down_proj.register_forward_pre_hook(boom)
     with pytest.raises(RuntimeError, match="disk full"):
-        prune_model(model, _batches(), sparsity=0.5, solver="sparsegpt", pattern="structured", device="cpu:0")
+        prune_model(model, token_batches(), sparsity=0.5, solver="sparsegpt", pattern="structured", device="cpu:0")
     after = model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in dense.items())
 
 
 def test_a_bad_device_is_refused():
     with pytest.raises(ValueError, match="device must name a torch device"):
-        prune_model(_llama(), _batches(), device="gpu-please")
+        prune_model(tiny_llama(layers=3, vocab=64), token_batches(), device="gpu-please")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -131,20 +119,20 @@ def test_accelerate_offloaded_model_prunes_like_the_model_in_memory(kind, tmp_pa
 
     from robop_lightning.dispatch import read_weight
 
-    reference, model = _llama(), _llama()
-    ref = prune_model(reference, _batches(), sparsity=0.5, solver="alps", uncertainty="trace")
+    reference, model = tiny_llama(layers=3, vocab=64), tiny_llama(layers=3, vocab=64)
+    ref = prune_model(reference, token_batches(), sparsity=0.5, solver="alps", uncertainty="trace")
     if kind == "cpu":
         cpu_offload(model, execution_device=torch.device("cpu"))
     else:
         disk_offload(model, str(tmp_path / "offload"), execution_device=torch.device("cpu"))
-    report = prune_model(model, _batches(), sparsity=0.5, solver="alps", uncertainty="trace")
+    report = prune_model(model, token_batches(), sparsity=0.5, solver="alps", uncertainty="trace")
     assert model.model.layers[0].mlp.down_proj.weight.device.type == "meta"  # still offloaded
     for name, mask in ref.masks.items():
         assert torch.equal(report.masks[name], mask), name
         assert torch.equal(read_weight(model.get_submodule(name)), reference.get_submodule(name).weight), name
     with torch.no_grad():  # the forwards load the pruned weights
-        assert torch.equal(model(**_batches()[0], use_cache=False).logits,
-                           reference(**_batches()[0], use_cache=False).logits)
+        assert torch.equal(model(**token_batches()[0], use_cache=False).logits,
+                           reference(**token_batches()[0], use_cache=False).logits)
 
 
 def test_a_failure_restores_accelerate_offloaded_weights():
@@ -152,7 +140,7 @@ def test_a_failure_restores_accelerate_offloaded_weights():
 
     from robop_lightning.dispatch import read_weight
 
-    model = _llama()
+    model = tiny_llama(layers=3, vocab=64)
     cpu_offload(model, execution_device=torch.device("cpu"))
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in n]
     dense = {n: read_weight(model.get_submodule(n)).clone() for n in names}
@@ -162,9 +150,9 @@ def test_a_failure_restores_accelerate_offloaded_weights():
 
     model.model.layers[1].mlp.down_proj.register_forward_pre_hook(boom)
     with pytest.raises(RuntimeError, match="disk full"):
-        prune_model(model, _batches(), sparsity=0.5, solver="sparsegpt", uncertainty="baseline")
+        prune_model(model, token_batches(), sparsity=0.5, solver="sparsegpt", uncertainty="baseline")
     assert all(torch.equal(read_weight(model.get_submodule(n)), w) for n, w in dense.items())
     with pytest.raises(ValueError, match="resume_dir is not supported for accelerate-offloaded"):
-        prune_model(model, _batches(), resume_dir="unused")
+        prune_model(model, token_batches(), resume_dir="unused")
     with pytest.raises(ValueError, match="accelerate's offload hooks"):
-        prune_model(model, _batches(), pattern="structured")
+        prune_model(model, token_batches(), pattern="structured")

@@ -13,14 +13,13 @@ import torch
 from lightning.pytorch import Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from robop_lightning import RobOPCallback, prune_model
 from robop_lightning.models import DeiTClassifier
 from robop_lightning.solvers.structured_obs import select_groups
 from robop_lightning.structured import prune_model_structured
 from robop_lightning.surgery import shrink_vit_block
-from tests.engine_helpers import _tiny_vit
+from tests.engine_helpers import _tiny_vit, clone_state, tiny_llama, token_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -160,70 +159,54 @@ def test_callback_validate_shrinks_and_refuses_mid_fit():
 
 
 # --------------------------------------------------------------------------- the shared block walk (issue 15)
-def _tiny_decoder(layers: int = 3) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=64)
-    return LlamaForCausalLM(cfg).eval()
-
-
-def _decoder_batches():
-    g = torch.Generator().manual_seed(1)
-    return [{"input_ids": torch.randint(0, 64, (4, 12), generator=g)} for _ in range(2)]
-
-
-def _snapshot_model(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
 def _same_state(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_structured_pruning_resumes_bit_identically_after_ctrl_c(tmp_path):
     job = dict(sparsity=0.5, uncertainty="trace", budget="layer")
-    reference = _tiny_decoder()
-    ref_report = prune_model_structured(reference, _decoder_batches(), **job)
+    reference = tiny_llama(layers=3, vocab=64)
+    ref_report = prune_model_structured(reference, token_batches(), **job)
 
-    model, resume = _tiny_decoder(), tmp_path / "resume"
-    dense = _snapshot_model(model)
+    model, resume = tiny_llama(layers=3, vocab=64), tmp_path / "resume"
+    dense = clone_state(model)
 
     def ctrl_c(module, args):  # Ctrl-C while block 1's MLP is calibrated (its attention already shrunk)
         raise KeyboardInterrupt
 
     handle = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(ctrl_c)
     with pytest.raises(KeyboardInterrupt):
-        prune_model_structured(model, _decoder_batches(), resume_dir=resume, **job)
+        prune_model_structured(model, token_batches(), resume_dir=resume, **job)
     handle.remove()
-    assert _same_state(_snapshot_model(model), dense)  # every shape and weight as it was
+    assert _same_state(clone_state(model), dense)  # every shape and weight as it was
     assert model.model.layers[1].self_attn.k_proj.out_features == 16
 
-    report = prune_model_structured(model, _decoder_batches(), resume_dir=resume, **job)
+    report = prune_model_structured(model, token_batches(), resume_dir=resume, **job)
     assert report.resumed == ["model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj"]
-    assert _same_state(_snapshot_model(model), _snapshot_model(reference))
+    assert _same_state(clone_state(model), clone_state(reference))
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(report.layers) == strip(ref_report.layers)
     assert report.config["params_removed"] == ref_report.config["params_removed"]
-    again = _tiny_decoder()  # a finished directory: everything loaded, nothing recomputed
+    again = tiny_llama(layers=3, vocab=64)  # a finished directory: everything loaded, nothing recomputed
     calls = []
     again.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, a: calls.append(1))
-    third = prune_model_structured(again, _decoder_batches(), resume_dir=resume, **job)
+    third = prune_model_structured(again, token_batches(), resume_dir=resume, **job)
     assert calls == [] and len(third.resumed) == 6
-    assert _same_state(_snapshot_model(again), _snapshot_model(reference))
+    assert _same_state(clone_state(again), clone_state(reference))
 
 
 def test_structured_heldout_errors_are_the_error_on_the_held_out_samples():
-    model = _tiny_decoder(layers=2)
-    report = prune_model(model, _decoder_batches(), sparsity=0.5, pattern="structured", uncertainty="baseline",
+    model = tiny_llama(layers=2, vocab=64)
+    report = prune_model(model, token_batches(), sparsity=0.5, pattern="structured", uncertainty="baseline",
                          heldout_fraction=0.25, targets=["re:down_proj"])
     rows = report.layers
     assert all(r["heldout_error"] is not None and r["heldout_error"] >= 0 for r in rows)
     # recompute layer 0's: the MLP's held-out inputs are the last quarter of the samples (2 of 8)
-    dense = _tiny_decoder(layers=2)
+    dense = tiny_llama(layers=2, vocab=64)
     captured = []
     dense.model.layers[0].mlp.down_proj.register_forward_pre_hook(lambda m, a: captured.append(a[0]))
     with torch.no_grad():
-        for b in _decoder_batches():
+        for b in token_batches():
             dense(**b, use_cache=False)
     x = torch.cat(captured)  # (8, 12, 64)
     held = x[6:].reshape(-1, 64).double()
@@ -236,9 +219,9 @@ def test_structured_heldout_errors_are_the_error_on_the_held_out_samples():
 
 
 def test_structured_activation_budget_keeps_the_result():
-    a, b = _tiny_decoder(), _tiny_decoder()
-    ra = prune_model_structured(a, _decoder_batches(), sparsity=0.5, uncertainty="trace")
-    rb = prune_model_structured(b, _decoder_batches(), sparsity=0.5, uncertainty="trace", activation_budget="4KB")
+    a, b = tiny_llama(layers=3, vocab=64), tiny_llama(layers=3, vocab=64)
+    ra = prune_model_structured(a, token_batches(), sparsity=0.5, uncertainty="trace")
+    rb = prune_model_structured(b, token_batches(), sparsity=0.5, uncertainty="trace", activation_budget="4KB")
     assert [r["removed"] for r in ra.layers] == [r["removed"] for r in rb.layers]
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         torch.testing.assert_close(v, w, rtol=1e-5, atol=1e-6, msg=k)
