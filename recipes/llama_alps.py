@@ -309,14 +309,12 @@ def finetune_worker(args) -> dict:
 def finetune_one(args, dense, name: str, datamodule: TextDataModule) -> tuple[dict, dict]:
     """Prune ``name``'s setting and method with ``RobOPCallback`` and fine-tune; the full state and masks.
 
-    Under ``--devices N`` each process calibrates on its share of the calibration windows (the
+    Under ``--devices N`` the callback gives each process its share of the calibration batches (the
     Grams are summed across processes, so the masks equal one process's); ``--strategy fsdp`` shards
     the model with FSDP2 (``CausalLMModule.configure_model``) after the callback pruned whole weights.
     """
     from lightning.pytorch.strategies import ModelParallelStrategy
     from torch.distributed.tensor import DTensor
-    from torch.utils.data import DataLoader
-    from torch.utils.data.distributed import DistributedSampler
 
     from robop_lightning import RobOPCallback
 
@@ -325,18 +323,7 @@ def finetune_one(args, dense, name: str, datamodule: TextDataModule) -> tuple[di
     sparsity, pattern = parse_setting(setting)
     set_name, radius = parse_set_spec(uncertainty, allow_auto=True)
     calibration = datamodule.calibration_dataloader()
-
-    def shard() -> DataLoader:  # this process's calibration windows
-        trainer = module.trainer
-        if trainer.world_size == 1:
-            return calibration
-        sampler = DistributedSampler(calibration.dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
-                                     shuffle=False)  # fmt: skip
-        return DataLoader(calibration.dataset, batch_size=calibration.batch_size, sampler=sampler,
-                          collate_fn=calibration.collate_fn)  # fmt: skip
-
     module = CausalLMModule(copy.deepcopy(dense), lr=args.finetune_lr, max_steps=args.finetune_steps)
-    module.calibration_dataloader = shard
     robop = RobOPCallback(sparsity=sparsity, pattern=pattern, solver=solver, uncertainty=set_name, radius=radius,
                           targets=args.targets, calibration_dataloader="calibration", calibration_batches=len(calibration),
                           verbose=False, progress=False, device=args.device)  # fmt: skip
@@ -345,7 +332,7 @@ def finetune_one(args, dense, name: str, datamodule: TextDataModule) -> tuple[di
                 "ddp": "ddp", "auto": "auto"}[args.strategy]  # fmt: skip
     trainer = quiet_trainer(devices=args.devices, strategy=strategy, max_steps=args.finetune_steps, callbacks=[robop],
                             limit_val_batches=0, num_sanity_val_steps=0, enable_progress_bar=False)  # fmt: skip
-    trainer.fit(module, train_dataloaders=datamodule.train_dataloader())
+    trainer.fit(module, datamodule=datamodule)
     state = {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu().clone()
              for k, v in module.model.state_dict().items()}  # every process takes part in the gather
     if torch.distributed.is_initialized():  # leave no group behind: later evaluation is one process

@@ -146,6 +146,18 @@ def _child(out: str) -> None:
                 "sharded": isinstance(validated.model.model.layers[0].mlp.down_proj.weight, DTensor)},
                os.path.join(out, f"validate{trainer.global_rank}.pt"))
 
+    # a calibration loader that gives both ranks the same batches: each rank keeps its share
+    class SameOnEveryRank(WithVal):
+        def calib_dataloader(self):
+            return DataLoader(TensorDataset(tokens), batch_size=BATCH, shuffle=False)
+
+    same_cb = RobOPCallback(sparsity=0.5, solver="sparsegpt", uncertainty="trace", calibration_batches=2,
+                            calibration_dataloader="calib", verbose=False, progress=False)
+    strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False)
+    _trainer(strategy, 2, out, callbacks=[same_cb], enable_checkpointing=False).validate(Validated(),
+                                                                                         datamodule=SameOnEveryRank())
+    torch.save(same_cb.masks.to_dict(), os.path.join(out, f"same{trainer.global_rank}.pt"))
+
     # mixed precision (autocast bf16 over the float32 sharded parameters): the zeros hold too
     mixed_cb, mixed = _callback(), TinyLM()
     strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1, save_distributed_checkpoint=False)
@@ -191,6 +203,17 @@ def test_sharded_fine_tuning_holds_zeros_and_equals_one_process(tmp_path):
     assert validated["sharded"] and validated["val_loss"] > 0
     for name, mask in validated["masks"].items():  # the same calibration: the fit's masks
         assert torch.equal(mask, r0["masks"][name]), name
+
+    # the same batches on every rank were split, not counted twice: one process's masks on those batches
+    from robop_lightning.model import prune_model
+
+    same = torch.load(tmp_path / "same0.pt", weights_only=False)
+    tokens = _tokens()
+    alone = prune_model(TinyLM(), [(tokens[:BATCH],), (tokens[BATCH : 2 * BATCH],)], sparsity=0.5, solver="sparsegpt",
+                        uncertainty="trace", progress=False)
+    assert same.keys() == alone.masks.keys()
+    for name, mask in alone.masks.items():
+        assert torch.equal(same[name], mask), name
 
     mixed = torch.load(tmp_path / "mixed0.pt", weights_only=False)
     assert mixed["held"] and mixed["changed"]  # bf16-mixed trained the model and kept its zeros

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from itertools import islice
 from typing import Any, Literal
 
@@ -23,6 +23,7 @@ from robop_lightning.callback.loaders import calibration_loader
 from robop_lightning.config import PruneConfig, StructuredOptions, is_structured
 from robop_lightning.masks import SparsityMasks
 from robop_lightning.model import PruneReport, prune_model
+from robop_lightning.resume import fingerprint_batches
 
 __all__ = ["RobOPCallback"]
 
@@ -267,7 +268,6 @@ class RobOPCallback(Callback):
         """``prune_model``'s keyword arguments for one milestone (``"start"``, ``"epoch_end:3"``, ...)."""
         config = dataclasses.replace(self.config, sparsity=sparsity)
         kwargs = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-        kwargs["uncertainty"] = self.uncertainty
         kwargs["progress"] = self.progress and trainer.is_global_zero
         kwargs["resume_dir"] = None if self.resume_dir is None else os.path.join(self.resume_dir, milestone.replace(":", "-"))
         if self.curvature == "fisher":
@@ -464,10 +464,21 @@ class RobOPCallback(Callback):
             _optimizers_to_device(trainer.strategy.optimizers, trainer.strategy.root_device)
         return report
 
-    def _calibration_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Iterator[Any]:
-        loader = self._calibration_loader(trainer, pl_module)
-        for batch in islice(loader, self.calibration_batches):
-            yield trainer.strategy.batch_to_device(batch)
+    def _calibration_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:
+        """The loader's first ``calibration_batches`` batches, on the device.
+
+        Under several processes the Grams are summed across ranks, so each rank must calibrate on
+        its own samples: a loader that gives every rank the same batches (no ``DistributedSampler``,
+        such as a datamodule's ``calib_dataloader``) is split, rank ``r`` keeping batches
+        ``r, r + W, ...``; the sums are then one process's on the same batches.
+        """
+        batches = list(islice(self._calibration_loader(trainer, pl_module), self.calibration_batches))
+        world, strategy = trainer.world_size, trainer.strategy
+        if world > 1 and len(batches) >= world:
+            digest = fingerprint_batches(batches)
+            if strategy.reduce_boolean_decision(strategy.broadcast(digest, src=0) == digest, all=True):
+                batches = batches[trainer.global_rank :: world]
+        return [strategy.batch_to_device(batch) for batch in batches]
 
     def _calibration_loader(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         return calibration_loader(trainer, pl_module, self.calibration_dataloader)
