@@ -15,6 +15,15 @@ checkpoint state). Two kinds of hooks, owned and removed by the same object, kee
   ``.grad`` after each backward, so gradient accumulation never sums them, gradient clipping
   computes its norm over the kept weights only, and optimizer moments of pruned entries stay 0.
 
+Sharded models. Under FSDP2 (``fully_shard``) a weight is a DTensor and its mask becomes a DTensor
+with the same mesh and placements. Under FSDP1 (``FullyShardedDataParallel(use_orig_params=True)``,
+Lightning's ``FSDPStrategy``) a weight is, between forwards, a 1-D view of the part of its flattened
+entries this rank holds (possibly none); its mask becomes the same slice of the flattened mask.
+FSDP1 assigns ``.grad`` itself after its reduce-scatter, so no per-parameter gradient hook fires:
+call :meth:`SparsityMasks.mask_gradients` before each ``optimizer.step()`` (``RobOPCallback`` does, in
+``on_before_optimizer_step``). Module names may include FSDP1's ``_fsdp_wrapped_module`` and
+activation checkpointing's ``_checkpoint_wrapped_module``: they are matched without them.
+
 ``torch.nn.utils.parametrize`` was the alternative; it renames the parameters
 (``weight`` -> ``parametrizations.weight.original``) so checkpoints would need rewriting to load
 into the stock class, and every forward would pay for a mask multiplication.
@@ -44,6 +53,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 __all__ = ["SparsityMasks"]
@@ -65,6 +75,40 @@ def _like(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         local = mask.to(param.device_mesh.device_type)
         return distribute_tensor(local, param.device_mesh, param.placements, src_data_rank=None)
     return mask.to(param.device)
+
+
+_WRAPPERS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module:
+    """``model.get_submodule(name)``, also when wrappers (FSDP1, activation checkpointing,
+    ``torch.compile``) sit between the modules of ``name``."""
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        for full, module in model.named_modules():
+            if ".".join(part for part in full.split(".") if part not in _WRAPPERS) == name:
+                return module
+        raise
+
+
+def _fsdp1_shards(model: nn.Module) -> dict[int, tuple[int, int]]:
+    """``{id(original parameter): (start, stop)}``: the flattened entries of each parameter that this
+    rank holds under FSDP1 (``use_orig_params=True``); ``(0, 0)`` where it holds none."""
+    shards: dict[int, tuple[int, int]] = {}
+    for fsdp in FullyShardedDataParallel.fsdp_modules(model):
+        flat = getattr(fsdp, "_flat_param", None)
+        if flat is None:
+            continue
+        params, infos = getattr(flat, "_params", None), getattr(flat, "_shard_param_infos", None)
+        if params is None or infos is None:
+            raise ValueError(
+                "RobOP masks need FullyShardedDataParallel(use_orig_params=True) (Lightning's FSDPStrategy default): "
+                "with flat parameters only, the pruned entries of a weight cannot be found."
+            )
+        for param, info in zip(params, infos, strict=True):
+            shards[id(param)] = (info.intra_param_start_idx, info.intra_param_end_idx + 1) if info.in_shard else (0, 0)
+    return shards
 
 
 def _unpack(bits: torch.Tensor, shape: Iterable[int]) -> torch.Tensor:
@@ -161,11 +205,20 @@ class SparsityMasks:
             ValueError: a name is not a module of ``model`` with a ``weight`` of the mask's shape.
         """
         self.detach()
+        shards = _fsdp1_shards(model)
         for name, mask in self._masks.items():
             try:
-                param = model.get_submodule(name).weight
+                param = _submodule(model, name).weight
             except AttributeError:
                 raise ValueError(f"{name} (masked) is not a module with a weight in {type(model).__name__}.") from None
+            shard = shards.get(id(param))
+            if shard is not None and tuple(param.shape) != tuple(mask.shape):  # FSDP1: a 1-D slice
+                start, stop = shard
+                if param.numel() != stop - start or stop > mask.numel():
+                    raise ValueError(f"the FSDP shard of {name} does not match its mask of shape {tuple(mask.shape)}.")
+                self._params[name] = param
+                self._pruned[name] = (~mask).reshape(-1)[start:stop].reshape(param.shape).to(param.device)
+                continue  # FSDP1 sets .grad itself: mask_gradients() masks it
             if tuple(param.shape) != tuple(mask.shape):
                 raise ValueError(
                     f"the mask of {name} has shape {tuple(mask.shape)} but the weight has {tuple(param.shape)}; "
@@ -225,9 +278,16 @@ class SparsityMasks:
                 param.grad.masked_fill_(self._pruned[name], 0)
 
     def holds(self, model: nn.Module) -> bool:
-        """Whether every pruned entry of ``model``'s masked weights is exactly zero."""
+        """Whether every pruned entry of ``model``'s masked weights is exactly zero (whole weights are
+        gathered from FSDP1 / FSDP2 shards to check)."""
+        if FullyShardedDataParallel.fsdp_modules(model):
+            with FullyShardedDataParallel.summon_full_params(model, writeback=False):
+                return self._holds(model)
+        return self._holds(model)
+
+    def _holds(self, model: nn.Module) -> bool:
         for name, mask in self._masks.items():
-            weight = model.get_submodule(name).weight.detach()
+            weight = _submodule(model, name).weight.detach()
             if isinstance(weight, DTensor):
                 weight = weight.full_tensor()
             if bool((weight[~mask.to(weight.device)] != 0).any()):

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -71,8 +72,9 @@ def _callback() -> RobOPCallback:
                          progress=False)
 
 
-def _trainer(strategy, devices: int, out: str, max_steps: int = STEPS, **kwargs) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_steps=max_steps,
+def _trainer(strategy, devices: int, out: str, max_steps: int = STEPS, accelerator: str = "cpu",
+             **kwargs) -> pl.Trainer:
+    return pl.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, max_steps=max_steps,
                       accumulate_grad_batches=ACCUMULATE, logger=False, enable_progress_bar=False,
                       enable_model_summary=False, default_root_dir=out, use_distributed_sampler=False, **kwargs)
 
@@ -235,5 +237,159 @@ def test_sharded_fine_tuning_holds_zeros_and_equals_one_process(tmp_path):
         torch.testing.assert_close(r0["state"][k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
+# ---------------------------------------------------------------------------------------------------- FSDP1
+def _lift_gpu_check() -> None:
+    """Lightning's FSDPStrategy has no CPU path, though torch's FSDP1 runs on CPU with gloo: its
+    accelerator connector refuses a CPU accelerator, and it passes ``device_id=root_device.index``
+    (``None`` on CPU, which FSDP1 refuses). The CPU test lifts exactly these two: the check is skipped
+    for an FSDPStrategy and FSDP1 gets ``device_id=cpu``; the strategy's own wrapping, sharded steps
+    and checkpointing run unchanged."""
+    import torch.distributed.fsdp as fsdp
+    from lightning.pytorch.strategies import FSDPStrategy
+    from lightning.pytorch.trainer.connectors.accelerator_connector import _AcceleratorConnector
+
+    check = _AcceleratorConnector._check_strategy_and_fallback
+
+    def lifted(self) -> None:
+        if not isinstance(self._strategy_flag, FSDPStrategy):
+            check(self)
+
+    class OnCPU(fsdp.FullyShardedDataParallel):
+        def __init__(self, module, *args, device_id=None, **kwargs) -> None:
+            super().__init__(module, *args, device_id=torch.device("cpu") if device_id is None else device_id,
+                             **kwargs)
+
+    _AcceleratorConnector._check_strategy_and_fallback = lifted
+    fsdp.FullyShardedDataParallel = OnCPU  # FSDPStrategy imports it from here when it wraps
+
+
+def _fsdp1(state_dict_type: str = "full"):
+    from lightning.pytorch.strategies import FSDPStrategy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    return FSDPStrategy(auto_wrap_policy={LlamaDecoderLayer}, state_dict_type=state_dict_type)
+
+
+def _full_state(module: pl.LightningModule, trainer: pl.Trainer) -> dict[str, torch.Tensor]:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with FullyShardedDataParallel.summon_full_params(trainer.strategy.model, writeback=False):
+        return {k: v.detach().to('cpu', copy=True) for k, v in module.model.state_dict().items()}
+
+
+def _child_fsdp1(out: str, accelerator: str = "cpu") -> None:
+    torch.set_num_threads(1)
+    if accelerator == "cpu":
+        _lift_gpu_check()
+    tokens = _tokens()
+
+    def shard(trainer):
+        class Shard(pl.LightningDataModule):
+            def train_dataloader(self):
+                r = trainer.global_rank
+                part = torch.cat([tokens[i : i + BATCH] for i in range(r * BATCH, len(tokens), 2 * BATCH)])
+                return DataLoader(TensorDataset(part), batch_size=BATCH, shuffle=False)
+
+        return Shard()
+
+    robop, module = _callback(), TinyLM()
+    trainer = _trainer(_fsdp1(), 2, out, callbacks=[robop], enable_checkpointing=False, accelerator=accelerator)
+    trainer.fit(module, datamodule=shard(trainer))
+    weight = module.model.model.layers[0].mlp.down_proj.weight
+    flat = tuple(weight.shape) != (32, 64)  # between steps FSDP1 leaves each rank a 1-D slice
+    held = robop.masks.holds(trainer.strategy.model)
+    state = _full_state(module, trainer)
+    trainer.save_checkpoint(os.path.join(out, "fsdp1-full.ckpt"))
+    torch.save({"masks": robop.masks.to_dict(), "state": state, "flat": flat, "held": held},
+               os.path.join(out, f"fsdp1-rank{trainer.global_rank}.pt"))
+    for kind in ("full", "sharded"):
+        path = os.path.join(out, "fsdp1-full.ckpt")
+        if kind == "sharded":
+            saver = _trainer(_fsdp1("sharded"), 2, out, callbacks=[_callback()], enable_checkpointing=False,
+                             accelerator=accelerator)
+            saver.fit(TinyLM(), datamodule=shard(saver))
+            path = os.path.join(out, "fsdp1-sharded.ckpt")
+            saver.save_checkpoint(path)
+        again, resumed = _callback(), TinyLM()
+        trainer = _trainer(_fsdp1(kind), 2, out, max_steps=STEPS + 2, callbacks=[again], enable_checkpointing=False,
+                           accelerator=accelerator)
+        calls = []
+        prune = again._prune
+        again._prune = lambda *args: calls.append(args[-1]) or prune(*args)
+        trainer.fit(resumed, datamodule=shard(trainer), ckpt_path=path)
+        torch.save({"done": list(again._done), "masks": again.masks.to_dict(), "state": _full_state(resumed, trainer),
+                    "steps": trainer.global_step, "pruned": calls},
+                   os.path.join(out, f"fsdp1-resumed-{kind}{trainer.global_rank}.pt"))
+    # FSDP1's mixed precision (bf16 compute copies of the float32 shards): the zeros hold too
+    mixed_cb, mixed = _callback(), TinyLM()
+    trainer = _trainer(_fsdp1(), 2, out, callbacks=[mixed_cb], enable_checkpointing=False, accelerator=accelerator,
+                       precision="bf16-mixed")
+    trainer.fit(mixed, datamodule=shard(trainer))
+    state = _full_state(mixed, trainer)
+    torch.save({"held": all(bool((state[n.removeprefix("model.") + ".weight"][~m] == 0).all())
+                            for n, m in mixed_cb.masks.items()),
+                "changed": not torch.equal(state["lm_head.weight"], TinyLM().model.lm_head.weight)},
+               os.path.join(out, f"fsdp1-mixed{trainer.global_rank}.pt"))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def _run_child(tmp_path: Path, *args: str) -> None:
+    launcher = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    proc = subprocess.run([sys.executable, __file__, str(tmp_path), *args], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _check_fsdp1(tmp_path: Path) -> None:
+    r0, r1 = (torch.load(tmp_path / f"fsdp1-rank{r}.pt", weights_only=False) for r in range(2))
+    assert r0["flat"] and r0["held"] and r1["held"]
+    for name in r0["masks"]:
+        assert torch.equal(r0["masks"][name], r1["masks"][name]), name
+        weight = r0["state"][name.removeprefix("model.") + ".weight"]
+        assert bool((weight[~r0["masks"][name]] == 0).all()), name  # zeros held through FSDP1's sharded AdamW
+    for k in r0["state"]:
+        assert torch.equal(r0["state"][k], r1["state"][k]), k
+    for kind in ("full", "sharded"):
+        resumed = torch.load(tmp_path / f"fsdp1-resumed-{kind}0.pt", weights_only=False)
+        assert resumed["done"] == ["start"] and resumed["pruned"] == [] and resumed["steps"] == STEPS + 2, kind
+        for name, mask in resumed["masks"].items():
+            assert torch.equal(mask, r0["masks"][name]), (kind, name)
+            assert bool((resumed["state"][name.removeprefix("model.") + ".weight"][~mask] == 0).all()), (kind, name)
+    mixed = torch.load(tmp_path / "fsdp1-mixed0.pt", weights_only=False)
+    assert mixed["held"] and mixed["changed"]
+    stock = TinyLM()  # the full checkpoint (gathered from the shards) loads strictly into the stock module
+    stock.load_state_dict(torch.load(tmp_path / "fsdp1-full.ckpt", weights_only=False)["state_dict"], strict=True)
+    # one process, same samples, same steps: the same masks and, to tolerance, the same weights
+    torch.set_num_threads(1)
+    single, robop = TinyLM(), _callback()
+    loader = DataLoader(TensorDataset(_tokens()), batch_size=2 * BATCH, shuffle=False)
+    _trainer("auto", 1, str(tmp_path / "single"), callbacks=[robop], enable_checkpointing=False).fit(single, loader)
+    for name in robop.masks:
+        assert torch.equal(robop.masks[name], r0["masks"][name]), name
+    for k, v in single.model.state_dict().items():
+        torch.testing.assert_close(r0["state"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_fsdp1_strategy_on_cpu_holds_zeros_and_equals_one_process(tmp_path):
+    """Lightning's FSDPStrategy (FSDP1, use_orig_params): masks are each rank's slice of the flattened
+    weight; 2 gloo processes on CPU with only Lightning's GPU-only check lifted."""
+    _run_child(tmp_path, "fsdp1")
+    _check_fsdp1(tmp_path)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="FSDPStrategy on GPUs needs 2 CUDA devices")
+def test_fsdp1_strategy_on_gpus(tmp_path):
+    """The same run on 2 GPUs, unpatched (nccl): runs where a device is lent."""
+    _run_child(tmp_path, "fsdp1", "cuda")
+    _check_fsdp1(tmp_path)
+
+
 if __name__ == "__main__":
-    _child(sys.argv[1])
+    if len(sys.argv) > 2 and sys.argv[2] == "fsdp1":
+        _child_fsdp1(sys.argv[1], *sys.argv[3:])
+    else:
+        _child(sys.argv[1])

@@ -53,3 +53,22 @@ def test_masks_state_dict_is_bit_packed_and_round_trips():
     flipped = again.to_dict()
     flipped["b"][0, 0] = ~flipped["b"][0, 0]
     assert SparsityMasks(flipped).digest() != masks.digest()
+
+
+def test_masks_find_modules_behind_wrappers():
+    """Names are matched without the wrappers FSDP1 and activation checkpointing insert."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from robop_lightning.masks import SparsityMasks
+
+    torch.manual_seed(0)
+    mlp = MLP()
+    mask = torch.rand(mlp.fc1.weight.shape) > 0.5
+    mlp.fc1 = checkpoint_wrapper(mlp.fc1)  # fc1 -> fc1._checkpoint_wrapped_module
+    masks = SparsityMasks({"fc1": mask})
+    masks.attach(mlp)
+    inner = mlp.fc1._checkpoint_wrapped_module.weight
+    assert bool((inner[~mask] == 0).all()) and bool((inner[mask] != 0).all()) and masks.holds(mlp)
+    masks.detach()
+    with pytest.raises(ValueError, match="fc3 .masked. is not a module"):
+        SparsityMasks({"fc3": mask}).attach(mlp)

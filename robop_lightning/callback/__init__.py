@@ -13,12 +13,12 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from robop_lightning.callback.hooks import check_schedule, checkpoint_to_restore
+from robop_lightning.callback.hooks import check_schedule, checkpoint_to_restore, holder, shards_after_setup
 from robop_lightning.callback.loaders import calibration_loader
 from robop_lightning.config import PruneConfig, StructuredOptions, is_structured
 from robop_lightning.masks import SparsityMasks
@@ -37,10 +37,11 @@ class RobOPCallback(Callback):
     Lifecycle, hook by hook (the one-off job follows ``BatchSizeFinder``: it runs at whatever entry
     point was called):
 
-    * ``setup``: under ``ModelParallelStrategy`` (FSDP2's ``fully_shard`` in ``configure_model``),
-      prune now, on whole weights, before the model is sharded; the masks are then sharded like
-      their parameters (DTensor placements) when they attach in ``on_fit_start``. FSDP (v1) and
-      DeepSpeed flatten parameters and are refused.
+    * ``setup``: under ``ModelParallelStrategy`` (FSDP2's ``fully_shard`` in ``configure_model``)
+      or ``FSDPStrategy`` (FSDP1, ``use_orig_params=True``), prune now, on whole weights, before
+      the model is sharded; the masks are then sharded like their parameters (DTensor placements
+      under FSDP2, each rank's slice of the flattened weight under FSDP1) when they attach in
+      ``on_fit_start``. DeepSpeed is refused.
     * ``on_fit_start``: with ``prune_at="start"`` (and no ``schedule``), prune now, so the whole of
       ``fit`` is recovery fine-tuning. When the callback's state came from a checkpoint
       (``ckpt_path=``), nothing is pruned again: the saved masks are re-installed.
@@ -121,7 +122,8 @@ class RobOPCallback(Callback):
 
     Raises:
         ValueError: an argument is invalid (raised in ``__init__``, with what to pass instead).
-        MisconfigurationException: used with FSDP, DeepSpeed or model-parallel strategies.
+        MisconfigurationException: used with DeepSpeed; under ``ModelParallelStrategy`` or ``FSDPStrategy``
+            with a schedule, a ``prune_at`` epoch or structured pruning (these prune once, in ``setup``).
 
     Example:
         >>> import torch
@@ -289,27 +291,26 @@ class RobOPCallback(Callback):
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         strategy = trainer.strategy
-        if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)):
+        if isinstance(strategy, DeepSpeedStrategy):
             raise MisconfigurationException(
-                f"RobOPCallback does not support {type(strategy).__name__}: its parameters are flattened, so masks "
-                "cannot follow them. Use ModelParallelStrategy with FSDP2's fully_shard in configure_model (the "
-                "callback prunes whole weights in setup, before the sharding), strategy='ddp', or prune first with "
-                "prune_model and fine-tune without the callback."
+                "RobOPCallback does not support DeepSpeedStrategy: its parameters are flattened, so masks cannot "
+                "follow them. Use ModelParallelStrategy with FSDP2's fully_shard in configure_model, FSDPStrategy, "
+                "strategy='ddp', or prune first with prune_model and fine-tune without the callback."
             )
-        if isinstance(strategy, ModelParallelStrategy):
+        if shards_after_setup(strategy):
             if self.schedule is not None or self.prune_at != "start" or self.structured_options is not None:
                 raise MisconfigurationException(
-                    "Under ModelParallelStrategy RobOPCallback prunes once, in setup, on whole weights before "
-                    "configure_model shards them: use prune_at='start' without a schedule (unstructured or N:M)."
+                    f"Under {type(strategy).__name__} RobOPCallback prunes once, in setup, on whole weights before "
+                    "the strategy shards them: use prune_at='start' without a schedule (unstructured or N:M)."
                 )
             if not self.pruned and checkpoint_to_restore(trainer) is None:  # fit, validate or test
-                self._prune(trainer, pl_module, self.sparsity, "start")  # before configure_model shards the weights
+                self._prune(trainer, pl_module, self.sparsity, "start")  # before the weights are sharded
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if isinstance(trainer.strategy, ModelParallelStrategy):  # pruned in setup, or restored after this hook
+        if shards_after_setup(trainer.strategy):  # pruned in setup, or restored after this hook
             if self.masks is not None:
-                self.masks.attach(pl_module, trainer.optimizers)
+                self.masks.attach(holder(trainer, pl_module), trainer.optimizers)
             return
         if self.masks is not None:
             self.masks.attach(pl_module, trainer.optimizers)
@@ -322,15 +323,15 @@ class RobOPCallback(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # the epoch counter is restored from a checkpoint only after on_fit_start
-        if isinstance(trainer.strategy, ModelParallelStrategy):
+        if shards_after_setup(trainer.strategy):
             if not self.pruned:
                 raise MisconfigurationException(
                     "RobOPCallback: the checkpoint this fit resumed from holds no RobOP state, and under "
-                    "ModelParallelStrategy the weights are sharded by now; prune first (a fit without ckpt_path), "
-                    "then resume from its checkpoints."
+                    f"{type(trainer.strategy).__name__} the weights are sharded by now; prune first (a fit without "
+                    "ckpt_path), then resume from its checkpoints."
                 )
             if not self.masks.attached:  # restored from the checkpoint after on_fit_start
-                self.masks.attach(pl_module, trainer.optimizers)
+                self.masks.attach(holder(trainer, pl_module), trainer.optimizers)
                 self._check_ranks(trainer)
         self._catch_up(trainer, pl_module, epoch=trainer.current_epoch)
         if self.masks is not None:
@@ -400,7 +401,7 @@ class RobOPCallback(Callback):
             target = max(self.schedule.values()) if self.schedule else self.sparsity
             self._prune(trainer, pl_module, target, "start")
         elif self.masks is not None and not self.masks.attached:
-            self.masks.attach(pl_module)
+            self.masks.attach(holder(trainer, pl_module))
 
     def _catch_up(self, trainer: pl.Trainer, pl_module: pl.LightningModule, epoch: int) -> None:
         """Prune for every milestone at or before ``epoch`` that is not done yet (once, to the highest)."""
@@ -508,3 +509,4 @@ class RobOPCallback(Callback):
             logger.log_metrics(metrics, step=trainer.global_step)
         if self.verbose:
             rank_zero_info(str(report))
+

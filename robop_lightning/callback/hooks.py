@@ -1,4 +1,5 @@
-"""Small pieces of the callback's glue: gradual schedules, and the checkpoint a fit will restore."""
+"""Small pieces of the callback's glue: gradual schedules, the checkpoint a fit will restore, and
+where the masks attach under sharding strategies."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from torch import nn
 
 from robop_lightning.patterns import parse_pattern
 
-__all__ = ["check_schedule", "checkpoint_to_restore"]
+__all__ = ["check_schedule", "checkpoint_to_restore", "holder", "shards_after_setup"]
 
 
 def check_schedule(schedule: Any, pattern: str) -> dict[int, float]:
@@ -57,3 +60,17 @@ def checkpoint_to_restore(trainer: pl.Trainer) -> Any:
             return frame.f_locals.get("ckpt_path")
         frame = frame.f_back
     return None
+
+
+def shards_after_setup(strategy: object) -> bool:
+    """Whether ``strategy`` shards the parameters after ``setup`` (so the callback prunes in ``setup``)."""
+    return isinstance(strategy, (ModelParallelStrategy, FSDPStrategy))
+
+
+def holder(trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:
+    """The module the masks attach to: under ``FSDPStrategy`` the FSDP1 root that wraps ``pl_module``
+    (it owns the parameters outside the auto-wrapped units), else ``pl_module``."""
+    model = trainer.strategy.model
+    if isinstance(trainer.strategy, FSDPStrategy) and model is not None and model is not pl_module:
+        return model
+    return pl_module
