@@ -255,7 +255,9 @@ def _slope(pts):
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--fast", action="store_true", help="synthetic parts 2-3 only, tiny sizes (seconds)")
-    p.add_argument("--models", nargs="+", default=["deit", "gemma"], choices=["deit", "gemma"])
+    p.add_argument("--models", nargs="+", default=["deit", "gemma"], choices=["deit", "deit-small", "gemma"],
+                   help="deit-small: timm's DeiT-Small (random weights: its layer shapes for time and memory)")
+    p.add_argument("--deit-small-blocks", type=int, default=1, help="prune DeiT-Small's first K blocks")
     p.add_argument("--methods", nargs="+", default=["magnitude", "wanda", "sparsegpt", "alps", "cap"])
     p.add_argument("--gemma-blocks", type=int, default=3, help="prune Gemma's first K decoder layers")
     p.add_argument("--sets", nargs="+", default=["baseline"],
@@ -298,6 +300,20 @@ def main(argv=None) -> dict:
                                 args.methods, device, hidden, sparsity=args.sparsity, fork=not args.no_fork,
                                 sets=args.sets, onload=args.onload)
             del model
+    if "deit-small" in args.models:  # the layer shapes of a real ViT (384 x 1536 MLP), random weights
+        import timm
+
+        torch.manual_seed(0)
+        model = timm.create_model("deit_small_patch16_224", pretrained=False).eval()
+        g = torch.Generator().manual_seed(0)
+        batches = [torch.randn(16, 3, 224, 224, generator=g) for _ in range(max(1, args.images // 16))]
+        k = args.deit_small_blocks
+        targets = f"re:blocks\\.({'|'.join(str(i) for i in range(k))})\\."
+        hidden = 2 * len(batches) * 16 * 197 * 384 * 4
+        rows += whole_model(f"deit-small (random weights, first {k} of 12 blocks)", model, batches, targets,
+                            args.methods, device, hidden, sparsity=args.sparsity, fork=not args.no_fork,
+                            sets=args.sets, onload=args.onload)
+        del model
     if "gemma" in args.models:
         model = R.gemma()
         batches = [b for b in R.text_batches(args.windows)]

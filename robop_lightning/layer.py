@@ -179,7 +179,7 @@ def prune_layer(
             candidates = [c for c in candidates if Candidate.parse(c).set in ("baseline", canonical_set_name(uncertainty))]
         selection = select_uncertainty(weight, li, pat, candidates, folds=auto_opts.folds, select=auto_opts.select,
                                        scorer=auto_opts.scorer_for(solver), damping=damping, prior_mask=prior_mask,
-                                       name=name, rows=auto_opts.rows)
+                                       name=name, rows=auto_opts.rows, screen=auto_opts.screen)
         uset = make_uncertainty(selection.chosen.set, selection.chosen.gamma, coupled)
     device = weight.device
     h = li.gram(device=device)

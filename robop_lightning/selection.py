@@ -42,6 +42,7 @@ from robop_lightning.typed import coerce_options
 from robop_lightning.patterns import Pattern
 from robop_lightning.solvers import DATA_FREE, SOLVERS, USES_FULL_GRAM
 from robop_lightning.solvers.alps import support
+from robop_lightning.solvers.cap import cap_grouped
 from robop_lightning.uncertainty import CLOSED_FORM_SETS, canonical_set_name, parse_set_spec
 from robop_lightning.uncertainty.closed_form import closed_form_spectrum, sqrt_psd
 
@@ -105,7 +106,9 @@ class SetSelection:
         select: ``"mean"`` or ``"worst"`` over folds.
         scorer: the solver that scored the candidates.
         folds: the number of folds actually used.
-        errors: candidate label -> relative error on each held-out fold.
+        errors: candidate label -> relative error on each held-out fold (the candidates that
+            reached the decision).
+        screened: with screening, every candidate's fold errors on the screening rows.
     """
 
     chosen: Candidate
@@ -113,6 +116,7 @@ class SetSelection:
     scorer: str
     folds: int
     errors: dict[str, list[float]] = field(default_factory=dict)
+    screened: dict[str, list[float]] = field(default_factory=dict)
 
     def score(self, label: str) -> float:
         errs = self.errors[label]
@@ -127,6 +131,7 @@ class SetSelection:
             "scorer": self.scorer,
             "folds": self.folds,
             "fold_errors": {k: list(v) for k, v in self.errors.items()},
+            "screen_errors": {k: list(v) for k, v in self.screened.items()},
         }
 
 
@@ -146,6 +151,9 @@ class AutoOptions:
             in full (faithful; about 15x dearer than ``"admm"`` for ALPS). Or any solver name.
         rows: score on this many output rows, evenly spaced (``None``: all). The error is a sum over
             rows, so a row sample estimates it; scoring cost falls in proportion.
+        screen: with a solver as scorer (not ``"admm"``, which scores every candidate at once),
+            first score every candidate on ``rows // 4`` rows and keep the best ``screen`` (and
+            Baseline) for the decision on ``rows`` rows. ``None``: every candidate on ``rows`` rows.
     """
 
     candidates: tuple[str, ...] | None = None
@@ -153,6 +161,7 @@ class AutoOptions:
     select: str = "mean"
     scorer: str | None = None
     rows: int | None = 32
+    screen: int | None = 3
 
     def scorer_for(self, solver: str) -> str:
         """The scorer that prunes the candidates when the layer is pruned by ``solver``."""
@@ -298,6 +307,7 @@ def select_uncertainty(
     prior_mask: torch.Tensor | None = None,
     name: str = "layer",
     rows: int | None = 32,
+    screen: int | None = None,
 ) -> SetSelection:
     """Choose a layer's set and gamma by K-fold cross-validation over its calibration samples.
 
@@ -316,6 +326,9 @@ def select_uncertainty(
         prior_mask: an earlier keep-mask (gradual schedules), honoured by the scorer.
         rows: score on this many evenly spaced output rows (``None``: all rows). The error is a
             sum over rows, so a row sample estimates it; the scoring cost falls in proportion.
+        screen: with a solver as scorer and ``rows`` given, score every candidate on ``rows // 4``
+            rows first and keep the best ``screen`` (and Baseline) for the decision on ``rows``
+            rows (see :class:`AutoOptions`). ``None``: no screening.
 
     Returns:
         A :class:`SetSelection`.
@@ -350,53 +363,81 @@ def select_uncertainty(
             stacklevel=2,
         )
         return SetSelection(Candidate("baseline"), select, scorer, 0, {})
+    if screen is not None and (isinstance(screen, bool) or not isinstance(screen, int) or screen < 1):
+        raise ValueError(f"screen must be a positive integer or None, got {screen!r}.")
     k_folds = min(folds, samples)
     device = weight.device
     h = inputs.gram(device=device)
     fold_of = _fold_index(samples, k_folds)
     w = weight.detach().to(torch.float32)
-    if rows is not None and rows < w.shape[0]:
-        keep = torch.linspace(0, w.shape[0] - 1, rows).round().long().unique()
-        w = w[keep]
-        prior_mask = None if prior_mask is None else prior_mask[keep]
-    errors: dict[str, list[float]] = {c.label: [] for c in cands}
+    folds_data: list[dict[str, Any]] = []  # per fold: its Gram, the rest's, and the rest's statistics
     for k in range(k_folds):
         indicator = (fold_of == k).to(torch.float64)
         h_fold = inputs.gram(sample_weights=indicator, device=device)
         h_train = h - h_fold
-        n_train = int((fold_of != k).sum()) * inputs.tokens_per_sample
-        denom = float(((w.double() @ h_fold) * w.double()).sum())
-        mean_diag, trace = float(h_train.diagonal().mean()), float(h_train.diagonal().sum())
-        unit = unit_scale(mean_diag)
-        if scorer == "admm":  # one eigendecomposition of the fold serves every candidate
-            h32 = (h_train / unit).float()
-            lam, q = torch.linalg.eigh(h32)
-            lam = lam.clamp_min(0)
-            root = (q * lam.sqrt()[None, :]) @ q.T if any(c.set == "e" for c in cands) else None
-        else:
-            root = None
-        shifts = [closed_form_spectrum(c.set, mean_diag, trace, n_train, damping if c.gamma is None else c.gamma)
-                  for c in cands]  # D = ridge I + c H^(1/2) of every candidate
-        if scorer == "admm":
-            # in units of H / unit: the ridge scales with H, the coefficient of H^(1/2) with sqrt(unit)
-            scaled = [(ridge / unit, c / math.sqrt(unit)) for ridge, c in shifts]
-            w_hats = list(_admm_scores(w, lam, q, h32, root, scaled, pattern, prior_mask))
-        else:
-            w_hats = []
-            for ridge, c in shifts:
-                if c and root is None:  # one H_train^(1/2) per fold, every gamma of E
-                    root = sqrt_psd(h_train).to(h_train.dtype)
-                h_eff = h_train + c * root if c else h_train
-                if scorer in USES_FULL_GRAM:
-                    h_solve, _ = damp_until_definite(h_eff, ridge, name, warn=False)
-                else:
-                    h_solve = h_eff + ridge * torch.eye(h_eff.shape[0], dtype=h_eff.dtype, device=device)
-                u = unit_scale(float(h_solve.diagonal().mean()))
-                w_hats.append(SOLVERS[scorer](w, h_solve / u, pattern, h_diag=h_solve.diagonal() / u, prior=prior_mask)[0])
-        for cand, w_hat in zip(cands, w_hats):
-            err = (w - w_hat).double()
-            errors[cand.label].append(float(((err @ h_fold) * err).sum()) / denom if denom > 0 else 0.0)
-    selection = SetSelection(cands[0], select, scorer, k_folds, errors)
-    best = min(cands, key=lambda c: (selection.score(c.label), cands.index(c)))  # ties: the earlier candidate
+        folds_data.append({"h_fold": h_fold, "h_train": h_train,
+                           "n_train": int((fold_of != k).sum()) * inputs.tokens_per_sample,
+                           "mean_diag": float(h_train.diagonal().mean()), "trace": float(h_train.diagonal().sum())})
+
+    def fold_errors(picked: Sequence[Candidate], count: int | None) -> dict[str, list[float]]:
+        """Each candidate's relative error on every held-out fold, on ``count`` evenly spaced rows."""
+        w_rows, prior_rows = w, prior_mask
+        if count is not None and count < w.shape[0]:
+            keep = torch.linspace(0, w.shape[0] - 1, count).round().long().unique()
+            w_rows, prior_rows = w[keep], None if prior_mask is None else prior_mask[keep]
+        errors: dict[str, list[float]] = {c.label: [] for c in picked}
+        for fold in folds_data:
+            h_fold, h_train = fold["h_fold"], fold["h_train"]
+            denom = float(((w_rows.double() @ h_fold) * w_rows.double()).sum())
+            for cand, w_hat in zip(picked, _candidate_weights(w_rows, prior_rows, fold, picked, pattern, scorer,
+                                                              damping, name)):
+                err = (w_rows - w_hat).double()
+                errors[cand.label].append(float(((err @ h_fold) * err).sum()) / denom if denom > 0 else 0.0)
+        return errors
+
+    screened: dict[str, list[float]] = {}
+    finalists = cands
+    if screen is not None and scorer != "admm" and rows is not None and len(cands) > screen + 1:
+        screened = fold_errors(cands, max(1, rows // 4))
+        probe = SetSelection(cands[0], select, scorer, k_folds, screened)
+        best = sorted(cands[1:], key=lambda c: (probe.score(c.label), cands.index(c)))[:screen]
+        finalists = [c for c in cands if c == cands[0] or c in best]  # Baseline always; the grid's order
+    errors = fold_errors(finalists, rows)
+    selection = SetSelection(cands[0], select, scorer, k_folds, errors, screened)
+    best = min(finalists, key=lambda c: (selection.score(c.label), cands.index(c)))  # ties: the earlier candidate
     selection.chosen = best
     return selection
+
+
+def _candidate_weights(w: torch.Tensor, prior: torch.Tensor | None, fold: dict[str, Any], cands: Sequence[Candidate],
+                       pattern: Pattern, scorer: str, damping: float, name: str) -> list[torch.Tensor]:
+    """Every candidate's pruned ``w`` on one fold's training Gram (``fold`` caches its square roots)."""
+    h_train, n_train = fold["h_train"], fold["n_train"]
+    mean_diag, trace = fold["mean_diag"], fold["trace"]
+    shifts = [closed_form_spectrum(c.set, mean_diag, trace, n_train, damping if c.gamma is None else c.gamma)
+              for c in cands]  # D = ridge I + c H^(1/2) of every candidate
+    unit = unit_scale(mean_diag)
+    if scorer == "admm":  # one eigendecomposition of the fold serves every candidate
+        if "eigh" not in fold:
+            h32 = (h_train / unit).float()
+            lam, q = torch.linalg.eigh(h32)
+            fold["eigh"] = (h32, lam.clamp_min(0), q)
+        h32, lam, q = fold["eigh"]
+        if any(c.set == "e" for c in cands) and "eigh_root" not in fold:
+            fold["eigh_root"] = (q * lam.sqrt()[None, :]) @ q.T
+        # in units of H / unit: the ridge scales with H, the coefficient of H^(1/2) with sqrt(unit)
+        scaled = [(ridge / unit, c / math.sqrt(unit)) for ridge, c in shifts]
+        return list(_admm_scores(w, lam, q, h32, fold.get("eigh_root"), scaled, pattern, prior))
+    solves = []
+    for ridge, c in shifts:
+        if c and "root" not in fold:  # one H_train^(1/2) per fold, every gamma of E
+            fold["root"] = sqrt_psd(h_train).to(h_train.dtype)
+        h_eff = h_train + c * fold["root"] if c else h_train
+        if scorer in USES_FULL_GRAM:
+            h_solve, _ = damp_until_definite(h_eff, ridge, name, warn=False)
+        else:
+            h_solve = h_eff + ridge * torch.eye(h_eff.shape[0], dtype=h_eff.dtype, device=h_eff.device)
+        solves.append(h_solve / unit_scale(float(h_solve.diagonal().mean())))
+    if scorer == "cap":  # every candidate in the same batched elimination steps
+        return list(cap_grouped(w.expand(len(solves), -1, -1), torch.stack(solves), pattern, prior=prior)[0])
+    return [SOLVERS[scorer](w, hs, pattern, h_diag=hs.diagonal(), prior=prior)[0] for hs in solves]

@@ -88,7 +88,7 @@ def test_default_grid_and_options():
     grid = default_candidates()
     assert grid[0] == Candidate("baseline") and {c.set for c in grid} == {"baseline", "trace", "e", "cte"}
     assert AutoOptions.coerce({"folds": 3, "candidates": ["trace=0.01"]}).candidates == ("trace=0.01",)
-    with pytest.raises(ValueError, match="valid keys are candidates, folds, select, scorer, rows"):
+    with pytest.raises(ValueError, match="valid keys are candidates, folds, select, scorer, rows, screen"):
         AutoOptions.coerce({"fold": 3})
     with pytest.raises(ValueError, match="min-max extension"):
         AutoOptions.coerce({"candidates": ["cvar=0.5"]})
@@ -257,3 +257,29 @@ def test_admm_scorer_honours_a_prior_mask():
     r = prune_layer(w, x, sparsity=0.7, solver="alps", uncertainty="auto", prior_mask=prior)
     assert r.selection["scorer"] == "admm"
     assert not bool((r.mask & ~prior).any())
+
+
+def test_screening_keeps_baseline_and_the_best_of_a_first_pass():
+    """A solver scorer first scores every candidate on rows // 4 rows, then decides among the best
+    `screen` and Baseline on all `rows` rows; the decision equals scoring those finalists alone."""
+    w, x = _weight(64, 24, 2), _data(16, 4, 24, 2)
+    pat = parse_pattern("unstructured", 0.6)
+    grid = ["trace=0.001", "trace=0.01", "trace=0.1", "trace=1", "e=1", "e=3"]
+    s = select_uncertainty(w, LayerInputs(x), pat, grid, scorer="cap", rows=32, screen=2)
+    assert set(s.screened) == {"baseline", *grid} and "baseline" in s.errors and len(s.errors) == 3
+    first = {c: sum(v) / len(v) for c, v in s.screened.items() if c != "baseline"}
+    assert set(s.errors) - {"baseline"} == set(sorted(first, key=first.get)[:2])  # the two best of the first pass
+    alone = select_uncertainty(w, LayerInputs(x), pat, [c for c in s.errors if c != "baseline"], scorer="cap",
+                               rows=32)
+    assert alone.errors == s.errors and alone.chosen == s.chosen
+    assert s.score(s.chosen.label) <= s.score("baseline")
+    # the screening rows really are a quarter: its errors differ from the decision's
+    assert s.screened["baseline"] != s.errors["baseline"]
+    # no screening for the admm scorer, or when the grid is no larger than screen + Baseline
+    assert not select_uncertainty(w, LayerInputs(x), pat, grid, scorer="admm", rows=32, screen=2).screened
+    assert not select_uncertainty(w, LayerInputs(x), pat, grid[:2], scorer="cap", rows=32, screen=2).screened
+    with pytest.raises(ValueError, match="screen must be a positive integer or None"):
+        select_uncertainty(w, LayerInputs(x), pat, grid, scorer="cap", screen=0)
+    # through prune_layer: the default screens CAP's own scorer, and the report keeps both passes
+    r = prune_layer(w, x, sparsity=0.6, solver="cap", uncertainty="auto")
+    assert len(r.selection["screen_errors"]) == len(default_candidates()) and len(r.selection["fold_errors"]) == 4

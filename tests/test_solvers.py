@@ -173,6 +173,24 @@ def test_cap_truncated_first_pass_is_exact_when_rows_need_very_different_counts(
     assert int((~mq[0]).sum()) > 0.9 * 64  # the tiny row really went past the first pass's depth
 
 
+@pytest.mark.parametrize("spec", ["unstructured", "row", "2:4", "prior"])
+def test_cap_grouped_prunes_each_layer_as_cap_alone(spec):
+    """G layers with their own Grams (and their own unstructured threshold) in one batched
+    elimination: each equals CAP on that layer alone, bit for bit, whatever the chunking."""
+    from robop_lightning.solvers.cap import cap_grouped
+
+    grams = torch.stack([_damped(correlated_inputs(24, 2, 32, seed)) for seed in range(3)])
+    ws = torch.stack([random_weight(12, 32, seed) * (1 + seed) for seed in range(3)])  # different scales
+    pat = parse_pattern("unstructured" if spec == "prior" else spec, None if ":" in spec else 0.6)
+    prior = (torch.rand(12, 32, generator=torch.Generator().manual_seed(9)) > 0.3) if spec == "prior" else None
+    for chunk_bytes in (1 << 26, 1):  # all problems together, one problem per chunk
+        out, masks = cap_grouped(ws, grams, pat, prior=prior, chunk_bytes=chunk_bytes)
+        for g in range(3):
+            alone, mask = SOLVERS["cap"](ws[g], grams[g], pat, prior=prior)
+            assert torch.equal(masks[g], mask) and torch.equal(out[g], alone), (spec, g)
+            assert pat.validate_mask(mask)
+
+
 def test_alps_on_an_identity_gram_finds_the_magnitude_optimum():
     """With H = I the optimum keeps the largest |w|; ADMM must not return a worse support."""
     w = random_weight(32, 64, 4)

@@ -30,10 +30,12 @@ from robop_lightning.patterns import Pattern
 from robop_lightning.solvers._linalg import cholesky_inverse
 
 
-def _eliminate(w, hinv0, removed, steps, pattern, trajectory=None, forced=None, counts=None, first=None):
+def _eliminate(w, hinv0, removed, steps, pattern, trajectory=None, forced=None, counts=None, first=None, which=None):
     """Run ``steps`` OBS eliminations on a batch of independent problems (``w`` in place).
 
-    ``hinv0`` is each problem's initial inverse Gram. The inverse after ``t`` removals is kept in
+    ``hinv0`` holds the initial inverse Grams: problem ``i`` starts from ``hinv0[which[i]]``
+    (``which=None``: one inverse per problem, ``hinv0[i]``), so problems that share an inverse
+    (the rows of a layer) read it without a copy each. The inverse after ``t`` removals is kept in
     factored form, ``H^-1_t = H^-1_0 - C_t C_t^T`` with ``C_t`` the scaled eliminated columns, so a
     step reads ``O(size * t)`` numbers instead of down-dating ``size^2`` (the OBC recurrence,
     ``H^-1 -= H^-1[:, q] H^-1[q, :] / H^-1_qq``, written as a growing Cholesky-like factor).
@@ -48,12 +50,13 @@ def _eliminate(w, hinv0, removed, steps, pattern, trajectory=None, forced=None, 
     c, size = w.shape
     dev, dt = w.device, w.dtype
     idx = torch.arange(c, device=dev)
+    which = idx if which is None else which
     order = torch.zeros(c, steps, dtype=torch.long, device=dev)
     losses = torch.full((c, steps), math.inf, dtype=dt, device=dev)
     tiny = torch.finfo(dt).tiny
     zero = torch.zeros(c, dtype=dt, device=dev)
     factor = torch.zeros(c, steps, size, dtype=dt, device=dev)
-    diag = hinv0.diagonal(dim1=1, dim2=2).clone()
+    diag = hinv0.diagonal(dim1=1, dim2=2)[which].clone()
     if trajectory is not None:
         trajectory[:, 0] = w
     for t in range(steps):
@@ -73,7 +76,7 @@ def _eliminate(w, hinv0, removed, steps, pattern, trajectory=None, forced=None, 
                 break
         losses[:, t] = loss
         order[:, t] = q
-        col = hinv0[idx, :, q]
+        col = hinv0[which, :, q]
         if t:
             col = col - torch.bmm(factor[idx, :t, q].unsqueeze(1), factor[:, :t]).squeeze(1)
         dq = diag[idx, q].clamp_min(tiny)
@@ -95,35 +98,69 @@ def cap(
     pattern: Pattern,
     *,
     block_size: int | None = None,
-    chunk_bytes: int = 1 << 24,
+    chunk_bytes: int = 1 << 26,
     trajectory_bytes: int = 1 << 31,
     dtype: torch.dtype = torch.float32,
     prior: torch.Tensor | None = None,
     truncate: bool = True,
     **_,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, cols = w.shape
+    """CAP on one layer: ``w`` ``(rows, cols)``, ``h`` its (damped) Gram; returns ``(weights, mask)``.
+
+    ``chunk_bytes`` bounds the elimination state of the problems run together (its running
+    factor, ``steps x cols`` numbers per row); ``trajectory_bytes`` the stored weights after every
+    step (beyond it the chosen prefixes are replayed instead).
+    """
+    out, mask = cap_grouped(w[None], h[None], pattern, block_size=block_size, chunk_bytes=chunk_bytes,
+                            trajectory_bytes=trajectory_bytes, dtype=dtype, prior=prior, truncate=truncate)
+    return out[0], mask[0]
+
+
+def cap_grouped(
+    w: torch.Tensor,
+    h: torch.Tensor,
+    pattern: Pattern,
+    *,
+    block_size: int | None = None,
+    chunk_bytes: int = 1 << 26,
+    trajectory_bytes: int = 1 << 31,
+    dtype: torch.dtype = torch.float32,
+    prior: torch.Tensor | None = None,
+    truncate: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CAP on ``G`` independent layers at once: ``w`` ``(G, rows, cols)``, ``h`` ``(G, cols, cols)``.
+
+    Layer ``g`` is pruned exactly as ``cap(w[g], h[g], ...)`` would (its own threshold; ``prior``, a
+    ``(rows, cols)`` keep-mask, applies to every layer), but the eliminations of all layers run in
+    the same batched steps: ``uncertainty="auto"`` scores its candidates and folds this way, one
+    elimination instead of one per candidate (the steps are sequential, so for small layers their
+    count, not their size, sets the time).
+    """
+    groups, rows, cols = w.shape
     dev = w.device
     size = cols if block_size is None or block_size >= cols else int(block_size)
     if pattern.kind == "nm" and size % pattern.m:
         raise ValueError(f"CAP block_size={size} must be a multiple of M={pattern.m} for pattern {pattern}.")
     nb = math.ceil(cols / size)
     padded = nb * size
-    hp = torch.eye(padded, dtype=torch.float64, device=dev)
-    hp[:cols, :cols] = h.to(device=dev, dtype=torch.float64)
-    blocks = torch.stack([hp[b * size : (b + 1) * size, b * size : (b + 1) * size] for b in range(nb)])
-    hinv_blocks = cholesky_inverse(torch.linalg.cholesky(blocks)).to(dtype)
+    hp = torch.eye(padded, dtype=torch.float64, device=dev).repeat(groups, 1, 1)
+    hp[:, :cols, :cols] = h.to(device=dev, dtype=torch.float64)
+    blocks = torch.stack([hp[g, b * size : (b + 1) * size, b * size : (b + 1) * size]
+                          for g in range(groups) for b in range(nb)])
+    hinv_blocks = cholesky_inverse(torch.linalg.cholesky(blocks)).to(dtype)  # (groups * nb, size, size)
     pad = torch.zeros(padded, dtype=torch.bool, device=dev)
     pad[cols:] = True
 
-    wp = torch.zeros(rows, padded, dtype=dtype, device=dev)
-    wp[:, :cols] = w.to(dtype)
-    problems = wp.view(rows * nb, size)
+    wp = torch.zeros(groups, rows, padded, dtype=dtype, device=dev)
+    wp[:, :, :cols] = w.to(dtype)
+    problems = wp.view(groups * rows * nb, size)
     num = problems.shape[0]
+    per_group = rows * nb
     block_of = torch.arange(num, device=dev) % nb
+    inverse_of = torch.arange(num, device=dev) // per_group * nb + block_of
     pad_of = pad.view(nb, size)
     itemsize = torch.finfo(dtype).bits // 8
-    chunk = max(1, chunk_bytes // (size * size * itemsize))
+    chunk = max(1, chunk_bytes // ((size + 4) * size * itemsize))
 
     first_all = None
     if prior is not None:
@@ -131,7 +168,7 @@ def cap(
             raise ValueError("CAP cannot keep an earlier mask with an N:M pattern; use 'unstructured' or 'row'.")
         first_all = torch.zeros(rows, padded, dtype=torch.bool, device=dev)
         first_all[:, :cols] = ~prior.to(dev)
-        first_all = first_all.view(rows * nb, size)
+        first_all = first_all.view(per_group, size).repeat(groups, 1)
 
     def run(ids: torch.Tensor, steps: int, trajectory=None, forced=None, counts=None):
         """Eliminate ``steps`` weights of the problems ``ids``, chunk by chunk."""
@@ -144,7 +181,7 @@ def cap(
             wc, rc = problems[sel].clone(), pad_of[block_of[sel]].clone()
             orders[a : a + len(sel)], losses[a : a + len(sel)] = _eliminate(
                 wc,
-                hinv_blocks[block_of[sel]],
+                hinv_blocks,
                 rc,
                 steps,
                 pattern,
@@ -152,6 +189,7 @@ def cap(
                 forced=None if forced is None else forced[a : a + len(sel)],
                 counts=None if counts is None else counts[a : a + len(sel)],
                 first=None if first_all is None else first_all[sel],
+                which=inverse_of[sel],
             )
             weights[a : a + len(sel)], removed[a : a + len(sel)] = wc, rc
         return orders, losses, weights, removed
@@ -178,6 +216,7 @@ def cap(
         losses = torch.full((num, size), math.inf, dtype=dtype, device=dev)
         trajectory = torch.empty(num, size + 1, size, dtype=dtype, device=dev) if store else None
         todo, depth = everything, steps
+        offsets = (torch.arange(groups, device=dev) * (per_group * size))[:, None]
         while len(todo):
             traj = None if trajectory is None else torch.empty(len(todo), depth + 1, size, dtype=dtype, device=dev)
             o, l_, _, _ = run(todo, depth, trajectory=traj)
@@ -185,13 +224,13 @@ def cap(
             if traj is not None:
                 trajectory[todo, : depth + 1] = traj
             cum = torch.cummax(losses, dim=1).values
-            if pattern.kind == "unstructured":
-                chosen = torch.sort(cum.reshape(-1), stable=True).indices[:prune_total]
-                counts = torch.bincount(chosen // size, minlength=num)
+            if pattern.kind == "unstructured":  # one threshold per layer
+                chosen = torch.sort(cum.view(groups, per_group * size), dim=1, stable=True).indices[:, :prune_total]
+                counts = torch.bincount((chosen + offsets).reshape(-1) // size, minlength=num)
             else:
-                per_row = cum.view(rows, nb * size)
+                per_row = cum.view(groups * rows, nb * size)
                 chosen = torch.sort(per_row, dim=1, stable=True).indices[:, :row_prune]
-                counts = torch.zeros(rows, nb, dtype=torch.long, device=dev)
+                counts = torch.zeros(groups * rows, nb, dtype=torch.long, device=dev)
                 counts.scatter_add_(1, chosen // size, torch.ones_like(chosen))
                 counts = counts.view(-1)
             if depth == size:
@@ -208,6 +247,6 @@ def cap(
             out = trajectory[everything, counts]
         else:  # no room for the trajectory: replay each problem's first counts[i] removals
             _, _, out, _ = run(everything, int(counts.max()), forced=orders, counts=counts)
-    mask = kept.view(rows, padded)[:, :cols].contiguous()
-    w_hat = out.view(rows, padded)[:, :cols].to(torch.float32)
+    mask = kept.view(groups, rows, padded)[:, :, :cols].contiguous()
+    w_hat = out.view(groups, rows, padded)[:, :, :cols].to(torch.float32)
     return w_hat * mask, mask
