@@ -308,6 +308,8 @@ def main(argv=None) -> dict:
         g = torch.Generator().manual_seed(0)
         batches = [torch.randn(16, 3, 224, 224, generator=g) for _ in range(max(1, args.images // 16))]
         k = args.deit_small_blocks
+        if not 1 <= k <= 12:
+            p.error(f"--deit-small-blocks must be between 1 and 12, got {k}")
         targets = f"re:blocks\\.({'|'.join(str(i) for i in range(k))})\\."
         hidden = 2 * len(batches) * 16 * 197 * 384 * 4
         rows += whole_model(f"deit-small (random weights, first {k} of 12 blocks)", model, batches, targets,

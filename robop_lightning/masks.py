@@ -198,8 +198,10 @@ class SparsityMasks:
     def attach(self, model: nn.Module, optimizers: Iterable[torch.optim.Optimizer] = ()) -> None:
         """Zero the pruned weights of ``model`` and keep them at zero from now on.
 
-        Registers one post-accumulate-grad hook per masked weight and a step post-hook on each
-        optimizer (see :meth:`add_optimizer`). Attaching again first detaches.
+        Registers one post-accumulate-grad hook per masked weight (none for FSDP1's sharded
+        views, whose gradients :meth:`mask_gradients` masks) and a step post-hook on each
+        optimizer (see :meth:`add_optimizer`). Attaching again first detaches. Under FSDP1 pass
+        the FSDP root (Lightning's ``trainer.strategy.model``), which owns every shard.
 
         Raises:
             ValueError: a name is not a module of ``model`` with a ``weight`` of the mask's shape.
@@ -279,7 +281,8 @@ class SparsityMasks:
 
     def holds(self, model: nn.Module) -> bool:
         """Whether every pruned entry of ``model``'s masked weights is exactly zero (whole weights are
-        gathered from FSDP1 / FSDP2 shards to check)."""
+        gathered from FSDP1 / FSDP2 shards to check: a collective, so call it on every rank, and
+        under FSDP1 with the FSDP root)."""
         if FullyShardedDataParallel.fsdp_modules(model):
             with FullyShardedDataParallel.summon_full_params(model, writeback=False):
                 return self._holds(model)

@@ -152,9 +152,10 @@ class AutoOptions:
             Baseline prune on DeiT-Small's layers). Or any solver name.
         rows: score on this many output rows, evenly spaced (``None``: all). The error is a sum over
             rows, so a row sample estimates it; scoring cost falls in proportion.
-        screen: with a solver as scorer (not ``"admm"``, which scores every candidate at once),
-            first score every candidate on ``rows // 4`` rows and keep the best ``screen`` (and
-            Baseline) for the decision on ``rows`` rows. ``None``: every candidate on ``rows`` rows.
+        screen: with a solver as scorer (not ``"admm"``, which scores every candidate at once)
+            and ``rows`` given, first score every candidate on ``rows // 4`` rows and keep the best
+            ``screen`` (and Baseline) for the decision on ``rows`` rows. ``None``: every candidate
+            on ``rows`` rows (so does ``rows=None``, which scores every row).
     """
 
     candidates: tuple[str, ...] | None = None
@@ -181,6 +182,10 @@ class AutoOptions:
         if scorer is not None and (not isinstance(scorer, str) or scorer not in ("solver", *SCORERS)):
             raise ValueError(f"auto scorer must be 'admm', 'solver' (the pruning solver itself) or one of "
                              f"{', '.join(SOLVERS)}, got {scorer!r}.")
+        for key in ("rows", "screen"):
+            v = out.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"auto {key} must be a positive integer or None, got {v!r}.")
         if out.get("candidates") is not None:
             cands = out["candidates"]
             if isinstance(cands, str) or not all(isinstance(c, str) for c in cands):
@@ -396,18 +401,25 @@ def select_uncertainty(
                 errors[cand.label].append(float(((err @ h_fold) * err).sum()) / denom if denom > 0 else 0.0)
         return errors
 
+    base = Candidate("baseline")
     screened: dict[str, list[float]] = {}
     finalists = cands
-    if screen is not None and scorer != "admm" and rows is not None and len(cands) > screen + 1:
-        screened = fold_errors(cands, max(1, rows // 4))
-        probe = SetSelection(cands[0], select, scorer, k_folds, screened)
-        best = sorted(cands[1:], key=lambda c: (probe.score(c.label), cands.index(c)))[:screen]
-        finalists = [c for c in cands if c == cands[0] or c in best]  # Baseline always; the grid's order
+    first_rows = None if rows is None else max(1, rows // 4)
+    if (screen is not None and scorer != "admm" and rows is not None and len(cands) > screen + 1
+            and first_rows < min(rows, w.shape[0])):
+        screened = fold_errors(cands, first_rows)
+        probe = SetSelection(base, select, scorer, k_folds, screened)
+        others = [c for c in cands if c != base]
+        best = sorted(others, key=lambda c: (probe.score(c.label), cands.index(c)))[:screen]
+        finalists = [c for c in cands if c == base or c in best]  # Baseline always; the grid's order
     errors = fold_errors(finalists, rows)
-    selection = SetSelection(cands[0], select, scorer, k_folds, errors, screened)
+    selection = SetSelection(base, select, scorer, k_folds, errors, screened)
     best = min(finalists, key=lambda c: (selection.score(c.label), cands.index(c)))  # ties: the earlier candidate
     selection.chosen = best
     return selection
+
+
+_GROUP_BYTES = 1 << 28  # float64 Grams of the candidates CAP scores together (256 MiB)
 
 
 def _candidate_weights(w: torch.Tensor, prior: torch.Tensor | None, fold: dict[str, Any], cands: Sequence[Candidate],
@@ -429,8 +441,7 @@ def _candidate_weights(w: torch.Tensor, prior: torch.Tensor | None, fold: dict[s
         # in units of H / unit: the ridge scales with H, the coefficient of H^(1/2) with sqrt(unit)
         scaled = [(ridge / unit, c / math.sqrt(unit)) for ridge, c in shifts]
         return list(_admm_scores(w, lam, q, h32, fold.get("eigh_root"), scaled, pattern, prior))
-    solves = []
-    for ridge, c in shifts:
+    def solve_gram(ridge: float, c: float) -> torch.Tensor:
         if c and "root" not in fold:  # one H_train^(1/2) per fold, every gamma of E
             fold["root"] = sqrt_psd(h_train).to(h_train.dtype)
         h_eff = h_train + c * fold["root"] if c else h_train
@@ -438,7 +449,19 @@ def _candidate_weights(w: torch.Tensor, prior: torch.Tensor | None, fold: dict[s
             h_solve, _ = damp_until_definite(h_eff, ridge, name, warn=False)
         else:
             h_solve = h_eff + ridge * torch.eye(h_eff.shape[0], dtype=h_eff.dtype, device=h_eff.device)
-        solves.append(h_solve / unit_scale(float(h_solve.diagonal().mean())))
-    if scorer == "cap":  # every candidate in the same batched elimination steps
-        return list(cap_grouped(w.expand(len(solves), -1, -1), torch.stack(solves), pattern, prior=prior)[0])
-    return [SOLVERS[scorer](w, hs, pattern, h_diag=hs.diagonal(), prior=prior)[0] for hs in solves]
+        return h_solve / unit_scale(float(h_solve.diagonal().mean()))
+
+    if scorer != "cap":  # one candidate's Gram at a time
+        out = []
+        for ridge, c in shifts:
+            hs = solve_gram(ridge, c)
+            out.append(SOLVERS[scorer](w, hs, pattern, h_diag=hs.diagonal(), prior=prior)[0])
+        return out
+    # CAP: candidates in the same batched elimination steps, as many at a time as _GROUP_BYTES allows
+    per = max(1, _GROUP_BYTES // (h_train.shape[0] ** 2 * 8))
+    out = []
+    for a in range(0, len(shifts), per):
+        grams = torch.stack([solve_gram(ridge, c) for ridge, c in shifts[a : a + per]])
+        out += list(cap_grouped(w.expand(len(grams), -1, -1), grams, pattern, prior=prior)[0])
+        del grams
+    return out

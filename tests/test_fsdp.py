@@ -1,6 +1,7 @@
-"""Sharded recovery fine-tuning (issue 17): RobOPCallback under ModelParallelStrategy with FSDP2.
+"""Sharded recovery fine-tuning (issue 17): RobOPCallback under ModelParallelStrategy with FSDP2
+and under Lightning's FSDPStrategy (FSDP1; its own tests at the end of this file).
 
-The child runs a real 2-process gloo fit on CPU: the callback prunes whole weights in ``setup``,
+The FSDP2 child runs a real 2-process gloo fit on CPU: the callback prunes whole weights in ``setup``,
 ``configure_model`` shards every decoder layer with ``fully_shard``, the masks attach as DTensors
 sharded like their parameters, and AdamW fine-tunes with gradient accumulation (and once more in
 bf16-mixed precision). The parent checks
@@ -300,9 +301,19 @@ def _child_fsdp1(out: str, accelerator: str = "cpu", devices: str = "2") -> None
     weight = module.model.model.layers[0].mlp.down_proj.weight
     flat = tuple(weight.shape) != (32, 64)  # between steps FSDP1 leaves each rank a 1-D slice
     held = robop.masks.holds(trainer.strategy.model)
+    # AdamW's moments of the pruned entries stay 0 only if their gradients were masked on this
+    # rank's slice before every step (the weights alone are re-zeroed after the step anyway)
+    robop.masks.attach(trainer.strategy.model)
+    opt_state = trainer.optimizers[0].state
+    moments = [(opt_state[robop.masks._params[n]]["exp_avg"], robop.masks._pruned[n]) for n in robop.masks
+               if robop.masks._params[n].numel()]  # a rank may hold none of a weight (no state then)
+    robop.masks.detach()
+    moments_zero = all(bool((m[p] == 0).all()) for m, p in moments)
+    pruned_here = sum(int(p.sum()) for _, p in moments)
     state = _full_state(module, trainer)
     trainer.save_checkpoint(os.path.join(out, "fsdp1-full.ckpt"))
-    torch.save({"masks": robop.masks.to_dict(), "state": state, "flat": flat, "held": held},
+    torch.save({"masks": robop.masks.to_dict(), "state": state, "flat": flat, "held": held,
+                "moments_zero": moments_zero, "pruned_here": pruned_here},
                os.path.join(out, f"fsdp1-rank{trainer.global_rank}.pt"))
     for kind in ("full", "sharded"):
         path = os.path.join(out, "fsdp1-full.ckpt")
@@ -349,6 +360,7 @@ def _run_child(tmp_path: Path, *args: str) -> None:
 def _check_fsdp1(tmp_path: Path, world: int = 2) -> None:
     r0, r1 = (torch.load(tmp_path / f"fsdp1-rank{r % world}.pt", weights_only=False) for r in range(2))
     assert (r0["flat"] or world == 1) and r0["held"] and r1["held"]  # one rank: FSDP1 switches to NO_SHARD
+    assert r0["moments_zero"] and r1["moments_zero"] and r0["pruned_here"] > 0 and r1["pruned_here"] > 0
     for name in r0["masks"]:
         assert torch.equal(r0["masks"][name], r1["masks"][name]), name
         weight = r0["state"][name.removeprefix("model.") + ".weight"]

@@ -283,3 +283,16 @@ def test_screening_keeps_baseline_and_the_best_of_a_first_pass():
     # through prune_layer: the default screens CAP's own scorer, and the report keeps both passes
     r = prune_layer(w, x, sparsity=0.6, solver="cap", uncertainty="auto")
     assert len(r.selection["screen_errors"]) == len(default_candidates()) and len(r.selection["fold_errors"]) == 4
+
+
+def test_screening_keeps_baseline_wherever_the_grid_lists_it():
+    w, x = _weight(64, 24, 3), _data(16, 4, 24, 3)
+    pat = parse_pattern("unstructured", 0.6)
+    grid = ["trace=1", "e=3", "baseline", "trace=0.1", "e=1"]
+    s = select_uncertainty(w, LayerInputs(x), pat, grid, scorer="sparsegpt", rows=32, screen=1)
+    assert "baseline" in s.errors and len(s.errors) == 2 and s.score(s.chosen.label) <= s.score("baseline")
+    for bad in (0, 2.5, True, "3"):
+        with pytest.raises(ValueError, match="auto screen must be a positive integer or None"):
+            AutoOptions.coerce({"screen": bad})
+    with pytest.raises(ValueError, match="auto rows must be a positive integer or None"):
+        AutoOptions.coerce({"rows": "x"})

@@ -183,8 +183,10 @@ def test_cap_grouped_prunes_each_layer_as_cap_alone(spec):
     ws = torch.stack([random_weight(12, 32, seed) * (1 + seed) for seed in range(3)])  # different scales
     pat = parse_pattern("unstructured" if spec == "prior" else spec, None if ":" in spec else 0.6)
     prior = (torch.rand(12, 32, generator=torch.Generator().manual_seed(9)) > 0.3) if spec == "prior" else None
-    for chunk_bytes in (1 << 26, 1):  # all problems together, one problem per chunk
-        out, masks = cap_grouped(ws, grams, pat, prior=prior, chunk_bytes=chunk_bytes)
+    for chunk_bytes, trajectory_bytes in ((1 << 26, 1 << 31), (1, 1 << 31), (1 << 26, 1)):
+        # all problems together, one problem per chunk; no stored trajectory (the chosen steps replayed)
+        out, masks = cap_grouped(ws, grams, pat, prior=prior, chunk_bytes=chunk_bytes,
+                                 trajectory_bytes=trajectory_bytes)
         for g in range(3):
             alone, mask = SOLVERS["cap"](ws[g], grams[g], pat, prior=prior)
             assert torch.equal(masks[g], mask) and torch.equal(out[g], alone), (spec, g)

@@ -298,6 +298,11 @@ class RobOPCallback(Callback):
                 "strategy='ddp', or prune first with prune_model and fine-tune without the callback."
             )
         if shards_after_setup(strategy):
+            if getattr(strategy, "kwargs", {}).get("use_orig_params") is False:
+                raise MisconfigurationException(
+                    "RobOPCallback needs FSDPStrategy(use_orig_params=True) (Lightning's default): with flat "
+                    "parameters only, the pruned entries of a weight cannot be found after the wrapping."
+                )
             if self.schedule is not None or self.prune_at != "start" or self.structured_options is not None:
                 raise MisconfigurationException(
                     f"Under {type(strategy).__name__} RobOPCallback prunes once, in setup, on whole weights before "

@@ -136,6 +136,11 @@ def cap_grouped(
     elimination instead of one per candidate (the steps are sequential, so for small layers their
     count, not their size, sets the time).
     """
+    if w.dim() != 3 or h.dim() != 3 or h.shape != (w.shape[0], w.shape[2], w.shape[2]):
+        raise ValueError(f"cap_grouped takes w (G, rows, cols) and h (G, cols, cols), got {tuple(w.shape)} and "
+                         f"{tuple(h.shape)}.")
+    if prior is not None and prior.shape != w.shape[1:]:
+        raise ValueError(f"prior must be a (rows, cols) keep-mask {tuple(w.shape[1:])}, got {tuple(prior.shape)}.")
     groups, rows, cols = w.shape
     dev = w.device
     size = cols if block_size is None or block_size >= cols else int(block_size)
@@ -143,11 +148,13 @@ def cap_grouped(
         raise ValueError(f"CAP block_size={size} must be a multiple of M={pattern.m} for pattern {pattern}.")
     nb = math.ceil(cols / size)
     padded = nb * size
-    hp = torch.eye(padded, dtype=torch.float64, device=dev).repeat(groups, 1, 1)
-    hp[:, :cols, :cols] = h.to(device=dev, dtype=torch.float64)
-    blocks = torch.stack([hp[g, b * size : (b + 1) * size, b * size : (b + 1) * size]
-                          for g in range(groups) for b in range(nb)])
-    hinv_blocks = cholesky_inverse(torch.linalg.cholesky(blocks)).to(dtype)  # (groups * nb, size, size)
+    hinv_blocks = torch.empty(groups * nb, size, size, dtype=dtype, device=dev)
+    for g in range(groups):  # one layer's diagonal blocks at a time (the last padded with identity)
+        blocks = torch.eye(size, dtype=torch.float64, device=dev).repeat(nb, 1, 1)
+        for b in range(nb):
+            end = min(cols, (b + 1) * size)
+            blocks[b, : end - b * size, : end - b * size] = h[g, b * size : end, b * size : end]
+        hinv_blocks[g * nb : (g + 1) * nb] = cholesky_inverse(torch.linalg.cholesky(blocks)).to(dtype)
     pad = torch.zeros(padded, dtype=torch.bool, device=dev)
     pad[cols:] = True
 
