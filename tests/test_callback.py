@@ -406,6 +406,18 @@ def test_sharded_strategies_refuse_a_schedule(tmp_path):
         trainer = _trainer(tmp_path, [RobOPCallback(solver="wanda", schedule={0: 0.3, 1: 0.5})], strategy=CPUFSDP())
         with pytest.raises(Exception, match="Under CPUFSDP RobOPCallback prunes once, in setup"):
             trainer.fit(Classifier("mlp"), datamodule=BlobData())
+
+        class Deferred(Classifier):  # the usual large-model pattern: layers built in configure_model
+            def __init__(self) -> None:
+                super().__init__("mlp")
+                self.net = None
+
+            def configure_model(self) -> None:
+                self.net = Classifier("mlp").net
+
+        trainer = _trainer(tmp_path, [RobOPCallback(solver="wanda")], strategy=CPUFSDP())
+        with pytest.raises(Exception, match="has no nn.Linear yet .built in configure_model"):
+            trainer.fit(Deferred(), datamodule=BlobData())
     finally:  # the strategy set up a (one-process) process group and its variables before the refusal
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -18,7 +18,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from robop_lightning.callback.hooks import check_schedule, checkpoint_to_restore, holder, shards_after_setup
+from robop_lightning.callback.hooks import check_layers_before_sharding, check_schedule, checkpoint_to_restore
+from robop_lightning.callback.hooks import holder, shards_after_setup
 from robop_lightning.callback.loaders import calibration_loader
 from robop_lightning.config import PruneConfig, StructuredOptions, is_structured
 from robop_lightning.masks import SparsityMasks
@@ -309,6 +310,7 @@ class RobOPCallback(Callback):
                     "the strategy shards them: use prune_at='start' without a schedule (unstructured or N:M)."
                 )
             if not self.pruned and checkpoint_to_restore(trainer) is None:  # fit, validate or test
+                check_layers_before_sharding(pl_module, strategy)
                 self._prune(trainer, pl_module, self.sparsity, "start")  # before the weights are sharded
 
     @override

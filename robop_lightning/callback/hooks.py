@@ -9,11 +9,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from robop_lightning.patterns import parse_pattern
 
-__all__ = ["check_schedule", "checkpoint_to_restore", "holder", "shards_after_setup"]
+__all__ = ["check_schedule", "checkpoint_to_restore", "check_layers_before_sharding", "holder", "shards_after_setup"]
 
 
 def check_schedule(schedule: Any, pattern: str) -> dict[int, float]:
@@ -74,3 +75,15 @@ def holder(trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:
     if isinstance(trainer.strategy, FSDPStrategy) and model is not None and model is not pl_module:
         return model
     return pl_module
+
+
+def check_layers_before_sharding(pl_module: pl.LightningModule, strategy: object) -> None:
+    """Under a sharding strategy the callback prunes in ``setup``, before ``configure_model``: a module
+    that only builds its layers there has nothing to prune yet."""
+    if not any(isinstance(m, nn.Linear) for m in pl_module.modules()):
+        raise MisconfigurationException(
+            f"RobOPCallback prunes in setup under {type(strategy).__name__}, before configure_model, but "
+            f"{type(pl_module).__name__} has no nn.Linear yet (built in configure_model?). Build or load the model "
+            "in __init__ (on the host; RobOPCallback(device='cuda') onloads one block at a time), or prune first "
+            "with prune_model and fine-tune without the callback."
+        )
