@@ -552,3 +552,13 @@ def test_engine_options_reach_prune_model_from_the_callback(tmp_path):
         RobOPCallback(solver="cap", solver_options={"blocksize": 8})
     with pytest.warns(DeprecationWarning, match="calibration_dataloader"):
         RobOPCallback(calibration="val")
+
+
+def test_deepspeed_is_refused_with_the_alternatives():
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    strategy = DeepSpeedStrategy.__new__(DeepSpeedStrategy)  # no deepspeed installed: only its type matters
+    with pytest.raises(Exception, match="does not support DeepSpeedStrategy.*ModelParallelStrategy.*FSDPStrategy"):
+        RobOPCallback(solver="wanda").setup(SimpleNamespace(strategy=strategy), Classifier("mlp"), "fit")
