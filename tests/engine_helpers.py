@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
@@ -135,3 +140,15 @@ def _tiny_vit(seed=0):
     return timm.create_model(
         "deit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=4, num_classes=5
     ).eval()
+
+
+_LAUNCHER = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def run_child(script: str, cwd: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``python script cwd *args`` as a fresh process (Lightning's launcher then starts the other
+    ranks), without the launcher variables of any surrounding run, with the repository importable."""
+    env = {k: v for k, v in os.environ.items() if k not in _LAUNCHER}
+    env["PYTHONPATH"] = f"{Path(__file__).resolve().parents[1]}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
+    return subprocess.run([sys.executable, script, str(cwd), *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout)

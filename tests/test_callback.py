@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,9 +17,8 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorData
 
 from robop_lightning.callback import RobOPCallback
 from robop_lightning.masks import SparsityMasks
-from tests.engine_helpers import tiny_llama
+from tests.engine_helpers import run_child, tiny_llama
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 # --------------------------------------------------------------------------- tiny modules and data
@@ -497,12 +495,7 @@ def _ddp_main(out: str) -> None:
 def test_ddp_masks_match_single_process(tmp_path):
     from robop_lightning.model import prune_model
 
-    launcher_vars = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher_vars}
-    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
-    proc = subprocess.run(
-        [sys.executable, __file__, str(tmp_path)], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
-    )
+    proc = run_child(__file__, tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert ranks[0]["zeros"] and ranks[1]["zeros"]

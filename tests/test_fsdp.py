@@ -12,7 +12,6 @@ module, and that the result equals the same fine-tune in one process.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,8 +22,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from robop_lightning import RobOPCallback
+from tests.engine_helpers import run_child
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS, ACCUMULATE, BATCH = 3, 2, 4
 
 
@@ -177,11 +176,7 @@ def _child(out: str) -> None:
 
 
 def test_sharded_fine_tuning_holds_zeros_and_equals_one_process(tmp_path):
-    launcher = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher}
-    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path)], env=env, cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600)
+    proc = run_child(__file__, tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     assert r0["sharded"] and "Shard(dim=0)" in r0["mask_placements"]  # the masks follow the DTensor placements
@@ -348,16 +343,8 @@ def _child_fsdp1(out: str, accelerator: str = "cpu", devices: str = "2") -> None
         torch.distributed.destroy_process_group()
 
 
-def _run_child(tmp_path: Path, *args: str) -> None:
-    launcher = ("LOCAL_RANK", "NODE_RANK", "GLOBAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in launcher}
-    env["PYTHONPATH"] = f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path), *args], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-
-
-def _check_fsdp1(tmp_path: Path, world: int = 2) -> None:
+def _check_fsdp1(tmp_path: Path, world: int = 2) -> int:
+    """Assert the FSDP1 child's results (see its comments); returns the number of masks checked."""
     r0, r1 = (torch.load(tmp_path / f"fsdp1-rank{r % world}.pt", weights_only=False) for r in range(2))
     assert (r0["flat"] or world == 1) and r0["held"] and r1["held"]  # one rank: FSDP1 switches to NO_SHARD
     assert r0["moments_zero"] and r1["moments_zero"] and r0["pruned_here"] > 0 and r1["pruned_here"] > 0
@@ -386,21 +373,24 @@ def _check_fsdp1(tmp_path: Path, world: int = 2) -> None:
         assert torch.equal(robop.masks[name], r0["masks"][name]), name
     for k, v in single.model.state_dict().items():
         torch.testing.assert_close(r0["state"][k], v, rtol=1e-4, atol=1e-5, msg=k)
+    return len(r0["masks"])
 
 
 def test_fsdp1_strategy_on_cpu_holds_zeros_and_equals_one_process(tmp_path):
     """Lightning's FSDPStrategy (FSDP1, use_orig_params): masks are each rank's slice of the flattened
     weight; 2 gloo processes on CPU with only Lightning's GPU-only check lifted."""
-    _run_child(tmp_path, "fsdp1")
-    _check_fsdp1(tmp_path)
+    proc = run_child(__file__, tmp_path, "fsdp1")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert _check_fsdp1(tmp_path) > 0  # masks checked
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="FSDPStrategy on GPUs needs a CUDA device")
 def test_fsdp1_strategy_on_gpus(tmp_path):
     """The same run on up to 2 GPUs, unpatched (nccl): runs where a device is lent."""
     world = min(2, torch.cuda.device_count())
-    _run_child(tmp_path, "fsdp1", "cuda", str(world))
-    _check_fsdp1(tmp_path, world)
+    proc = run_child(__file__, tmp_path, "fsdp1", "cuda", str(world))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert _check_fsdp1(tmp_path, world) > 0  # masks checked
 
 
 if __name__ == "__main__":
