@@ -27,11 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from robop_lightning.gram import GramAccumulator, StatsUnavailable
 from robop_lightning.offload import ActivationStore, DiskTensor, _HiddenOnDisk
 
 __all__ = [
     "HookOwner",
     "BlockCall",
+    "accumulate_block",
+    "record_block_calls",
     "capture_block_inputs",
     "capture_linear_input",
     "default_forward",
@@ -44,6 +47,10 @@ __all__ = [
 # Keyword arguments of HF blocks that carry a KV cache: calibration runs every block several
 # times, so a cache would make later runs attend to stale keys.
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache")  # "cache": its name in transformers 5
+
+
+class _BlockNotCalled(Exception):
+    """A forward pass ended without calling a block (``args[0]``: its index)."""
 
 
 class _StopForward(Exception):
@@ -147,15 +154,19 @@ def _stack(chunks: list[torch.Tensor]) -> torch.Tensor:
 # --------------------------------------------------------------------------- block calls
 @dataclass
 class BlockCall:
-    """The arguments of one block call for one calibration batch.
+    """The arguments of the block calls for one calibration batch.
 
     ``slot`` is where the hidden states sit: an ``int`` index into ``args`` or a ``str`` key of
-    ``kwargs``. Everything else (attention masks, position embeddings) is replayed unchanged.
+    ``kwargs``. ``args`` / ``kwargs`` are the first block's call, with the current hidden states;
+    ``per_block[i]`` (when recorded) holds block ``i``'s own ``(args, kwargs)`` as the model passed
+    them (rotary encodings and masks of its layer type...), with ``None`` at the slot: the walk
+    gives each block the hidden states of the one before and everything else of its own.
     """
 
     args: tuple
     kwargs: dict
     slot: int | str = 0
+    per_block: list[tuple[tuple, dict]] | None = None
 
     @property
     def hidden(self) -> torch.Tensor:
@@ -168,6 +179,17 @@ class BlockCall:
             self.args = tuple(args)
         else:
             self.kwargs[self.slot] = hidden
+
+    def for_block(self, index: int) -> tuple[tuple, dict]:
+        """``(args, kwargs)`` of block ``index``: its own arguments around the current hidden states."""
+        if not self.per_block or index == 0:
+            return self.args, self.kwargs
+        args, kwargs = self.per_block[index]
+        if isinstance(self.slot, int):
+            args = (*args[: self.slot], self.hidden, *args[self.slot + 1 :])
+        else:
+            kwargs = {**kwargs, self.slot: self.hidden}
+        return args, kwargs
 
 
 def _hidden_slot(args: tuple, kwargs: dict, name: str) -> int | str:
@@ -236,6 +258,201 @@ def capture_block_inputs(
     return calls
 
 
+def _clean_kwargs(kwargs: Mapping[str, Any]) -> dict:
+    """A block's keyword arguments without a KV cache (calibration runs every block several times)."""
+    kwargs = dict(kwargs)
+    for key in _CACHE_KWARGS:
+        if key in kwargs:
+            kwargs[key] = None
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+def _kept(obj: Any, keep: Callable[[torch.Tensor], torch.Tensor], memo: dict[int, torch.Tensor]) -> Any:
+    """``obj`` with every tensor replaced by ``keep(tensor)``, once per tensor object (``memo`` by id)."""
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in memo:
+            memo[id(obj)] = keep(obj.detach())
+        return memo[id(obj)]
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(_kept(o, keep, memo) for o in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_kept(o, keep, memo) for o in obj)
+    if isinstance(obj, Mapping):
+        try:
+            return type(obj)({k: _kept(v, keep, memo) for k, v in obj.items()})
+        except TypeError:
+            return {k: _kept(v, keep, memo) for k, v in obj.items()}
+    return obj
+
+
+def record_block_calls(
+    model: nn.Module,
+    blocks: list[nn.Module],
+    batches: list[Any],
+    forward: Callable[[nn.Module, Any], Any],
+    device: torch.device,
+    keep: Callable[[torch.Tensor], torch.Tensor],
+    keep_hidden: Callable[[torch.Tensor], Any],
+    name: str = "block",
+) -> list[BlockCall]:
+    """Every block's own arguments for every batch, from one cheap pass of the model's forward.
+
+    The model computes some block arguments per layer (Gemma 2 / 3 give sliding and full attention
+    layers their own rotary encoding and mask; hybrid and chunked attention models likewise), so
+    replaying the first block's arguments to every block would calibrate some layers on inputs they
+    never see. Here every block's ``forward`` is replaced, for one pass per batch, by a pass-through
+    that records its ``(args, kwargs)`` and hands the hidden states on unchanged (in the structure
+    the block really returns, learnt from one real call of the first block); the pass stops at the
+    last block. Tensors passed to several blocks are kept once (``keep``), the first block's hidden
+    states with ``keep_hidden``.
+
+    Falls back to the first block's arguments for every block (with a warning) when the model's
+    forward cannot run on pass-through blocks.
+    """
+    first = capture_block_inputs(model, blocks[0], batches[:1], forward, device, device, name)[0]
+    if len(blocks) == 1:
+        calls = capture_block_inputs(model, blocks[0], batches, forward, device, device, name)
+        return [_keep_call(c, keep, keep_hidden) for c in calls]
+    out = blocks[0](*first.args, **first.kwargs)
+    rest = tuple(out[1:]) if isinstance(out, (tuple, list)) else None
+    del out, first
+    seen: dict[int, tuple[tuple, dict, int | str]] = {}
+
+    def passthrough(index: int):
+        def fn(*args, **kwargs):
+            if index not in seen:
+                seen[index] = (args, _clean_kwargs(kwargs), _hidden_slot(args, kwargs, name))
+            if index == len(blocks) - 1:
+                raise _StopForward
+            slot = seen[index][2]
+            hidden = args[slot] if isinstance(slot, int) else kwargs[slot]
+            return hidden if rest is None else (hidden, *rest)
+
+        return fn
+
+    saved = [b.__dict__.get("forward") for b in blocks]
+    calls: list[BlockCall] = []
+    try:
+        for i, b in enumerate(blocks):
+            b.forward = passthrough(i)
+        for batch in batches:
+            seen.clear()
+            with contextlib.suppress(_StopForward):
+                forward(model, move_to(batch, device))
+            missing = [i for i in range(len(blocks)) if i not in seen]
+            if missing:
+                raise _BlockNotCalled(missing[0])
+            memo: dict[int, torch.Tensor] = {}
+            args0, kwargs0, slot = seen[0]
+            hidden = args0[slot] if isinstance(slot, int) else kwargs0[slot]
+            per_block = []
+            for i in range(len(blocks)):
+                args, kwargs, _ = seen[i]
+                args = tuple(None if j == slot else a for j, a in enumerate(args)) if isinstance(slot, int) else args
+                kwargs = {k: (None if k == slot else v) for k, v in kwargs.items()}
+                per_block.append((_kept(args, keep, memo), _kept(kwargs, keep, memo)))
+            call = BlockCall(*per_block[0], slot, per_block)
+            call.with_hidden(keep_hidden(hidden.detach()))
+            calls.append(call)
+    except _BlockNotCalled as err:
+        raise ValueError(f"the forward pass finished without calling block {err.args[0]} of the list that starts with "
+                         f"{name}; pass blocks= the module list that the model's forward runs, or a `forward` that "
+                         "calls the model.") from None
+    except Exception as err:  # the model's code between blocks did not accept pass-through outputs
+        import warnings
+
+        warnings.warn(f"{name}: could not record every block's own arguments ({type(err).__name__}: {err}); every "
+                      "block is calibrated with the first block's arguments (right when the model passes all blocks "
+                      "the same masks and position encodings).", RuntimeWarning, stacklevel=2)
+        calls = [_keep_call(c, keep, keep_hidden)
+                 for c in capture_block_inputs(model, blocks[0], batches, forward, device, device, name)]
+    finally:
+        for b, f in zip(blocks, saved):
+            if f is None:
+                b.__dict__.pop("forward", None)
+            else:
+                b.forward = f
+    return calls
+
+
+def _keep_call(call: BlockCall, keep: Callable, keep_hidden: Callable) -> BlockCall:
+    memo: dict[int, torch.Tensor] = {id(call.hidden): call.hidden}
+    kept = BlockCall(_kept(call.args, keep, memo), _kept(call.kwargs, keep, memo), call.slot)
+    kept.with_hidden(keep_hidden(call.hidden))
+    return kept
+
+
+def accumulate_block(
+    block: nn.Module,
+    calls: list[BlockCall],
+    device: torch.device,
+    targets: Mapping[str, nn.Module],
+    make: Callable[[str], GramAccumulator],
+    index: int = 0,
+) -> dict[str, GramAccumulator]:
+    """Run ``block`` on every call and add each target's inputs into its :class:`GramAccumulator`.
+
+    Nothing is stored but the statistics: each batch's inputs are reduced in the forward hook, on
+    the compute device, and dropped. Linears that receive the same tensor (q / k / v, gate / up)
+    share one accumulator (one Gram), as the first call shows; a later call that breaks the sharing
+    raises :class:`~robop_lightning.gram.StatsUnavailable`.
+
+    Returns:
+        ``{name: accumulator}`` (shared objects for linears with the same inputs).
+    """
+    accs: dict[str, GramAccumulator] = {}
+    claimed: dict[int, GramAccumulator] = {}  # first call: tensor id -> the accumulator it went into
+    ids: dict[str, list[int]] = {n: [] for n in targets}
+    added: set[tuple[int, int]] = set()
+    alive: list[torch.Tensor] = []  # the tensors seen in this call (their ids must not be reused)
+    first = [True]
+
+    def make_hook(lname: str):
+        def hook(module, args):
+            x = args[0]
+            key = id(x)
+            ids[lname].append(key)
+            acc = accs.get(lname)
+            if acc is None:
+                acc = claimed.get(key) if first[0] else None
+                if acc is None:
+                    acc = make(lname)
+                    if first[0]:
+                        claimed[key] = acc
+                accs[lname] = acc
+            if (id(acc), key) not in added:
+                added.add((id(acc), key))
+                alive.append(x)
+                acc.add(_as_samples(x.detach()))
+
+        return hook
+
+    with HookOwner() as hooks:
+        for lname, linear in targets.items():
+            hooks.pre_hook(linear, make_hook(lname))
+        for call in calls:
+            args, kwargs = call.for_block(index)
+            block(*move_to(args, device), **move_to(kwargs, device))
+            groups: dict[int, list[str]] = {}
+            for lname, acc in accs.items():
+                groups.setdefault(id(acc), []).append(lname)
+            for members in groups.values():
+                if any(ids[m] != ids[members[0]] for m in members[1:]):
+                    raise StatsUnavailable(f"{members[0]} and {members[1]} shared their inputs in the first call only")
+            for v in ids.values():
+                v.clear()
+            added.clear()
+            alive.clear()
+            claimed.clear()
+            first[0] = False
+    missing = [n for n in targets if n not in accs]
+    if missing:
+        raise ValueError(f"{missing[0]} was not called when its block ran; it cannot be calibrated.")
+    return accs
+
+
 def run_block(
     block: nn.Module,
     calls: list[BlockCall],
@@ -244,6 +461,8 @@ def run_block(
     capture: Mapping[str, nn.Linear] | None = None,
     propagate: bool = True,
     store: ActivationStore | None = None,
+    index: int = 0,
+    keep_hidden: Callable[[torch.Tensor], Any] | None = None,
 ) -> dict[str, torch.Tensor | DiskTensor]:
     """Run ``block`` on every recorded call; capture inputs of ``capture`` and/or propagate.
 
@@ -257,6 +476,8 @@ def run_block(
         propagate: replace each call's hidden states by the block's output.
         store: an activation budget: captured inputs and hidden states beyond it go to disk
             (a captured input is then returned as a :class:`~robop_lightning.offload.DiskTensor`).
+        index: the block's position (each block gets its own recorded arguments, :meth:`BlockCall.for_block`).
+        keep_hidden: where a propagated hidden state is kept (``None``: ``storage``, or ``store``).
 
     Returns:
         ``{name: (samples, tokens, in_features)}`` for every linear in ``capture``.
@@ -285,7 +506,9 @@ def run_block(
         for lname, linear in capture.items():
             hooks.pre_hook(linear, make_hook(lname))
         for call in calls:
-            out = block(*move_to(call.args, device), **move_to(call.kwargs, device))
+            args, kwargs = call.for_block(index)
+            out = block(*move_to(args, device), **move_to(kwargs, device))
+            del args, kwargs
             cache.clear()
             if propagate:
                 if isinstance(out, (tuple, list)):
@@ -295,7 +518,10 @@ def run_block(
                         f"a block returned {type(out).__name__}; blocks must return their hidden states "
                         "(a tensor, or a tuple whose first item is the tensor)."
                     )
-                call.with_hidden(out.detach().to(storage) if store is None else store.keep_hidden(out))
+                if keep_hidden is not None:
+                    call.with_hidden(keep_hidden(out.detach()))
+                else:
+                    call.with_hidden(out.detach().to(storage) if store is None else store.keep_hidden(out))
     missing = [n for n, xs in seen.items() if not xs]
     if missing:
         raise ValueError(f"{missing[0]} was not called when its block ran; it cannot be calibrated.")

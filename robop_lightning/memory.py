@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import threading
 
-__all__ = ["PeakRSS", "rss_bytes"]
+__all__ = ["PeakRSS", "available_host_bytes", "device_free_bytes", "rss_bytes"]
 
 
 def rss_bytes() -> int | None:
@@ -19,6 +19,31 @@ def rss_bytes() -> int | None:
         with open("/proc/self/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
+        return None
+
+
+def available_host_bytes() -> int | None:
+    """``MemAvailable`` of ``/proc/meminfo`` (``None`` where it cannot be read)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def device_free_bytes(device) -> int | None:
+    """Free memory of an accelerator (``torch.cuda.mem_get_info``); ``None`` for the CPU or where unknown."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    try:
+        return int(torch.cuda.mem_get_info(device)[0])
+    except RuntimeError:
         return None
 
 

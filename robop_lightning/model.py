@@ -32,7 +32,7 @@ from robop_lightning.calibration import default_forward, forward_order
 from robop_lightning.config import PruneConfig, StructuredOptions
 from robop_lightning.dispatch import execution_device, materialized, read_weight, write_weight
 from robop_lightning.fisher_model import FisherOptions, prune_model_fisher
-from robop_lightning.gram import LayerInputs
+from robop_lightning.gram import GramAccumulator, GramInputs, LayerInputs, StatsUnavailable
 from robop_lightning.layer import prune_layer
 from robop_lightning.offload import WeightUndo
 from robop_lightning.patterns import parse_pattern
@@ -41,6 +41,7 @@ from robop_lightning.report import PruneReport
 from robop_lightning.selection import AutoOptions
 from robop_lightning.structured import prune_model_structured
 from robop_lightning.targets import find_blocks, resolve_targets
+from robop_lightning.uncertainty import CLOSED_FORM_SETS, canonical_set_name
 
 __all__ = ["PruneReport", "prune_model"]
 
@@ -80,19 +81,29 @@ def _check_shared_weights(model: nn.Module, modules: dict[str, nn.Module]) -> No
 class MaskStep:
     """Unstructured / N:M pruning as a :class:`robop_lightning.pipeline.Step`: a mask per linear.
 
-    Each target is pruned by :func:`prune_layer` from its captured inputs (q / k / v, or gate / up,
-    share one input: its Grams are computed once); the weight is overwritten in place (its original
-    goes to a :class:`WeightUndo` first) and the mask and a report row are recorded.
+    Each target is pruned by :func:`prune_layer` from its calibration statistics (q / k / v, or
+    gate / up, share one input: one Gram); the weight is overwritten in place (its original goes
+    to a :class:`WeightUndo` first) and the mask and a report row are recorded.
+
+    Inside blocks the statistics are *streamed*: every batch's inputs are added into the Grams the
+    solve needs (``H``, ``auto``'s fold Grams, the held-out Gram) in the forward hook, on the compute
+    device, and the activations are never stored (:class:`robop_lightning.gram.GramAccumulator`).
+    Only this project's min-max extension (per-sample losses and reweighted Grams) keeps the
+    activations themselves, as do linears outside the blocks and calls whose samples cannot be
+    told in advance (a held-out split of inputs that are not batch-major).
     """
 
     def __init__(self, walk: BlockWalk, modules: dict[str, nn.Module], report: PruneReport,
                  layer_kwargs: dict[str, Any], heldout_fraction: float,
-                 prior_masks: dict[str, torch.Tensor] | None) -> None:
+                 prior_masks: dict[str, torch.Tensor] | None, folds: int | None = None) -> None:
         self.walk, self.modules, self.report = walk, modules, report
         self.layer_kwargs, self.heldout_fraction, self.prior_masks = layer_kwargs, heldout_fraction, prior_masks
+        self.folds = folds
+        uncertainty = str(layer_kwargs.get("uncertainty", "")).strip().lower()
+        self.streamed = uncertainty == "auto" or canonical_set_name(uncertainty) in CLOSED_FORM_SETS
         self.inside: dict[str, list[str]] = {}
-        self.undo = WeightUndo()  # each original weight goes to a temporary file just before it is overwritten
-        self._shared: tuple[torch.Tensor, LayerInputs, LayerInputs | None] | None = None
+        self.undo = WeightUndo()  # originals in host memory within a budget, on disk past it
+        self._shared: tuple[Any, Any, Any] | None = None
 
         def restore() -> None:
             for name, value in self.undo.saved():  # (accelerate-offloaded weights: into their weights_map)
@@ -117,16 +128,20 @@ class MaskStep:
         return inputs, heldout
 
     def prune_linear(self, name: str, x: torch.Tensor) -> None:
+        self._prune(name, *self._inputs(name, x))
+
+    def _prune(self, name: str, inputs: LayerInputs | GramInputs, heldout: LayerInputs | GramInputs | None) -> None:
         self.walk.current = name
-        inputs, heldout = self._inputs(name, x)
         module = self.modules[name]
         prior = None if self.prior_masks is None or name not in self.prior_masks else self.prior_masks[name]
         with materialized(module):  # an accelerate-offloaded weight is loaded for the solve
             weight = module.weight
-            result = prune_layer(weight.detach(), inputs, heldout=heldout, name=name,
-                                 prior_mask=None if prior is None else prior.to(weight.device), **self.layer_kwargs)
+            with self.walk.timed("solve"):
+                result = prune_layer(weight.detach(), inputs, heldout=heldout, name=name,
+                                     prior_mask=None if prior is None else prior.to(weight.device), **self.layer_kwargs)
             self.walk.check_ranks(name, result.mask, "masks")
-            self.undo.save(name, weight)
+            with self.walk.timed("io"):
+                self.undo.save(name, weight)
             write_weight(module, result.weight)
         self.report.masks[name] = result.mask.detach().to("cpu", copy=True)
         self.report.layers.append(
@@ -144,8 +159,40 @@ class MaskStep:
             }
         )
 
+    def _streamed(self, walk: BlockWalk, block: nn.Module, names: list[str]) -> dict[str, tuple[Any, Any]]:
+        """Each target's (calibration, held-out) statistics, accumulated as the batches pass."""
+        expected = walk.samples()
+        held = 0
+        if self.heldout_fraction > 0:
+            held = max(1, int(round(self.heldout_fraction * expected)))
+            if expected - held < 1:
+                split_heldout(torch.zeros(expected, 1, 1), self.heldout_fraction, names[0])  # raises the clear error
+
+        def make(lname: str) -> GramAccumulator:
+            return GramAccumulator(self.modules[lname].weight.shape[1], walk.device, folds=self.folds,
+                                   expected=expected if held else None, heldout=held,
+                                   name=f"{lname}: calibration inputs")
+
+        accs = walk.accumulate(block, {n: self.modules[n] for n in names}, make)
+        finished: dict[int, GramInputs] = {}
+        with walk.timed("capture"):
+            for n in names:
+                if id(accs[n]) not in finished:
+                    finished[id(accs[n])] = accs[n].finish(distributed=True)
+        stats = {n: finished[id(accs[n])] for n in names}
+        return {n: (g, g.heldout) for n, g in stats.items()}
+
     def prune_block(self, walk: BlockWalk, name: str, block: nn.Module) -> list[str]:
         names = self.inside[name]
+        if self.streamed:
+            try:
+                stats = self._streamed(walk, block, names)
+            except StatsUnavailable:
+                stats = None  # keep the activations instead (see the class docstring)
+            if stats is not None:
+                for n in names:
+                    self._prune(n, *stats.pop(n))
+                return names
         captured = walk.capture(block, {n: self.modules[n] for n in names})
         for n in names:
             self.prune_linear(n, captured.pop(n))
@@ -354,7 +401,8 @@ def prune_model(
     walk = BlockWalk(model, batches, forward, home if device is None else torch.device(device),
                      activation_budget=activation_budget, progress=progress, resume=store,
                      dtype=(first_name, first.weight.dtype), home=home)
-    step = MaskStep(walk, modules, report, config.layer_options(), heldout_fraction, prior_masks)
+    step = MaskStep(walk, modules, report, config.layer_options(), heldout_fraction, prior_masks,
+                    folds=AutoOptions.coerce(auto).folds if config.choose else None)
     with walk.transaction():
         if not structure:
             walk.linears(step, forward_order(model, modules, batches[0], forward, home), modules, "pruning layers")
@@ -372,4 +420,6 @@ def prune_model(
             walk.blocks(step, block_list, has_work=lambda b: bool(step.inside[b]))
             walk.linears(step, after, modules)
     report.seconds = time.perf_counter() - start
+    report.blocks = walk.block_times
+    report.peak_memory = walk.peak_memory
     return report

@@ -13,9 +13,9 @@ view, ``x.to(...)`` reads it (zero-padding shorter sequences, as in memory), and
 :class:`robop_lightning.gram.LayerInputs` reduces it to Grams chunk by chunk with chunks sized to
 the budget.
 
-The original weights of the layers pruned so far are never held twice in memory either: a
-:class:`WeightUndo` writes each one to a temporary file just before it is overwritten, so that a
-failed or interrupted run can put the model back exactly, at the cost of one layer's copy in memory.
+The original weights of the layers pruned so far are kept by a :class:`WeightUndo` (in host
+memory within a budget, in temporary files past it), so that a failed or interrupted run can put
+the model back exactly.
 
 Not covered by the budget: the model itself, one calibration batch in flight, and the Grams of
 the layer being pruned (``in_features**2`` float64 each, one layer at a time).
@@ -26,6 +26,7 @@ from __future__ import annotations
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,29 +235,63 @@ class _HiddenOnDisk:
         return torch.load(self.chunk.path, weights_only=True).reshape(self.shape).to(device)
 
 
+# Share of the host memory available at the first undo copy that the copies may fill before the rest
+# go to temporary files.
+UNDO_HOST_FRACTION = 0.25
+
+
 class WeightUndo:
-    """The original values of the weights overwritten so far, on disk, to restore after a failure.
+    """The original values of the weights overwritten so far, to restore after a failure.
 
     ``save(name, tensor)`` before overwriting ``tensor`` in place (only the first call per name
-    writes); ``restore(tensors)`` copies every saved value back; ``close()`` deletes the files.
-    Memory: one tensor's CPU copy at a time, whatever the number of layers.
+    copies); ``restore(tensors)`` copies every saved value back; ``close()`` drops the copies.
+    The copies stay in host memory up to ``budget`` bytes (default: :data:`UNDO_HOST_FRACTION` of the
+    host memory available when the first copy is made); past it each one goes to a temporary file.
+
+    Example:
+        >>> undo = WeightUndo(budget=64)  # room for two 4 x 2 float32 tensors, the third on disk
+        >>> ws = {n: torch.full((4, 2), float(i)) for i, n in enumerate("abc")}
+        >>> for n, w in ws.items():
+        ...     undo.save(n, w); w.zero_()
+        >>> undo.on_disk
+        1
+        >>> undo.restore(ws); [float(w[0, 0]) for w in ws.values()]
+        [0.0, 1.0, 2.0]
+        >>> undo.close()
     """
 
-    def __init__(self) -> None:
+    def __init__(self, budget: int | None = None) -> None:
+        self.budget = budget
         self._dir: tempfile.TemporaryDirectory | None = None
-        self._files: dict[str, Path] = {}
+        self._saved: dict[str, Path | torch.Tensor] = {}
+        self._held = 0
+        self.on_disk = 0
+        self.seconds = 0.0  # time spent copying (the report's "io")
 
     def __contains__(self, name: str) -> bool:
-        return name in self._files
+        return name in self._saved
 
     def save(self, name: str, tensor: torch.Tensor) -> None:
-        if name in self._files:
+        if name in self._saved:
             return
-        if self._dir is None:
-            self._dir = tempfile.TemporaryDirectory(prefix="robop-undo-")
-        path = Path(self._dir.name) / f"{len(self._files):06d}.pt"
-        torch.save(tensor.detach().to("cpu", copy=True), path)
-        self._files[name] = path
+        start = time.perf_counter()
+        if self.budget is None:
+            from robop_lightning.memory import available_host_bytes
+
+            free = available_host_bytes()
+            self.budget = int(free * UNDO_HOST_FRACTION) if free is not None else 0
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._held + nbytes <= self.budget:
+            self._saved[name] = tensor.detach().to("cpu", copy=True)
+            self._held += nbytes
+        else:
+            if self._dir is None:
+                self._dir = tempfile.TemporaryDirectory(prefix="robop-undo-")
+            path = Path(self._dir.name) / f"{len(self._saved):06d}.pt"
+            torch.save(tensor.detach().to("cpu", copy=True), path)
+            self._saved[name] = path
+            self.on_disk += 1
+        self.seconds += time.perf_counter() - start
 
     def restore(self, tensors: dict[str, torch.Tensor]) -> None:
         """Copy every saved value back into ``tensors[name]`` (in place)."""
@@ -264,12 +299,13 @@ class WeightUndo:
             tensors[name].data.copy_(value)
 
     def saved(self):
-        """``(name, original value)`` of every weight saved so far, read back one at a time."""
-        for name, path in self._files.items():
-            yield name, torch.load(path, weights_only=True)
+        """``(name, original value)`` of every weight saved so far (files read back one at a time)."""
+        for name, value in self._saved.items():
+            yield name, value if isinstance(value, torch.Tensor) else torch.load(value, weights_only=True)
 
     def close(self) -> None:
-        self._files.clear()
+        self._saved.clear()
+        self._held = 0
         if self._dir is not None:
             self._dir.cleanup()
             self._dir = None

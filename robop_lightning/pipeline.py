@@ -36,11 +36,14 @@ from tqdm.auto import tqdm
 
 from robop_lightning.calibration import (
     BlockCall,
-    capture_block_inputs,
+    accumulate_block,
     capture_linear_input,
+    record_block_calls,
     run_block,
     same_on_all_ranks,
 )
+from robop_lightning.gram import GramAccumulator
+from robop_lightning.memory import PeakRSS, device_free_bytes
 from robop_lightning.offload import ActivationStore, parse_bytes
 from robop_lightning.resume import ResumeStore, fingerprint_batches, fingerprint_tensors
 
@@ -163,6 +166,18 @@ class BlockWalk:
         dtype: ``(name, dtype)`` of the first layer pruned (for the error on calibration batches of
             another dtype).
         restored_note: what the error note says about the model after a failure.
+        device_budget: bytes of hidden states (and the blocks' other arguments) kept on an
+            accelerator ``device`` between blocks (``None``: a quarter of its free memory when the
+            walk starts); past it they go to host memory (pinned), and past ``activation_budget`` to
+            disk. On the CPU everything is in memory up to ``activation_budget``.
+
+    Attributes:
+        block_times: one row per block walked: ``name``, ``seconds`` and where they went
+            (``capture``: forwards that feed the Grams, with the Grams; ``solve``; ``forward``: the
+            forward that feeds the next block; ``io``: undo copies and checkpoints).
+        record_seconds: the pass that recorded every block's arguments.
+        peak_memory: ``{"device": bytes, "host": bytes}``: the accelerator's peak allocation
+            (``None`` on the CPU) and the peak resident memory above the start (sampled), over the walk.
     """
 
     def __init__(
@@ -177,6 +192,7 @@ class BlockWalk:
         dtype: tuple[str, torch.dtype] | None = None,
         restored_note: str = "every weight of the model was restored",
         home: torch.device | None = None,
+        device_budget: int | None = None,
     ) -> None:
         self.model = model
         self.batches = batches
@@ -196,6 +212,54 @@ class BlockWalk:
         self._undo: list[Callable[[], None]] = []
         self._close: list[Callable[[], None]] = []
         self._files = 0
+        if self.device.type == "cpu":
+            device_budget = 0
+        elif device_budget is None:
+            free = device_free_bytes(self.device)
+            device_budget = free // 4 if free is not None else 0
+        self._device_budget = device_budget
+        self._device_used = {"hidden": 0, "args": 0}
+        self.index = 0  # the block being walked
+        self.block_times: list[dict[str, Any]] = []
+        self._clock: dict[str, float] = {}
+        self.record_seconds = 0.0
+        self.peak_memory: dict[str, int | None] = {"device": None, "host": None}
+
+    # ------------------------------------------------------------------ memory tiers
+    def _keep(self, t: torch.Tensor, kind: str) -> Any:
+        """Where a hidden state (``kind="hidden"``) or another block argument (``"args"``) is kept."""
+        nbytes = t.numel() * t.element_size()
+        if self._device_budget and sum(self._device_used.values()) + nbytes <= self._device_budget:
+            self._device_used[kind] += nbytes
+            return t.to(self.device)
+        if kind == "hidden" and self.acts is not None:
+            return self.acts.keep_hidden(t)
+        if t.device.type == "cpu":
+            return t
+        if t.device.type == "cuda" and t.dim() > 0:  # pinned: the copy back to the device is asynchronous
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            return host.copy_(t)
+        return t.to("cpu")
+
+    def keep_hidden(self, t: torch.Tensor) -> Any:
+        """Keep a hidden state between blocks: on the device within its budget, then host memory, then disk."""
+        return self._keep(t, "hidden")
+
+    def keep_arg(self, t: torch.Tensor) -> Any:
+        """Keep another block argument (masks, position encodings): on the device within its budget, else the host."""
+        return self._keep(t, "args")
+
+    # ------------------------------------------------------------------ timing
+    @contextlib.contextmanager
+    def timed(self, key: str) -> Iterator[None]:
+        """Add the seconds inside to the current block's ``key`` (the device synchronised at the end)."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self._clock[key] = self._clock.get(key, 0.0) + time.perf_counter() - start
 
     # ------------------------------------------------------------------ transaction
     def on_undo(self, fn: Callable[[], None]) -> None:
@@ -210,9 +274,12 @@ class BlockWalk:
     def transaction(self) -> Iterator[BlockWalk]:
         """Eval mode and no grad inside; on any exception every undo runs and the error names the layer."""
         modes = {m: m.training for m in self.model.modules()}
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        peak = PeakRSS(interval=0.05)
         try:
             self.model.eval()
-            with torch.no_grad():
+            with torch.no_grad(), peak:
                 yield self
         except BaseException as err:
             with torch.no_grad():
@@ -234,6 +301,10 @@ class BlockWalk:
                 self.acts.close()
             for m, mode in modes.items():
                 m.training = mode
+            self.peak_memory = {
+                "device": int(torch.cuda.max_memory_allocated(self.device)) if self.device.type == "cuda" else None,
+                "host": None if peak.peak is None or peak.start is None else int(peak.peak - peak.start),
+            }
 
     def _renamed(self, err: BaseException) -> BaseException:
         note = f"while pruning {self.current} ({self.restored_note})"
@@ -246,7 +317,19 @@ class BlockWalk:
     # ------------------------------------------------------------------ capture
     def capture(self, block: nn.Module, modules: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
         """The inputs of ``modules`` (inside ``block``) on the current block inputs; nothing propagates."""
-        return run_block(block, self.calls, self.device, self.storage, dict(modules), propagate=False, store=self.acts)
+        with self.timed("capture"):
+            return run_block(block, self.calls, self.device, self.storage, dict(modules), propagate=False,
+                             store=self.acts, index=self.index)
+
+    def accumulate(self, block: nn.Module, modules: Mapping[str, nn.Module],
+                   make: Callable[[str], GramAccumulator]) -> dict[str, GramAccumulator]:
+        """Run ``block`` on the current block inputs, each target's inputs reduced into its accumulator."""
+        with self.timed("capture"):
+            return accumulate_block(block, self.calls, self.device, dict(modules), make, self.index)
+
+    def samples(self) -> int:
+        """Calibration samples of the current block inputs (the first dimension of every hidden state)."""
+        return sum(call.hidden.shape[0] if call.hidden.dim() > 2 else call.hidden.shape[0] for call in self.calls)
 
     def check_ranks(self, name: str, result: torch.Tensor, what: str = "results") -> None:
         """Under ``torch.distributed``: every rank must have computed the same ``result``."""
@@ -279,8 +362,9 @@ class BlockWalk:
             return
         names = work()
         if self.resume is not None:
-            rows, tensors = step.save(names)
-            self.resume.save(unit, file, rows, tensors)
+            with self.timed("io"):
+                rows, tensors = step.save(names)
+                self.resume.save(unit, file, rows, tensors)
 
     def linears(self, step: Step, names: list[str], modules: Mapping[str, nn.Module], desc: str | None = None) -> None:
         """Prune linears one at a time in ``names`` order, each from whole-model forwards."""
@@ -324,11 +408,15 @@ class BlockWalk:
             return
         first_name, first = block_list[0]
         self.current = first_name
-        self.calls = capture_block_inputs(self.model, first, self.batches, self.forward, self.home, self.storage,
-                                          first_name, self.acts)
+        start = time.perf_counter()
+        self._device_used = {"hidden": 0, "args": 0}
+        self.calls = record_block_calls(self.model, [b for _, b in block_list[: last + 1]], self.batches, self.forward,
+                                        self.home, self.keep_arg, self.keep_hidden, first_name)
+        self.record_seconds = time.perf_counter() - start
         try:
-            for i, (name, block) in enumerate(self._bar(block_list[: last + 1], desc)):
-                self.current = name
+            bar = self._bar(block_list[: last + 1], desc)
+            for i, (name, block) in enumerate(bar):
+                self.current, self.index, self._clock = name, i, {}
                 start = time.perf_counter()
                 with self._onloaded(block):
                     if has_work(name):
@@ -339,7 +427,17 @@ class BlockWalk:
                             step.prune_block(self, name, block)
                     if i < last:
                         self.current = name
-                        run_block(block, self.calls, self.device, self.storage, store=self.acts)
-                log.info("%s: %d/%d %s (%.1f s)", desc, i + 1, last + 1, name, time.perf_counter() - start)
+                        self._device_used["hidden"] = 0  # the outputs replace the inputs
+                        with self.timed("forward"):
+                            run_block(block, self.calls, self.device, self.storage, store=self.acts, index=i,
+                                      keep_hidden=self.keep_hidden)
+                row = {"name": name, "seconds": time.perf_counter() - start,
+                       **{k: self._clock.get(k, 0.0) for k in ("capture", "solve", "forward", "io")}}
+                self.block_times.append(row)
+                log.info("%s: %d/%d %s (%.1f s: capture %.1f, solve %.1f, forward %.1f, io %.1f)", desc, i + 1,
+                         last + 1, name, row["seconds"], row["capture"], row["solve"], row["forward"], row["io"])
+                if hasattr(bar, "set_postfix_str"):
+                    bar.set_postfix_str(f"{name}: {row['seconds']:.1f} s (capture {row['capture']:.1f}, "
+                                        f"solve {row['solve']:.1f}, forward {row['forward']:.1f})")
         finally:
             self.calls = None

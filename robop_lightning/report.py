@@ -88,6 +88,11 @@ class PruneReport:
         masks: ``{name: bool keep-mask}`` on CPU (not part of :meth:`to_dict`).
         resumed: names of the layers loaded from ``resume_dir`` (finished by an earlier run)
             instead of being pruned again (not part of :meth:`to_dict`).
+        blocks: where the time went, one row per block walked: ``name``, ``seconds``, ``capture``
+            (the forwards that feed the Grams, with the Grams), ``solve``, ``forward`` (the forward
+            that feeds the next block), ``io`` (undo copies and checkpoints).
+        peak_memory: ``{"device": bytes, "host": bytes}``: the accelerator's peak allocation
+            (``None`` on the CPU) and the peak resident memory above the start, over the walk.
 
     Example:
         >>> report = PruneReport(layers=[{"name": "fc1", "shape": [4, 8], "parameters": 32,
@@ -102,6 +107,8 @@ class PruneReport:
     seconds: float = 0.0
     masks: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     resumed: list[str] = field(default_factory=list, repr=False)
+    blocks: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    peak_memory: dict[str, int | None] = field(default_factory=dict, repr=False)
 
     @property
     def totals(self) -> dict[str, Any]:
@@ -128,7 +135,9 @@ class PruneReport:
 
     def to_dict(self) -> dict[str, Any]:
         """``{"config", "layers", "totals"}``, JSON-serialisable (no tensors)."""
-        return {"config": dict(self.config), "layers": [dict(r) for r in self.layers], "totals": self.totals}
+        return {"config": dict(self.config), "layers": [dict(r) for r in self.layers], "totals": self.totals,
+                **({"blocks": [dict(b) for b in self.blocks]} if self.blocks else {}),
+                **({"peak_memory": dict(self.peak_memory)} if self.peak_memory else {})}
 
     def to_json(self, path: str | Path | None = None) -> str:
         """The report as JSON text, also written to ``path`` when given (atomically: a temporary

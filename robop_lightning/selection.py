@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from robop_lightning.damping import damp_until_definite, unit_scale
-from robop_lightning.gram import LayerInputs
+from robop_lightning.gram import GramInputs, LayerInputs
 from robop_lightning.typed import coerce_options
 from robop_lightning.patterns import Pattern
 from robop_lightning.solvers import DATA_FREE, SOLVERS, USES_FULL_GRAM
@@ -244,8 +244,8 @@ def _admm_scores(w: torch.Tensor, lam: torch.Tensor, q: torch.Tensor, h: torch.T
     """
     n, m = w.shape[1], w.shape[0]
     cands = len(shifts)
-    ridge = torch.tensor([r for r, _ in shifts], dtype=lam.dtype)
-    coef = torch.tensor([c for _, c in shifts], dtype=lam.dtype)
+    ridge = torch.tensor([r for r, _ in shifts], dtype=lam.dtype, device=lam.device)
+    coef = torch.tensor([c for _, c in shifts], dtype=lam.dtype, device=lam.device)
     lam_c = lam[:, None] + ridge[None, :] + coef[None, :] * lam.sqrt()[:, None]  # (n, C)
     lam_c = torch.maximum(lam_c, 1e-6 * lam_c.mean(0, keepdim=True))  # "raise until definite", in the eigenbasis
     root_diag = root.diagonal() if root is not None else torch.zeros_like(lam)
@@ -303,7 +303,7 @@ def _admm_scores(w: torch.Tensor, lam: torch.Tensor, q: torch.Tensor, h: torch.T
 
 def select_uncertainty(
     weight: torch.Tensor,
-    inputs: LayerInputs,
+    inputs: LayerInputs | GramInputs,
     pattern: Pattern,
     candidates: Sequence[str | Candidate] | None = None,
     folds: int = 4,
@@ -378,8 +378,7 @@ def select_uncertainty(
     w = weight.detach().to(torch.float32)
     folds_data: list[dict[str, Any]] = []  # per fold: its Gram, the rest's, and the rest's statistics
     for k in range(k_folds):
-        indicator = (fold_of == k).to(torch.float64)
-        h_fold = inputs.gram(sample_weights=indicator, device=device)
+        h_fold = inputs.fold_gram(k, k_folds, device=device)
         h_train = h - h_fold
         folds_data.append({"h_fold": h_fold, "h_train": h_train,
                            "n_train": int((fold_of != k).sum()) * inputs.tokens_per_sample,

@@ -136,3 +136,28 @@ def test_fisher_memory_fast_reports_the_peak_and_the_reference_sizes(tmp_path):
     assert row["sparsity"] == pytest.approx(0.5, abs=1e-3) and row["seconds"] > 0
     assert 0 < row["one_layer_blocks_mb"] < row["all_layers_blocks_mb"]
     assert "| tiny ViT (--fast) |" in (tmp_path / "fm.md").read_text()
+
+
+def test_llm_scale_fast(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        payload = load_script("benchmarks/llm_scale.py").main(["--fast", "--out", str(tmp_path / "ls")])
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads((tmp_path / "ls.json").read_text())
+    assert [r["method"] for r in data["rows"]] == [r["method"] for r in payload["rows"]] == [
+        "reference", "sparsegpt", "alps", "alps+trace", "auto"]
+    assert {"command", "commit", "machine", "device", "rows", "ratios"} <= set(data) and data["device"] == "cpu"
+    for row in data["rows"]:
+        assert REQUIRED <= set(row)
+        assert row["seconds"] > 0 and row["seconds_per_block"] > 0 and row["vs_floor"] > 0
+        assert abs(row["sparsity"] - 0.5) < 0.01  # prune_model: the report's totals; reference: zeros in the weights
+        assert row["peak_device_gib"] is None and row["projected_minutes"] > 0
+    reference = data["rows"][0]
+    assert reference["solver"] == "reference-sparsegpt" and len(reference["blocks"]) == 2
+    assert set(reference["breakdown"]) == {"forward", "capture", "solve", "io"}
+    assert all(v is not None and v > 0 for v in data["ratios"].values())
+    md = (tmp_path / "ls.md").read_text()
+    for line in ("prune_model(sparsegpt) / reference:", "prune_model(sparsegpt) per block / floor",
+                 "alps+trace / sparsegpt:", "auto / alps+trace:", "| reference | reference-sparsegpt / baseline |"):
+        assert line in md

@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from robop_lightning import LayerInputs, prune_layer, prune_model_structured
+from robop_lightning.gram import GramAccumulator
 from tests.engine_helpers import correlated_inputs, random_weight, tiny_llama, token_batches
 
 
@@ -32,6 +33,10 @@ def _worker(rank: int, port: int, out: str) -> None:
         e = w * 0.1
         result = prune_layer(w, li, sparsity=0.5, solver="alps", uncertainty="cvar", radius=0.3)
         auto = prune_layer(w, li, sparsity=0.5, solver="sparsegpt", uncertainty="auto", auto={"folds": 3})
+        acc = GramAccumulator(16, torch.device("cpu"), folds=3)  # streamed: batches of 3 and the rest
+        acc.add(shard[:3])
+        acc.add(shard[3:])
+        streamed = acc.finish(distributed=True)
         torch.save(
             {
                 "gram": li.gram(),
@@ -43,6 +48,9 @@ def _worker(rank: int, port: int, out: str) -> None:
                 "trace_n": prune_layer(w, li, sparsity=0.5, solver="sparsegpt", uncertainty="trace").damping,
                 "auto_selection": auto.selection,
                 "auto_weight": auto.weight,
+                "streamed_gram": streamed.gram(),
+                "streamed_folds": torch.stack([streamed.fold_gram(k, 3) for k in range(3)]),
+                "streamed_samples": streamed.num_samples,
             },
             os.path.join(out, f"rank{rank}.pt"),
         )
@@ -70,8 +78,16 @@ def test_two_ranks_equal_one_process(tmp_path):
     alone = prune_layer(w, x, sparsity=0.5, solver="sparsegpt", uncertainty="auto", auto={"folds": 3})
     assert r0["auto_selection"] == r1["auto_selection"]
     assert r0["auto_selection"]["chosen"] == alone.selection["chosen"]
+    # the Grams agree to float64 rounding (summed in another order), the solves to float32 rounding
     for label, errs in alone.selection["fold_errors"].items():
-        assert r0["auto_selection"]["fold_errors"][label] == pytest.approx(errs, rel=1e-9)
+        assert r0["auto_selection"]["fold_errors"][label] == pytest.approx(errs, rel=1e-5)
+    # streamed statistics: every rank holds the global Gram and the global folds (rank 1's samples
+    # start at index 4, so its residue r is global fold (4 + r) mod 3)
+    assert r0["streamed_samples"] == r1["streamed_samples"] == 10
+    assert torch.equal(r0["streamed_folds"], r1["streamed_folds"])
+    torch.testing.assert_close(r0["streamed_gram"], full.gram(), rtol=1e-12, atol=1e-12)
+    for k in range(3):
+        torch.testing.assert_close(r0["streamed_folds"][k], full.fold_gram(k, 3), rtol=1e-12, atol=1e-12)
 
 
 def _structured_worker(rank: int, port: int, out: str) -> None:

@@ -109,7 +109,10 @@ import sys
 from pathlib import Path
 import torch
 from torch import nn
+import robop_lightning.offload
 from robop_lightning.model import prune_model
+
+robop_lightning.offload.UNDO_HOST_FRACTION = 0.0  # no host budget: every undo copy goes to disk
 
 
 def status(key):
@@ -132,8 +135,8 @@ print(status("VmHWM") - base)
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
 def test_original_weights_are_not_held_twice_in_memory():
-    """The undo copies of pruned weights go to disk one layer at a time: pruning 192 MiB of weights
-    (48 layers) must not add a second copy of them to the peak resident set. What it may add: the
+    """Past the host budget (here 0) the undo copies of pruned weights go to disk one layer at a time:
+    pruning 192 MiB of weights (48 layers) must not add a second copy of them to the peak resident set. What it may add: the
     report's bool masks (a quarter of the float32 weights) and one layer's working set."""
     out = subprocess.run([sys.executable, "-c", _UNDO_CHILD], capture_output=True, text=True, timeout=300,
                          check=True)  # fmt: skip
@@ -151,7 +154,7 @@ def test_weight_undo_keeps_the_first_value_and_cleans_up(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     w = torch.randn(4, 5)
     original = w.clone()
-    undo = WeightUndo()
+    undo = WeightUndo(budget=0)  # past the budget: on disk
     undo.save("w", w)
     w.mul_(0)
     undo.save("w", w)  # a second save (a resumed block rewritten) must not replace the original
@@ -160,6 +163,13 @@ def test_weight_undo_keeps_the_first_value_and_cleans_up(tmp_path, monkeypatch):
     assert torch.equal(w, original)
     undo.close()
     assert not list(tmp_path.glob("robop-undo-*"))
+    undo = WeightUndo()  # the default budget (a share of the available host memory) holds a small copy
+    undo.save("w", w)
+    w.add_(1)
+    assert undo.on_disk == 0 and not list(tmp_path.glob("robop-undo-*"))
+    undo.restore({"w": w})
+    assert torch.equal(w, original * 0)
+    undo.close()
     # prune_model leaves no undo files behind, whether it succeeds or fails
     net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
     dense = copy.deepcopy(net.state_dict())
