@@ -27,14 +27,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from robop_lightning.gram import GramAccumulator, StatsUnavailable
 from robop_lightning.offload import ActivationStore, DiskTensor, _HiddenOnDisk
 
 __all__ = [
     "HookOwner",
     "BlockCall",
-    "accumulate_block",
-    "record_block_calls",
+    "clean_kwargs",
+    "kept",
+
     "capture_block_inputs",
     "capture_linear_input",
     "default_forward",
@@ -47,10 +47,6 @@ __all__ = [
 # Keyword arguments of HF blocks that carry a KV cache: calibration runs every block several
 # times, so a cache would make later runs attend to stale keys.
 _CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache")  # "cache": its name in transformers 5
-
-
-class _BlockNotCalled(Exception):
-    """A forward pass ended without calling a block (``args[0]``: its index)."""
 
 
 class _StopForward(Exception):
@@ -166,7 +162,7 @@ class BlockCall:
     args: tuple
     kwargs: dict
     slot: int | str = 0
-    per_block: list[tuple[tuple, dict]] | None = None
+    per_block: list[tuple[tuple, dict] | None] | None = None
 
     @property
     def hidden(self) -> torch.Tensor:
@@ -182,7 +178,7 @@ class BlockCall:
 
     def for_block(self, index: int) -> tuple[tuple, dict]:
         """``(args, kwargs)`` of block ``index``: its own arguments around the current hidden states."""
-        if not self.per_block or index == 0:
+        if not self.per_block or self.per_block[index] is None:
             return self.args, self.kwargs
         args, kwargs = self.per_block[index]
         if isinstance(self.slot, int):
@@ -203,6 +199,35 @@ def _hidden_slot(args: tuple, kwargs: dict, name: str) -> int | str:
     raise ValueError(f"{name} was called without a tensor input; cannot tell which argument holds the activations.")
 
 
+def clean_kwargs(kwargs: Mapping[str, Any]) -> dict:
+    """A block's keyword arguments without a KV cache (calibration runs every block several times)."""
+    kwargs = dict(kwargs)
+    for key in _CACHE_KWARGS:
+        if key in kwargs:
+            kwargs[key] = None
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return kwargs
+
+
+def kept(obj: Any, keep: Callable[[torch.Tensor], Any], memo: dict[int, Any]) -> Any:
+    """``obj`` with every tensor replaced by ``keep(tensor)``, once per tensor object (``memo`` by id)."""
+    if isinstance(obj, torch.Tensor):
+        if id(obj) not in memo:
+            memo[id(obj)] = keep(obj.detach())
+        return memo[id(obj)]
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(kept(o, keep, memo) for o in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(kept(o, keep, memo) for o in obj)
+    if isinstance(obj, Mapping):
+        try:
+            return type(obj)({k: kept(v, keep, memo) for k, v in obj.items()})
+        except TypeError:
+            return {k: kept(v, keep, memo) for k, v in obj.items()}
+    return obj
+
+
 def capture_block_inputs(
     model: nn.Module,
     block: nn.Module,
@@ -212,6 +237,8 @@ def capture_block_inputs(
     storage: torch.device,
     name: str = "block",
     store: ActivationStore | None = None,
+    keep: Callable[[torch.Tensor], Any] | None = None,
+    keep_hidden: Callable[[torch.Tensor], Any] | None = None,
 ) -> list[BlockCall]:
     """Record the arguments of ``block``'s first call for every batch, stopping each forward there.
 
@@ -224,6 +251,8 @@ def capture_block_inputs(
         storage: where the recorded tensors are kept (CPU when the model is on an accelerator).
         name: the block's name in messages.
         store: an activation budget: hidden states beyond it are kept on disk.
+        keep, keep_hidden: where the recorded tensors and the hidden states are kept (instead of
+            ``storage`` / ``store``; :meth:`robop_lightning.pipeline.BlockWalk.keep_hidden`).
 
     Raises:
         ValueError: a forward pass finished without calling ``block``.
@@ -231,16 +260,17 @@ def capture_block_inputs(
     calls: list[BlockCall] = []
 
     def catcher(module, args, kwargs):
-        kwargs = dict(kwargs)
-        for key in _CACHE_KWARGS:
-            if key in kwargs:
-                kwargs[key] = None
-        if "use_cache" in kwargs:
-            kwargs["use_cache"] = False
+        kwargs = clean_kwargs(kwargs)
         slot = _hidden_slot(args, kwargs, name)
-        call = BlockCall(move_to(tuple(args), storage), move_to(kwargs, storage), slot)
-        if store is not None:
-            call.with_hidden(store.keep_hidden(call.hidden))
+        if keep is not None:
+            hidden = BlockCall(args, kwargs, slot).hidden
+            memo = {id(hidden): hidden}
+            call = BlockCall(kept(tuple(args), keep, memo), kept(kwargs, keep, memo), slot)
+            call.with_hidden(keep_hidden(hidden.detach()) if keep_hidden is not None else hidden.detach())
+        else:
+            call = BlockCall(move_to(tuple(args), storage), move_to(kwargs, storage), slot)
+            if store is not None:
+                call.with_hidden(store.keep_hidden(call.hidden))
         calls.append(call)
         raise _StopForward
 
@@ -258,201 +288,6 @@ def capture_block_inputs(
     return calls
 
 
-def _clean_kwargs(kwargs: Mapping[str, Any]) -> dict:
-    """A block's keyword arguments without a KV cache (calibration runs every block several times)."""
-    kwargs = dict(kwargs)
-    for key in _CACHE_KWARGS:
-        if key in kwargs:
-            kwargs[key] = None
-    if "use_cache" in kwargs:
-        kwargs["use_cache"] = False
-    return kwargs
-
-
-def _kept(obj: Any, keep: Callable[[torch.Tensor], torch.Tensor], memo: dict[int, torch.Tensor]) -> Any:
-    """``obj`` with every tensor replaced by ``keep(tensor)``, once per tensor object (``memo`` by id)."""
-    if isinstance(obj, torch.Tensor):
-        if id(obj) not in memo:
-            memo[id(obj)] = keep(obj.detach())
-        return memo[id(obj)]
-    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
-        return type(obj)(*(_kept(o, keep, memo) for o in obj))
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_kept(o, keep, memo) for o in obj)
-    if isinstance(obj, Mapping):
-        try:
-            return type(obj)({k: _kept(v, keep, memo) for k, v in obj.items()})
-        except TypeError:
-            return {k: _kept(v, keep, memo) for k, v in obj.items()}
-    return obj
-
-
-def record_block_calls(
-    model: nn.Module,
-    blocks: list[nn.Module],
-    batches: list[Any],
-    forward: Callable[[nn.Module, Any], Any],
-    device: torch.device,
-    keep: Callable[[torch.Tensor], torch.Tensor],
-    keep_hidden: Callable[[torch.Tensor], Any],
-    name: str = "block",
-) -> list[BlockCall]:
-    """Every block's own arguments for every batch, from one cheap pass of the model's forward.
-
-    The model computes some block arguments per layer (Gemma 2 / 3 give sliding and full attention
-    layers their own rotary encoding and mask; hybrid and chunked attention models likewise), so
-    replaying the first block's arguments to every block would calibrate some layers on inputs they
-    never see. Here every block's ``forward`` is replaced, for one pass per batch, by a pass-through
-    that records its ``(args, kwargs)`` and hands the hidden states on unchanged (in the structure
-    the block really returns, learnt from one real call of the first block); the pass stops at the
-    last block. Tensors passed to several blocks are kept once (``keep``), the first block's hidden
-    states with ``keep_hidden``.
-
-    Falls back to the first block's arguments for every block (with a warning) when the model's
-    forward cannot run on pass-through blocks.
-    """
-    first = capture_block_inputs(model, blocks[0], batches[:1], forward, device, device, name)[0]
-    if len(blocks) == 1:
-        calls = capture_block_inputs(model, blocks[0], batches, forward, device, device, name)
-        return [_keep_call(c, keep, keep_hidden) for c in calls]
-    out = blocks[0](*first.args, **first.kwargs)
-    rest = tuple(out[1:]) if isinstance(out, (tuple, list)) else None
-    del out, first
-    seen: dict[int, tuple[tuple, dict, int | str]] = {}
-
-    def passthrough(index: int):
-        def fn(*args, **kwargs):
-            if index not in seen:
-                seen[index] = (args, _clean_kwargs(kwargs), _hidden_slot(args, kwargs, name))
-            if index == len(blocks) - 1:
-                raise _StopForward
-            slot = seen[index][2]
-            hidden = args[slot] if isinstance(slot, int) else kwargs[slot]
-            return hidden if rest is None else (hidden, *rest)
-
-        return fn
-
-    saved = [b.__dict__.get("forward") for b in blocks]
-    calls: list[BlockCall] = []
-    try:
-        for i, b in enumerate(blocks):
-            b.forward = passthrough(i)
-        for batch in batches:
-            seen.clear()
-            with contextlib.suppress(_StopForward):
-                forward(model, move_to(batch, device))
-            missing = [i for i in range(len(blocks)) if i not in seen]
-            if missing:
-                raise _BlockNotCalled(missing[0])
-            memo: dict[int, torch.Tensor] = {}
-            args0, kwargs0, slot = seen[0]
-            hidden = args0[slot] if isinstance(slot, int) else kwargs0[slot]
-            per_block = []
-            for i in range(len(blocks)):
-                args, kwargs, _ = seen[i]
-                args = tuple(None if j == slot else a for j, a in enumerate(args)) if isinstance(slot, int) else args
-                kwargs = {k: (None if k == slot else v) for k, v in kwargs.items()}
-                per_block.append((_kept(args, keep, memo), _kept(kwargs, keep, memo)))
-            call = BlockCall(*per_block[0], slot, per_block)
-            call.with_hidden(keep_hidden(hidden.detach()))
-            calls.append(call)
-    except _BlockNotCalled as err:
-        raise ValueError(f"the forward pass finished without calling block {err.args[0]} of the list that starts with "
-                         f"{name}; pass blocks= the module list that the model's forward runs, or a `forward` that "
-                         "calls the model.") from None
-    except Exception as err:  # the model's code between blocks did not accept pass-through outputs
-        import warnings
-
-        warnings.warn(f"{name}: could not record every block's own arguments ({type(err).__name__}: {err}); every "
-                      "block is calibrated with the first block's arguments (right when the model passes all blocks "
-                      "the same masks and position encodings).", RuntimeWarning, stacklevel=2)
-        calls = [_keep_call(c, keep, keep_hidden)
-                 for c in capture_block_inputs(model, blocks[0], batches, forward, device, device, name)]
-    finally:
-        for b, f in zip(blocks, saved):
-            if f is None:
-                b.__dict__.pop("forward", None)
-            else:
-                b.forward = f
-    return calls
-
-
-def _keep_call(call: BlockCall, keep: Callable, keep_hidden: Callable) -> BlockCall:
-    memo: dict[int, torch.Tensor] = {id(call.hidden): call.hidden}
-    kept = BlockCall(_kept(call.args, keep, memo), _kept(call.kwargs, keep, memo), call.slot)
-    kept.with_hidden(keep_hidden(call.hidden))
-    return kept
-
-
-def accumulate_block(
-    block: nn.Module,
-    calls: list[BlockCall],
-    device: torch.device,
-    targets: Mapping[str, nn.Module],
-    make: Callable[[str], GramAccumulator],
-    index: int = 0,
-) -> dict[str, GramAccumulator]:
-    """Run ``block`` on every call and add each target's inputs into its :class:`GramAccumulator`.
-
-    Nothing is stored but the statistics: each batch's inputs are reduced in the forward hook, on
-    the compute device, and dropped. Linears that receive the same tensor (q / k / v, gate / up)
-    share one accumulator (one Gram), as the first call shows; a later call that breaks the sharing
-    raises :class:`~robop_lightning.gram.StatsUnavailable`.
-
-    Returns:
-        ``{name: accumulator}`` (shared objects for linears with the same inputs).
-    """
-    accs: dict[str, GramAccumulator] = {}
-    claimed: dict[int, GramAccumulator] = {}  # first call: tensor id -> the accumulator it went into
-    ids: dict[str, list[int]] = {n: [] for n in targets}
-    added: set[tuple[int, int]] = set()
-    alive: list[torch.Tensor] = []  # the tensors seen in this call (their ids must not be reused)
-    first = [True]
-
-    def make_hook(lname: str):
-        def hook(module, args):
-            x = args[0]
-            key = id(x)
-            ids[lname].append(key)
-            acc = accs.get(lname)
-            if acc is None:
-                acc = claimed.get(key) if first[0] else None
-                if acc is None:
-                    acc = make(lname)
-                    if first[0]:
-                        claimed[key] = acc
-                accs[lname] = acc
-            if (id(acc), key) not in added:
-                added.add((id(acc), key))
-                alive.append(x)
-                acc.add(_as_samples(x.detach()))
-
-        return hook
-
-    with HookOwner() as hooks:
-        for lname, linear in targets.items():
-            hooks.pre_hook(linear, make_hook(lname))
-        for call in calls:
-            args, kwargs = call.for_block(index)
-            block(*move_to(args, device), **move_to(kwargs, device))
-            groups: dict[int, list[str]] = {}
-            for lname, acc in accs.items():
-                groups.setdefault(id(acc), []).append(lname)
-            for members in groups.values():
-                if any(ids[m] != ids[members[0]] for m in members[1:]):
-                    raise StatsUnavailable(f"{members[0]} and {members[1]} shared their inputs in the first call only")
-            for v in ids.values():
-                v.clear()
-            added.clear()
-            alive.clear()
-            claimed.clear()
-            first[0] = False
-    missing = [n for n in targets if n not in accs]
-    if missing:
-        raise ValueError(f"{missing[0]} was not called when its block ran; it cannot be calibrated.")
-    return accs
-
-
 def run_block(
     block: nn.Module,
     calls: list[BlockCall],
@@ -463,6 +298,7 @@ def run_block(
     store: ActivationStore | None = None,
     index: int = 0,
     keep_hidden: Callable[[torch.Tensor], Any] | None = None,
+    structure: list | None = None,
 ) -> dict[str, torch.Tensor | DiskTensor]:
     """Run ``block`` on every recorded call; capture inputs of ``capture`` and/or propagate.
 
@@ -478,6 +314,8 @@ def run_block(
             (a captured input is then returned as a :class:`~robop_lightning.offload.DiskTensor`).
         index: the block's position (each block gets its own recorded arguments, :meth:`BlockCall.for_block`).
         keep_hidden: where a propagated hidden state is kept (``None``: ``storage``, or ``store``).
+        structure: an empty list gets what the block returns besides the hidden states: ``None``
+            for a tensor, else the rest of its first output tuple (for pass-through recording).
 
     Returns:
         ``{name: (samples, tokens, in_features)}`` for every linear in ``capture``.
@@ -510,6 +348,8 @@ def run_block(
             out = block(*move_to(args, device), **move_to(kwargs, device))
             del args, kwargs
             cache.clear()
+            if structure is not None and not structure:
+                structure.append(tuple(out[1:]) if isinstance(out, (tuple, list)) else None)
             if propagate:
                 if isinstance(out, (tuple, list)):
                     out = out[0]

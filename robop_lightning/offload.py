@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from robop_lightning.memory import available_host_bytes
+
 __all__ = ["ActivationStore", "DiskTensor", "WeightUndo", "parse_bytes"]
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -276,8 +278,6 @@ class WeightUndo:
             return
         start = time.perf_counter()
         if self.budget is None:
-            from robop_lightning.memory import available_host_bytes
-
             free = available_host_bytes()
             self.budget = int(free * UNDO_HOST_FRACTION) if free is not None else 0
         nbytes = tensor.numel() * tensor.element_size()

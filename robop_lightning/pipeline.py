@@ -36,9 +36,8 @@ from tqdm.auto import tqdm
 
 from robop_lightning.calibration import (
     BlockCall,
-    accumulate_block,
+    capture_block_inputs,
     capture_linear_input,
-    record_block_calls,
     run_block,
     same_on_all_ranks,
 )
@@ -46,6 +45,7 @@ from robop_lightning.gram import GramAccumulator
 from robop_lightning.memory import PeakRSS, device_free_bytes
 from robop_lightning.offload import ActivationStore, parse_bytes
 from robop_lightning.resume import ResumeStore, fingerprint_batches, fingerprint_tensors
+from robop_lightning.streaming import accumulate_block, record_block_args
 
 __all__ = ["BlockWalk", "Step", "open_resume_store", "split_heldout"]
 
@@ -329,7 +329,7 @@ class BlockWalk:
 
     def samples(self) -> int:
         """Calibration samples of the current block inputs (the first dimension of every hidden state)."""
-        return sum(call.hidden.shape[0] if call.hidden.dim() > 2 else call.hidden.shape[0] for call in self.calls)
+        return sum(call.hidden.shape[0] for call in self.calls)
 
     def check_ranks(self, name: str, result: torch.Tensor, what: str = "results") -> None:
         """Under ``torch.distributed``: every rank must have computed the same ``result``."""
@@ -410,14 +410,21 @@ class BlockWalk:
         self.current = first_name
         start = time.perf_counter()
         self._device_used = {"hidden": 0, "args": 0}
-        self.calls = record_block_calls(self.model, [b for _, b in block_list[: last + 1]], self.batches, self.forward,
-                                        self.home, self.keep_arg, self.keep_hidden, first_name)
+        self.calls = capture_block_inputs(self.model, first, self.batches, self.forward, self.home, self.storage,
+                                          first_name, keep=self.keep_arg, keep_hidden=self.keep_hidden)
         self.record_seconds = time.perf_counter() - start
+        structure: list = []  # what the blocks return besides the hidden states (learnt from block 0)
         try:
             bar = self._bar(block_list[: last + 1], desc)
             for i, (name, block) in enumerate(bar):
                 self.current, self.index, self._clock = name, i, {}
                 start = time.perf_counter()
+                if i == 1:  # every later block's own arguments, from one pass through the model's forward
+                    record_block_args(self.model, [b for _, b in block_list[: last + 1]], self.calls, self.batches,
+                                      self.forward, self.home, structure[0] if structure else None, self.keep_arg,
+                                      first_name)
+                    self.record_seconds += time.perf_counter() - start
+                    start = time.perf_counter()
                 with self._onloaded(block):
                     if has_work(name):
                         if checkpoint:
@@ -430,7 +437,7 @@ class BlockWalk:
                         self._device_used["hidden"] = 0  # the outputs replace the inputs
                         with self.timed("forward"):
                             run_block(block, self.calls, self.device, self.storage, store=self.acts, index=i,
-                                      keep_hidden=self.keep_hidden)
+                                      keep_hidden=self.keep_hidden, structure=structure if i == 0 else None)
                 row = {"name": name, "seconds": time.perf_counter() - start,
                        **{k: self._clock.get(k, 0.0) for k in ("capture", "solve", "forward", "io")}}
                 self.block_times.append(row)

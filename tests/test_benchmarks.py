@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -161,3 +162,25 @@ def test_llm_scale_fast(tmp_path):
     for line in ("prune_model(sparsegpt) / reference:", "prune_model(sparsegpt) per block / floor",
                  "alps+trace / sparsegpt:", "auto / alps+trace:", "| reference | reference-sparsegpt / baseline |"):
         assert line in md
+
+
+def test_peer_llmcompressor_fast(tmp_path):
+    threads = torch.get_num_threads()
+    try:  # no peer venv here: robop's side runs, llm-compressor's is reported missing (nothing installed)
+        payload = load_script("benchmarks/peer_llmcompressor.py").main(
+            ["--fast", "--threads", "1", "--peer-venv", str(tmp_path / "no-venv"), "--out", str(tmp_path / "peer")])
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads((tmp_path / "peer.json").read_text())
+    assert {"command", "commit", "machine", "protocol", "peer", "rows", "ratios"} <= set(data)
+    assert data["peer"]["status"] == "missing" and not (tmp_path / "no-venv").exists()
+    rows = {(r["method"], r["side"]): r for r in data["rows"]}
+    assert set(rows) == {(m, s) for m in ("sparsegpt", "wanda") for s in ("robop", "llmcompressor")} | {
+        ("dense", "dense")}
+    for method in ("sparsegpt", "wanda"):
+        mine, theirs = rows[method, "robop"], rows[method, "llmcompressor"]
+        assert mine["status"] == "ok" and mine["seconds"] > 0 and abs(mine["sparsity"] - 0.5) < 1e-3
+        assert all(math.isfinite(mine[k]) and mine[k] > 1 for k in ("ppl_in-domain", "ppl_ood"))
+        assert theirs["status"] == "missing" and theirs["seconds"] is None and data["ratios"][method] is None
+    assert rows["dense", "dense"]["sparsity"] == 0.0 and payload["rows"][0]["method"] == "dense"
+    assert "| sparsegpt | llmcompressor | missing |" in (tmp_path / "peer.md").read_text()
