@@ -285,9 +285,12 @@ def prune_layer(
     w_hat = torch.where(mask, w_hat, torch.zeros_like(w_hat))
     w_in = weight.detach().to(torch.float32)
     err = w_in - w_hat
-    denom = quad(h, w_in)
-    nominal = relative_error(h, w_in, err)
-    robust = clamp_robust(nominal, uset.robust_loss(err) / denom if denom > 0 else 0.0)
+    denom = quad(h, w_in)  # each (out x in x in) float64 product once: they cost as much as a SparseGPT solve
+    num = quad(h, err)
+    nominal = num / denom if denom > 0 else 0.0
+    shares_h = isinstance(uset, ClosedFormSet) and uset.h is h
+    robust_num = uset.robust_loss(err, nominal=num) if shares_h else uset.robust_loss(err)
+    robust = clamp_robust(nominal, robust_num / denom if denom > 0 else 0.0)
     heldout_error = None if held is None else relative_error(held.gram(device=device), w_in, err)
     srank = None
     if uset.dynamic:

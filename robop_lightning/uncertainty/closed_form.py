@@ -126,8 +126,9 @@ class ClosedFormSet(UncertaintySet):
             return self.h.diagonal()
         return self.effective().diagonal() + self.ridge
 
-    def robust_loss(self, e: torch.Tensor) -> float:
-        loss = inner(self.h, e) + self.ridge * float(e.double().pow(2).sum())
+    def robust_loss(self, e: torch.Tensor, nominal: float | None = None) -> float:
+        """``<H + D, E^T E>``; ``nominal``: ``<H, E^T E>`` when the caller has it already (saves a product)."""
+        loss = (inner(self.h, e) if nominal is None else nominal) + self.ridge * float(e.double().pow(2).sum())
         if self.matrix is not None:
             loss += inner(self.matrix, e)
         return loss
