@@ -26,9 +26,17 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
-from accelerate.utils import align_module_device, has_offloaded_params
-from accelerate.utils.offload import OffloadedWeightsLoader
 from torch import nn
+
+try:  # the `llm` extra; without accelerate no model can be dispatched by it, so nothing is offloaded
+    from accelerate.utils import align_module_device, has_offloaded_params
+    from accelerate.utils.offload import OffloadedWeightsLoader
+except ImportError:  # pragma: no cover - exercised by the core-only import check
+    align_module_device = None
+    OffloadedWeightsLoader = ()
+
+    def has_offloaded_params(module: nn.Module) -> bool:
+        return False
 
 __all__ = ["execution_device", "is_offloaded", "materialized", "read_weight", "write_weight"]
 
@@ -49,6 +57,9 @@ def execution_device(model: nn.Module) -> torch.device | None:
 @contextlib.contextmanager
 def materialized(module: nn.Module) -> Iterator[nn.Module]:
     """``module``'s parameters real on its execution device inside (offloaded or not)."""
+    if align_module_device is None:
+        yield module
+        return
     with align_module_device(module):
         yield module
 

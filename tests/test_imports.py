@@ -148,3 +148,38 @@ def test_lightning_only_at_the_top():
 def test_no_module_is_over_about_500_lines():
     long = {m: n for m, p in _modules().items() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+# third-party distributions the core (`pip install robop-lightning`, no extras) declares, by import name
+_CORE_IMPORTS = {"torch", "torchvision", "lightning", "torchmetrics", "timm", "transformers", "safetensors", "tqdm",
+                 "numpy", "matplotlib", "typing_extensions"}
+
+
+def test_module_level_imports_need_only_the_core_dependencies():
+    """`import robop_lightning` works without the extras: an optional package (accelerate, gguf, ...)
+    is imported inside the function that needs it, or under `try: ... except ImportError`."""
+    import sys
+
+    stdlib = set(sys.stdlib_module_names)
+    found: dict[str, list[str]] = {}
+    for name, path in _modules().items():
+        tree = ast.parse(path.read_text(), filename=str(path))
+        guarded = {id(n) for t in ast.walk(tree) if isinstance(t, ast.Try)
+                   if any(isinstance(h.type, ast.Name) and h.type.id in ("ImportError", "ModuleNotFoundError")
+                          for h in t.handlers)
+                   for n in ast.walk(t)}
+        for node in tree.body if isinstance(tree, ast.Module) else []:
+            for sub in ast.walk(node) if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) else []:
+                if isinstance(sub, (ast.Import, ast.ImportFrom)) and id(sub) not in guarded:
+                    if isinstance(sub, ast.ImportFrom) and sub.level:
+                        continue
+                    for target in _resolve(sub, name, path.name == "__init__.py")[:1] if isinstance(
+                            sub, ast.ImportFrom) else _resolve(sub, name, False):
+                        top = target.split(".")[0]
+                        if top not in stdlib and top not in ("robop_lightning", "__future__") and top not in _CORE_IMPORTS:
+                            found.setdefault(name, []).append(top)
+    assert not found, f"module-level imports of optional packages: {found}"
+    pyproject = (ROOT.parent / "pyproject.toml").read_text()
+    core = pyproject.split("dependencies = [", 1)[1].split("]", 1)[0]
+    for dist in ("torch", "lightning", "torchmetrics", "timm", "transformers", "safetensors", "tqdm", "numpy"):
+        assert f'"{dist}' in core, dist
