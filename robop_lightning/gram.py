@@ -59,8 +59,26 @@ def _check_finite(t: torch.Tensor, what: str) -> None:
         )
 
 
+class _SampleCounts:
+    """Sample and token counts over all ranks (``_counts``: each rank's samples)."""
+
+    _counts: list[int]
+    tokens_per_sample: int
+
+    @property
+    def num_samples(self) -> int:
+        """Samples over all ranks."""
+        return sum(self._counts)
+
+    @property
+    def num_tokens(self) -> int:
+        """Calibration tokens over all ranks (``N`` of the authors' sets: rows of ``X``; samples x the
+        longest sample, shorter ones counted zero-padded)."""
+        return self.num_samples * self.tokens_per_sample
+
+
 @dataclass
-class LayerInputs:
+class LayerInputs(_SampleCounts):
     """Calibration activations of one layer, viewed as ``samples`` of ``tokens`` rows each.
 
     Args:
@@ -101,23 +119,9 @@ class LayerInputs:
         self._gram: torch.Tensor | None = None
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
-        if self._world > 1:
-            buf = t.to(_comm_device())
-            torch.distributed.all_reduce(buf)
-            t = buf.to(t.device)
-        return t
+        return _reduced(t, self._world)
 
     # ------------------------------------------------------------------ shape
-    @property
-    def num_samples(self) -> int:
-        """Samples over all ranks."""
-        return sum(self._counts)
-
-    @property
-    def num_tokens(self) -> int:
-        """Calibration tokens over all ranks (``N`` of the authors' sets: rows of ``X``)."""
-        return self.num_samples * self.tokens_per_sample
-
     @property
     def local_samples(self) -> int:
         return self.x.shape[0]
@@ -321,7 +325,7 @@ class GramAccumulator:
         return GramInputs._build(self, local, distributed)
 
 
-class GramInputs:
+class GramInputs(_SampleCounts):
     """A layer's calibration statistics without its activations (from :class:`GramAccumulator`).
 
     Offers what the closed-form sets, ``auto`` and the held-out error use of :class:`LayerInputs`:
@@ -364,16 +368,6 @@ class GramInputs:
             out.heldout = cls(0.5 * (held + held.T), _gather_counts(acc.heldout, distributed)[0], acc.tokens,
                               name=acc.name + " (held out)", distributed=distributed)
         return out
-
-    @property
-    def num_samples(self) -> int:
-        """Samples over all ranks."""
-        return sum(self._counts)
-
-    @property
-    def num_tokens(self) -> int:
-        """Calibration tokens over all ranks (samples x the longest sample, as in :class:`LayerInputs`)."""
-        return self.num_samples * self.tokens_per_sample
 
     @property
     def local_samples(self) -> int:
