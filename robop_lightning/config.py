@@ -101,7 +101,7 @@ class PruneConfig:
 
     sparsity: float | None = 0.5
     pattern: str = "unstructured"
-    solver: str = "cap"
+    solver: str | None = None
     uncertainty: str = "trace"
     radius: float | str | None = None
     coupled: bool | None = None
@@ -121,9 +121,14 @@ class PruneConfig:
 
     def __post_init__(self) -> None:
         parse_pattern(self.pattern, self.sparsity)
-        if not isinstance(self.solver, str) or self.solver.lower() not in SOLVERS:
-            raise ValueError(f"unknown solver {self.solver!r}: use one of {', '.join(SOLVERS)}.")
-        object.__setattr__(self, "solver", self.solver.lower())
+        if self.solver is not None:
+            if not isinstance(self.solver, str) or self.solver.lower() not in SOLVERS:
+                raise ValueError(f"unknown solver {self.solver!r}: use one of {', '.join(SOLVERS)} (or None: ALPS for "
+                                 "causal language models, CAP otherwise).")
+            object.__setattr__(self, "solver", self.solver.lower())
+        elif self.solver_options is not None and not self.structured:
+            raise ValueError("solver_options belong to one solver: pass solver= too (the default solver depends on the "
+                             "model).")
         if not isinstance(self.uncertainty, str):
             raise ValueError(f"uncertainty must be a set name such as 'trace', got {self.uncertainty!r}.")
         if self.choose:
@@ -140,7 +145,7 @@ class PruneConfig:
             raise ValueError(f"damping must be a number >= 0 (relative to mean(diag H)), got {self.damping!r}.")
         if self.structured:
             StructuredOptions.coerce(self.solver_options, "solver_options for pattern='structured'")
-        else:
+        elif self.solver is not None:
             check_solver_options(self.solver, self.solver_options, "prune_model")
         for what, value in (("targets", self.targets), ("ignore", self.ignore)):
             if value is not None and not isinstance(value, str) and not all(isinstance(v, str) and v for v in value):
@@ -185,7 +190,7 @@ class PruneConfig:
                                   ("device", self.device),
                                   ("uncertainty='auto'", self.choose))
                  if bad]
-        if self.solver != "cap" or clash:
+        if self.solver not in (None, "cap") or clash:
             raise ValueError(
                 "curvature='fisher' is CAP's: use solver='cap'"
                 + (f", without {', '.join(clash)} (layer-reconstruction options)" if clash else "") + "."

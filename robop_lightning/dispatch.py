@@ -28,6 +28,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from robop_lightning.targets import is_transposed
+
 try:  # the `llm` extra; without accelerate no model can be dispatched by it, so nothing is offloaded
     from accelerate.utils import align_module_device, has_offloaded_params
     from accelerate.utils.offload import OffloadedWeightsLoader
@@ -38,7 +40,13 @@ except ImportError:  # pragma: no cover - exercised by the core-only import chec
     def has_offloaded_params(module: nn.Module) -> bool:
         return False
 
-__all__ = ["execution_device", "is_offloaded", "materialized", "read_weight", "write_weight"]
+__all__ = ["execution_device", "is_offloaded", "layer_weight", "materialized", "read_weight", "write_weight"]
+
+
+def layer_weight(module: nn.Module) -> torch.Tensor:
+    """``module``'s weight as ``(out_features, in_features)``: the parameter, or for GPT-2's
+    ``Conv1D`` its transposed view."""
+    return module.weight.T if is_transposed(module) else module.weight
 
 
 def is_offloaded(module: nn.Module) -> bool:
@@ -65,15 +73,18 @@ def materialized(module: nn.Module) -> Iterator[nn.Module]:
 
 
 def read_weight(module: nn.Module) -> torch.Tensor:
-    """``module.weight`` as stored: from accelerate's ``weights_map`` when offloaded."""
+    """``module``'s weight as ``(out, in)`` (:func:`layer_weight`), from accelerate's ``weights_map`` when offloaded."""
     if has_offloaded_params(module):
-        return module._hf_hook.weights_map["weight"]
-    return module.weight
+        stored = module._hf_hook.weights_map["weight"]
+        return stored.T if is_transposed(module) else stored
+    return layer_weight(module)
 
 
 @torch.no_grad()
 def write_weight(module: nn.Module, value: torch.Tensor) -> None:
-    """Set ``module.weight`` to ``value`` in place; for an offloaded module, in its ``weights_map`` too."""
+    """Set ``module``'s weight to ``value`` (``(out, in)``) in place; for an offloaded module, in its ``weights_map``."""
+    if is_transposed(module):
+        value = value.T
     if not has_offloaded_params(module):
         module.weight.data.copy_(value)
         return

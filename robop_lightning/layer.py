@@ -183,7 +183,7 @@ def prune_layer(
         uset = make_uncertainty(selection.chosen.set, selection.chosen.gamma, coupled)
     device = weight.device
     h = li.gram(device=device)
-    w = weight.detach().to(dtype=torch.float32).clone()
+    w = weight.detach().to(dtype=torch.float32).clone(memory_format=torch.contiguous_format)
     if prior_mask is not None:
         w = w * prior_mask
 

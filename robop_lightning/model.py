@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,7 @@ from torch import nn
 
 from robop_lightning.calibration import default_forward, forward_order
 from robop_lightning.config import PruneConfig, StructuredOptions
-from robop_lightning.dispatch import execution_device, materialized, read_weight, write_weight
+from robop_lightning.dispatch import execution_device, layer_weight, materialized, read_weight, write_weight
 from robop_lightning.fisher_model import FisherOptions, prune_model_fisher
 from robop_lightning.gram import GramAccumulator, GramInputs, LayerInputs, StatsUnavailable
 from robop_lightning.layer import prune_layer
@@ -40,7 +41,7 @@ from robop_lightning.pipeline import BlockWalk, open_resume_store, split_heldout
 from robop_lightning.report import PruneReport
 from robop_lightning.selection import AutoOptions
 from robop_lightning.structured import prune_model_structured
-from robop_lightning.targets import find_blocks, resolve_targets
+from robop_lightning.targets import default_solver, find_blocks, is_transposed, left_dense, resolve_targets
 from robop_lightning.uncertainty import CLOSED_FORM_SETS, canonical_set_name
 
 __all__ = ["PruneReport", "prune_model"]
@@ -133,9 +134,12 @@ class MaskStep:
     def _prune(self, name: str, inputs: LayerInputs | GramInputs, heldout: LayerInputs | GramInputs | None) -> None:
         self.walk.current = name
         module = self.modules[name]
+        flip = is_transposed(module)  # GPT-2's Conv1D: masks are kept in the parameter's (in, out) layout
         prior = None if self.prior_masks is None or name not in self.prior_masks else self.prior_masks[name]
+        if prior is not None and flip:
+            prior = prior.T
         with materialized(module):  # an accelerate-offloaded weight is loaded for the solve
-            weight = module.weight
+            weight = layer_weight(module)
             with self.walk.timed("solve"):
                 result = prune_layer(weight.detach(), inputs, heldout=heldout, name=name,
                                      prior_mask=None if prior is None else prior.to(weight.device), **self.layer_kwargs)
@@ -143,7 +147,7 @@ class MaskStep:
             with self.walk.timed("io"):
                 self.undo.save(name, weight)
             write_weight(module, result.weight)
-        self.report.masks[name] = result.mask.detach().to("cpu", copy=True)
+        self.report.masks[name] = (result.mask.T if flip else result.mask).detach().to("cpu", copy=True)
         self.report.layers.append(
             {
                 "name": name,
@@ -169,7 +173,7 @@ class MaskStep:
                 split_heldout(torch.zeros(expected, 1, 1), self.heldout_fraction, names[0])  # raises the clear error
 
         def make(lname: str) -> GramAccumulator:
-            return GramAccumulator(self.modules[lname].weight.shape[1], walk.device, folds=self.folds,
+            return GramAccumulator(layer_weight(self.modules[lname]).shape[1], walk.device, folds=self.folds,
                                    expected=expected if held else None, heldout=held,
                                    name=f"{lname}: calibration inputs")
 
@@ -220,7 +224,7 @@ def prune_model(
     calibration: Iterable[Any],
     sparsity: float | None = 0.5,
     pattern: str = "unstructured",
-    solver: str = "cap",
+    solver: str | None = None,
     uncertainty: str = "trace",
     radius: float | None = None,
     targets: list[str] | str | None = None,
@@ -254,7 +258,9 @@ def prune_model(
         pattern: ``"unstructured"``, ``"row"``, ``"N:M"`` such as ``"2:4"``, or ``"structured"``:
             whole heads and MLP channels removed physically (:mod:`robop_lightning.structured`;
             ``solver_options`` may hold ``budget``, ``cost``, ``min_keep``, ``max_sparsity``, ``per_step``).
-        solver: ``"alps"``, ``"cap"``, ``"sparsegpt"``, ``"wanda"`` or ``"magnitude"``.
+        solver: ``"alps"``, ``"cap"``, ``"sparsegpt"``, ``"wanda"`` or ``"magnitude"``; ``None``: ALPS
+            (RobOP-ALPS) for a causal language model, CAP (RobOP-CAP) for anything else
+            (:func:`robop_lightning.targets.default_solver`; the report's ``config`` says which and why).
         uncertainty: ``"baseline"``, ``"trace"`` (default), ``"e"`` (``"ellipsoid"``) or ``"cte"``: the
             authors' closed forms, one solve; ``"minmax-trace"``, ``"minmax-e"``, ``"cvar"``: this
             project's min-max extension (:mod:`robop_lightning.uncertainty`).
@@ -332,6 +338,13 @@ def prune_model(
                          targets=targets, ignore=ignore, blocks=blocks, heldout_fraction=heldout_fraction,
                          resume_dir=resume_dir, activation_budget=activation_budget, curvature=curvature, fisher=fisher,
                          device=None if device is None else str(device))
+    chosen_by = None
+    if config.solver is None:
+        solver, chosen_by = ("cap", "CAP's Fisher path") if curvature == "fisher" else default_solver(model)
+        config = dataclasses.replace(config, solver=solver)
+    if (curvature == "fisher" or config.structured) and any(is_transposed(m) for m in model.modules()):
+        raise ValueError("GPT-2-style Conv1D layers are pruned with masks (pattern 'unstructured', 'row' or 'N:M'); "
+                         "pattern='structured' and curvature='fisher' take nn.Linear layers only.")
     if curvature == "fisher":
         given = [k for k, v in (("prior_masks", prior_masks), ("forward", forward)) if v is not None]
         if given:
@@ -360,9 +373,20 @@ def prune_model(
     names = resolve_targets(model, targets, ignore, [b for b, _ in block_list] if structure else None)
     modules = {n: model.get_submodule(n) for n in names}
     _check_shared_weights(model, modules)
+    dense = left_dense(model, names, [b for b, _ in block_list] if structure else None)
+    coverage = None
+    if dense:
+        kept = sum(dense.values())
+        coverage = {"matrices_left_dense": len(dense),
+                    "fraction_left_dense": kept / (kept + sum(m.weight.numel() for m in modules.values()))}
+        warnings.warn(
+            f"{len(dense)} weight matrices inside the blocks are not pruned ({coverage['fraction_left_dense']:.1%} of "
+            f"the blocks' matrix weights stay dense), such as {', '.join(list(dense)[:3])}. Only nn.Linear and "
+            "GPT-2 Conv1D layers are pruned: fused mixture-of-experts tensors (one parameter for all experts of a "
+            "layer) are not yet.", RuntimeWarning, stacklevel=2)
     shape_check = parse_pattern(pattern, sparsity)
     for name, module in modules.items():  # fail before any work, not after the earlier blocks
-        shape_check.check_shape(*module.weight.shape, name)
+        shape_check.check_shape(*layer_weight(module).shape, name)
 
     batches = list(calibration)
     if not batches:
@@ -382,6 +406,8 @@ def prune_model(
             "sparsity": parse_pattern(pattern, sparsity).sparsity,
             "pattern": pattern,
             "solver": config.solver,
+            **({"solver_default": chosen_by} if chosen_by else {}),
+            **({"coverage": coverage} if coverage else {}),
             "uncertainty": config.uncertainty,
             "radius": radius,
             "heldout_fraction": heldout_fraction,
@@ -395,7 +421,8 @@ def prune_model(
     )
     store = None
     if resume_dir is not None:
-        job = {**report.config, "solver_options": solver_options}
+        job = {**{k: v for k, v in report.config.items() if k not in ("coverage", "solver_default")},
+               "solver_options": solver_options}
         store = open_resume_store(resume_dir, model, {n: m.weight for n, m in modules.items()}, batches, job, prior_masks)
     first_name, first = next(iter(modules.items()))
     walk = BlockWalk(model, batches, forward, home if device is None else torch.device(device),

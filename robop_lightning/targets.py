@@ -12,16 +12,38 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
-__all__ = ["find_blocks", "is_head", "resolve_targets"]
+__all__ = ["default_solver", "find_blocks", "is_head", "is_linear", "is_transposed", "left_dense", "resolve_targets"]
 
 # Path components that mark an output head (timm head / head_dist, HF lm_head / classifier /
 # score). A linear whose own name is ``fc`` (torchvision and timm ResNets) is a head too.
 _HEAD_NAMES = frozenset({"head", "head_dist", "lm_head", "classifier", "score"})
 
+def is_transposed(module: nn.Module) -> bool:
+    """A GPT-2-style ``Conv1D`` (``transformers.pytorch_utils``): a linear layer that stores its weight
+    as ``(in_features, out_features)`` and computes ``x @ W + b``. Recognised by shape, not imported."""
+    weight = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(weight, torch.Tensor) and weight.dim() == 2
+            and getattr(module, "nf", None) == weight.shape[1])
+
+
+def is_linear(module: nn.Module) -> bool:
+    """What the pipeline prunes: ``nn.Linear`` and GPT-2's ``Conv1D`` (pruned as its transposed weight)."""
+    return isinstance(module, nn.Linear) or is_transposed(module)
+
+
+def _is_router(name: str, module: nn.Module) -> bool:
+    """A mixture-of-experts router or gate score (``mlp.gate``, ``router``, ``shared_expert_gate``): tiny,
+    and its outputs pick experts, so pruning it changes routing rather than compressing anything."""
+    last = name.rsplit(".", 1)[-1]
+    out = getattr(module, "out_features", None)
+    return last in ("gate", "router", "shared_expert_gate") and out is not None and out <= 256
+
+
 def _has_linear(module: nn.Module) -> bool:
-    return any(isinstance(m, nn.Linear) for m in module.modules())
+    return any(is_linear(m) for m in module.modules())
 
 
 def find_blocks(model: nn.Module, blocks: str | None = None) -> tuple[str, list[tuple[str, nn.Module]]] | None:
@@ -64,7 +86,7 @@ def find_blocks(model: nn.Module, blocks: str | None = None) -> tuple[str, list[
         if not isinstance(module, (nn.ModuleList, nn.Sequential)) or len(module) < 2:
             continue
         children = list(module.children())
-        if len({type(c) for c in children}) != 1 or isinstance(children[0], nn.Linear):
+        if len({type(c) for c in children}) != 1 or is_linear(children[0]):
             continue
         if not all(_has_linear(c) for c in children):
             continue
@@ -119,7 +141,7 @@ def resolve_targets(
     ignore: Sequence[str] | str | None,
     block_names: Sequence[str] | None,
 ) -> list[str]:
-    """Names of the ``nn.Linear`` modules to prune, in ``named_modules`` order.
+    """Names of the linear modules to prune (``nn.Linear``, GPT-2's ``Conv1D``), in ``named_modules`` order.
 
     Args:
         model: the model.
@@ -134,13 +156,14 @@ def resolve_targets(
     """
     target_specs = _check_specs(targets, "targets")
     ignore_specs = _check_specs(ignore, "ignore")
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = [n for n, m in model.named_modules() if is_linear(m)]
     if not linears:
-        raise ValueError(f"{type(model).__name__} has no nn.Linear layer to prune.")
+        raise ValueError(f"{type(model).__name__} has no nn.Linear (or GPT-2 Conv1D) layer to prune.")
 
     if targets is None:
-        if block_names:
-            chosen = [n for n in linears if any(n.startswith(b + ".") for b in block_names)]
+        if block_names:  # every linear of the blocks but mixture-of-experts routers (llm-compressor skips them too)
+            chosen = [n for n in linears if any(n.startswith(b + ".") for b in block_names)
+                      and not _is_router(n, model.get_submodule(n))]
         else:
             chosen = [n for n in linears if not is_head(n)]
     else:
@@ -161,3 +184,42 @@ def resolve_targets(
     if not chosen:
         raise ValueError("targets and ignore leave no layer to prune; check both lists.")
     return chosen
+
+
+def left_dense(model: nn.Module, targets: Sequence[str], block_names: Sequence[str] | None,
+               minimum: int | None = None) -> dict[str, int]:
+    """Weight matrices inside the blocks that no target can prune: ``{parameter name: elements}``.
+
+    Linears left out by ``targets`` / ``ignore`` are a choice and do not count. Fused mixture-of-experts tensors (transformers 5 stores each layer's experts as one
+    ``(experts, out, in)`` parameter, not as ``nn.Linear``), and any other matrix of at least
+    ``minimum`` elements (default: as many as the smallest target, at most 65536) that is not the
+    weight of a target, count; norms, biases and routers do not.
+    """
+    if not block_names:
+        return {}
+    chosen = {f"{t}.weight" for t in targets}
+    linear = {f"{n}.weight" for n, m in model.named_modules() if is_linear(m)}  # left out by choice, not counted
+    if minimum is None:
+        sizes = [p.numel() for n, p in model.named_parameters() if n in chosen]
+        minimum = min([1 << 16, *sizes])
+    out = {}
+    for name, param in model.named_parameters():
+        if name in linear or param.dim() < 2 or param.numel() < minimum:
+            continue
+        if not any(name.startswith(b + ".") for b in block_names):
+            continue
+        out[name] = param.numel()
+    return out
+
+
+def default_solver(model: nn.Module) -> tuple[str, str]:
+    """The solver ``solver=None`` picks for ``model``, and why.
+
+    ALPS (RobOP-ALPS) for a causal language model (a module named ``lm_head``, or a Hugging Face
+    ``...ForCausalLM`` anywhere inside, a LightningModule wrapper included): its ADMM scales to LLM
+    layers. CAP (RobOP-CAP) otherwise (vision transformers and other models): exact OBS per row.
+    """
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] == "lm_head" or type(module).__name__.endswith("ForCausalLM"):
+            return "alps", "RobOP-ALPS, the default for causal language models"
+    return "cap", "RobOP-CAP, the default for models that are not causal language models"

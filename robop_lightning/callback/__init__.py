@@ -70,7 +70,8 @@ class RobOPCallback(Callback):
         sparsity: fraction of weights set to zero in every target layer (``None``: implied by an
             ``N:M`` pattern).
         pattern: ``"unstructured"``, ``"row"`` or ``"N:M"`` such as ``"2:4"``.
-        solver: ``"alps"``, ``"cap"``, ``"sparsegpt"``, ``"wanda"`` or ``"magnitude"``.
+        solver: ``"alps"``, ``"cap"``, ``"sparsegpt"``, ``"wanda"`` or ``"magnitude"``; ``None``: ALPS for a
+            causal language model, CAP otherwise (the report's ``config`` says which).
         uncertainty: ``"baseline"``, ``"trace"`` (default), ``"e"`` (``"ellipsoid"``) or ``"cte"``: the
             authors' closed forms, one solve; ``"minmax-trace"``, ``"minmax-e"``, ``"cvar"``: this
             project's min-max extension (:mod:`robop_lightning.uncertainty`); ``"auto"``: each layer
@@ -161,7 +162,7 @@ class RobOPCallback(Callback):
         self,
         sparsity: float | None = 0.5,
         pattern: str = "unstructured",
-        solver: Literal["alps", "cap", "sparsegpt", "wanda", "magnitude"] = "cap",
+        solver: Literal["alps", "cap", "sparsegpt", "wanda", "magnitude"] | None = None,
         uncertainty: Literal[
             "baseline", "trace", "e", "ellipsoid", "cte", "minmax-trace", "minmax-e", "cvar", "auto"
         ] = "trace",

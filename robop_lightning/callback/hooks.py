@@ -13,6 +13,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from robop_lightning.patterns import parse_pattern
+from robop_lightning.targets import is_linear
 
 __all__ = ["check_schedule", "checkpoint_to_restore", "check_layers_before_sharding", "holder", "shards_after_setup"]
 
@@ -80,7 +81,7 @@ def holder(trainer: pl.Trainer, pl_module: pl.LightningModule) -> nn.Module:
 def check_layers_before_sharding(pl_module: pl.LightningModule, strategy: object) -> None:
     """Under a sharding strategy the callback prunes in ``setup``, before ``configure_model``: a module
     that only builds its layers there has nothing to prune yet."""
-    if not any(isinstance(m, nn.Linear) for m in pl_module.modules()):
+    if not any(is_linear(m) for m in pl_module.modules()):
         raise MisconfigurationException(
             f"RobOPCallback prunes in setup under {type(strategy).__name__}, before configure_model, but "
             f"{type(pl_module).__name__} has no nn.Linear yet (built in configure_model?). Build or load the model "
