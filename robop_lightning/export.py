@@ -27,6 +27,7 @@ decompresses the weights with compressed-tensors and hands them to ``from_pretra
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import shutil
@@ -286,29 +287,20 @@ def save_pruned(model: nn.Module, path: str | Path, format: Literal["hf", "compr
         if found is not None:
             kwargs: dict[str, Any] = {} if state is None else {"state_dict": state}
             if not safe_serialization:
-                import inspect
-
                 if "safe_serialization" not in inspect.signature(root.save_pretrained).parameters:
                     raise ValueError("the installed transformers writes safetensors only; leave safe_serialization=True")
                 kwargs["safe_serialization"] = False
             root.save_pretrained(tmp, **kwargs)
-            config_file = tmp / "config.json"
+        elif state is not None:
+            save_file(_unshared(state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            (tmp / "config.json").write_text("{}\n")  # compressed-tensors 0.10 - 0.12 only update an existing one
+        elif safe_serialization:
+            save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         else:
-            if state is not None:
-                save_file(_unshared(state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            elif safe_serialization:
-                save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            else:
-                torch.save(model.state_dict(), tmp / "pytorch_model.bin")
-            config_file = tmp / "robop.json"
+            torch.save(model.state_dict(), tmp / "pytorch_model.bin")
         if compressor is not None:
-            if found is None:  # compressed-tensors 0.10 - 0.12 only update an existing config.json
-                (tmp / "config.json").write_text("{}\n")
             compressor.update_config(str(tmp))  # config.json: quantization_config.sparsity_config
-        if found is not None:
-            _add_entry(config_file, entry)
-        else:
-            config_file.write_text(json.dumps({CONFIG_KEY: entry}, indent=2, sort_keys=True) + "\n")
+        _add_entry(tmp / ("config.json" if found is not None else "robop.json"), entry)
     return path
 
 
