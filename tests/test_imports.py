@@ -152,7 +152,7 @@ def test_no_module_is_over_about_500_lines():
 
 # third-party distributions the core (`pip install robop-lightning`, no extras) declares, by import name
 _CORE_IMPORTS = {"torch", "torchvision", "lightning", "torchmetrics", "timm", "transformers", "safetensors", "tqdm",
-                 "numpy", "matplotlib", "typing_extensions"}
+                 "numpy", "matplotlib", "typing_extensions", "jsonargparse"}
 
 
 def test_module_level_imports_need_only_the_core_dependencies():
