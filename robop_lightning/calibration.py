@@ -11,7 +11,9 @@ The pieces :func:`robop_lightning.model.prune_model` is assembled from:
 * :func:`capture_linear_input`: one linear's inputs from whole-model forwards (stopped early).
 * :func:`same_on_all_ranks`: under ``torch.distributed``, checks that every rank holds the same mask.
 
-Activations are stored as ``(samples, tokens, in_features)``: a sample is one image or sequence,
+Where activations are stored (the min-max extension, structured pruning, linears outside the
+blocks; the authors' sets stream Grams instead, :mod:`robop_lightning.streaming`), they are
+``(samples, tokens, in_features)``: a sample is one image or sequence,
 the unit of CTE. Sequences of different lengths are zero-padded, which changes neither a Gram nor
 a per-sample loss (a zero row contributes nothing to either).
 """

@@ -3,8 +3,9 @@
 The pipeline, for a model with repeated blocks (timm ``blocks``, Hugging Face ``model.layers``)::
 
     record the first block's inputs for every batch (the forward stops there: embeddings etc. run once)
-    for each block:
-        run the block, capturing the inputs of its target linears (all from the same block input)
+    for each block (with the arguments the model passes that block):
+        run the block, adding each batch's inputs of its target linears into their Grams
+            (all from the same block input; nothing else is kept)
         prune every target with prune_layer
         run the pruned block again: its outputs are the next block's inputs
 
@@ -12,8 +13,9 @@ A model without repeated blocks (an MLP) has its linears pruned one at a time in
 each from inputs that already went through the pruned earlier layers. Targets outside the blocks
 (named explicitly) are pruned the same way, before or after the blocks.
 
-The whole call is a transaction: every target weight is copied to CPU first and restored on any
-exception (``KeyboardInterrupt`` included), so a failure leaves the model exactly as it was.
+The whole call is a transaction: every target weight is copied (host memory, or disk past a budget)
+before it is overwritten and restored on any exception (``KeyboardInterrupt`` included), so a
+failure leaves the model exactly as it was.
 """
 
 from __future__ import annotations

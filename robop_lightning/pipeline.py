@@ -4,13 +4,16 @@ The walk owns everything that is not the pruning itself::
 
     record the first block's inputs for every batch (embeddings etc. run once)
     for each block:
+        (before block 1: record every later block's own arguments, one pass-through forward)
         if resume_dir holds it finished: load it            (Step.restore)
-        else: capture inputs, prune                         (Step.prune_block, via BlockWalk.capture)
+        else: stream its targets' Grams (or capture inputs), prune
+                                                            (Step.prune_block, via BlockWalk.accumulate / capture)
               and checkpoint it                             (Step.save)
         run the (pruned) block: its outputs are the next block's inputs
 
-plus capture of single linears outside the blocks (in forward order), the activation budget
-(:mod:`robop_lightning.offload`), progress (a bar on a terminal, a log line per block for logs),
+plus capture of single linears outside the blocks (in forward order), where activations live
+(hidden states on the compute device within a budget, then host memory, then disk past the
+activation budget: :mod:`robop_lightning.offload`), where the time goes (:attr:`BlockWalk.block_times`), progress (a bar on a terminal, a log line per block for logs),
 the undo transaction (every registered undo runs, newest first, on any exception, Ctrl-C
 included), naming the layer in errors, and the check that every rank of a process group computed
 the same result. A :class:`Step` is the pruning of one kind: a mask per linear
