@@ -239,3 +239,37 @@ def test_auto_on_cuda_inputs_and_streamed_grams_on_the_device():
     ref = prune_model(cpu, token_batches(), solver="alps", uncertainty="auto", progress=False)
     agree = sum(int((report.masks[n] == ref.masks[n]).sum()) for n in ref.masks) / sum(m.numel() for m in ref.masks.values())
     assert agree > 0.99
+
+
+class _Checky(nn.Module):
+    """Blocks whose forward the model checks (it refuses a block that changes nothing): the
+    pass-through recording cannot run, so the first block's arguments are replayed, with a warning."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.GELU()) for _ in range(3)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            y = block(x)
+            if torch.equal(y, x):
+                raise RuntimeError("a block changed nothing")
+            x = y
+        return x
+
+
+def test_a_model_that_refuses_pass_through_blocks_falls_back_with_a_warning():
+    torch.manual_seed(0)
+    model, ref = _Checky(), None
+    ref = copy.deepcopy(model)
+    batches = [torch.randn(4, 5, 8) for _ in range(2)]
+    with pytest.warns(RuntimeWarning, match="could not record every block's own arguments"):
+        report = prune_model(model, batches, solver="sparsegpt", uncertainty="baseline", progress=False)
+    # blocks take no other arguments here, so the replay is exact: the result of pruning block by block
+    x = torch.cat(batches)
+    for i, block in enumerate(ref.blocks):
+        expected = prune_layer(block[0].weight.detach(), x, sparsity=0.5, solver="sparsegpt", uncertainty="baseline")
+        assert torch.equal(report.masks[f"blocks.{i}.0"], expected.mask)
+        with torch.no_grad():
+            block[0].weight.copy_(expected.weight)
+            x = block(x)
