@@ -132,7 +132,7 @@ def bench_layers(shape: dict, tokens_list: list[int], dtype, device, args, kerne
                 row["status"] = "2:4 kernel unavailable"
             rows.append(row)
             print(f"[sparse_speed] {label} {out_f}x{in_f}, {tokens} tokens: dense {row['dense_tokens_per_s']:,.0f} "
-                  f"tok/s, 2:4 {row['sparse_tokens_per_s'] or 0:,.0f} tok/s", flush=True)
+                  f"tok/s, 2:4 {_num(row['sparse_tokens_per_s'], ',.0f')} tok/s", flush=True)
     return rows
 
 
@@ -177,8 +177,8 @@ def bench_model(shape: dict, dtype, device, args, kernel: dict) -> dict:
     return _finish(row, timed(lambda: forward(sparse), device, args.warmup, args.repeats), error)
 
 
-def _num(v, fmt: str) -> str:
-    return "-" if v is None else format(v, fmt)
+def _num(v, fmt: str, unit: str = "") -> str:
+    return "-" if v is None else format(v, fmt) + unit
 
 
 def markdown(command: str, info: dict, payload: dict) -> str:
@@ -190,7 +190,7 @@ def markdown(command: str, info: dict, payload: dict) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in payload["rows"]:
         lines.append(f"| {r['name']} | {r['shape']} | {r['tokens']} | {r['dense_tokens_per_s']:,.0f} | "
-                     f"{_num(r['sparse_tokens_per_s'], ',.0f')} | {_num(r['speedup'], '.2f')}x | "
+                     f"{_num(r['sparse_tokens_per_s'], ',.0f')} | {_num(r['speedup'], '.2f', 'x')} | "
                      f"{_num(r['max_rel_error'], '.1e')} | {r['status']} |")
     lines += ["", "Layers: `out x in`, a `tokens x in` input; model: `batch x seqlen` tokens, one prefill forward. "
               "Speed-up: dense seconds / 2:4 seconds (medians)."]
@@ -247,7 +247,7 @@ def main(argv=None) -> dict:
     rows = bench_layers(shape, args.tokens, dtype, device, args, kernel)
     rows.append(bench_model(shape, dtype, device, args, kernel))
     print(f"[sparse_speed] model: dense {rows[-1]['dense_tokens_per_s']:,.0f} tok/s, "
-          f"2:4 {rows[-1]['sparse_tokens_per_s'] or 0:,.0f} tok/s", flush=True)
+          f"2:4 {_num(rows[-1]['sparse_tokens_per_s'], ',.0f')} tok/s", flush=True)
     if not kernel["available"]:
         kernel["backend"] = None
 

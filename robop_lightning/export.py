@@ -16,7 +16,8 @@
 The sparse formats need ``pip install "robop-lightning[export]"``: compressed-tensors 0.10 to 0.13,
 the releases that still carry the sparse compressors (0.14 requires transformers < 5; from 0.15 on
 the package and transformers' loader read quantized checkpoints only). For the same reason
-``from_pretrained`` of transformers 5 cannot read a ``sparsity_config``: :func:`load_pruned`
+``from_pretrained`` of transformers 5 cannot read a ``sparsity_config`` (it asks for compressed-tensors
+0.15+, and with that leaves the sparse-encoded layers randomly initialised): :func:`load_pruned`
 decompresses the weights with compressed-tensors and hands them to ``from_pretrained``::
 
     from robop_lightning.export import load_pruned, save_pruned
@@ -155,14 +156,12 @@ def _add_entry(config_file: Path, entry: dict[str, Any]) -> None:
 
 
 def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` with tensors that share memory copied (safetensors refuses shared storage)."""
-    seen: set[tuple[int, int]] = set()
+    """``state`` with a copy of each tensor whose memory an earlier one shares (safetensors refuses aliases)."""
+    seen: set[int] = set()
     out = {}
     for k, v in state.items():
-        v = v.detach()
-        key = (v.untyped_storage().data_ptr(), v.untyped_storage().nbytes())
-        out[k] = v.clone() if key in seen else v.contiguous()
-        seen.add(key)
+        out[k] = v.detach().clone() if v.untyped_storage().data_ptr() in seen else v.detach().contiguous()
+        seen.add(v.untyped_storage().data_ptr())
     return out
 
 
@@ -175,8 +174,8 @@ def _compressed_tensors() -> tuple[Any, Any]:
         from compressed_tensors.config import SparsityCompressionConfig
     except ImportError as e:
         try:
-            have = f"compressed-tensors {metadata.version('compressed-tensors')} is installed, without the sparse "
-            have += "compressors (removed in 0.15)"
+            have = (f"compressed-tensors {metadata.version('compressed-tensors')} is installed, but its sparse "
+                    f"compressors cannot be imported ({e}; they were removed in 0.15)")
         except metadata.PackageNotFoundError:
             have = "compressed-tensors is not installed"
         raise ImportError(f"format='compressed-tensors' needs compressed-tensors 0.10 to 0.13 (the releases with the "
@@ -184,33 +183,25 @@ def _compressed_tensors() -> tuple[Any, Any]:
     return ModelCompressor, SparsityCompressionConfig
 
 
-@contextlib.contextmanager
-def _transformers_untouched() -> Iterator[None]:
-    """compressed-tensors' ``compress`` replaces ``transformers.modeling_utils.dtype_byte_size``; put it back."""
+def _compress(root: nn.Module, layers: dict[str, nn.Module], two_four: bool,
+              sparsity: float) -> tuple[dict[str, torch.Tensor], Any]:
+    """The compressed state dict of ``root`` (``layers`` sparse-encoded) and its ``ModelCompressor``."""
+    ModelCompressor, SparsityCompressionConfig = _compressed_tensors()
     import transformers.modeling_utils as mu
 
-    saved = mu.__dict__.get("dtype_byte_size", None)
+    config = SparsityCompressionConfig.load_from_registry(
+        "sparse-24-bitmask" if two_four else "sparse-bitmask", targets=sorted(layers), ignore=[],
+        global_sparsity=sparsity, sparsity_structure="2:4" if two_four else "unstructured")
+    compressor = ModelCompressor(sparsity_config=config)
+    saved = mu.__dict__.get("dtype_byte_size")  # compress() replaces it (a float8 patch): put it back after
     try:
-        yield
+        with torch.no_grad():
+            state = compressor.compress(root, state_dict={k: v.detach().cpu() for k, v in root.state_dict().items()})
     finally:
         if saved is None:
             mu.__dict__.pop("dtype_byte_size", None)
         else:
             mu.dtype_byte_size = saved
-
-
-def _compress(root: nn.Module, layers: dict[str, nn.Module]) -> tuple[dict[str, torch.Tensor], Any]:
-    """The compressed state dict of ``root`` (``layers`` sparse-encoded) and its ``ModelCompressor``."""
-    ModelCompressor, SparsityCompressionConfig = _compressed_tensors()
-    two_four = all(is_two_four(m.weight) for m in layers.values())
-    params = sum(m.weight.numel() for m in layers.values())
-    zeros = sum(int((m.weight == 0).sum()) for m in layers.values())
-    config = SparsityCompressionConfig.load_from_registry(
-        "sparse-24-bitmask" if two_four else "sparse-bitmask", targets=sorted(layers), ignore=[],
-        global_sparsity=zeros / params, sparsity_structure="2:4" if two_four else "unstructured")
-    compressor = ModelCompressor(sparsity_config=config)
-    with torch.no_grad(), _transformers_untouched():
-        state = compressor.compress(root, state_dict={k: v.detach().cpu() for k, v in root.state_dict().items()})
     return state, compressor
 
 
@@ -283,12 +274,14 @@ def save_pruned(model: nn.Module, path: str | Path, format: Literal["hf", "compr
                          f"(without a report, linears with at least {MIN_ZEROS:.0%} zeros are taken as pruned)")
     entry = _entry(format, layers, report)
     with _staged(path, overwrite) as tmp:
-        state, compressor = _compress(root, layers) if format == "compressed-tensors" else (None, None)
+        measured = entry["measured"]
+        state, compressor = (_compress(root, layers, measured["two_four"], measured["sparsity"])
+                             if format == "compressed-tensors" else (None, None))
         if found is not None:
             kwargs: dict[str, Any] = {} if state is None else {"state_dict": state}
             if not safe_serialization:
                 if "safe_serialization" not in inspect.signature(root.save_pretrained).parameters:
-                    raise ValueError("the installed transformers writes safetensors only; leave safe_serialization=True")
+                    raise ValueError("this transformers writes safetensors only; leave safe_serialization=True")
                 kwargs["safe_serialization"] = False
             root.save_pretrained(tmp, **kwargs)
         elif state is not None:
@@ -452,7 +445,8 @@ def to_semi_structured(model: nn.Module, names: Iterable[str] | None = None) -> 
         for n in names:
             m = modules.get(n)
             if not isinstance(m, nn.Linear):
-                raise ValueError(f"{n}: not an nn.Linear of the model ({type(m).__name__ if m is not None else 'absent'})")
+                kind = "absent" if m is None else type(m).__name__
+                raise ValueError(f"{n}: not an nn.Linear of the model ({kind})")
             if isinstance(m.weight, swapped):
                 continue
             if not is_two_four(m.weight):

@@ -254,7 +254,7 @@ class WeightUndo:
         >>> undo = WeightUndo(budget=64)  # room for two 4 x 2 float32 tensors, the third on disk
         >>> ws = {n: torch.full((4, 2), float(i)) for i, n in enumerate("abc")}
         >>> for n, w in ws.items():
-        ...     undo.save(n, w); w.zero_()
+        ...     undo.save(n, w); _ = w.zero_()
         >>> undo.on_disk
         1
         >>> undo.restore(ws); [float(w[0, 0]) for w in ws.values()]

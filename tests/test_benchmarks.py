@@ -184,3 +184,25 @@ def test_peer_llmcompressor_fast(tmp_path):
         assert theirs["status"] == "missing" and theirs["seconds"] is None and data["ratios"][method] is None
     assert rows["dense", "dense"]["sparsity"] == 0.0 and payload["rows"][0]["method"] == "dense"
     assert "| sparsegpt | llmcompressor | missing |" in (tmp_path / "peer.md").read_text()
+
+
+def test_sparse_speed_fast(tmp_path):
+    threads = torch.get_num_threads()
+    try:  # the CPU smoke path: tiny shapes, dense timings, the 2:4 kernel reported unavailable with its reason
+        payload = load_script("benchmarks/sparse_speed.py").main(["--fast", "--device", "cpu", "--out",
+                                                                  str(tmp_path / "ss")])
+    finally:
+        torch.set_num_threads(threads)
+    data = json.loads((tmp_path / "ss.json").read_text())
+    assert {"command", "commit", "machine", "device", "dtype", "kernel", "config", "rows"} <= set(data)
+    assert data["device"] == "cpu" and data["kernel"]["available"] is False
+    assert "CUDA GPU of compute capability 8.0+" in data["kernel"]["reason"]
+    assert [(r["kind"], r["shape"]) for r in data["rows"]] == [
+        ("layer", "64x64"), ("layer", "224x64"), ("layer", "64x224"), ("model", "2x32")]
+    assert [r["name"] for r in payload["rows"]][:3] == ["q/o_proj", "gate/up_proj", "down_proj"]
+    for row in data["rows"]:
+        assert row["dense_tokens_per_s"] > 0 and row["sparse_tokens_per_s"] is None and row["speedup"] is None
+        assert row["status"] == "2:4 kernel unavailable"
+    assert data["rows"][-1]["pruned_layers"] == 14  # every linear of the 2 blocks, 2:4 by magnitude
+    md = (tmp_path / "ss.md").read_text()
+    assert "| q/o_proj | 64x64 | 64 |" in md and "2:4 kernel: unavailable (to_semi_structured needs" in md
