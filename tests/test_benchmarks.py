@@ -206,3 +206,17 @@ def test_sparse_speed_fast(tmp_path):
     assert data["rows"][-1]["pruned_layers"] == 14  # every linear of the 2 blocks, 2:4 by magnitude
     md = (tmp_path / "ss.md").read_text()
     assert "| q/o_proj | 64x64 | 64 |" in md and "2:4 kernel: unavailable (to_semi_structured needs" in md
+
+
+def test_export_sizes_fast(tmp_path):
+    threads = torch.get_num_threads()
+    try:
+        payload = load_script("benchmarks/export_sizes.py").main(["--fast", "--out", str(tmp_path / "es")])
+    finally:
+        torch.set_num_threads(threads)
+    rows = {(r["dtype"], r["setting"], r["format"]): r for r in payload["rows"]}
+    assert all(r["round_trip"] for r in rows.values())
+    for dtype in ("float32", "bfloat16"):
+        assert rows[(dtype, "50%", "hf")]["ratio"] == 1.0  # the hf format stores zeros densely
+        assert rows[(dtype, "2:4", "compressed-tensors")]["ratio"] < rows[(dtype, "50%", "compressed-tensors")]["ratio"] < 0.8
+    assert "| float32 | 2:4 | compressed-tensors |" in (tmp_path / "es.md").read_text()
