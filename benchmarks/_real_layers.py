@@ -62,15 +62,27 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def git_commit() -> str | None:
+    """The commit the results are made on (``git rev-parse HEAD``), or ``None`` outside a checkout."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=pathlib.Path(__file__).resolve().parents[1],
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (done.stdout.strip() or None) if done.returncode == 0 else None
+
+
 def write_results(out: str | pathlib.Path, payload: dict, markdown: str) -> tuple[pathlib.Path, pathlib.Path]:
-    """Write ``out.json`` and ``out.md`` atomically."""
+    """Write ``out.json`` and ``out.md`` atomically (the suffix appended: ``--out runs/x_0.25`` keeps its dot)."""
     import json
 
     out = pathlib.Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    paths = (out.with_suffix(".json"), out.with_suffix(".md"))
-    for path, text in zip(paths, (json.dumps(payload, indent=2), markdown)):
-        tmp = path.with_suffix(path.suffix + ".tmp")
+    paths = (out.parent / (out.name + ".json"), out.parent / (out.name + ".md"))
+    for path, text in zip(paths, (json.dumps(payload, indent=2, default=str) + "\n", markdown)):
+        tmp = path.parent / (path.name + ".tmp")
         tmp.write_text(text)
         tmp.replace(path)
     return paths

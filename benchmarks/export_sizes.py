@@ -14,17 +14,19 @@ Writes ``OUT.json`` / ``OUT.md`` (default ``benchmarks/results/export_sizes``).
 from __future__ import annotations
 
 import argparse
-import json
+import copy
 import pathlib
-import subprocess
 import sys
 import tempfile
 
 import torch
 
-from robop_lightning.cli import calibration_windows
-from robop_lightning.export import load_pruned, save_pruned
-from robop_lightning.model import prune_model
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import _real_layers as R  # noqa: E402
+
+from robop_lightning.cli import calibration_windows  # noqa: E402
+from robop_lightning.export import load_pruned, save_pruned  # noqa: E402
+from robop_lightning.model import prune_model  # noqa: E402
 
 
 def _bytes(folder: pathlib.Path) -> int:
@@ -70,8 +72,6 @@ def main(argv=None) -> dict:
                          "round_trip": True})
             dense_model.float()
         for setting, kw in (("50%", dict(sparsity=0.5)), ("2:4", dict(pattern="2:4", sparsity=None))):
-            import copy
-
             model = copy.deepcopy(dense_model)
             report = prune_model(model, batches, solver="sparsegpt", uncertainty="baseline", progress=False, **kw)
             for dtype in (torch.float32, torch.bfloat16):
@@ -88,19 +88,15 @@ def main(argv=None) -> dict:
                                  "ratio": _bytes(folder) / base, "round_trip": same})
                     print(rows[-1], flush=True)
                 model = model.float()
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or None
+    commit = R.git_commit()
     command = " ".join([".venv/bin/python", "benchmarks/export_sizes.py", *(argv if argv is not None else sys.argv[1:])])
     payload = {"command": command, "commit": commit, "model": label, "rows": rows}
-    out = pathlib.Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(f"{out}.json").write_text(json.dumps(payload, indent=2) + "\n")
     lines = [f"Command: `{command}`", "", f"Commit: {commit}", "", f"Model: {label}; SparseGPT, Baseline set.", "",
              "| dtype | setting | format | bytes | x dense (same dtype) | load_pruned gives the same weights |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {r['dtype']} | {r['setting']} | {r['format']} | {r['bytes']:,} | {r['ratio']:.3f} | {r['round_trip']} |"
               for r in rows]
-    pathlib.Path(f"{out}.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    R.publish(args.out, payload, "\n".join(lines) + "\n")
     return payload
 
 

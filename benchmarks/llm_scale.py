@@ -47,10 +47,8 @@ Writes ``OUT.json`` (``{"command", "commit", "machine", "device", "config", "flo
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import pathlib
-import subprocess
 import sys
 import time
 
@@ -430,29 +428,6 @@ def markdown(command: str, info: dict, setup: dict, rows: list[dict], ratios: di
     return "\n".join(lines) + "\n"
 
 
-def _commit() -> str | None:
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if done.returncode != 0:
-        return None
-    return done.stdout.strip() or None
-
-
-def _write(out: str | pathlib.Path, payload: dict, text: str) -> tuple[pathlib.Path, pathlib.Path]:
-    """``OUT.json`` and ``OUT.md`` (the suffix appended, so ``--out runs/ls_0.25`` keeps its dot), atomically."""
-    out = pathlib.Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths = (out.parent / (out.name + ".json"), out.parent / (out.name + ".md"))
-    for path, body in zip(paths, (json.dumps(payload, indent=2, default=str) + "\n", text)):
-        tmp = path.parent / (path.name + ".tmp")
-        tmp.write_text(body)
-        tmp.replace(path)
-    return paths
-
-
-# --------------------------------------------------------------------------- main
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", choices=sorted(CONFIGS), default="llama3-8b")
@@ -518,9 +493,9 @@ def main(argv=None) -> dict:
     info = R.machine(device)
     command = R.command_line("benchmarks/llm_scale.py", argv)
     text = markdown(command, info, setup, rows, ratios)
-    payload = {"command": command, "commit": _commit(), "machine": info, "device": str(device), "config": setup,
+    payload = {"command": command, "commit": R.git_commit(), "machine": info, "device": str(device), "config": setup,
                "floor": {"forward_per_block": forward}, "rows": rows, "ratios": ratios}
-    paths = _write(args.out, payload, text)
+    paths = R.write_results(args.out, payload, text)
     print(text)
     print(f"wrote {paths[0]} and {paths[1]}")
     return payload

@@ -232,14 +232,6 @@ def evaluate(model: nn.Module, evals: dict) -> dict:
     return out
 
 
-def _commit() -> str | None:
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return done.stdout.strip() or None
-
-
 def _row(method: str, side: str, status: str, **kw) -> dict:
     return {"method": method, "side": side, "status": status, "seconds": None, "sparsity": None,
             "ppl_in-domain": None, "ppl_ood": None, **kw}
@@ -399,7 +391,7 @@ def main(argv=None) -> dict:
                 "eval_windows": {s: len(evals[s]) for s in SPLITS}, "sparsity": args.sparsity,
                 "damping": args.damping, "block_size": args.block_size, "batch_size": args.batch_size,
                 "threads": args.threads, "targets": len(targets)}
-    md = [f"Command: `{command}`", "", f"Commit: {_commit()}", "", f"Machine: {R.machine_line(info)}", "",
+    md = [f"Command: `{command}`", "", f"Commit: {R.git_commit()}", "", f"Machine: {R.machine_line(info)}", "",
           f"Peer: llm-compressor {_peer_line(peer)} in `{venv.name}`, a child process run after robop's side "
           f"with the same {args.threads} torch thread(s); its pipeline `{args.peer_pipeline}`.", "",
           f"Model: {label}; {len(targets)} decoder linears pruned to {args.sparsity:g} (lm_head dense); "
@@ -432,7 +424,7 @@ def main(argv=None) -> dict:
     for r in failed:
         md += ["", f"llm-compressor {r['method']} failed:", "", "```", r["error"].strip()[-1500:], "```"]
     markdown = "\n".join(md) + "\n"
-    payload = {"command": command, "commit": _commit(), "machine": info, "protocol": protocol, "peer": peer,
+    payload = {"command": command, "commit": R.git_commit(), "machine": info, "protocol": protocol, "peer": peer,
                "rows": rows, "ratios": ratios}
     R.publish(args.out, payload, markdown)
     return payload

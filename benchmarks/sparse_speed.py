@@ -31,10 +31,8 @@ Writes ``OUT.json`` (``{"command", "commit", "machine", "device", "dtype", "kern
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 
@@ -197,26 +195,6 @@ def markdown(command: str, info: dict, payload: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _commit() -> str | None:
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (done.stdout.strip() or None) if done.returncode == 0 else None
-
-
-def _write(out: str | pathlib.Path, payload: dict, text: str) -> tuple[pathlib.Path, pathlib.Path]:
-    """``OUT.json`` and ``OUT.md`` (the suffix appended, so ``--out runs/ss_0.25`` keeps its dot), atomically."""
-    out = pathlib.Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    paths = (out.parent / (out.name + ".json"), out.parent / (out.name + ".md"))
-    for path, body in zip(paths, (json.dumps(payload, indent=2, default=str) + "\n", text)):
-        tmp = path.parent / (path.name + ".tmp")
-        tmp.write_text(body)
-        tmp.replace(path)
-    return paths
-
-
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -253,13 +231,13 @@ def main(argv=None) -> dict:
 
     info = R.machine(device)
     command = R.command_line("benchmarks/sparse_speed.py", argv)
-    payload = {"command": command, "commit": _commit(), "machine": info, "device": str(device),
+    payload = {"command": command, "commit": R.git_commit(), "machine": info, "device": str(device),
                "dtype": args.dtype, "kernel": kernel,
                "config": {**shape, "blocks": args.blocks, "vocab": VOCAB, "batch": args.batch, "seqlen": args.seqlen,
                           "tokens": args.tokens, "warmup": args.warmup, "repeats": args.repeats},
                "rows": rows}
     text = markdown(command, info, payload)
-    paths = _write(args.out, payload, text)
+    paths = R.write_results(args.out, payload, text)
     print(text)
     print(f"wrote {paths[0]} and {paths[1]}")
     return payload
