@@ -14,12 +14,16 @@ from tests.script_loader import load_script
 REQUIRED = {"method", "uncertainty", "sparsity", "pattern"}
 
 
-def test_layer_real_fast(tmp_path):
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """Benchmarks set torch's thread count (``--threads``, ``--fast``); every test gets it back."""
     threads = torch.get_num_threads()
-    try:
-        rows = load_script("benchmarks/layer_real.py").main(["--fast", "--out", str(tmp_path / "lr")])
-    finally:
-        torch.set_num_threads(threads)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_layer_real_fast(tmp_path):
+    rows = load_script("benchmarks/layer_real.py").main(["--fast", "--out", str(tmp_path / "lr")])
     data = json.loads((tmp_path / "lr.json").read_text())
     assert len(data["rows"]) == len(rows) == 5  # five solvers on one synthetic layer
     assert "command" in data and len(data["loadavg"]) == 3
@@ -140,11 +144,7 @@ def test_fisher_memory_fast_reports_the_peak_and_the_reference_sizes(tmp_path):
 
 
 def test_llm_scale_fast(tmp_path):
-    threads = torch.get_num_threads()
-    try:
-        payload = load_script("benchmarks/llm_scale.py").main(["--fast", "--out", str(tmp_path / "ls")])
-    finally:
-        torch.set_num_threads(threads)
+    payload = load_script("benchmarks/llm_scale.py").main(["--fast", "--out", str(tmp_path / "ls")])
     data = json.loads((tmp_path / "ls.json").read_text())
     assert [r["method"] for r in data["rows"]] == [r["method"] for r in payload["rows"]] == [
         "reference", "sparsegpt", "alps", "alps+trace", "auto"]
@@ -165,12 +165,9 @@ def test_llm_scale_fast(tmp_path):
 
 
 def test_peer_llmcompressor_fast(tmp_path):
-    threads = torch.get_num_threads()
-    try:  # no peer venv here: robop's side runs, llm-compressor's is reported missing (nothing installed)
-        payload = load_script("benchmarks/peer_llmcompressor.py").main(
-            ["--fast", "--threads", "1", "--peer-venv", str(tmp_path / "no-venv"), "--out", str(tmp_path / "peer")])
-    finally:
-        torch.set_num_threads(threads)
+    # no peer venv here: robop's side runs, llm-compressor's is reported missing (nothing installed)
+    payload = load_script("benchmarks/peer_llmcompressor.py").main(
+        ["--fast", "--threads", "1", "--peer-venv", str(tmp_path / "no-venv"), "--out", str(tmp_path / "peer")])
     data = json.loads((tmp_path / "peer.json").read_text())
     assert {"command", "commit", "machine", "protocol", "peer", "rows", "ratios"} <= set(data)
     assert data["peer"]["status"] == "missing" and not (tmp_path / "no-venv").exists()
@@ -187,12 +184,9 @@ def test_peer_llmcompressor_fast(tmp_path):
 
 
 def test_sparse_speed_fast(tmp_path):
-    threads = torch.get_num_threads()
-    try:  # the CPU smoke path: tiny shapes, dense timings, the 2:4 kernel reported unavailable with its reason
-        payload = load_script("benchmarks/sparse_speed.py").main(["--fast", "--device", "cpu", "--out",
-                                                                  str(tmp_path / "ss")])
-    finally:
-        torch.set_num_threads(threads)
+    # the CPU smoke path: tiny shapes, dense timings, the 2:4 kernel reported unavailable with its reason
+    payload = load_script("benchmarks/sparse_speed.py").main(["--fast", "--device", "cpu", "--out",
+                                                              str(tmp_path / "ss")])
     data = json.loads((tmp_path / "ss.json").read_text())
     assert {"command", "commit", "machine", "device", "dtype", "kernel", "config", "rows"} <= set(data)
     assert data["device"] == "cpu" and data["kernel"]["available"] is False
@@ -209,11 +203,7 @@ def test_sparse_speed_fast(tmp_path):
 
 
 def test_export_sizes_fast(tmp_path):
-    threads = torch.get_num_threads()
-    try:
-        payload = load_script("benchmarks/export_sizes.py").main(["--fast", "--out", str(tmp_path / "es")])
-    finally:
-        torch.set_num_threads(threads)
+    payload = load_script("benchmarks/export_sizes.py").main(["--fast", "--out", str(tmp_path / "es")])
     rows = {(r["dtype"], r["setting"], r["format"]): r for r in payload["rows"]}
     assert all(r["round_trip"] for r in rows.values())
     for dtype in ("float32", "bfloat16"):
