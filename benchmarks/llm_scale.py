@@ -495,9 +495,7 @@ def main(argv=None) -> dict:
     text = markdown(command, info, setup, rows, ratios)
     payload = {"command": command, "commit": R.git_commit(), "machine": info, "device": str(device), "config": setup,
                "floor": {"forward_per_block": forward}, "rows": rows, "ratios": ratios}
-    paths = R.write_results(args.out, payload, text)
-    print(text)
-    print(f"wrote {paths[0]} and {paths[1]}")
+    R.publish(args.out, payload, text)
     return payload
 
 

@@ -237,9 +237,7 @@ def main(argv=None) -> dict:
                           "tokens": args.tokens, "warmup": args.warmup, "repeats": args.repeats},
                "rows": rows}
     text = markdown(command, info, payload)
-    paths = R.write_results(args.out, payload, text)
-    print(text)
-    print(f"wrote {paths[0]} and {paths[1]}")
+    R.publish(args.out, payload, text)
     return payload
 
 
