@@ -43,6 +43,7 @@ from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
 from robop_lightning.report import PruneReport
+from robop_lightning.surgery.io import structured_shapes
 from robop_lightning.targets import is_linear
 
 __all__ = ["CONFIG_KEY", "EXPORT_EXTRA", "is_two_four", "load_pruned", "save_pruned", "to_semi_structured"]
@@ -238,6 +239,8 @@ def save_pruned(model: nn.Module, path: str | Path, format: Literal["hf", "compr
 
     Raises:
         FileExistsError: ``path`` exists and is not empty (without ``overwrite``), or is a file.
+        ValueError: a structurally pruned (shrunk) model: its per-layer sizes do not fit a
+            transformers config; use :func:`robop_lightning.surgery.save_structured`.
         ImportError: ``format="compressed-tensors"`` without compressed-tensors 0.10 - 0.13.
 
     Example:
@@ -265,6 +268,13 @@ def save_pruned(model: nn.Module, path: str | Path, format: Literal["hf", "compr
         if not safe_serialization:
             raise ValueError("compressed-tensors checkpoints are safetensors files; leave safe_serialization=True")
         _compressed_tensors()  # fail before writing anything
+    if structured_shapes(model) is not None:
+        raise ValueError(
+            "this model was pruned structurally (heads / MLP channels removed), so its layers have different "
+            "sizes, which the configs of transformers' Llama / Gemma / Mistral models cannot express (one "
+            "intermediate_size and one head count for every layer): from_pretrained could not rebuild it. Save it "
+            "with robop_lightning.save_structured(model, path) and reload it with robop_lightning.load_structured(path)."
+        )
     path = Path(path)
     found = _hf_root(model)
     prefix, root = found if found is not None else ("", model)

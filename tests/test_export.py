@@ -249,3 +249,14 @@ def test_to_semi_structured_runs_on_the_gpu_close_to_the_dense_masked_layers():
     assert sparse.shape == dense.shape
     assert float((sparse.float() - dense.float()).abs().max()) <= 0.02 * float(dense.float().abs().max())
     assert to_semi_structured(model, names=["0"]) == []  # already swapped: nothing to do
+
+
+def test_a_shrunk_model_is_refused_with_what_to_use_instead(tmp_path):
+    from robop_lightning.model import prune_model
+    from tests.engine_helpers import tiny_llama, token_batches
+
+    model = tiny_llama()
+    prune_model(model, token_batches(), sparsity=0.5, pattern="structured", progress=False)
+    with pytest.raises(ValueError, match="save_structured"):
+        save_pruned(model, tmp_path / "shrunk")
+    assert not (tmp_path / "shrunk").exists()
