@@ -1,6 +1,6 @@
 """``TextDataModule``: perplexity-protocol language-model data with in-domain and OOD test sets.
 
-The SparseGPT / Wanda protocol (``../shared/EVAL.md``): join the text, tokenize once, cut into
+The SparseGPT / Wanda protocol (``docs/evaluation.md``): join the text, tokenize once, cut into
 non-overlapping windows of ``seqlen`` tokens and drop the tail. The token stream of the main corpus
 is split into contiguous regions **before** windowing, so no window straddles two splits::
 

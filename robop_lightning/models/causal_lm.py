@@ -1,6 +1,6 @@
 """``CausalLMModule``: a Hugging Face causal LM (Llama family) as a LightningModule.
 
-Evaluation follows ``../shared/EVAL.md``: perplexity is ``exp(mean token NLL)`` over **all** scored
+Evaluation follows ``docs/evaluation.md``: perplexity is ``exp(mean token NLL)`` over **all** scored
 tokens of a split (NLL in float32, summed in float64 across batches, never a mean of per-batch
 perplexities) and next-token accuracy is ``mean[argmax logits_t == token_t+1]`` (argmax ids passed
 to torchmetrics). The maths is in :func:`token_nll`; :class:`TokenPerplexity` only accumulates.

@@ -1,4 +1,4 @@
-"""Corrupted and adversarial language-model evaluation (``../shared/EVAL.md``, Language).
+"""Corrupted and adversarial language-model evaluation (``docs/evaluation.md``, Language).
 
 Each window of ``T`` tokens is split into a **context** (the first ``T - K`` tokens) and a scored
 **suffix** (the last ``K``, always clean targets). Only the context is perturbed:
