@@ -62,6 +62,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def parse_with_fast(parser, argv, fast: list[str]):
+    """``parser``'s arguments; with ``--fast``, ``fast`` first so that the options given still win."""
+    raw = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(raw)
+    return parser.parse_args(fast + raw) if args.fast else args
+
+
 def git_commit() -> str | None:
     """The commit the results are made on (``git rev-parse HEAD``), or ``None`` outside a checkout."""
     import subprocess

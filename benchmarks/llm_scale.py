@@ -445,10 +445,8 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is; --fast: 1)")
     p.add_argument("--fast", action="store_true", help="tiny CPU run of every method: " + " ".join(FAST))
     p.add_argument("--out", default="benchmarks/results/llm_scale", help="writes OUT.json and OUT.md")
-    raw = list(sys.argv[1:] if argv is None else argv)
-    args = p.parse_args(raw)
+    args = R.parse_with_fast(p, argv, FAST)
     if args.fast:
-        args = p.parse_args(FAST + raw)  # the explicit options still win
         args.threads = args.threads or 1
     if args.threads:
         torch.set_num_threads(args.threads)

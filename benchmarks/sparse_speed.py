@@ -208,10 +208,7 @@ def main(argv=None) -> dict:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is; --fast: 1)")
     p.add_argument("--fast", action="store_true", help="CPU smoke path: " + " ".join(FAST))
     p.add_argument("--out", default="benchmarks/results/sparse_speed", help="writes OUT.json and OUT.md")
-    raw = list(sys.argv[1:] if argv is None else argv)
-    args = p.parse_args(raw)
-    if args.fast:
-        args = p.parse_args(FAST + raw)  # the explicit options still win
+    args = R.parse_with_fast(p, argv, FAST)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

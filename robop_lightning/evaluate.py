@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from robop_lightning.targets import find_hf_model
+
 __all__ = ["lm_eval"]
 
 EVAL_EXTRA = 'pip install "robop-lightning[eval]"'
@@ -64,10 +66,8 @@ def lm_eval(
         from lm_eval.tasks import TaskManager
     except ImportError as err:
         raise ImportError(f"robop_lightning.evaluate needs lm-evaluation-harness: {EVAL_EXTRA}") from err
-    from transformers import PreTrainedModel
-
-    hf = model if isinstance(model, PreTrainedModel) else next(
-        (m for m in model.modules() if isinstance(m, PreTrainedModel)), None)
+    found = find_hf_model(model)
+    hf = None if found is None else found[1]
     if hf is None:
         raise TypeError(f"lm_eval needs a Hugging Face causal LM, got {type(model).__name__} without one inside.")
     device = str(device) if device is not None else str(next(hf.parameters()).device)

@@ -44,7 +44,7 @@ from torch import nn
 
 from robop_lightning.report import PruneReport
 from robop_lightning.surgery.io import structured_shapes
-from robop_lightning.targets import is_linear
+from robop_lightning.targets import find_hf_model, is_linear
 
 __all__ = ["CONFIG_KEY", "EXPORT_EXTRA", "is_two_four", "load_pruned", "save_pruned", "to_semi_structured"]
 
@@ -78,14 +78,6 @@ def _first_dense_group(weight: torch.Tensor) -> str:
 
 
 # --------------------------------------------------------------------------- what to save
-def _hf_root(model: nn.Module) -> tuple[str, nn.Module] | None:
-    """The outermost Hugging Face ``PreTrainedModel`` inside ``model`` (itself, or a wrapper's child) and its name."""
-    for name, module in model.named_modules():
-        if callable(getattr(module, "save_pretrained", None)) and hasattr(getattr(module, "config", None), "to_dict"):
-            return name, module
-    return None
-
-
 def _pruned_layers(root: nn.Module, prefix: str, report: PruneReport | None) -> dict[str, nn.Module]:
     """The pruned layers of ``root`` by name: ``report.masks``' names, or every linear with >= 40 % zeros."""
     if report is not None:
@@ -276,7 +268,7 @@ def save_pruned(model: nn.Module, path: str | Path, format: Literal["hf", "compr
             "with robop_lightning.save_structured(model, path) and reload it with robop_lightning.load_structured(path)."
         )
     path = Path(path)
-    found = _hf_root(model)
+    found = find_hf_model(model)
     prefix, root = found if found is not None else ("", model)
     layers = _pruned_layers(root, prefix, report)
     if format == "compressed-tensors" and not layers:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["default_solver", "find_blocks", "is_head", "is_linear", "is_transposed", "left_dense", "resolve_targets"]
+__all__ = ["default_solver", "find_blocks", "find_hf_model", "is_head", "is_linear", "is_transposed", "left_dense", "resolve_targets"]
 
 # Path components that mark an output head (timm head / head_dist, HF lm_head / classifier /
 # score). A linear whose own name is ``fc`` (torchvision and timm ResNets) is a head too.
@@ -223,3 +223,12 @@ def default_solver(model: nn.Module) -> tuple[str, str]:
         if name.rsplit(".", 1)[-1] == "lm_head" or type(module).__name__.endswith("ForCausalLM"):
             return "alps", "RobOP-ALPS, the default for causal language models"
     return "cap", "RobOP-CAP, the default for models that are not causal language models"
+
+
+def find_hf_model(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The outermost Hugging Face model inside ``model`` (itself, or a wrapper's child such as a
+    LightningModule's) and its name: a module with ``save_pretrained`` and a ``config``; ``None`` if none."""
+    for name, module in model.named_modules():
+        if callable(getattr(module, "save_pretrained", None)) and hasattr(getattr(module, "config", None), "to_dict"):
+            return name, module
+    return None

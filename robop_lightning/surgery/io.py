@@ -13,7 +13,7 @@ from torch import nn
 
 from robop_lightning.surgery.common import Unit, mark_shrunk
 from robop_lightning.surgery.units import block_units
-from robop_lightning.targets import find_blocks
+from robop_lightning.targets import find_blocks, find_hf_model
 
 __all__ = ["CHECKPOINT_KEY", "structured_shapes", "apply_structured_shapes", "record_config", "save_structured",
            "load_structured"]
@@ -74,16 +74,10 @@ def apply_structured_shapes(model: nn.Module, spec: dict[str, Any] | None) -> nn
     return model
 
 
-def _hf_root(model: nn.Module) -> nn.Module | None:
-    for m in model.modules():
-        if callable(getattr(m, "save_pretrained", None)) and hasattr(getattr(m, "config", None), "to_dict"):
-            return m
-    return None
-
-
 def record_config(model: nn.Module) -> None:
     """Write the per-layer sizes into a Hugging Face model's config (``config.robop_structured``)."""
-    root = _hf_root(model)
+    found = find_hf_model(model)
+    root = None if found is None else found[1]
     if root is not None:
         spec = structured_shapes(root)
         if spec is not None:
