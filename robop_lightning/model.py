@@ -39,7 +39,7 @@ from robop_lightning.gram import GramAccumulator, GramInputs, LayerInputs, Stats
 from robop_lightning.layer import prune_layer
 from robop_lightning.offload import WeightUndo
 from robop_lightning.patterns import parse_pattern
-from robop_lightning.pipeline import BlockWalk, open_resume_store, split_heldout
+from robop_lightning.pipeline import BlockWalk, heldout_count, open_resume_store, split_heldout
 from robop_lightning.report import PruneReport
 from robop_lightning.selection import AutoOptions
 from robop_lightning.structured import prune_model_structured
@@ -168,11 +168,7 @@ class MaskStep:
     def _streamed(self, walk: BlockWalk, block: nn.Module, names: list[str]) -> dict[str, tuple[Any, Any]]:
         """Each target's (calibration, held-out) statistics, accumulated as the batches pass."""
         expected = walk.samples()
-        held = 0
-        if self.heldout_fraction > 0:
-            held = max(1, int(round(self.heldout_fraction * expected)))
-            if expected - held < 1:
-                split_heldout(torch.zeros(expected, 1, 1), self.heldout_fraction, names[0])  # raises the clear error
+        held = heldout_count(expected, self.heldout_fraction, names[0])
 
         def make(lname: str) -> GramAccumulator:
             return GramAccumulator(layer_weight(self.modules[lname]).shape[1], walk.device, folds=self.folds,

@@ -50,7 +50,7 @@ from robop_lightning.offload import ActivationStore, parse_bytes
 from robop_lightning.resume import ResumeStore, fingerprint_batches, fingerprint_tensors
 from robop_lightning.streaming import accumulate_block, record_block_args
 
-__all__ = ["BlockWalk", "Step", "open_resume_store", "split_heldout"]
+__all__ = ["BlockWalk", "Step", "heldout_count", "open_resume_store", "split_heldout"]
 
 log = logging.getLogger("robop_lightning")
 
@@ -82,13 +82,25 @@ def split_heldout(x: torch.Tensor, fraction: float, name: str) -> tuple[torch.Te
     if fraction <= 0:
         return x, None
     n = x.shape[0]
+    held = heldout_count(n, fraction, name)
+    return x[: n - held], x[n - held :]
+
+
+def heldout_count(n: int, fraction: float, name: str) -> int:
+    """How many of ``n`` samples ``fraction`` holds out (at least one when ``fraction > 0``).
+
+    Raises:
+        ValueError: none would be left to prune with.
+    """
+    if fraction <= 0:
+        return 0
     held = max(1, int(round(fraction * n)))
     if n - held < 1:
         raise ValueError(
             f"{name}: heldout_fraction={fraction} of {n} calibration sample(s) leaves none to prune with; "
             "pass more calibration batches or a smaller heldout_fraction."
         )
-    return x[: n - held], x[n - held :]
+    return held
 
 
 def open_resume_store(
