@@ -42,7 +42,7 @@ import _real_layers as R  # noqa: E402
 from sets_whole import _setting, text_model, window_nll  # noqa: E402
 
 from robop_lightning import prune_model  # noqa: E402
-from robop_lightning.uncertainty import parse_set_spec  # noqa: E402
+from robop_lightning.engine.sets import parse_set_spec  # noqa: E402
 
 CRITERIA = ("layer", "block", "model")
 

@@ -49,9 +49,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _real_layers as R  # noqa: E402
 
 from robop_lightning import LayerInputs, prune_layer  # noqa: E402
-from robop_lightning.model import prune_model  # noqa: E402
-from robop_lightning.synthetic import synthetic_layer  # noqa: E402
-from robop_lightning.uncertainty import parse_set_spec  # noqa: E402
+from robop_lightning.pipeline.prune import prune_model  # noqa: E402
+from robop_lightning.data.synthetic import synthetic_layer  # noqa: E402
+from robop_lightning.engine.sets import parse_set_spec  # noqa: E402
 
 METHOD_NAMES = {"alps": "robop-alps", "cap": "robop-cap"}
 _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

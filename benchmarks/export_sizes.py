@@ -26,7 +26,7 @@ import _real_layers as R  # noqa: E402
 
 from robop_lightning.cli import calibration_windows  # noqa: E402
 from robop_lightning.export import load_pruned, save_pruned  # noqa: E402
-from robop_lightning.model import prune_model  # noqa: E402
+from robop_lightning.pipeline.prune import prune_model  # noqa: E402
 
 
 def _bytes(folder: pathlib.Path) -> int:

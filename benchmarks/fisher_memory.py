@@ -11,7 +11,7 @@ the replay, so its peak is about one layer's blocks (``H_b`` and ``F_b^-1``) plu
 flight. The model is timm's DeiT-Small architecture with random weights at 64 px
 (17 tokens: the block memory depends on the weights, not the image size), pruned at 50 % with
 ``m`` gradients of random images and labels. Measured: the peak RSS above the RSS before the call
-(:class:`robop_lightning.memory.PeakRSS`), the time, and the two reference sizes.
+(:class:`robop_lightning.utils.memory.PeakRSS`), the time, and the two reference sizes.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _real_layers as R  # noqa: E402
 
 from robop_lightning import prune_model  # noqa: E402
-from robop_lightning.memory import PeakRSS  # noqa: E402
+from robop_lightning.utils.memory import PeakRSS  # noqa: E402
 
 
 def _loss(model, batch):

@@ -105,7 +105,7 @@ def deit_layers(block: int, which: list[str], images: int, held_images: int):
 
 
 def synthetic_layers():
-    from robop_lightning.synthetic import synthetic_layer
+    from robop_lightning.data.synthetic import synthetic_layer
 
     w, x, xh = synthetic_layer(48, 64, samples=16, tokens=8)
     return [("synthetic", "synthetic.48x64", w, x, xh)]

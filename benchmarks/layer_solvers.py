@@ -22,7 +22,7 @@ import time
 import torch
 
 from robop_lightning import LayerInputs, prune_layer
-from robop_lightning.synthetic import synthetic_layer
+from robop_lightning.data.synthetic import synthetic_layer
 
 METHOD_NAMES = {"alps": "robop-alps", "cap": "robop-cap"}
 

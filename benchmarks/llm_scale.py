@@ -18,7 +18,7 @@ batch, each batch ``{"input_ids": ...}``.
 Per method, with the dense weights restored first (a CPU copy of the state dict):
 
 * ``sparsegpt``, ``alps`` (Baseline set), ``alps+trace`` (ALPS, trace set), ``auto`` (ALPS, the set
-  and radius chosen per layer): ``robop_lightning.model.prune_model`` on every linear of the blocks
+  and radius chosen per layer): ``robop_lightning.pipeline.prune.prune_model`` on every linear of the blocks
   (``blocks="model.layers"`` given, so that ``--blocks 1`` is walked as a block too);
 * ``reference``: the sequential structure of the SparseGPT paper's reference scripts, written here
   from the paper: a "Catcher" pre-hook records block 0's inputs; per block, forward hooks add each
@@ -31,7 +31,7 @@ Measured: wall seconds (``torch.cuda.synchronize`` on CUDA), the per-block break
 (``report.blocks``: ``forward`` propagation, ``capture`` forward with the Gram accumulation,
 ``solve``, ``io`` undo / resume copies; for ``reference`` its own phases), peak device memory
 (``torch.cuda.max_memory_allocated``, model included), the host RSS peak above the start
-(:class:`robop_lightning.memory.PeakRSS`), the minutes projected for the whole model
+(:class:`robop_lightning.utils.memory.PeakRSS`), the minutes projected for the whole model
 (seconds per block x its layers), and the **floor**: the two forwards a block needs in the
 sequential structure (one that feeds its linears' statistics, one of the pruned block that feeds the
 next block; each timed as one dense forward of a block over all batches, before the methods) plus
@@ -58,8 +58,8 @@ from torch import nn
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _real_layers as R  # noqa: E402
 
-from robop_lightning.memory import PeakRSS  # noqa: E402
-from robop_lightning.model import prune_model  # noqa: E402
+from robop_lightning.utils.memory import PeakRSS  # noqa: E402
+from robop_lightning.pipeline.prune import prune_model  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 

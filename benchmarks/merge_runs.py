@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
     merged = merge(args.runs)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-    from robop_lightning.resume import atomic_write
+    from robop_lightning.utils.files import atomic_write
 
     atomic_write(args.out.with_suffix(".json"), json.dumps(merged, indent=2, default=str) + "\n")
     atomic_write(args.out.with_suffix(".md"), markdown(merged))

@@ -5,7 +5,7 @@
 
 For every captured layer (the captures of ``benchmarks/sets_layers.py``: calibration, held-out
 in-domain and OOD inputs; by default Gemma blocks 1 and 15 (q, o, gate) and DeiT blocks 1 and 3) and setting (50 %, 70 %, 2:4) it runs the per-layer selection of
-:mod:`robop_lightning.selection` twice, with the default grid and 4 folds: scored by the default
+:mod:`robop_lightning.engine.selection` twice, with the default grid and 4 folds: scored by the default
 ``"admm"`` scorer (a short ADMM sharing one eigendecomposition per fold, on 32 sampled rows) and by
 the pruning solver itself on all rows (RobOP-ALPS for Gemma, RobOP-CAP for the DeiT). It reports
 how often the two choose the same candidate; the **regret** of the fast choice (its mean fold error

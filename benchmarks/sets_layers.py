@@ -92,7 +92,7 @@ def deit_layers(images, blocks=None):
 
 
 def synthetic_layers():
-    from robop_lightning.synthetic import synthetic_layer
+    from robop_lightning.data.synthetic import synthetic_layer
 
     w, x, xh = synthetic_layer(48, 64, samples=16, tokens=8)
     _, _, xo = synthetic_layer(48, 64, samples=16, tokens=8, shift=1.5)  # a stronger shift: "OOD"

@@ -36,7 +36,7 @@ import _real_layers as R  # noqa: E402
 
 from robop_lightning import prune_model  # noqa: E402
 from robop_lightning.robustness.stats import format_ci, perplexity_ratio_ci  # noqa: E402
-from robop_lightning.uncertainty import parse_set_spec  # noqa: E402
+from robop_lightning.engine.sets import parse_set_spec  # noqa: E402
 
 
 def _setting(text: str) -> tuple[str, float | None, str]:

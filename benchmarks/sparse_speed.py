@@ -44,7 +44,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import _real_layers as R  # noqa: E402
 
 from robop_lightning.export import to_semi_structured  # noqa: E402
-from robop_lightning.model import prune_model  # noqa: E402
+from robop_lightning.pipeline.prune import prune_model  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Llama-3-8B: hidden, MLP, heads, KV heads

@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from lightning.pytorch import Trainer, seed_everything
 
-from robop_lightning.resume import atomic_write  # temporary sibling, fsync, rename
-from robop_lightning.uncertainty import parse_set_spec
+from robop_lightning.utils.files import atomic_write  # temporary sibling, fsync, rename
+from robop_lightning.engine.sets import parse_set_spec
 
 CHECKPOINT_CHOICES = ("best", "all", "none")
 

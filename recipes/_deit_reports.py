@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from robop_lightning.resume import atomic_write  # temporary sibling, fsync, rename
+from robop_lightning.utils.files import atomic_write  # temporary sibling, fsync, rename
 from robop_lightning.robustness import relative_mce
 from robop_lightning.robustness.metrics import format_eps, mce
 from robop_lightning.robustness.stats import accuracy_difference_ci, format_ci
-from robop_lightning.uncertainty import parse_set_spec
+from robop_lightning.engine.sets import parse_set_spec
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # the sibling helpers, however this file is loaded
     sys.path.insert(0, str(Path(__file__).resolve().parent))

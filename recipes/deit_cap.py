@@ -60,11 +60,11 @@ from torch.utils.data import DataLoader, Subset
 from robop_lightning import RobOPCallback, prune_model
 from robop_lightning.data import FashionMNISTDataModule, ImageFolderDataModule
 from robop_lightning.data.vision import cache_dir
-from robop_lightning.memory import PeakRSS
+from robop_lightning.utils.memory import PeakRSS
 from robop_lightning.models import DeiTClassifier
 from robop_lightning.robustness import CORRUPTIONS, evaluate_robustness
 from robop_lightning.robustness.metrics import format_eps
-from robop_lightning.uncertainty import parse_set_spec
+from robop_lightning.engine.sets import parse_set_spec
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # the sibling helpers, however this file is loaded
     sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -6,7 +6,7 @@
 
 Prints nominal / robust / held-out relative error and wall time per (solver, set), and writes
 every number to ``outputs/engine_demo.json``. The held-out inputs come from a shifted
-distribution (see ``robop_lightning.synthetic``), so the held-out column is where robustness shows.
+distribution (see ``robop_lightning.data.synthetic``), so the held-out column is where robustness shows.
 The DeiT recipe (``recipes/deit_cap.py``) will replace this as the main job.
 """
 
@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from robop_lightning import prune_layer
-from robop_lightning.synthetic import synthetic_layer
+from robop_lightning.data.synthetic import synthetic_layer
 
 if str(pathlib.Path(__file__).resolve().parent) not in sys.path:  # the sibling helpers, however this file is loaded
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))

@@ -60,7 +60,7 @@ from robop_lightning.data import TextDataModule
 from robop_lightning.models import CausalLMModule
 from robop_lightning.models.causal_lm import load_causal_lm
 from robop_lightning.robustness.text import evaluate_corruptions, evaluate_pgd
-from robop_lightning.uncertainty import parse_set_spec
+from robop_lightning.engine.sets import parse_set_spec
 
 if str(Path(__file__).resolve().parent) not in sys.path:  # the sibling helpers, however this file is loaded
     sys.path.insert(0, str(Path(__file__).resolve().parent))

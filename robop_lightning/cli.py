@@ -30,7 +30,7 @@ import torch
 from robop_lightning.assets import require
 from robop_lightning.data.text import _encode, _resolve_tokenizer, load_corpus
 from robop_lightning.export import save_pruned
-from robop_lightning.model import prune_model
+from robop_lightning.pipeline.prune import prune_model
 from robop_lightning.report import PruneReport
 
 __all__ = ["calibration_windows", "main", "parser"]

@@ -4,10 +4,10 @@
 so every argument is checked here, once, with a message that says what to pass. Nested options are
 dataclasses too, each refusing unknown keys with the list of valid ones:
 
-* per solver: :mod:`robop_lightning.solvers.options` (``AlpsOptions``, ``CapOptions``, ...);
+* per solver: :mod:`robop_lightning.engine.solvers.options` (``AlpsOptions``, ``CapOptions``, ...);
 * ``pattern="structured"``: :class:`StructuredOptions`;
-* ``uncertainty="auto"`` / ``radius="auto"``: :class:`robop_lightning.selection.AutoOptions`;
-* ``curvature="fisher"``: :class:`robop_lightning.fisher_model.FisherOptions`.
+* ``uncertainty="auto"`` / ``radius="auto"``: :class:`robop_lightning.engine.selection.AutoOptions`;
+* ``curvature="fisher"``: :class:`robop_lightning.pipeline.fisher_step.FisherOptions`.
 
 A dict with the same keys works wherever a dataclass does, so every option is YAML-expressible
 (LightningCLI). Sets are accepted under their long names too (``"ellipsoid"`` for ``"e"``).
@@ -30,13 +30,13 @@ from typing import Any
 
 import torch
 
-from robop_lightning.fisher_model import FisherOptions
-from robop_lightning.offload import parse_bytes
-from robop_lightning.patterns import parse_pattern
-from robop_lightning.selection import AutoOptions, check_auto_request
-from robop_lightning.solvers import SOLVERS, check_solver_options
-from robop_lightning.typed import coerce_options
-from robop_lightning.uncertainty import canonical_set_name, make_uncertainty
+from robop_lightning.pipeline.fisher_step import FisherOptions
+from robop_lightning.utils.offload import parse_bytes
+from robop_lightning.engine.patterns import parse_pattern
+from robop_lightning.engine.selection import AutoOptions, check_auto_request
+from robop_lightning.engine.solvers import SOLVERS, check_solver_options
+from robop_lightning.utils.typed import coerce_options
+from robop_lightning.engine.sets import canonical_set_name, make_uncertainty
 
 __all__ = ["PruneConfig", "StructuredOptions", "check_fraction", "is_structured"]
 
@@ -55,7 +55,7 @@ def check_fraction(value: Any, what: str, meaning: str = "") -> float:
 
 @dataclass(frozen=True)
 class StructuredOptions:
-    """Options of ``pattern="structured"`` (see :func:`robop_lightning.structured.prune_model_structured`).
+    """Options of ``pattern="structured"`` (see :func:`robop_lightning.pipeline.shrink_step.prune_model_structured`).
 
     Attributes:
         budget: ``"layer"`` (every block loses the share) or ``"global"`` (one ranking over all units).

@@ -3,7 +3,7 @@
 * :func:`save_pruned` writes a new directory, in one of two formats:
 
   - ``"hf"``: ``save_pretrained`` in the model's own dtype; ``config.json`` gains a ``"robop"`` entry
-    (what was asked of :func:`robop_lightning.model.prune_model` and the sparsity measured in the
+    (what was asked of :func:`robop_lightning.pipeline.prune.prune_model` and the sparsity measured in the
     weights). Reload with ``AutoModelForCausalLM.from_pretrained(path)``, nothing else needed.
   - ``"compressed-tensors"``: the pruned weights stored as their non-zero values plus a bitmask
     (the ``sparse-bitmask`` format, or ``sparse-24-bitmask`` when every pruned weight is 2:4) by the
@@ -43,8 +43,8 @@ from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
 from robop_lightning.report import PruneReport
-from robop_lightning.surgery.io import structured_shapes
-from robop_lightning.targets import find_hf_model, is_linear
+from robop_lightning.pipeline.surgery.io import structured_shapes
+from robop_lightning.pipeline.targets import find_hf_model, is_linear
 
 __all__ = ["CONFIG_KEY", "EXPORT_EXTRA", "is_two_four", "load_pruned", "save_pruned", "to_semi_structured"]
 
@@ -218,7 +218,7 @@ def save_pruned(model: nn.Module, path: str | Path, format: Literal["hf", "compr
             (``sparse-24-bitmask`` when every one is 2:4) compressor, ``config.json`` gains its
             ``quantization_config.sparsity_config``; reload with :func:`load_pruned`. Needs
             ``pip install "robop-lightning[export]"``.
-        report: what :func:`robop_lightning.model.prune_model` returned: its ``masks`` name the pruned
+        report: what :func:`robop_lightning.pipeline.prune.prune_model` returned: its ``masks`` name the pruned
             layers, its ``config`` goes into the ``"robop"`` entry. Without it, every linear whose
             weight is at least 40 % zeros counts as pruned.
         safe_serialization: ``False`` writes a pickled ``pytorch_model.bin`` for a plain module (or a
@@ -232,13 +232,13 @@ def save_pruned(model: nn.Module, path: str | Path, format: Literal["hf", "compr
     Raises:
         FileExistsError: ``path`` exists and is not empty (without ``overwrite``), or is a file.
         ValueError: a structurally pruned (shrunk) model: its per-layer sizes do not fit a
-            transformers config; use :func:`robop_lightning.surgery.save_structured`.
+            transformers config; use :func:`robop_lightning.pipeline.surgery.save_structured`.
         ImportError: ``format="compressed-tensors"`` without compressed-tensors 0.10 - 0.13.
 
     Example:
         >>> import tempfile, torch
         >>> from torch import nn
-        >>> from robop_lightning.model import prune_model
+        >>> from robop_lightning.pipeline.prune import prune_model
         >>> _ = torch.manual_seed(0)
         >>> net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
         >>> report = prune_model(net, [torch.randn(64, 16)], sparsity=0.5, solver="sparsegpt",

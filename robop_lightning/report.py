@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from robop_lightning.resume import atomic_write
+from robop_lightning.utils.files import atomic_write
 
 __all__ = ["LayerResult", "PruneReport", "StructuredResult"]
 
@@ -197,7 +197,7 @@ class PruneReport:
 
 @dataclass
 class StructuredResult:
-    """What :func:`robop_lightning.solvers.structured_obs.select_groups` returns.
+    """What :func:`robop_lightning.engine.solvers.structured_obs.select_groups` returns.
 
     Attributes:
         removed: indices (into ``groups``) of the removed groups, in greedy order.

@@ -13,7 +13,7 @@ if ! .venv/bin/python -c "import torch, torchvision" 2>/dev/null; then
     *) .venv/bin/pip install -q torch torchvision ;;
   esac
 fi
-.venv/bin/pip install -q -e ".[dev,llm,export,eval]"
+.venv/bin/pip install -q -e ".[all,dev]"
 .venv/bin/python -c "import robop_lightning, torch; print('robop-lightning', robop_lightning.__version__, '| torch', torch.__version__)"
 .venv/bin/python -m robop_lightning.assets fetch fashion-mnist || echo "fashion-mnist not fetched: recipes will say how to get it"
 # the language recipe's text (a few MB each); recipes/llama_alps.py --fast falls back to offline text without them

@@ -22,9 +22,9 @@ from robop_lightning.callback.hooks import check_layers_before_sharding, check_s
 from robop_lightning.callback.hooks import holder, shards_after_setup
 from robop_lightning.callback.loaders import calibration_loader
 from robop_lightning.config import PruneConfig, StructuredOptions, is_structured
-from robop_lightning.masks import SparsityMasks
-from robop_lightning.model import PruneReport, prune_model
-from robop_lightning.resume import fingerprint_batches
+from robop_lightning.pipeline.masks import SparsityMasks
+from robop_lightning.pipeline.prune import PruneReport, prune_model
+from robop_lightning.pipeline.resume import fingerprint_batches
 
 __all__ = ["RobOPCallback"]
 
@@ -74,13 +74,13 @@ class RobOPCallback(Callback):
             causal language model, CAP otherwise (the report's ``config`` says which).
         uncertainty: ``"baseline"``, ``"trace"`` (default), ``"e"`` (``"ellipsoid"``) or ``"cte"``: the
             authors' closed forms, one solve; ``"minmax-trace"``, ``"minmax-e"``, ``"cvar"``: this
-            project's min-max extension (:mod:`robop_lightning.uncertainty`); ``"auto"``: each layer
+            project's min-max extension (:mod:`robop_lightning.engine.sets`); ``"auto"``: each layer
             chooses its set and gamma by cross-validation over the calibration samples.
         radius: the authors' ``gamma`` (``None``: 0.01; baseline: ``damping``), ``rho`` / ``alpha``
             for the extension, or ``"auto"`` (the gamma of the given set chosen per layer).
         auto: how ``"auto"`` chooses: ``{"folds": 4, "select": "mean" | "worst", "scorer": "admm" |
             "solver", "rows": 32, "candidates": ["trace=0.003", ...]}``
-            (:class:`robop_lightning.selection.AutoOptions`).
+            (:class:`robop_lightning.engine.selection.AutoOptions`).
         targets: linear layers to prune: module names relative to the LightningModule (such as
             ``"model.layers.0.mlp"``) or ``"re:<regex>"`` patterns. ``None``: every linear inside
             the repeated blocks (output heads stay dense).
@@ -108,15 +108,15 @@ class RobOPCallback(Callback):
             once (``prune_at="start"``, or in ``validate`` / ``test``).
         fisher: options of ``curvature="fisher"``: ``gradients`` (m), ``block_size`` (B), ``lam``,
             ``batch_size``, ``selection`` (``"global"`` / ``"uniform"``), ``method``
-            (:class:`robop_lightning.fisher_model.FisherOptions`).
+            (:class:`robop_lightning.pipeline.fisher_step.FisherOptions`).
         structured_options: with ``pattern="structured"`` (whole heads and MLP channels removed
-            physically, :mod:`robop_lightning.structured`): ``budget`` (``"layer"`` / ``"global"``),
+            physically, :mod:`robop_lightning.pipeline.shrink_step`): ``budget`` (``"layer"`` / ``"global"``),
             ``cost`` (``"params"`` / ``"flops"``), ``min_keep``, ``max_sparsity``, ``per_step``. The
             module shrinks at ``prune_at="start"`` (or at ``validate`` / ``test``) and the optimizers are
             created again for the new parameters; ``prune_at=<epoch>`` and schedules are refused.
         coupled, rounds, damping, solver_options, blocks, activation_budget, device: as in
             :func:`robop_lightning.prune_model` (``solver_options``: a dict of the solver's options,
-            :mod:`robop_lightning.solvers.options`; ``activation_budget``: bytes or ``"2GB"`` of
+            :mod:`robop_lightning.engine.solvers.options`; ``activation_budget``: bytes or ``"2GB"`` of
             calibration activations kept in memory, the rest on disk; ``device``: onload one block
             at a time to this device while the module stays where it is). Every option is checked in
             ``__init__`` by :class:`robop_lightning.config.PruneConfig`.

@@ -12,8 +12,8 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
-from robop_lightning.patterns import parse_pattern
-from robop_lightning.targets import is_linear
+from robop_lightning.engine.patterns import parse_pattern
+from robop_lightning.pipeline.targets import is_linear
 
 __all__ = ["check_schedule", "checkpoint_to_restore", "check_layers_before_sharding", "holder", "shards_after_setup"]
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from robop_lightning.surgery import CHECKPOINT_KEY, apply_structured_shapes, structured_shapes
+from robop_lightning.pipeline.surgery import CHECKPOINT_KEY, apply_structured_shapes, structured_shapes
 
 
 class StructuredCheckpointHooks:
     """Mixin for a LightningModule: record the per-layer sizes of a structurally pruned model
-    (:mod:`robop_lightning.surgery`) on save, and shrink to them on load, before the state dict
+    (:mod:`robop_lightning.pipeline.surgery`) on save, and shrink to them on load, before the state dict
     is restored (``load_from_checkpoint``, ``Trainer.fit(ckpt_path=...)``). Dense models are untouched."""
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -1,0 +1,202 @@
+"""Solvers against brute force, the least-squares refit, and a reference SparseGPT."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from robop_lightning.engine.gram import LayerInputs
+from robop_lightning.engine.patterns import parse_pattern
+from robop_lightning.engine.solvers import SOLVERS
+from robop_lightning.engine.solvers.refit import exact_refit, masked_pcg
+from tests.engine_helpers import correlated_inputs, quad, random_weight
+
+
+def _damped(x, damping=0.01):
+    h = LayerInputs(x).gram()
+    return h + damping * float(h.diagonal().mean()) * torch.eye(h.shape[0], dtype=h.dtype)
+
+
+def _ls_optimum(w, x2d, mask, lam):
+    """Independent least squares: minimise ||X (w - w_hat)||^2 + lam ||w - w_hat||^2 on the mask, via lstsq."""
+    n = w.shape[1]
+    xa = torch.cat([x2d.double(), lam**0.5 * torch.eye(n, dtype=torch.float64)])
+    out = torch.zeros_like(w, dtype=torch.float64)
+    for i in range(w.shape[0]):
+        s = mask[i]
+        target = xa @ w[i].double()
+        out[i, s] = torch.linalg.lstsq(xa[:, s], target.unsqueeze(1)).solution.squeeze(1)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_refit_is_the_least_squares_optimum(seed):
+    x = correlated_inputs(20, 3, 12, seed)
+    w = random_weight(5, 12, seed)
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.rand(5, 12, generator=g) < 0.5
+    h = LayerInputs(x).gram()
+    lam = 0.01 * float(h.diagonal().mean())
+    ref = _ls_optimum(w, x.reshape(-1, 12), mask, lam)
+    hd = h + lam * torch.eye(12, dtype=torch.float64)
+    assert torch.allclose(exact_refit(w.double(), hd, mask), ref, atol=1e-8)
+    assert torch.allclose(masked_pcg(w.double(), hd, mask, iters=200, tol=1e-12), ref, atol=1e-6)
+
+
+def _brute_force_row(w, h, keep):
+    """Best loss over all masks keeping ``keep`` per row (each row independent), with LS refit."""
+    n = w.shape[1]
+    total = 0.0
+    for i in range(w.shape[0]):
+        best = float("inf")
+        for s in itertools.combinations(range(n), keep):
+            mask = torch.zeros(1, n, dtype=torch.bool)
+            mask[0, list(s)] = True
+            fit = exact_refit(w[i : i + 1].double(), h, mask)
+            best = min(best, quad(h, w[i : i + 1] - fit))
+        total += best
+    return total
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_single_removal_obs_is_exactly_optimal(seed):
+    """Removing one weight per row: OBS's argmin w^2/[H^-1]_qq is the exact optimum (CAP, SparseGPT-free)."""
+    x = correlated_inputs(16, 2, 8, seed)
+    w = random_weight(4, 8, seed)
+    hd = _damped(x)
+    pat = parse_pattern("row", 1 / 8)
+    w_hat, mask = SOLVERS["cap"](w, hd, pat)
+    assert quad(hd, w - w_hat) == pytest.approx(_brute_force_row(w, hd, 7), rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_solvers_against_brute_force_on_small_rows(seed):
+    x = correlated_inputs(16, 2, 8, seed)
+    w = random_weight(3, 8, seed)
+    hd = _damped(x)
+    pat = parse_pattern("row", 0.5)
+    optimum = _brute_force_row(w, hd, 4)
+    losses = {}
+    for name in ("alps", "cap", "sparsegpt", "wanda", "magnitude"):
+        w_hat, mask = SOLVERS[name](w, hd, pat, h_diag=hd.diagonal())
+        assert pat.validate_mask(mask)
+        losses[name] = quad(hd, w - w_hat)
+        assert losses[name] >= optimum * (1 - 1e-9)  # nothing beats the exhaustive optimum
+    assert losses["alps"] <= 1.05 * optimum
+    assert losses["cap"] <= 1.15 * optimum
+    # with the exact refit, the ALPS mask is (near-)optimal
+    _, mask = SOLVERS["alps"](w, hd, pat)
+    assert quad(hd, w - exact_refit(w.double(), hd, mask)) <= 1.05 * optimum
+
+
+def _reference_sparsegpt(w, h, sparsity, blocksize, percdamp=0.01):
+    """Straightforward SparseGPT: per-column OBS updates applied to all later columns at once
+    (no lazy batching), mask per block by w^2 / U_ii^2 with an exact count."""
+    w = w.double().clone()
+    n = w.shape[1]
+    h = h.double().clone()
+    h += percdamp * h.diagonal().mean() * torch.eye(n, dtype=torch.float64)
+    u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    pruned = torch.zeros_like(w, dtype=torch.bool)
+    for i1 in range(0, n, blocksize):
+        i2 = min(i1 + blocksize, n)
+        tmp = w[:, i1:i2] ** 2 / u.diagonal()[i1:i2] ** 2
+        k = int(round(tmp.numel() * sparsity))
+        idx = torch.topk(tmp.reshape(-1), k, largest=False).indices
+        blockmask = torch.zeros(tmp.numel(), dtype=torch.bool)
+        blockmask[idx] = True
+        pruned[:, i1:i2] = blockmask.view_as(tmp)
+        for j in range(i1, i2):
+            q = w[:, j].clone()
+            q[pruned[:, j]] = 0
+            err = (w[:, j] - q) / u[j, j]
+            w[:, j:] -= err[:, None] * u[j, j:][None, :]
+            w[:, j] = q
+    return w, ~pruned
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_sparsegpt_matches_reference_numerics(seed):
+    x = correlated_inputs(64, 4, 64, seed)
+    w = random_weight(16, 64, seed)
+    h = LayerInputs(x).gram()
+    ref_w, ref_mask = _reference_sparsegpt(w, h, 0.5, blocksize=16)
+    hd = h + 0.01 * float(h.diagonal().mean()) * torch.eye(64, dtype=torch.float64)
+    w_hat, mask = SOLVERS["sparsegpt"](w, hd, parse_pattern("unstructured", 0.5), block_size=16)
+    assert torch.equal(mask, ref_mask)
+    assert torch.allclose(w_hat.double(), ref_w, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["alps", "cap", "sparsegpt", "wanda", "magnitude"])
+@pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.6), ("row", 0.6), ("2:4", None), ("1:4", None)])
+def test_every_solver_every_pattern_exact_budget(name, pattern, sparsity):
+    x = correlated_inputs(24, 2, 32, 0)
+    w = random_weight(12, 32, 0)
+    hd = _damped(x)
+    pat = parse_pattern(pattern, sparsity)
+    w_hat, mask = SOLVERS[name](w, hd, pat, h_diag=hd.diagonal())
+    assert pat.validate_mask(mask)
+    assert bool((w_hat[~mask] == 0).all())
+    assert torch.isfinite(w_hat).all()
+
+
+def test_cap_block_approximation_and_chunks_agree_with_full():
+    x = correlated_inputs(24, 2, 48, 1)
+    w = random_weight(10, 48, 1)
+    hd = _damped(x)
+    pat = parse_pattern("unstructured", 0.5)
+    full, mfull = SOLVERS["cap"](w, hd, pat)
+    chunked, mchunk = SOLVERS["cap"](w, hd, pat, chunk_bytes=1)  # one problem per chunk
+    assert torch.equal(mfull, mchunk) and torch.allclose(full, chunked, atol=1e-6)
+    # a block-diagonal curvature with one block equal to the whole layer is the full solver
+    same, msame = SOLVERS["cap"](w, hd, pat, block_size=48)
+    assert torch.equal(mfull, msame)
+    # blocks of 16 that do not divide 40: padding handled, budget exact
+    blk, mblk = SOLVERS["cap"](w[:, :40], hd[:40, :40], pat, block_size=16)
+    assert pat.validate_mask(mblk)
+    # the block approximation is worse than (or equal to) full curvature in nominal loss
+    assert quad(hd, w - full) <= quad(hd, w - SOLVERS["cap"](w, hd, pat, block_size=8)[0]) * (1 + 1e-9)
+
+
+def test_cap_truncated_first_pass_is_exact_when_rows_need_very_different_counts():
+    """Rows scaled by 1e-3..1e3 need from almost none to almost all removals: the saturated
+    problems are re-run in full and the result equals a full elimination of every row."""
+    x = correlated_inputs(24, 2, 64, 3)
+    w = random_weight(16, 64, 3) * torch.logspace(-3, 3, 16)[:, None]
+    hd = _damped(x)
+    pat = parse_pattern("unstructured", 0.5)
+    quick, mq = SOLVERS["cap"](w, hd, pat)
+    full, mf = SOLVERS["cap"](w, hd, pat, truncate=False)
+    assert torch.equal(mq, mf) and torch.allclose(quick, full)
+    assert int((~mq[0]).sum()) > 0.9 * 64  # the tiny row really went past the first pass's depth
+
+
+@pytest.mark.parametrize("spec", ["unstructured", "row", "2:4", "prior"])
+def test_cap_grouped_prunes_each_layer_as_cap_alone(spec):
+    """G layers with their own Grams (and their own unstructured threshold) in one batched
+    elimination: each equals CAP on that layer alone, bit for bit, whatever the chunking."""
+    from robop_lightning.engine.solvers.cap import cap_grouped
+
+    grams = torch.stack([_damped(correlated_inputs(24, 2, 32, seed)) for seed in range(3)])
+    ws = torch.stack([random_weight(12, 32, seed) * (1 + seed) for seed in range(3)])  # different scales
+    pat = parse_pattern("unstructured" if spec == "prior" else spec, None if ":" in spec else 0.6)
+    prior = (torch.rand(12, 32, generator=torch.Generator().manual_seed(9)) > 0.3) if spec == "prior" else None
+    for chunk_bytes, trajectory_bytes in ((1 << 26, 1 << 31), (1, 1 << 31), (1 << 26, 1)):
+        # all problems together, one problem per chunk; no stored trajectory (the chosen steps replayed)
+        out, masks = cap_grouped(ws, grams, pat, prior=prior, chunk_bytes=chunk_bytes,
+                                 trajectory_bytes=trajectory_bytes)
+        for g in range(3):
+            alone, mask = SOLVERS["cap"](ws[g], grams[g], pat, prior=prior)
+            assert torch.equal(masks[g], mask) and torch.equal(out[g], alone), (spec, g)
+            assert pat.validate_mask(mask)
+
+
+def test_alps_on_an_identity_gram_finds_the_magnitude_optimum():
+    """With H = I the optimum keeps the largest |w|; ADMM must not return a worse support."""
+    w = random_weight(32, 64, 4)
+    pat = parse_pattern("unstructured", 0.5)
+    w_hat, mask = SOLVERS["alps"](w, torch.eye(64, dtype=torch.float64), pat)
+    assert torch.equal(mask, pat.select(w.abs()))
+    assert torch.allclose(w_hat, w * mask, atol=1e-5)
