@@ -30,7 +30,8 @@ import torch
 from robop_lightning.assets import require
 from robop_lightning.data.text import _encode, _resolve_tokenizer, load_corpus
 from robop_lightning.export import save_pruned
-from robop_lightning.pipeline.prune import prune_model
+from robop_lightning.config import PruneConfig
+from robop_lightning.pipeline.prune import run_job
 from robop_lightning.report import PruneReport
 
 __all__ = ["calibration_windows", "main", "parser"]
@@ -101,6 +102,10 @@ def main(argv: list[str] | None = None) -> PruneReport:
 
     args = parser().parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # every pruning option checked before the model is loaded
+    config = PruneConfig(sparsity=args.sparsity, pattern=args.pattern, solver=args.solver, uncertainty=args.set,
+                         radius=args.radius, targets=args.targets, ignore=args.ignore, resume_dir=args.resume_dir,
+                         device=args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     output = Path(args.output)
@@ -115,9 +120,7 @@ def main(argv: list[str] | None = None) -> PruneReport:
     tokenizer = _resolve_tokenizer(args.tokenizer or source)
     data = calibration_windows(tokenizer, args.calibration, args.samples, args.seqlen, args.seed)
     batches = [{"input_ids": data[i : i + args.batch_size]} for i in range(0, len(data), args.batch_size)]
-    report = prune_model(model, batches, sparsity=args.sparsity, pattern=args.pattern, solver=args.solver,
-                         uncertainty=args.set, radius=args.radius, targets=args.targets, ignore=args.ignore,
-                         resume_dir=args.resume_dir, device=args.device, progress=None)
+    report = run_job(model, batches, config)
     report.config.update({"model": args.model, "calibration": args.calibration, "samples": args.samples,
                           "seqlen": args.seqlen, "seed": args.seed})
     save_pruned(model, output, format=args.format, report=report, overwrite=args.overwrite)

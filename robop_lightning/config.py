@@ -7,7 +7,7 @@ dataclasses too, each refusing unknown keys with the list of valid ones:
 * per solver: :mod:`robop_lightning.engine.solvers.options` (``AlpsOptions``, ``CapOptions``, ...);
 * ``pattern="structured"``: :class:`StructuredOptions`;
 * ``uncertainty="auto"`` / ``radius="auto"``: :class:`robop_lightning.engine.selection.AutoOptions`;
-* ``curvature="fisher"``: :class:`robop_lightning.pipeline.fisher_step.FisherOptions`.
+* ``curvature="fisher"``: :class:`FisherOptions`.
 
 A dict with the same keys works wherever a dataclass does, so every option is YAML-expressible
 (LightningCLI). Sets are accepted under their long names too (``"ellipsoid"`` for ``"e"``).
@@ -23,22 +23,21 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from robop_lightning.pipeline.fisher_step import FisherOptions
 from robop_lightning.utils.offload import parse_bytes
 from robop_lightning.engine.patterns import parse_pattern
 from robop_lightning.engine.selection import AutoOptions, check_auto_request
+from robop_lightning.engine.solvers.fisher_obs import SELECTIONS
 from robop_lightning.engine.solvers import SOLVERS, check_solver_options
 from robop_lightning.utils.typed import coerce_options
-from robop_lightning.engine.sets import canonical_set_name, make_uncertainty
+from robop_lightning.engine.sets import CLOSED_FORM_SETS, canonical_set_name, make_uncertainty
 
-__all__ = ["PruneConfig", "StructuredOptions", "check_fraction", "is_structured"]
+__all__ = ["FisherOptions", "PruneConfig", "StructuredOptions", "check_fraction", "is_structured"]
 
 
 def is_structured(pattern: Any) -> bool:
@@ -88,6 +87,48 @@ class StructuredOptions:
     def coerce(cls, value: StructuredOptions | dict[str, Any] | None, what: str = "structured_options") -> StructuredOptions:
         """``None`` -> defaults; a dict -> checked fields (unknown keys are refused with the valid ones)."""
         return coerce_options(cls, value, what)
+
+
+@dataclass(frozen=True)
+class FisherOptions:
+    """How CAP's empirical Fisher is built and used (a dict with these keys works too).
+
+    Attributes:
+        gradients: ``m``, the number of per-sample gradients (CAP's ViT recipes: 4096; the default
+            suits a CPU).
+        block_size: ``B`` (``None``: CAP's 192 where it divides the layer's inputs, else the largest
+            divisor up to 128).
+        lam: CAP's damping ``lambda`` (Baseline's ``D = m lam I``; every set's eigenvalue floor).
+        batch_size: per-sample gradients computed at once.
+        selection: ``"global"`` (one threshold over all target layers, CAP's) or ``"uniform"`` (the
+            same sparsity in every layer). ``N:M`` patterns are per group either way.
+        method: per-sample gradients by ``"vmap"``, ``"loop"`` or ``"auto"`` (vmap, else the loop).
+    """
+
+    gradients: int = 256
+    block_size: int | None = None
+    lam: float = 1e-8
+    batch_size: int = 32
+    selection: str = "global"
+    method: str = "auto"
+
+    @classmethod
+    def coerce(cls, value: FisherOptions | dict[str, Any] | None) -> FisherOptions:
+        out = coerce_options(cls, value, "fisher option(s)")
+        for key in ("gradients", "batch_size"):
+            v = getattr(out, key)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"fisher {key} must be a positive integer, got {v!r}.")
+        if out.block_size is not None and (isinstance(out.block_size, bool) or not isinstance(out.block_size, int)
+                                           or out.block_size < 1):
+            raise ValueError(f"fisher block_size must be a positive integer or None, got {out.block_size!r}.")
+        if not (isinstance(out.lam, (int, float)) and out.lam > 0):
+            raise ValueError(f"fisher lam must be a number > 0 (CAP's damping), got {out.lam!r}.")
+        if out.selection not in SELECTIONS:
+            raise ValueError(f"fisher selection must be one of {', '.join(SELECTIONS)}, got {out.selection!r}.")
+        if out.method not in ("auto", "vmap", "loop"):
+            raise ValueError(f"fisher method must be 'auto', 'vmap' or 'loop', got {out.method!r}.")
+        return out
 
 
 @dataclass(frozen=True)
@@ -144,7 +185,7 @@ class PruneConfig:
         if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not self.damping >= 0:
             raise ValueError(f"damping must be a number >= 0 (relative to mean(diag H)), got {self.damping!r}.")
         if self.structured:
-            StructuredOptions.coerce(self.solver_options, "solver_options for pattern='structured'")
+            self._check_structured()
         elif self.solver is not None:
             check_solver_options(self.solver, self.solver_options, "prune_model")
         for what, value in (("targets", self.targets), ("ignore", self.ignore)):
@@ -175,6 +216,19 @@ class PruneConfig:
         """Whether the set or its radius is chosen per layer (``"auto"``)."""
         return check_auto_request(self.uncertainty, self.radius, self.solver, "prune_model")
 
+    def _check_structured(self) -> None:
+        if self.sparsity is None:  # structured pruning has no N:M pattern to imply it
+            object.__setattr__(self, "sparsity", 0.5)
+        sparsity = self.sparsity
+        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0:
+            raise ValueError(
+                f"pattern='structured': sparsity must be in [0, 1) (the fraction of block parameters removed), got "
+                f"{sparsity!r}. For half of the heads and MLP channels pass 0.5."
+            )
+        opts = self.structured_options
+        if float(sparsity) > opts.max_sparsity:
+            raise ValueError(f"sparsity={sparsity} exceeds max_sparsity={opts.max_sparsity}; raise max_sparsity.")
+
     def _check_curvature(self) -> None:
         if self.curvature not in ("gram", "fisher"):
             raise ValueError(f"curvature must be 'gram' (layer reconstruction) or 'fisher' (CAP's empirical Fisher), "
@@ -195,7 +249,22 @@ class PruneConfig:
                 "curvature='fisher' is CAP's: use solver='cap'"
                 + (f", without {', '.join(clash)} (layer-reconstruction options)" if clash else "") + "."
             )
+        if self.uncertainty not in CLOSED_FORM_SETS:
+            raise ValueError(f"curvature='fisher' takes the authors' sets ({', '.join(CLOSED_FORM_SETS)}), "
+                             f"got {self.uncertainty!r}.")
+        if parse_pattern(self.pattern, self.sparsity).kind not in ("unstructured", "nm"):
+            raise ValueError(f"curvature='fisher' prunes 'unstructured' or 'N:M' patterns, not {self.pattern!r}.")
         FisherOptions.coerce(self.fisher)
+
+    @property
+    def fisher_options(self) -> FisherOptions:
+        """``fisher`` as :class:`FisherOptions` (defaults filled in)."""
+        return FisherOptions.coerce(self.fisher)
+
+    @property
+    def structured_options(self) -> StructuredOptions:
+        """``solver_options`` of ``pattern="structured"`` as :class:`StructuredOptions`."""
+        return StructuredOptions.coerce(self.solver_options, "solver_options for pattern='structured'")
 
     def layer_options(self) -> dict[str, Any]:
         """The keyword arguments every target's :func:`robop_lightning.prune_layer` call gets."""

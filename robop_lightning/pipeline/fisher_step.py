@@ -1,42 +1,38 @@
 """RobOP-CAP with CAP's curvature: prune a model's linears with the empirical block Fisher of its loss.
 
-The pipeline (maths in :mod:`robop_lightning.engine.solvers.fisher_obs`)::
+The :class:`FisherStep` of a pruning job (maths in :mod:`robop_lightning.engine.solvers.fisher_obs`)::
 
     take m calibration samples (with their labels)
-    for each target linear, one at a time:
+    pass 1, for each target linear (a unit of the walk, checkpointed in resume_dir):
         accumulate H_b = sum_k g_kb g_kb^T over the m per-sample gradients (vmap, in batches)
         F_b^-1 under the uncertainty set (Baseline: CAP's lam I + H_b / m)
         eliminate every weight of every block by OBS; keep each step's loss and the removal order
     one threshold over all blocks of all layers (global; or per layer: uniform; N:M: per group)
-    for each target linear: the same H_b and F_b^-1 again (the same gradients, bit for bit), then
-        replay its eliminations up to each block's count: the weights and the mask
+    pass 2, for each target linear: the same H_b and F_b^-1 again (the same gradients, bit for bit),
+        then replay its eliminations up to each block's count: the weights and the mask
+    write every pruned weight (the model stays dense until then: every layer sees the dense
+    model's gradients, CAP's one-shot setting)
 
 Memory: one layer's blocks at a time (``H_b`` and ``F_b^-1``, ``2 x 8 B`` bytes per weight), the
 ``batch_size`` gradients in flight, and 16 bytes per weight for the orders and losses. Nothing of
 size ``B`` per weight is kept for the whole model (that is 32 GB for DeiT-Small in float64): the
-blocks are rebuilt from the gradients for the replay, which doubles the gradient passes. The
-gradients are those of the *dense* model (CAP's one-shot setting): every layer sees the same
-curvature source.
+blocks are rebuilt from the gradients for the replay, which doubles the gradient passes.
 """
 
 from __future__ import annotations
 
+import logging
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable
+from dataclasses import asdict
 from typing import Any
 
 import torch
 from torch import nn
 
-from robop_lightning.pipeline.targets import find_blocks, resolve_targets
-from robop_lightning.pipeline.gradients import LossFn, batch_size_of, per_sample_gradients, slice_batch
-from robop_lightning.report import PruneReport
-from robop_lightning.utils.offload import WeightUndo
+from robop_lightning.config import FisherOptions, PruneConfig
 from robop_lightning.engine.patterns import parse_pattern
-from robop_lightning.utils.typed import coerce_options
 from robop_lightning.engine.solvers.fisher_obs import (
-    SELECTIONS,
     block_grams,
     default_block_size,
     eliminate_blocks,
@@ -44,69 +40,179 @@ from robop_lightning.engine.solvers.fisher_obs import (
     select_counts,
     set_block_inverse,
 )
-from robop_lightning.engine.sets import CLOSED_FORM_SETS, canonical_set_name
+from robop_lightning.pipeline.gradients import LossFn, batch_size_of, per_sample_gradients
+from robop_lightning.pipeline.job import Job, prepare_job
+from robop_lightning.pipeline.walk import BlockWalk
+from robop_lightning.report import PruneReport
+from robop_lightning.utils.offload import WeightUndo
 
-__all__ = ["FisherOptions", "prune_model_fisher"]
+__all__ = ["FisherOptions", "FisherStep", "prune_fisher", "prune_model_fisher"]
+
+log = logging.getLogger("robop_lightning")
 
 
-@dataclass(frozen=True)
-class FisherOptions:
-    """How CAP's empirical Fisher is built and used (a dict with these keys works too).
+def block_sizes(job: Job, pat: Any, opts: FisherOptions) -> dict[str, int]:
+    """Each target's Fisher block size ``B`` (checked against its inputs and the pattern's ``M``)."""
+    sizes = {}
+    for n, mod in job.modules.items():
+        rows, cols = mod.weight.shape
+        pat.check_shape(rows, cols, n)
+        size = opts.block_size or (192 if cols % 192 == 0 else default_block_size(cols))
+        if cols % size:
+            raise ValueError(f"{n}: fisher block_size={size} must divide its {cols} inputs; "
+                             f"try {default_block_size(cols, size)}.")
+        if pat.kind == "nm" and size % pat.m:
+            raise ValueError(f"{n}: fisher block_size={size} must be a multiple of M={pat.m}.")
+        sizes[n] = size
+    return sizes
 
-    Attributes:
-        gradients: ``m``, the number of per-sample gradients (CAP's ViT recipes: 4096; the default
-            suits a CPU).
-        block_size: ``B`` (``None``: CAP's 192 where it divides the layer's inputs, else the largest
-            divisor up to 128).
-        lam: CAP's damping ``lambda`` (Baseline's ``D = m lam I``; every set's eigenvalue floor).
-        batch_size: per-sample gradients computed at once.
-        selection: ``"global"`` (one threshold over all target layers, CAP's) or ``"uniform"`` (the
-            same sparsity in every layer). ``N:M`` patterns are per group either way.
-        method: per-sample gradients by ``"vmap"``, ``"loop"`` or ``"auto"`` (vmap, else the loop).
+
+class FisherStep:
+    """CAP's Fisher pruning as units of a :class:`BlockWalk`: one per target linear, in two passes.
+
+    ``phase`` is ``"eliminate"`` (pass 1: each layer's OBS order and losses) or ``"replay"`` (pass 2:
+    each layer's weights and mask at the counts the threshold chose). Both passes are checkpointed
+    per layer in ``resume_dir``; the weights are written when every layer is replayed.
     """
 
-    gradients: int = 256
-    block_size: int | None = None
-    lam: float = 1e-8
-    batch_size: int = 32
-    selection: str = "global"
-    method: str = "auto"
+    def __init__(self, job: Job, walk: BlockWalk, report: PruneReport, sizes: dict[str, int]) -> None:
+        self.job, self.walk, self.report, self.sizes = job, walk, report, sizes
+        self.opts = job.config.fisher_options
+        self.pattern = parse_pattern(job.config.pattern, job.config.sparsity)
+        self.m = sum(batch_size_of(b) for b in job.batches)
+        self.phase = "eliminate"
+        self.state: dict[str, dict[str, torch.Tensor | float]] = {}
+        self.counts: dict[str, torch.Tensor] = {}
+        self.pruned: dict[str, torch.Tensor] = {}  # the model stays dense until every layer is replayed
+        self.undo = WeightUndo()
 
-    @classmethod
-    def coerce(cls, value: FisherOptions | dict[str, Any] | None) -> FisherOptions:
-        out = coerce_options(cls, value, "fisher option(s)")
-        for key in ("gradients", "batch_size"):
-            v = getattr(out, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"fisher {key} must be a positive integer, got {v!r}.")
-        if out.block_size is not None and (isinstance(out.block_size, bool) or not isinstance(out.block_size, int)
-                                           or out.block_size < 1):
-            raise ValueError(f"fisher block_size must be a positive integer or None, got {out.block_size!r}.")
-        if not (isinstance(out.lam, (int, float)) and out.lam > 0):
-            raise ValueError(f"fisher lam must be a number > 0 (CAP's damping), got {out.lam!r}.")
-        if out.selection not in SELECTIONS:
-            raise ValueError(f"fisher selection must be one of {', '.join(SELECTIONS)}, got {out.selection!r}.")
-        if out.method not in ("auto", "vmap", "loop"):
-            raise ValueError(f"fisher method must be 'auto', 'vmap' or 'loop', got {out.method!r}.")
-        return out
+        def restore() -> None:
+            self.undo.restore({n: mod.weight for n, mod in job.modules.items()})
+            report.masks.clear()
+            report.resumed.clear()
+
+        walk.on_undo(restore)
+        walk.on_close(self.undo.close)
+
+    def _blocks(self, n: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``H_b`` (summed over the m gradients) and ``F_b^-1`` under the set, for layer ``n``."""
+        w = self.job.modules[n].weight
+        rows, cols = w.shape
+        size = self.sizes[n]
+        h = torch.zeros(rows * cols // size, size, size, dtype=torch.float64, device=w.device)
+        with torch.enable_grad():
+            for b in self.job.batches:
+                g = per_sample_gradients(self.job.model, [f"{n}.weight"], b, self.job.loss_fn,
+                                         method=self.opts.method)[f"{n}.weight"]
+                h += block_grams(g.reshape(g.shape[0], -1), cols, size)
+        return h, set_block_inverse(h, self.m, self.opts.lam, self.job.config.uncertainty, self.job.config.radius)
+
+    def prune_unit(self, walk: BlockWalk, n: str) -> list[str]:
+        return self._eliminate(n) if self.phase == "eliminate" else self._replay(n)
+
+    def _eliminate(self, n: str) -> list[str]:
+        t = time.perf_counter()
+        with self.walk.timed("solve"):
+            h, finv = self._blocks(n)
+            w = self.job.modules[n].weight.detach().to(torch.float64).reshape(-1, self.sizes[n])
+            order, cum = eliminate_blocks(w, finv, self.pattern)
+        self.state[n] = {"order": order.cpu(), "cum": cum.cpu(), "seconds": time.perf_counter() - t}
+        log.info("%s: Fisher blocks of %d from %d gradients, eliminated in %.1fs", n, self.sizes[n], self.m,
+                 time.perf_counter() - t)
+        return [n]
+
+    def threshold(self) -> None:
+        """Every layer's per-block counts: one threshold over all layers (or per layer, or per group)."""
+        names, modules, pat = self.job.names, self.job.modules, self.pattern
+        cums = [self.state[n]["cum"] for n in names]
+        if pat.kind == "nm":
+            counts = [torch.full((c.shape[0],), c.shape[1], dtype=torch.long) for c in cums]
+        elif self.opts.selection == "global":
+            total = sum(modules[n].weight.numel() for n in names)
+            keep = sum(pat.keep_count(*modules[n].weight.shape) for n in names)
+            counts = select_counts(cums, total - keep, "global")
+            log.info("global threshold: %d of %d weights removed across %d layers", total - keep, total, len(names))
+        else:
+            counts = select_counts(cums, [modules[n].weight.numel() - pat.keep_count(*modules[n].weight.shape)
+                                          for n in names], "uniform")
+        self.counts = dict(zip(names, counts))
+        self.phase = "replay"
+
+    def _replay(self, n: str) -> list[str]:
+        t = time.perf_counter()
+        w = self.job.modules[n].weight.detach()
+        with self.walk.timed("solve"):
+            h, finv = self._blocks(n)  # the dense model's gradients again, in the same order: the same blocks
+            w_blocks = w.to(torch.float64).reshape(-1, self.sizes[n])
+            out, kept = replay_blocks(w_blocks, finv, self.state[n]["order"].to(w.device),
+                                      self.counts[n].to(w.device))
+            err = (w_blocks - out).unsqueeze(-1)
+            num = float((err.transpose(1, 2) @ h @ err).sum())
+            den = float((w_blocks.unsqueeze(1) @ h @ w_blocks.unsqueeze(-1)).sum())
+        del h, finv
+        mask = kept.reshape(w.shape)
+        self.pruned[n] = out.reshape(w.shape).to(device="cpu", dtype=w.dtype)
+        self.report.masks[n] = mask.cpu()
+        relative = num / den if den > 0 else 0.0
+        self.report.layers.append({
+            "name": n, "shape": list(w.shape), "parameters": w.numel(),
+            "sparsity": 1.0 - float(mask.float().mean()),
+            "nominal_error": relative, "robust_error": relative, "heldout_error": None, "srank": None,
+            "seconds": self.state[n]["seconds"] + time.perf_counter() - t,
+        })
+        return [n]
+
+    def save(self, names: list[str]) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:
+        if self.phase == "eliminate":
+            rows = [{"name": n, "seconds": self.state[n]["seconds"]} for n in names]
+            return rows, {**{f"{n}.order": self.state[n]["order"] for n in names},
+                          **{f"{n}.cum": self.state[n]["cum"] for n in names}}
+        return self.report.layers[-len(names):], {**{f"{n}.weight": self.pruned[n] for n in names},
+                                                  **{f"{n}.mask": self.report.masks[n] for n in names}}
+
+    def restore(self, rows: list[dict[str, Any]], tensors: dict[str, torch.Tensor]) -> None:
+        for row in rows:
+            n = row["name"]
+            if self.phase == "eliminate":
+                self.state[n] = {"order": tensors[f"{n}.order"], "cum": tensors[f"{n}.cum"], "seconds": row["seconds"]}
+                continue
+            self.pruned[n] = tensors[f"{n}.weight"]
+            self.report.masks[n] = tensors[f"{n}.mask"]
+            self.report.layers.append(row)
+            self.report.resumed.append(n)
+
+    def write(self) -> None:
+        """Every pruned weight into the model (each original saved for the walk's undo first)."""
+        for n, value in self.pruned.items():
+            self.undo.save(n, self.job.modules[n].weight)
+            self.job.modules[n].weight.data.copy_(value)
+
+    def prune_block(self, walk: BlockWalk, name: str, block: nn.Module) -> list[str]:  # pragma: no cover
+        raise NotImplementedError("CAP's Fisher pass walks linears (BlockWalk.units), not blocks")
+
+    def prune_linear(self, name: str, inputs: torch.Tensor) -> None:  # pragma: no cover
+        raise NotImplementedError("CAP's Fisher pass needs no captured inputs (BlockWalk.units)")
 
 
-def _samples(calibration: Iterable[Any], m: int, batch_size: int) -> list[Any]:
-    """The first ``m`` samples of ``calibration``, re-cut into batches of at most ``batch_size``."""
-    out, seen = [], 0
-    for batch in calibration:
-        size = batch_size_of(batch)
-        for a in range(0, size, batch_size):
-            if seen >= m:
-                return out
-            take = min(batch_size, size - a, m - seen)
-            out.append(slice_batch(batch, a, a + take))
-            seen += take
-        if seen >= m:
-            break
-    if seen == 0:
-        raise ValueError("calibration is empty: pass an iterable with at least one batch.")
-    return out
+def prune_fisher(job: Job) -> PruneReport:
+    """Prune ``job``'s targets with CAP's empirical block Fisher (see the module docstring)."""
+    c = job.config
+    pat = parse_pattern(c.pattern, c.sparsity)
+    sizes = block_sizes(job, pat, c.fisher_options)
+    m = sum(batch_size_of(b) for b in job.batches)
+    report = PruneReport(config={
+        "sparsity": pat.sparsity, "pattern": c.pattern, "solver": "cap", "curvature": "fisher",
+        "uncertainty": c.uncertainty, "radius": c.radius, "fisher": asdict(c.fisher_options), "gradients_used": m,
+    })
+    identity = {k: v for k, v in report.config.items()}
+    walk = job.open_walk(identity, {n: mod.weight for n, mod in job.modules.items()})
+    step = FisherStep(job, walk, report, sizes)
+    with walk.transaction():
+        walk.units(step, job.names, "Fisher blocks", prefix="eliminate")
+        step.threshold()
+        walk.units(step, job.names, "replaying", prefix="replay")
+        step.write()
+    return job.finish(report, walk)
 
 
 def prune_model_fisher(
@@ -121,9 +227,12 @@ def prune_model_fisher(
     ignore: list[str] | str | None = None,
     blocks: str | None = None,
     fisher: FisherOptions | dict[str, Any] | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: bool | None = None,
+    resume_dir: str | None = None,
 ) -> PruneReport:
     """Prune ``model``'s linears in place with CAP's empirical block Fisher (RobOP-CAP as published).
+
+    The same job as ``prune_model(model, calibration, solver="cap", curvature="fisher", loss_fn=...)``.
 
     Args:
         model: any ``nn.Module``.
@@ -137,8 +246,9 @@ def prune_model_fisher(
             ``m`` gradients, ``N = m``); ``"baseline"`` is CAP's own damping.
         radius: the set's gamma (``None``: 0.01).
         targets, ignore, blocks: which linears, as in :func:`robop_lightning.prune_model`.
-        fisher: :class:`FisherOptions` (or a dict).
-        progress: called with one line per finished phase (for logs).
+        fisher: :class:`robop_lightning.config.FisherOptions` (or a dict).
+        progress: a progress bar over layers (``None``: on a terminal); each layer is also logged.
+        resume_dir: make the job resumable (as in :func:`robop_lightning.prune_model`).
 
     Returns:
         A :class:`robop_lightning.PruneReport`: per layer the sparsity the threshold chose and the
@@ -156,105 +266,7 @@ def prune_model_fisher(
         >>> round(report.totals["sparsity"], 3)
         0.5
     """
-    start = time.perf_counter()
-    opts = FisherOptions.coerce(fisher)
-    name_set = canonical_set_name(uncertainty) if isinstance(uncertainty, str) else uncertainty
-    if name_set not in CLOSED_FORM_SETS:
-        raise ValueError(f"curvature='fisher' takes the authors' sets ({', '.join(CLOSED_FORM_SETS)}), "
-                         f"got {uncertainty!r}.")
-    if not callable(loss_fn):
-        raise ValueError("curvature='fisher' needs loss_fn(model, batch) -> per-sample losses (shape (B,)).")
-    pat = parse_pattern(pattern, sparsity)
-    if pat.kind not in ("unstructured", "nm"):
-        raise ValueError(f"curvature='fisher' prunes 'unstructured' or 'N:M' patterns, not {pattern!r}.")
-    structure = find_blocks(model, blocks)
-    names = resolve_targets(model, targets, ignore, [b for b, _ in structure[1]] if structure else None)
-    modules = {n: model.get_submodule(n) for n in names}
-    sizes = {}
-    for n, mod in modules.items():
-        rows, cols = mod.weight.shape
-        pat.check_shape(rows, cols, n)
-        size = opts.block_size or (192 if cols % 192 == 0 else default_block_size(cols))
-        if cols % size:
-            raise ValueError(f"{n}: fisher block_size={size} must divide its {cols} inputs; "
-                             f"try {default_block_size(cols, size)}.")
-        if pat.kind == "nm" and size % pat.m:
-            raise ValueError(f"{n}: fisher block_size={size} must be a multiple of M={pat.m}.")
-        sizes[n] = size
-    batches = _samples(calibration, opts.gradients, opts.batch_size)
-    m = sum(batch_size_of(b) for b in batches)
-    say = progress or (lambda line: None)
-
-    report = PruneReport(config={
-        "sparsity": pat.sparsity, "pattern": pattern, "solver": "cap", "curvature": "fisher",
-        "uncertainty": name_set, "radius": radius, "fisher": asdict(opts), "gradients_used": m,
-    })
-    modes = {mod: mod.training for mod in model.modules()}
-    undo = WeightUndo()
-    state: dict[str, dict[str, Any]] = {}
-
-    def blocks(n: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``H_b`` (summed over the m gradients) and ``F_b^-1`` under the set, for layer ``n``."""
-        w = modules[n].weight
-        rows, cols = w.shape
-        size = sizes[n]
-        h = torch.zeros(rows * cols // size, size, size, dtype=torch.float64, device=w.device)
-        for b in batches:
-            g = per_sample_gradients(model, [f"{n}.weight"], b, loss_fn, method=opts.method)[f"{n}.weight"]
-            h += block_grams(g.reshape(g.shape[0], -1), cols, size)
-        return h, set_block_inverse(h, m, opts.lam, name_set, radius)
-
-    try:
-        model.eval()
-        for n, mod in modules.items():  # one layer at a time: its Fisher blocks, its eliminations
-            t = time.perf_counter()
-            h, finv = blocks(n)
-            order, cum = eliminate_blocks(mod.weight.detach().to(torch.float64).reshape(-1, sizes[n]), finv, pat)
-            state[n] = {"order": order.cpu(), "cum": cum.cpu(), "seconds": time.perf_counter() - t}
-            say(f"{n}: Fisher blocks of {sizes[n]} from {m} gradients, eliminated in {time.perf_counter() - t:.1f}s")
-            del h, finv, order, cum
-        cums = [state[n]["cum"] for n in names]
-        if pat.kind == "nm":
-            counts = [torch.full((c.shape[0],), c.shape[1], dtype=torch.long) for c in cums]
-        elif opts.selection == "global":
-            total = sum(modules[n].weight.numel() for n in names)
-            keep = sum(pat.keep_count(*modules[n].weight.shape) for n in names)
-            counts = select_counts(cums, total - keep, "global")
-            say(f"global threshold: {total - keep} of {total} weights removed across {len(names)} layers")
-        else:
-            counts = select_counts(cums, [modules[n].weight.numel() - pat.keep_count(*modules[n].weight.shape)
-                                          for n in names], "uniform")
-        pruned: dict[str, torch.Tensor] = {}  # the model stays dense until every layer is replayed
-        with torch.no_grad():
-            for n, count in zip(names, counts):
-                t = time.perf_counter()
-                w = modules[n].weight.detach()
-                h, finv = blocks(n)  # the dense model's gradients again, in the same order: the same blocks
-                w_blocks = w.to(torch.float64).reshape(-1, sizes[n])
-                out, kept = replay_blocks(w_blocks, finv, state[n]["order"].to(w.device), count.to(w.device))
-                err = (w_blocks - out).unsqueeze(-1)
-                num = float((err.transpose(1, 2) @ h @ err).sum())
-                den = float((w_blocks.unsqueeze(1) @ h @ w_blocks.unsqueeze(-1)).sum())
-                del h, finv
-                mask = kept.reshape(w.shape)
-                pruned[n] = out.reshape(w.shape).to(device="cpu", dtype=w.dtype)
-                report.masks[n] = mask.cpu()
-                report.layers.append({
-                    "name": n, "shape": list(w.shape), "parameters": w.numel(),
-                    "sparsity": 1.0 - float(mask.float().mean()),
-                    "nominal_error": num / den if den > 0 else 0.0, "robust_error": num / den if den > 0 else 0.0,
-                    "heldout_error": None, "srank": None,
-                    "seconds": state[n]["seconds"] + time.perf_counter() - t,
-                })
-            for n, value in pruned.items():
-                undo.save(n, modules[n].weight)
-                modules[n].weight.data.copy_(value)
-    except BaseException:
-        undo.restore({n: mod.weight for n, mod in modules.items()})
-        raise
-    finally:
-        for mod, was in modes.items():
-            mod.train(was)
-        undo.close()
-    report.seconds = time.perf_counter() - start
-    return report
+    config = PruneConfig(sparsity=sparsity, pattern=pattern, solver="cap", uncertainty=uncertainty, radius=radius,
+                         targets=targets, ignore=ignore, blocks=blocks, curvature="fisher", fisher=fisher,
+                         resume_dir=resume_dir)
+    return prune_fisher(prepare_job(model, calibration, config, loss_fn=loss_fn, progress=progress))

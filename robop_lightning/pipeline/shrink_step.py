@@ -17,7 +17,6 @@ Shrunk models save and load:
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -25,39 +24,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from robop_lightning.pipeline.calibration import default_forward
-from robop_lightning.pipeline.dispatch import execution_device
+from robop_lightning.config import PruneConfig, StructuredOptions
 from robop_lightning.engine.gram import LayerInputs
-from robop_lightning.utils.offload import parse_bytes
-from robop_lightning.pipeline.walk import BlockWalk, open_resume_store, split_heldout
-from robop_lightning.report import PruneReport
 from robop_lightning.engine.solvers.structured_obs import select_groups
+from robop_lightning.pipeline.job import Job, prepare_job
 from robop_lightning.pipeline.surgery import Unit, block_units, load_structured, mark_shrunk, record_config, save_structured
-from robop_lightning.pipeline.targets import find_blocks, resolve_targets
-from robop_lightning.engine.sets import make_uncertainty
+from robop_lightning.pipeline.walk import BlockWalk, split_heldout
+from robop_lightning.report import PruneReport
 
-__all__ = ["STRUCTURED_OPTIONS", "check_budget", "load_structured", "prune_model_structured", "save_structured"]
+__all__ = ["STRUCTURED_OPTIONS", "ShrinkStep", "load_structured", "prune_model_structured", "save_structured", "shrink"]
 
 # the options of prune_model(pattern="structured", solver_options=...) and RobOPCallback(structured_options=...)
 STRUCTURED_OPTIONS = ("budget", "cost", "min_keep", "max_sparsity", "per_step")
-
-
-def check_budget(sparsity, budget, cost, min_keep, max_sparsity) -> None:
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= float(sparsity) < 1.0:
-        raise ValueError(
-            f"pattern='structured': sparsity must be in [0, 1) (the fraction of block parameters removed), got "
-            f"{sparsity!r}. For half of the heads and MLP channels pass 0.5."
-        )
-    if budget not in ("layer", "global"):
-        raise ValueError(f"budget must be 'layer' (every unit loses the same share) or 'global', got {budget!r}.")
-    if cost not in ("params", "flops"):
-        raise ValueError(f"cost must be 'params' or 'flops' (what the global budget counts), got {cost!r}.")
-    if isinstance(min_keep, bool) or not isinstance(min_keep, int) or min_keep < 1:
-        raise ValueError(f"min_keep must be an integer >= 1 (groups every unit keeps), got {min_keep!r}.")
-    if not isinstance(max_sparsity, (int, float)) or not 0.0 < max_sparsity < 1.0:
-        raise ValueError(f"max_sparsity must be in (0, 1) (the most any unit may lose), got {max_sparsity!r}.")
-    if float(sparsity) > max_sparsity:
-        raise ValueError(f"sparsity={sparsity} exceeds max_sparsity={max_sparsity}; raise max_sparsity.")
 
 
 def _allocate(plans: list[dict[str, Any]], target: float) -> None:
@@ -192,93 +170,92 @@ def prune_model_structured(
         >>> vit.blocks[0].attn.num_heads, vit.blocks[0].mlp.fc1.out_features, round(report.totals["sparsity"], 2)
         (2, 96, 0.5)
     """
-    start = time.perf_counter()
-    check_budget(sparsity, budget, cost, min_keep, max_sparsity)
-    make_uncertainty(uncertainty, radius, coupled)
-    if (isinstance(heldout_fraction, bool) or not isinstance(heldout_fraction, (int, float))
-            or not 0.0 <= heldout_fraction < 1.0):
-        raise ValueError(f"heldout_fraction must be in [0, 1), got {heldout_fraction!r}.")
-    parse_bytes(activation_budget)
-    forward = forward or default_forward
-    structure = find_blocks(model, blocks)
-    if structure is None:
-        raise ValueError(
-            f"pattern='structured' needs a model with repeated transformer blocks; none found in {type(model).__name__}. "
-            "Pass blocks='<dotted name of the block list>'."
-        )
-    container, block_list = structure
-    if execution_device(model) is not None:
-        raise ValueError("pattern='structured' reshapes modules, which accelerate's offload hooks do not follow; load the "
-                         "model onto the host (without a device_map offload) and pass device='cuda' to onload it.")
-    chosen = set(resolve_targets(model, targets, ignore, [b for b, _ in block_list]))
-    units = [(i, unit) for i, (bname, block) in enumerate(block_list) for unit in block_units(block, bname)
+    config = PruneConfig(sparsity=sparsity, pattern="structured", uncertainty=uncertainty, radius=radius,
+                         coupled=coupled, rounds=rounds, damping=damping,
+                         solver_options=StructuredOptions(budget=budget, cost=cost, min_keep=min_keep,
+                                                          max_sparsity=max_sparsity, per_step=per_step),
+                         targets=targets, ignore=ignore, blocks=blocks, heldout_fraction=heldout_fraction,
+                         resume_dir=resume_dir, activation_budget=activation_budget,
+                         device=None if device is None else str(device))
+    return shrink(prepare_job(model, calibration, config, forward=forward, progress=progress))
+
+
+def _plans(job: Job, units: list[tuple[int, Unit]], opts: StructuredOptions) -> list[dict[str, Any]]:
+    """One plan per unit: how many groups it loses (per block, balanced; refined by the global budget)."""
+    sparsity = float(job.config.sparsity)
+    return [
+        {
+            "unit": u,
+            "block": job.block_list[i][0],
+            "remove": min(int(round(sparsity * u.n_groups)), u.n_groups - opts.min_keep),
+            "max": min(int(math.floor(opts.max_sparsity * u.n_groups)), u.n_groups - opts.min_keep),
+        }
+        for i, u in units
+    ]
+
+
+def _report(job: Job, opts: StructuredOptions) -> PruneReport:
+    c = job.config
+    return PruneReport(
+        config={
+            "sparsity": float(c.sparsity),
+            "pattern": "structured",
+            "solver": "structured-obs",
+            "uncertainty": c.uncertainty,
+            "radius": c.radius,
+            "budget": opts.budget,
+            "cost": opts.cost,
+            "blocks": job.container,
+            "calibration_batches": len(job.batches),
+            "coupled": c.coupled,
+            "rounds": c.rounds,
+            "damping": c.damping,
+            **({"heldout_fraction": c.heldout_fraction} if c.heldout_fraction else {}),
+        }
+    )
+
+
+def shrink(job: Job) -> PruneReport:
+    """Remove ``job``'s heads and channels block by block (see :func:`prune_model_structured`)."""
+    c, opts = job.config, job.config.structured_options
+    chosen = set(job.names)
+    units = [(i, unit) for i, (bname, block) in enumerate(job.block_list) for unit in block_units(block, bname)
              if unit.consumer_name in chosen]
     if not units:
         raise ValueError(
             "pattern='structured': no unit to prune; targets / ignore must select consumers such as "
             "'re:attn.proj', 're:mlp.fc2', 're:o_proj' or 're:down_proj'."
         )
-    batches = list(calibration)
-    if not batches:
-        raise ValueError("calibration is empty: pass an iterable with at least one batch.")
-    home = next(model.parameters()).device
-    engine = dict(uncertainty=uncertainty, radius=radius, coupled=coupled, rounds=rounds, damping=damping, per_step=per_step)
-    report = PruneReport(
-        config={
-            "sparsity": float(sparsity),
-            "pattern": "structured",
-            "solver": "structured-obs",
-            "uncertainty": uncertainty,
-            "radius": radius,
-            "budget": budget,
-            "cost": cost,
-            "blocks": container,
-            "calibration_batches": len(batches),
-            "coupled": coupled,
-            "rounds": rounds,
-            "damping": damping,
-            **({"heldout_fraction": heldout_fraction} if heldout_fraction else {}),
-        }
-    )
-    plans = [
-        {
-            "unit": u,
-            "block": block_list[i][0],
-            "remove": min(int(round(sparsity * u.n_groups)), u.n_groups - min_keep),
-            "max": min(int(math.floor(max_sparsity * u.n_groups)), u.n_groups - min_keep),
-        }
-        for i, u in units
-    ]
+    engine = dict(uncertainty=c.uncertainty, radius=c.radius, coupled=c.coupled, rounds=c.rounds, damping=c.damping,
+                  per_step=opts.per_step)
+    report = _report(job, opts)
+    plans = _plans(job, units, opts)
     by_block: dict[str, list[dict[str, Any]]] = {}
     for p in plans:
         by_block.setdefault(p["block"], []).append(p)
-    if budget == "layer":
+    if opts.budget == "layer":
         for block_plans in by_block.values():
-            _balance_block(block_plans, float(sparsity), min_keep)
-    store = None
-    if resume_dir is not None:
-        job = {**report.config, "min_keep": min_keep, "max_sparsity": max_sparsity, "per_step": per_step}
-        store = open_resume_store(resume_dir, model, {u.consumer_name: u.consumer.weight for _, u in units}, batches, job)
-    walk = BlockWalk(model, batches, forward, home if device is None else torch.device(device),
-                     activation_budget=activation_budget, progress=progress, resume=store,
-                     restored_note="the model was restored", home=home)
-    step = ShrinkStep(walk, by_block, engine, report, heldout_fraction, [b for _, b in block_list])
+            _balance_block(block_plans, float(c.sparsity), opts.min_keep)
+    identity = {**report.config, "min_keep": opts.min_keep, "max_sparsity": opts.max_sparsity, "per_step": opts.per_step}
+    walk = job.open_walk(identity, {u.consumer_name: u.consumer.weight for _, u in units},
+                         restored_note="the model was restored")
+    step = ShrinkStep(walk, by_block, engine, report, c.heldout_fraction, [b for _, b in job.block_list])
     with walk.transaction():
-        if budget == "global" and sparsity > 0:
-            walk.blocks(step.planner(), block_list, has_work=lambda b: b in by_block, desc="planning blocks",
+        if opts.budget == "global" and c.sparsity > 0:
+            walk.blocks(step.planner(), job.block_list, has_work=lambda b: b in by_block, desc="planning blocks",
                         checkpoint=False)
-            measure = (lambda u: u.params_per_group) if cost == "params" else (lambda u: u.flops_per_token(step.tokens))
+            measure = ((lambda u: u.params_per_group) if opts.cost == "params"
+                       else (lambda u: u.flops_per_token(step.tokens)))
             for p in plans:
                 p["cost"] = float(measure(p["unit"]))
-            _allocate(plans, sparsity * sum(p["cost"] * p["unit"].n_groups for p in plans))
-        walk.blocks(step, block_list, has_work=lambda b: b in by_block)
+            _allocate(plans, c.sparsity * sum(p["cost"] * p["unit"].n_groups for p in plans))
+        walk.blocks(step, job.block_list, has_work=lambda b: b in by_block)
     for key, fn in (("params", lambda u: u.params_per_group), ("flops", lambda u: u.flops_per_token(step.tokens))):
         total = sum(u.n_groups * fn(u) for _, u in units)
         removed = sum(p["remove"] * fn(p["unit"]) for p in plans)
         report.config[f"{key}_removed"] = removed / total if total else 0.0
-    report.seconds = time.perf_counter() - start
-    record_config(model)
-    return report
+    record_config(job.model)
+    return job.finish(report, walk)
 
 
 class ShrinkStep:

@@ -17,8 +17,10 @@ activation budget: :mod:`robop_lightning.utils.offload`), where the time goes (:
 the undo transaction (every registered undo runs, newest first, on any exception, Ctrl-C
 included), naming the layer in errors, and the check that every rank of a process group computed
 the same result. A :class:`Step` is the pruning of one kind: a mask per linear
-(:func:`robop_lightning.pipeline.prune.prune_model`) or a shrink per unit
-(:func:`robop_lightning.pipeline.shrink_step.prune_model_structured`).
+(:mod:`robop_lightning.pipeline.mask_step`), a shrink per unit
+(:mod:`robop_lightning.pipeline.shrink_step`) or CAP's Fisher per linear
+(:mod:`robop_lightning.pipeline.fisher_step`, walked by :meth:`BlockWalk.units`). The job that sets
+a walk up is :func:`robop_lightning.pipeline.job.prepare_job`.
 """
 
 from __future__ import annotations
@@ -116,8 +118,6 @@ def open_resume_store(
     The job is identified by its arguments, the targets' shapes and dtypes, the model's weights,
     the calibration batches and the prior masks.
     """
-    if not isinstance(resume_dir, (str, Path)) or not str(resume_dir):
-        raise ValueError(f"resume_dir must be a directory path (str or Path), got {resume_dir!r}.")
     shapes = {n: [list(w.shape), str(w.dtype)] for n, w in targets.items()}
 
     def digest(obj: Any) -> str:
@@ -396,6 +396,19 @@ class BlockWalk:
                 return [name]
 
             self._unit(step, name, file, work)
+
+    def units(self, step: Any, names: list[str], desc: str, prefix: str) -> None:
+        """Work per target that needs no captured activations (CAP's Fisher: gradients of the whole model).
+
+        ``step.prune_unit(walk, name)`` does one; each is checkpointed in ``resume_dir`` as unit
+        ``"<prefix>:<name>"`` (``prefix`` tells passes over the same targets apart).
+        """
+        for name in self._bar(names, desc):
+            self.current = name
+            file = f"{prefix}-{self._files:05d}.safetensors"
+            self._files += 1
+            self._unit(step, f"{prefix}:{name}", file, lambda name=name: step.prune_unit(self, name))
+            log.info("%s: %s", desc, name)
 
     def blocks(
         self,

@@ -76,7 +76,19 @@ def test_the_walk_sees_the_package():
     modules = _modules()
     top, _ = _imports(modules)
     assert {"robop_lightning.pipeline.prune", "robop_lightning.engine.layer", "robop_lightning.pipeline.shrink_step"} <= set(modules)
-    assert "robop_lightning.engine.layer" in top["robop_lightning.pipeline.prune"]
+    assert "robop_lightning.engine.layer" in top["robop_lightning.pipeline.mask_step"]
+    assert "robop_lightning.pipeline.mask_step" in top["robop_lightning.pipeline.prune"]
+
+
+def test_the_engine_knows_nothing_of_the_pipeline_or_lightning():
+    """Data flows one way: the layer engine imports neither the model pipeline nor the front ends."""
+    modules = _modules()
+    top, _ = _imports(modules)
+    above = ("robop_lightning.pipeline", "robop_lightning.callback", "robop_lightning.cli", "robop_lightning.export",
+             "robop_lightning.config")
+    bad = {m: sorted(t for t in deps if t.startswith(above)) for m, deps in top.items()
+           if m.startswith(("robop_lightning.engine", "robop_lightning.utils"))}
+    assert not {m: d for m, d in bad.items() if d}, bad
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
