@@ -199,6 +199,43 @@ def _compress(root: nn.Module, layers: dict[str, nn.Module], two_four: bool,
 
 
 # --------------------------------------------------------------------------- save / load
+def _check_save(model: nn.Module, format: str, safe_serialization: bool) -> None:
+    """Refuse what :func:`save_pruned` cannot write, before anything is written."""
+    if format not in ("hf", "compressed-tensors"):
+        raise ValueError(f"format is 'hf' or 'compressed-tensors', got {format!r}")
+    if format == "compressed-tensors":
+        if not safe_serialization:
+            raise ValueError("compressed-tensors checkpoints are safetensors files; leave safe_serialization=True")
+        _compressed_tensors()  # fail before writing anything
+    if structured_shapes(model) is not None:
+        raise ValueError(
+            "this model was pruned structurally (heads / MLP channels removed), so its layers have different "
+            "sizes, which the configs of transformers' Llama / Gemma / Mistral models cannot express (one "
+            "intermediate_size and one head count for every layer): from_pretrained could not rebuild it. Save it "
+            "with robop_lightning.save_structured(model, path) and reload it with robop_lightning.load_structured(path)."
+        )
+
+
+def _write_weights(tmp: Path, model: nn.Module, root: nn.Module, is_hf: bool, state: dict[str, torch.Tensor] | None,
+                   safe_serialization: bool) -> None:
+    """The weights into ``tmp``: ``save_pretrained`` for a Hugging Face model, else a state dict file
+    (``state``: the compressed one, else the model's)."""
+    if is_hf:
+        kwargs: dict[str, Any] = {} if state is None else {"state_dict": state}
+        if not safe_serialization:
+            if "safe_serialization" not in inspect.signature(root.save_pretrained).parameters:
+                raise ValueError("this transformers writes safetensors only; leave safe_serialization=True")
+            kwargs["safe_serialization"] = False
+        root.save_pretrained(tmp, **kwargs)
+    elif state is not None:
+        save_file(_unshared(state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text("{}\n")  # compressed-tensors 0.10 - 0.12 only update an existing one
+    elif safe_serialization:
+        save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        torch.save(model.state_dict(), tmp / "pytorch_model.bin")
+
+
 def save_pruned(model: nn.Module, path: str | Path, format: Literal["hf", "compressed-tensors"] = "hf",
                 report: PruneReport | None = None, safe_serialization: bool = True, overwrite: bool = False) -> Path:
     """Save a pruned model to the new directory ``path``; the model itself is not changed.
@@ -254,19 +291,7 @@ def save_pruned(model: nn.Module, path: str | Path, format: Literal["hf", "compr
         ...
         FileExistsError: ... exists and is not empty; choose a new directory, or pass overwrite=True ...
     """
-    if format not in ("hf", "compressed-tensors"):
-        raise ValueError(f"format is 'hf' or 'compressed-tensors', got {format!r}")
-    if format == "compressed-tensors":
-        if not safe_serialization:
-            raise ValueError("compressed-tensors checkpoints are safetensors files; leave safe_serialization=True")
-        _compressed_tensors()  # fail before writing anything
-    if structured_shapes(model) is not None:
-        raise ValueError(
-            "this model was pruned structurally (heads / MLP channels removed), so its layers have different "
-            "sizes, which the configs of transformers' Llama / Gemma / Mistral models cannot express (one "
-            "intermediate_size and one head count for every layer): from_pretrained could not rebuild it. Save it "
-            "with robop_lightning.save_structured(model, path) and reload it with robop_lightning.load_structured(path)."
-        )
+    _check_save(model, format, safe_serialization)
     path = Path(path)
     found = find_hf_model(model)
     prefix, root = found if found is not None else ("", model)
@@ -279,20 +304,7 @@ def save_pruned(model: nn.Module, path: str | Path, format: Literal["hf", "compr
         measured = entry["measured"]
         state, compressor = (_compress(root, layers, measured["two_four"], measured["sparsity"])
                              if format == "compressed-tensors" else (None, None))
-        if found is not None:
-            kwargs: dict[str, Any] = {} if state is None else {"state_dict": state}
-            if not safe_serialization:
-                if "safe_serialization" not in inspect.signature(root.save_pretrained).parameters:
-                    raise ValueError("this transformers writes safetensors only; leave safe_serialization=True")
-                kwargs["safe_serialization"] = False
-            root.save_pretrained(tmp, **kwargs)
-        elif state is not None:
-            save_file(_unshared(state), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-            (tmp / "config.json").write_text("{}\n")  # compressed-tensors 0.10 - 0.12 only update an existing one
-        elif safe_serialization:
-            save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        else:
-            torch.save(model.state_dict(), tmp / "pytorch_model.bin")
+        _write_weights(tmp, model, root, found is not None, state, safe_serialization)
         if compressor is not None:
             compressor.update_config(str(tmp))  # config.json: quantization_config.sparsity_config
         _add_entry(tmp / ("config.json" if found is not None else "robop.json"), entry)

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,33 @@ class LayerResult:
             "seconds": self.seconds,
             "damping": self.damping,
             "solves": len(self.history),
+            **({"selection": self.selection} if self.selection is not None else {}),
+        }
+
+    def to_row(self, name: str, weight_shape: Sequence[int]) -> dict[str, Any]:
+        """The :attr:`PruneReport.layers` row of this result for the layer ``name`` of weight shape ``weight_shape``.
+
+        Keys ``name``, ``shape``, ``parameters``, ``sparsity``, ``nominal_error``, ``robust_error``,
+        ``heldout_error``, ``srank`` (``None`` when not finite), ``seconds``, and ``selection`` when
+        the set was chosen from the data. Numbers are plain Python floats / ints (JSON-serialisable).
+
+        Example:
+            >>> r = LayerResult(torch.zeros(2, 3), torch.ones(2, 3, dtype=torch.bool), 0.1, 0.2, sparsity=0.5)
+            >>> row = r.to_row("fc1", (2, 3))
+            >>> row["shape"], row["parameters"], row["srank"], "selection" in row
+            ([2, 3], 6, None, False)
+        """
+        srank = self.srank
+        return {
+            "name": name,
+            "shape": list(weight_shape),
+            "parameters": math.prod(weight_shape),
+            "sparsity": float(self.sparsity),
+            "nominal_error": float(self.nominal_error),
+            "robust_error": float(self.robust_error),
+            "heldout_error": None if self.heldout_error is None else float(self.heldout_error),
+            "srank": None if srank is None or not math.isfinite(srank) else float(srank),
+            "seconds": float(self.seconds),
             **({"selection": self.selection} if self.selection is not None else {}),
         }
 
@@ -228,3 +257,35 @@ class StructuredResult:
     uncertainty: str = ""
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+
+    def to_row(self, name: str, weight_shape: Sequence[int], unit: str, kind: str,
+               params_per_group: int) -> dict[str, Any]:
+        """The :attr:`PruneReport.layers` row of a structured selection of the consumer ``name``.
+
+        ``unit`` and ``kind`` name the pruned unit (heads, MLP channels) and its kind;
+        ``params_per_group`` is the parameters one removed group takes away. The group counts come
+        from the result: ``groups = len(removed) + len(kept)``, ``sparsity = len(removed) / groups``.
+
+        Example:
+            >>> r = StructuredResult([1], [0, 2, 3], torch.tensor([0, 2, 3]), torch.zeros(2, 3), None, 0.1, 0.2)
+            >>> row = r.to_row("mlp.down", (2, 4), "mlp", "channels", params_per_group=6)
+            >>> row["groups"], row["kept"], row["removed"], row["parameters"], row["sparsity"]
+            (4, 3, [1], 24, 0.25)
+        """
+        groups = len(self.removed) + len(self.kept)
+        return {
+            "name": name,
+            "unit": unit,
+            "kind": kind,
+            "shape": list(weight_shape),
+            "parameters": groups * params_per_group,
+            "sparsity": len(self.removed) / groups,
+            "groups": groups,
+            "kept": groups - len(self.removed),
+            "removed": sorted(self.removed),
+            "nominal_error": float(self.nominal_error),
+            "robust_error": float(self.robust_error),
+            "heldout_error": self.heldout_error,
+            "srank": None,
+            "seconds": float(self.seconds),
+        }

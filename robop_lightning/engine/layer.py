@@ -21,15 +21,17 @@ numerically positive definite.
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from robop_lightning.engine.damping import damp_until_definite, unit_scale
 from robop_lightning.engine.gram import LayerInputs, as_layer_inputs
-from robop_lightning.engine.patterns import parse_pattern
+from robop_lightning.engine.patterns import Pattern, parse_pattern
 from robop_lightning.report import LayerResult
 from robop_lightning.engine.alternation import alternate, blown_up, clamp_robust, quad, relative_error
 from robop_lightning.engine.solvers import DATA_FREE, SOLVERS, USES_FULL_GRAM, check_solver_options
@@ -38,6 +40,7 @@ from robop_lightning.engine.solvers.structured_obs import select_groups
 from robop_lightning.engine.selection import (
     AutoOptions,
     Candidate,
+    SetSelection,
     check_auto_request,
     default_candidates,
     select_uncertainty,
@@ -52,6 +55,7 @@ from robop_lightning.engine.sets import (
 
 __all__ = ["prune_layer", "LayerResult"]
 
+
 def _check_weight(weight, name):
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
@@ -64,6 +68,297 @@ def _check_weight(weight, name):
         raise ValueError(f"{name}: weight contains NaN or Inf; prune a finite model (check the checkpoint).")
 
 
+# ----------------------------------------------------------------------------- problem setup
+@dataclass
+class _Request:
+    """The checked arguments of one call (``auto``: how to choose the set, ``None`` when it is given)."""
+
+    pat: Pattern
+    solver: str
+    options: dict[str, Any]
+    prior: torch.Tensor | None
+    uset: UncertaintySet
+    auto: AutoOptions | None
+
+
+@dataclass
+class _Ridge:
+    """The set's own ridge (``start``), the one the solves add (``base``) and the largest one any
+    solve needed so far (``raised``)."""
+
+    start: float
+    base: float
+    raised: float
+
+    def damp(self, h_eff: torch.Tensor, name: str) -> torch.Tensor:
+        """``h_eff + lam I`` with ``lam >= base`` raised until numerically positive definite."""
+        hd, lam = damp_until_definite(h_eff, self.base, name, warn=False)
+        self.raised = max(self.raised, lam)
+        return hd
+
+
+@dataclass
+class _Problem:
+    """One layer's pruning problem, set up: what the solves and the scoring read.
+
+    ``w`` is the float32 weight (zero outside ``prior``), ``h`` the calibration Gram, ``h_solve``
+    the Gram the set was prepared on (the identity for all-zero inputs), ``unit`` the power of 4
+    the solver's matrices are divided by, ``scale`` the scale of what the solver is handed.
+    """
+
+    name: str
+    weight: torch.Tensor
+    w: torch.Tensor
+    pat: Pattern
+    solver: str
+    options: dict[str, Any]
+    prior: torch.Tensor | None
+    uset: UncertaintySet
+    held: LayerInputs | None
+    h: torch.Tensor
+    h_solve: torch.Tensor
+    mean_diag: float
+    scale: float
+    unit: float
+    ridge: _Ridge
+    selection: SetSelection | None
+
+    @property
+    def keeps_everything(self) -> bool:
+        rows, cols = self.w.shape
+        return self.pat.kind != "nm" and self.pat.keep_count(rows, cols) == rows * cols and self.prior is None
+
+    @property
+    def solved_once(self) -> bool:
+        """One solve (closed-form and static sets, data-free solvers, all-zero inputs), else the alternation."""
+        return not self.uset.dynamic or self.solver in DATA_FREE or self.mean_diag == 0
+
+
+def _checked_prior(prior_mask, weight: torch.Tensor, pat: Pattern, name: str) -> torch.Tensor | None:
+    if prior_mask is None:
+        return None
+    if not isinstance(prior_mask, torch.Tensor) or prior_mask.dtype != torch.bool or prior_mask.shape != weight.shape:
+        raise ValueError(
+            f"{name}: prior_mask must be a bool tensor shaped like the weight {tuple(weight.shape)} (True = kept)."
+        )
+    prior_mask = prior_mask.to(weight.device)
+    rows, cols = weight.shape
+    if pat.keep_count(rows, cols) > int(prior_mask.sum()):
+        raise ValueError(
+            f"{name}: the earlier mask keeps {int(prior_mask.sum())} weights, fewer than the {pat.keep_count(rows, cols)} "
+            f"that sparsity {pat.sparsity:g} keeps; a schedule must not lower the sparsity."
+        )
+    return prior_mask
+
+
+def _check_request(weight, sparsity, pattern, solver, uncertainty, radius, coupled, rounds, damping, solver_options,
+                   prior_mask, name, auto) -> _Request:
+    """Every argument check of :func:`prune_layer`, in its order (the first problem found is the one reported)."""
+    rows, cols = weight.shape
+    pat = parse_pattern(pattern, sparsity)
+    pat.check_shape(rows, cols, name)
+    if not isinstance(solver, str) or solver.lower() not in SOLVERS:
+        raise ValueError(f"{name}: unknown solver {solver!r}: use one of {', '.join(SOLVERS)}.")
+    solver = solver.lower()
+    choose = check_auto_request(uncertainty, radius, solver, name)
+    auto_opts = AutoOptions.coerce(auto) if choose else None
+    uset: UncertaintySet = make_uncertainty("baseline" if choose else uncertainty, None if choose else radius, coupled)
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        raise ValueError(f"{name}: rounds must be a non-negative integer, got {rounds!r}.")
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
+        raise ValueError(f"{name}: damping must be a number >= 0 (relative to mean(diag H)), got {damping!r}.")
+    options = check_solver_options(solver, solver_options, name)
+    prior = _checked_prior(prior_mask, weight, pat, name)
+    return _Request(pat, solver, options, prior, uset, auto_opts)
+
+
+def _select_set(weight: torch.Tensor, li: LayerInputs, req: _Request, uncertainty: str, damping: float,
+                name: str) -> SetSelection:
+    """``uncertainty="auto"`` / ``radius="auto"``: the set (or its gamma) chosen by cross-validation."""
+    opts = req.auto
+    set_auto = uncertainty.strip().lower() == "auto"
+    candidates = opts.candidates
+    if candidates is None:
+        candidates = default_candidates("auto" if set_auto else canonical_set_name(uncertainty))
+    elif not set_auto:
+        candidates = [c for c in candidates if Candidate.parse(c).set in ("baseline", canonical_set_name(uncertainty))]
+    return select_uncertainty(weight, li, req.pat, candidates, folds=opts.folds, select=opts.select,
+                              scorer=opts.scorer_for(req.solver), damping=damping, prior_mask=req.prior,
+                              name=name, rows=opts.rows, screen=opts.screen)
+
+
+def _prepare(weight: torch.Tensor, li: LayerInputs, held: LayerInputs | None, req: _Request, damping: float,
+             selection: SetSelection | None, name: str) -> _Problem:
+    """The Gram, the float32 weight, the set prepared with its ridge, and the solver's scaling.
+
+    Warns (``stacklevel`` for a call from :func:`prune_layer`) when every calibration input is zero.
+    """
+    cols = weight.shape[1]
+    device = weight.device
+    h = li.gram(device=device)
+    w = weight.detach().to(dtype=torch.float32).clone(memory_format=torch.contiguous_format)
+    if req.prior is not None:
+        w = w * req.prior
+    mean_diag = float(h.diagonal().mean())
+    lam0 = damping * mean_diag
+    if mean_diag == 0.0:
+        warnings.warn(
+            f"{name}: all calibration inputs are zero; every mask has zero calibration error, "
+            "so the weights are pruned by magnitude.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        lam0 = 0.0
+    # With all-zero inputs every mask is optimal; the identity makes every solver pick by magnitude.
+    h_solve = h if mean_diag > 0 else torch.eye(cols, dtype=h.dtype, device=device)
+    uset = req.uset
+    uset.prepare(h_solve, li, lam0)
+    ridge = uset.ridge  # what the set adds to its effective matrix (replaces lam0 for trace/e/cte)
+    # Every solver is invariant to scaling H, but some work in float32: a Gram of badly scaled
+    # inputs (mean diag far outside float32's range once inverted) is handed over divided by a
+    # power of 4, which is exact and leaves well-scaled layers bit-identical.
+    # the scale of what the solver is handed: H plus the set's D (an absolute CTE ridge can dwarf H)
+    scale = mean_diag
+    if isinstance(uset, ClosedFormSet) and uset.name != "baseline" and mean_diag > 0:
+        scale = float(uset.effective().diagonal().mean()) + ridge
+    return _Problem(name=name, weight=weight, w=w, pat=req.pat, solver=req.solver, options=req.options,
+                    prior=req.prior, uset=uset, held=held, h=h, h_solve=h_solve, mean_diag=mean_diag, scale=scale,
+                    unit=unit_scale(scale), ridge=_Ridge(ridge, ridge, ridge), selection=selection)
+
+
+# ----------------------------------------------------------------------------- solves
+def _solve(p: _Problem, h_eff: torch.Tensor, warm: torch.Tensor | None = None, h_diag: torch.Tensor | None = None):
+    """One call of the solver on ``h_eff`` (damped until definite for the solvers that factor it)."""
+    h_damped = h_eff
+    if p.solver in USES_FULL_GRAM:
+        h_damped = p.ridge.damp(h_eff, p.name)
+    fn = SOLVERS[p.solver] if p.mean_diag > 0 else SOLVERS["magnitude"]
+    h_diag = h_eff.diagonal() if h_diag is None else h_diag
+    return fn(p.w, h_damped / p.unit, p.pat, h_diag=h_diag / p.unit, warm=warm, prior=p.prior, **p.options)
+
+
+def _solve_static(p: _Problem) -> tuple[torch.Tensor, torch.Tensor]:
+    """One solve on the set's effective matrix, the ridge raised tenfold while the compensation explodes."""
+    for _ in range(7):
+        w_hat, mask = _solve(p, p.uset.effective(), h_diag=p.uset.score_diagonal())
+        if p.solver not in USES_FULL_GRAM or p.mean_diag == 0 or not blown_up(p.h, p.w, w_hat, mask):
+            return w_hat, mask
+        # numerically singular H + D (Cholesky passed on rounding noise): the compensation exploded
+        p.ridge.base = max(p.ridge.base * 10, 1e-6 * p.scale)
+        p.ridge.raised = max(p.ridge.raised, p.ridge.base)
+    raise ValueError(f"{p.name}: the solver's result stays non-finite or far worse than masking alone even "
+                     f"with damping {p.ridge.base:.3g}; the calibration inputs are degenerate for this set.")
+
+
+def _alternation_step(p: _Problem, h_k: torch.Tensor, previous):
+    """:func:`alternate`'s solve: the solver on ``H_k``, warm-started at the previous round's weights."""
+    w_k, m_k = _solve(p, h_k, warm=None if previous is None else previous[0])
+    return (w_k, m_k), p.w - w_k
+
+
+def _mask_change(previous, current) -> dict[str, float]:
+    return {"mask_change": float((current[1] != previous[1]).float().mean())}
+
+
+def _solve_dynamic(p: _Problem, rounds: int) -> tuple[torch.Tensor, torch.Tensor, list[dict[str, Any]]]:
+    """The min-max extension's alternation, then (solvers with a full Gram) the robust refit of its mask."""
+    best, history = alternate(functools.partial(_alternation_step, p), p.h_solve, p.uset, rounds,
+                              nominal=functools.partial(quad, p.h), describe=_mask_change)
+    w_hat, mask = best.solution
+    if p.solver in USES_FULL_GRAM:
+        w_hat = _robust_refit(p, best.solution, best.h, best.robust_loss, rounds, history)
+    return w_hat, mask, history
+
+
+def _robust_refit(p: _Problem, solution, h_k: torch.Tensor, phi: float, rounds: int,
+                  history: list[dict[str, Any]]) -> torch.Tensor:
+    """The refit of the best round's mask (history entries appended); returns the weights kept.
+
+    With the mask fixed the problem is convex-concave and the robust optimum is the
+    least-squares refit under the saddle-point Gram (plug-in theorem). First the exact
+    refit under the best round's Gram, then short Frank-Wolfe steps towards the current
+    worst case (long steps overshoot: the worst case of a few samples or one direction
+    is far from H*), each kept only if it lowers the robust loss.
+    """
+    w_hat, mask = solution
+    h_fit = h_k
+    candidates = [(h_k, "refit")]
+    for j in range(rounds + 1):
+        improved = False
+        for h_try, label in candidates:
+            refitted = refit(p.w, p.ridge.damp(h_try, p.name) / p.unit, mask, x0=w_hat)
+            phi_fit = p.uset.robust_loss(p.w - refitted)
+            history.append({"round": label, "robust_loss": phi_fit,
+                            "nominal_loss": quad(p.h, p.w - refitted), "mask_change": 0.0})
+            if phi_fit < phi:
+                phi, w_hat, h_fit, improved = phi_fit, refitted, h_try, True
+                break
+        if j and not improved:
+            break
+        worst = p.uset.worst_case(p.w - w_hat)
+        candidates = [((1 - g) * h_fit + g * worst, f"refit step {g:g}") for g in (0.2, 0.05)]
+    return w_hat
+
+
+def _warn_if_raised(p: _Problem) -> None:
+    """One warning per layer when a solve needed more than the set's ridge (``stacklevel``: from prune_layer)."""
+    if p.ridge.raised > p.ridge.start:
+        warnings.warn(
+            f"{p.name}: the damped Gram was not positive definite; damping raised from {p.ridge.start:.3g} to "
+            f"{p.ridge.raised:.3g} (rank-deficient or badly scaled calibration inputs). More calibration data, "
+            "or a larger `damping`, avoids this.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+# ----------------------------------------------------------------------------- scoring
+def _errors(p: _Problem, w_hat: torch.Tensor) -> tuple[float, float, float | None, float | None]:
+    """``(nominal, robust, held-out, srank)`` of the pruned ``w_hat`` against the caller's weight."""
+    w_in = p.weight.detach().to(torch.float32)
+    err = w_in - w_hat
+    denom = quad(p.h, w_in)  # each (out x in x in) float64 product once: they cost as much as a SparseGPT solve
+    num = quad(p.h, err)
+    nominal = num / denom if denom > 0 else 0.0
+    shares_h = isinstance(p.uset, ClosedFormSet) and p.uset.h is p.h
+    robust_num = p.uset.robust_loss(err, nominal=num) if shares_h else p.uset.robust_loss(err)
+    robust = clamp_robust(nominal, robust_num / denom if denom > 0 else 0.0)
+    heldout_error = None if p.held is None else relative_error(p.held.gram(device=p.weight.device), w_in, err)
+    srank = None
+    if p.uset.dynamic:
+        top, _ = spectral_norm_sq(err)
+        srank = float(err.double().pow(2).sum()) / top if top > 0 else 0.0
+    return nominal, robust, heldout_error, srank
+
+
+def _result(p: _Problem, w_hat: torch.Tensor, mask: torch.Tensor, history: list[dict[str, Any]],
+            start: float) -> LayerResult:
+    """The :class:`LayerResult` of the solved problem: the mask (within the prior), weights and errors."""
+    if p.prior is not None:
+        mask = mask & p.prior
+    w_hat = torch.where(mask, w_hat, torch.zeros_like(w_hat))
+    nominal, robust, heldout_error, srank = _errors(p, w_hat)
+    out = w_hat.to(p.weight.dtype)
+    out = torch.where(mask, out, torch.zeros_like(out))
+    return LayerResult(
+        weight=out,
+        mask=mask,
+        nominal_error=nominal,
+        robust_error=robust,
+        heldout_error=heldout_error,
+        srank=srank,
+        sparsity=1.0 - float(mask.float().mean()),
+        seconds=time.perf_counter() - start,
+        solver=p.solver,
+        uncertainty=p.uset.describe(),
+        pattern=str(p.pat),
+        damping=p.ridge.raised,  # never below the set's ridge: what the solves finally used
+        history=history,
+        selection=None if p.selection is None else p.selection.to_dict(),
+    )
+
+
+# ----------------------------------------------------------------------------- the entry point
 def prune_layer(
     weight: torch.Tensor,
     inputs: torch.Tensor | LayerInputs,
@@ -141,180 +436,25 @@ def prune_layer(
             weight, inputs, sparsity, uncertainty, radius, coupled, rounds, heldout, damping, solver_options,
             prior_mask, name,
         )
-    rows, cols = weight.shape
-    pat = parse_pattern(pattern, sparsity)
-    pat.check_shape(rows, cols, name)
-    if not isinstance(solver, str) or solver.lower() not in SOLVERS:
-        raise ValueError(f"{name}: unknown solver {solver!r}: use one of {', '.join(SOLVERS)}.")
-    solver = solver.lower()
-    choose = check_auto_request(uncertainty, radius, solver, name)
-    auto_opts = AutoOptions.coerce(auto) if choose else None
-    uset: UncertaintySet = make_uncertainty("baseline" if choose else uncertainty, None if choose else radius, coupled)
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
-        raise ValueError(f"{name}: rounds must be a non-negative integer, got {rounds!r}.")
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
-        raise ValueError(f"{name}: damping must be a number >= 0 (relative to mean(diag H)), got {damping!r}.")
-    options = check_solver_options(solver, solver_options, name)
-
-    if prior_mask is not None:
-        if not isinstance(prior_mask, torch.Tensor) or prior_mask.dtype != torch.bool or prior_mask.shape != weight.shape:
-            raise ValueError(
-                f"{name}: prior_mask must be a bool tensor shaped like the weight {tuple(weight.shape)} (True = kept)."
-            )
-        prior_mask = prior_mask.to(weight.device)
-        if pat.keep_count(rows, cols) > int(prior_mask.sum()):
-            raise ValueError(
-                f"{name}: the earlier mask keeps {int(prior_mask.sum())} weights, fewer than the {pat.keep_count(rows, cols)} "
-                f"that sparsity {pat.sparsity:g} keeps; a schedule must not lower the sparsity."
-            )
+    req = _check_request(weight, sparsity, pattern, solver, uncertainty, radius, coupled, rounds, damping,
+                         solver_options, prior_mask, name, auto)
+    cols = weight.shape[1]
     li = as_layer_inputs(inputs, cols, name=f"{name}: inputs")
     held = None if heldout is None else as_layer_inputs(heldout, cols, name=f"{name}: heldout")
     selection = None
-    if choose:
-        set_auto = uncertainty.strip().lower() == "auto"
-        candidates = auto_opts.candidates
-        if candidates is None:
-            candidates = default_candidates("auto" if set_auto else canonical_set_name(uncertainty))
-        elif not set_auto:
-            candidates = [c for c in candidates if Candidate.parse(c).set in ("baseline", canonical_set_name(uncertainty))]
-        selection = select_uncertainty(weight, li, pat, candidates, folds=auto_opts.folds, select=auto_opts.select,
-                                       scorer=auto_opts.scorer_for(solver), damping=damping, prior_mask=prior_mask,
-                                       name=name, rows=auto_opts.rows, screen=auto_opts.screen)
-        uset = make_uncertainty(selection.chosen.set, selection.chosen.gamma, coupled)
-    device = weight.device
-    h = li.gram(device=device)
-    w = weight.detach().to(dtype=torch.float32).clone(memory_format=torch.contiguous_format)
-    if prior_mask is not None:
-        w = w * prior_mask
-
-    mean_diag = float(h.diagonal().mean())
-    lam0 = damping * mean_diag
-    if mean_diag == 0.0:
-        warnings.warn(
-            f"{name}: all calibration inputs are zero; every mask has zero calibration error, "
-            "so the weights are pruned by magnitude.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        lam0 = 0.0
-    # With all-zero inputs every mask is optimal; the identity makes every solver pick by magnitude.
-    h_solve = h if mean_diag > 0 else torch.eye(cols, dtype=h.dtype, device=device)
-    uset.prepare(h_solve, li, lam0)
+    if req.auto is not None:
+        selection = _select_set(weight, li, req, uncertainty, damping, name)
+        req.uset = make_uncertainty(selection.chosen.set, selection.chosen.gamma, coupled)
+    p = _prepare(weight, li, held, req, damping, selection, name)
     history: list[dict[str, Any]] = []
-    lam_set = lam_base = uset.ridge  # what the set adds to its effective matrix (replaces lam0 for trace/e/cte)
-    used_lam = [lam_base]
-    # Every solver is invariant to scaling H, but some work in float32: a Gram of badly scaled
-    # inputs (mean diag far outside float32's range once inverted) is handed over divided by a
-    # power of 4, which is exact and leaves well-scaled layers bit-identical.
-    # the scale of what the solver is handed: H plus the set's D (an absolute CTE ridge can dwarf H)
-    scale = mean_diag
-    if isinstance(uset, ClosedFormSet) and uset.name != "baseline" and mean_diag > 0:
-        scale = float(uset.effective().diagonal().mean()) + lam_base
-    unit = unit_scale(scale)
-    raised = [lam_base]  # the largest damping the solves needed: one warning per layer, at the end
-
-    def damp(h_eff: torch.Tensor) -> torch.Tensor:
-        hd, lam = damp_until_definite(h_eff, lam_base, name, warn=False)
-        raised[0] = max(raised[0], lam)
-        return hd
-
-    def solve(h_eff: torch.Tensor, warm: torch.Tensor | None = None, h_diag: torch.Tensor | None = None):
-        h_damped = h_eff
-        if solver in USES_FULL_GRAM:
-            h_damped = damp(h_eff)
-            used_lam[0] = raised[0]
-        fn = SOLVERS[solver] if mean_diag > 0 else SOLVERS["magnitude"]
-        h_diag = h_eff.diagonal() if h_diag is None else h_diag
-        return fn(w, h_damped / unit, pat, h_diag=h_diag / unit, warm=warm, prior=prior_mask, **options)
-
-    if pat.kind != "nm" and pat.keep_count(rows, cols) == rows * cols and prior_mask is None:
-        w_hat, mask = w.clone(), torch.ones(rows, cols, dtype=torch.bool, device=device)
-    elif not uset.dynamic or solver in DATA_FREE or mean_diag == 0:
-        for _ in range(7):
-            w_hat, mask = solve(uset.effective(), h_diag=uset.score_diagonal())
-            if solver not in USES_FULL_GRAM or mean_diag == 0 or not blown_up(h, w, w_hat, mask):
-                break
-            # numerically singular H + D (Cholesky passed on rounding noise): the compensation exploded
-            lam_base = max(lam_base * 10, 1e-6 * scale)
-            raised[0] = max(raised[0], lam_base)
-        else:
-            raise ValueError(f"{name}: the solver's result stays non-finite or far worse than masking alone even "
-                             f"with damping {lam_base:.3g}; the calibration inputs are degenerate for this set.")
+    if p.keeps_everything:
+        w_hat, mask = p.w.clone(), torch.ones(p.w.shape, dtype=torch.bool, device=weight.device)
+    elif p.solved_once:
+        w_hat, mask = _solve_static(p)
     else:
-        def step(h_k: torch.Tensor, previous):
-            w_k, m_k = solve(h_k, warm=None if previous is None else previous[0])
-            return (w_k, m_k), w - w_k
-
-        best, history = alternate(step, h_solve, uset, rounds, nominal=lambda e: quad(h, e),
-                                  describe=lambda prev, cur: {"mask_change": float((cur[1] != prev[1]).float().mean())})
-        phi, (w_hat, mask), h_k = best.robust_loss, best.solution, best.h
-        if solver in USES_FULL_GRAM:
-            # With the mask fixed the problem is convex-concave and the robust optimum is the
-            # least-squares refit under the saddle-point Gram (plug-in theorem). First the exact
-            # refit under the best round's Gram, then short Frank-Wolfe steps towards the current
-            # worst case (long steps overshoot: the worst case of a few samples or one direction
-            # is far from H*), each kept only if it lowers the robust loss.
-            h_fit = h_k
-            candidates = [(h_k, "refit")]
-            for j in range(rounds + 1):
-                improved = False
-                for h_try, label in candidates:
-                    refitted = refit(w, damp(h_try) / unit, mask, x0=w_hat)
-                    phi_fit = uset.robust_loss(w - refitted)
-                    history.append({"round": label, "robust_loss": phi_fit,
-                                    "nominal_loss": quad(h, w - refitted), "mask_change": 0.0})
-                    if phi_fit < phi:
-                        phi, w_hat, h_fit, improved = phi_fit, refitted, h_try, True
-                        break
-                if j and not improved:
-                    break
-                worst = uset.worst_case(w - w_hat)
-                candidates = [((1 - g) * h_fit + g * worst, f"refit step {g:g}") for g in (0.2, 0.05)]
-
-    if raised[0] > lam_set:
-        warnings.warn(
-            f"{name}: the damped Gram was not positive definite; damping raised from {lam_set:.3g} to "
-            f"{raised[0]:.3g} (rank-deficient or badly scaled calibration inputs). More calibration data, "
-            "or a larger `damping`, avoids this.",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        used_lam[0] = raised[0]
-    if prior_mask is not None:
-        mask = mask & prior_mask
-    w_hat = torch.where(mask, w_hat, torch.zeros_like(w_hat))
-    w_in = weight.detach().to(torch.float32)
-    err = w_in - w_hat
-    denom = quad(h, w_in)  # each (out x in x in) float64 product once: they cost as much as a SparseGPT solve
-    num = quad(h, err)
-    nominal = num / denom if denom > 0 else 0.0
-    shares_h = isinstance(uset, ClosedFormSet) and uset.h is h
-    robust_num = uset.robust_loss(err, nominal=num) if shares_h else uset.robust_loss(err)
-    robust = clamp_robust(nominal, robust_num / denom if denom > 0 else 0.0)
-    heldout_error = None if held is None else relative_error(held.gram(device=device), w_in, err)
-    srank = None
-    if uset.dynamic:
-        top, _ = spectral_norm_sq(err)
-        srank = float(err.double().pow(2).sum()) / top if top > 0 else 0.0
-
-    out = w_hat.to(weight.dtype)
-    out = torch.where(mask, out, torch.zeros_like(out))
-    return LayerResult(
-        weight=out,
-        mask=mask,
-        nominal_error=nominal,
-        robust_error=robust,
-        heldout_error=heldout_error,
-        srank=srank,
-        sparsity=1.0 - float(mask.float().mean()),
-        seconds=time.perf_counter() - start,
-        solver=solver,
-        uncertainty=uset.describe(),
-        pattern=str(pat),
-        damping=used_lam[0],
-        history=history,
-        selection=None if selection is None else selection.to_dict(),
-    )
+        w_hat, mask, history = _solve_dynamic(p, rounds)
+    _warn_if_raised(p)
+    return _result(p, w_hat, mask, history, start)
 
 
 def prune_layer_structured(

@@ -28,6 +28,7 @@ set), the same on every DDP rank: the choice is deterministic and rank-identical
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -301,6 +302,50 @@ def _admm_scores(w: torch.Tensor, lam: torch.Tensor, q: torch.Tensor, h: torch.T
     return (x * p).permute(1, 2, 0)
 
 
+def _check_selection(folds: int, select: str, scorer: str, rows: int | None) -> None:
+    if select not in SELECT_MODES:
+        raise ValueError(f"select must be one of {', '.join(SELECT_MODES)}, got {select!r}.")
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ValueError(f"folds must be an integer >= 2 (K of K-fold cross-validation), got {folds!r}.")
+    if scorer not in SCORERS:
+        raise ValueError(f"unknown scorer {scorer!r}: use one of {', '.join(SCORERS)}.")
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
+        raise ValueError(f"rows must be a positive integer or None, got {rows!r}.")
+
+
+def _fold_data(inputs: LayerInputs | GramInputs, h: torch.Tensor, k_folds: int,
+               device: torch.device) -> list[dict[str, Any]]:
+    """Per fold: its Gram, the rest's, and the rest's statistics (a cache for the scorers' square roots)."""
+    fold_of = _fold_index(inputs.num_samples, k_folds)
+    out: list[dict[str, Any]] = []
+    for k in range(k_folds):
+        h_fold = inputs.fold_gram(k, k_folds, device=device)
+        h_train = h - h_fold
+        out.append({"h_fold": h_fold, "h_train": h_train,
+                    "n_train": int((fold_of != k).sum()) * inputs.tokens_per_sample,
+                    "mean_diag": float(h_train.diagonal().mean()), "trace": float(h_train.diagonal().sum())})
+    return out
+
+
+def _fold_errors(w: torch.Tensor, prior_mask: torch.Tensor | None, folds_data: list[dict[str, Any]],
+                 picked: Sequence[Candidate], count: int | None, pattern: Pattern, scorer: str, damping: float,
+                 name: str) -> dict[str, list[float]]:
+    """Each candidate's relative error on every held-out fold, on ``count`` evenly spaced rows."""
+    w_rows, prior_rows = w, prior_mask
+    if count is not None and count < w.shape[0]:
+        keep = torch.linspace(0, w.shape[0] - 1, count).round().long().unique()
+        w_rows, prior_rows = w[keep], None if prior_mask is None else prior_mask[keep]
+    errors: dict[str, list[float]] = {c.label: [] for c in picked}
+    for fold in folds_data:
+        h_fold = fold["h_fold"]
+        denom = float(((w_rows.double() @ h_fold) * w_rows.double()).sum())
+        for cand, w_hat in zip(picked, _candidate_weights(w_rows, prior_rows, fold, picked, pattern, scorer,
+                                                          damping, name)):
+            err = (w_rows - w_hat).double()
+            errors[cand.label].append(float(((err @ h_fold) * err).sum()) / denom if denom > 0 else 0.0)
+    return errors
+
+
 def select_uncertainty(
     weight: torch.Tensor,
     inputs: LayerInputs | GramInputs,
@@ -348,14 +393,7 @@ def select_uncertainty(
         >>> sorted(s.errors), s.folds
         (['baseline', 'e=1', 'trace=0.01'], 4)
     """
-    if select not in SELECT_MODES:
-        raise ValueError(f"select must be one of {', '.join(SELECT_MODES)}, got {select!r}.")
-    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
-        raise ValueError(f"folds must be an integer >= 2 (K of K-fold cross-validation), got {folds!r}.")
-    if scorer not in SCORERS:
-        raise ValueError(f"unknown scorer {scorer!r}: use one of {', '.join(SCORERS)}.")
-    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int) or rows < 1):
-        raise ValueError(f"rows must be a positive integer or None, got {rows!r}.")
+    _check_selection(folds, select, scorer, rows)
     cands = [Candidate.parse(c) for c in (candidates if candidates is not None else default_candidates())]
     if Candidate("baseline") not in cands:
         cands.insert(0, Candidate("baseline"))
@@ -374,44 +412,22 @@ def select_uncertainty(
     k_folds = min(folds, samples)
     device = weight.device
     h = inputs.gram(device=device)
-    fold_of = _fold_index(samples, k_folds)
+    folds_data = _fold_data(inputs, h, k_folds, device)
     w = weight.detach().to(torch.float32)
-    folds_data: list[dict[str, Any]] = []  # per fold: its Gram, the rest's, and the rest's statistics
-    for k in range(k_folds):
-        h_fold = inputs.fold_gram(k, k_folds, device=device)
-        h_train = h - h_fold
-        folds_data.append({"h_fold": h_fold, "h_train": h_train,
-                           "n_train": int((fold_of != k).sum()) * inputs.tokens_per_sample,
-                           "mean_diag": float(h_train.diagonal().mean()), "trace": float(h_train.diagonal().sum())})
-
-    def fold_errors(picked: Sequence[Candidate], count: int | None) -> dict[str, list[float]]:
-        """Each candidate's relative error on every held-out fold, on ``count`` evenly spaced rows."""
-        w_rows, prior_rows = w, prior_mask
-        if count is not None and count < w.shape[0]:
-            keep = torch.linspace(0, w.shape[0] - 1, count).round().long().unique()
-            w_rows, prior_rows = w[keep], None if prior_mask is None else prior_mask[keep]
-        errors: dict[str, list[float]] = {c.label: [] for c in picked}
-        for fold in folds_data:
-            h_fold, h_train = fold["h_fold"], fold["h_train"]
-            denom = float(((w_rows.double() @ h_fold) * w_rows.double()).sum())
-            for cand, w_hat in zip(picked, _candidate_weights(w_rows, prior_rows, fold, picked, pattern, scorer,
-                                                              damping, name)):
-                err = (w_rows - w_hat).double()
-                errors[cand.label].append(float(((err @ h_fold) * err).sum()) / denom if denom > 0 else 0.0)
-        return errors
-
+    score = functools.partial(_fold_errors, w, prior_mask, folds_data, pattern=pattern, scorer=scorer,
+                              damping=damping, name=name)
     base = Candidate("baseline")
     screened: dict[str, list[float]] = {}
     finalists = cands
     first_rows = None if rows is None else max(1, rows // 4)
     if (screen is not None and scorer != "admm" and rows is not None and len(cands) > screen + 1
             and first_rows < min(rows, w.shape[0])):
-        screened = fold_errors(cands, first_rows)
+        screened = score(cands, first_rows)
         probe = SetSelection(base, select, scorer, k_folds, screened)
         others = [c for c in cands if c != base]
         best = sorted(others, key=lambda c: (probe.score(c.label), cands.index(c)))[:screen]
         finalists = [c for c in cands if c == base or c in best]  # Baseline always; the grid's order
-    errors = fold_errors(finalists, rows)
+    errors = score(finalists, rows)
     selection = SetSelection(base, select, scorer, k_folds, errors, screened)
     best = min(finalists, key=lambda c: (selection.score(c.label), cands.index(c)))  # ties: the earlier candidate
     selection.chosen = best
@@ -419,6 +435,20 @@ def select_uncertainty(
 
 
 _GROUP_BYTES = 1 << 28  # float64 Grams of the candidates CAP scores together (256 MiB)
+
+
+def _solve_gram(fold: dict[str, Any], ridge: float, c: float, scorer: str, name: str) -> torch.Tensor:
+    """``H_train + c H_train^(1/2) + ridge I`` of one candidate (damped until definite for the solvers that
+    factor it), divided by its power-of-4 unit; the fold caches its square root."""
+    h_train = fold["h_train"]
+    if c and "root" not in fold:  # one H_train^(1/2) per fold, every gamma of E
+        fold["root"] = sqrt_psd(h_train).to(h_train.dtype)
+    h_eff = h_train + c * fold["root"] if c else h_train
+    if scorer in USES_FULL_GRAM:
+        h_solve, _ = damp_until_definite(h_eff, ridge, name, warn=False)
+    else:
+        h_solve = h_eff + ridge * torch.eye(h_eff.shape[0], dtype=h_eff.dtype, device=h_eff.device)
+    return h_solve / unit_scale(float(h_solve.diagonal().mean()))
 
 
 def _candidate_weights(w: torch.Tensor, prior: torch.Tensor | None, fold: dict[str, Any], cands: Sequence[Candidate],
@@ -440,27 +470,17 @@ def _candidate_weights(w: torch.Tensor, prior: torch.Tensor | None, fold: dict[s
         # in units of H / unit: the ridge scales with H, the coefficient of H^(1/2) with sqrt(unit)
         scaled = [(ridge / unit, c / math.sqrt(unit)) for ridge, c in shifts]
         return list(_admm_scores(w, lam, q, h32, fold.get("eigh_root"), scaled, pattern, prior))
-    def solve_gram(ridge: float, c: float) -> torch.Tensor:
-        if c and "root" not in fold:  # one H_train^(1/2) per fold, every gamma of E
-            fold["root"] = sqrt_psd(h_train).to(h_train.dtype)
-        h_eff = h_train + c * fold["root"] if c else h_train
-        if scorer in USES_FULL_GRAM:
-            h_solve, _ = damp_until_definite(h_eff, ridge, name, warn=False)
-        else:
-            h_solve = h_eff + ridge * torch.eye(h_eff.shape[0], dtype=h_eff.dtype, device=h_eff.device)
-        return h_solve / unit_scale(float(h_solve.diagonal().mean()))
-
     if scorer != "cap":  # one candidate's Gram at a time
         out = []
         for ridge, c in shifts:
-            hs = solve_gram(ridge, c)
+            hs = _solve_gram(fold, ridge, c, scorer, name)
             out.append(SOLVERS[scorer](w, hs, pattern, h_diag=hs.diagonal(), prior=prior)[0])
         return out
     # CAP: candidates in the same batched elimination steps, as many at a time as _GROUP_BYTES allows
     per = max(1, _GROUP_BYTES // (h_train.shape[0] ** 2 * 8))
     out = []
     for a in range(0, len(shifts), per):
-        grams = torch.stack([solve_gram(ridge, c) for ridge, c in shifts[a : a + per]])
+        grams = torch.stack([_solve_gram(fold, ridge, c, scorer, name) for ridge, c in shifts[a : a + per]])
         out += list(cap_grouped(w.expand(len(grams), -1, -1), grams, pattern, prior=prior)[0])
         del grams
     return out

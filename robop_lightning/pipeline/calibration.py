@@ -21,6 +21,7 @@ a per-sample loss (a zero row contributes nothing to either).
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -290,6 +291,66 @@ def capture_block_inputs(
     return calls
 
 
+class _CapturedInputs:
+    """The inputs of the captured linears over a block's calls, each distinct tensor stored once.
+
+    q, k and v usually share one input: it is stored once. Within a call the input itself is kept
+    in the cache so that its id cannot be reused by another tensor; :meth:`end_call` drops it.
+    """
+
+    def __init__(self, names: Iterable[str], storage: torch.device, store: ActivationStore | None) -> None:
+        self.seen: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+        self.cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.storage, self.store = storage, store
+
+    def hook(self, lname: str) -> Callable:
+        """The forward pre-hook that records ``lname``'s input."""
+        return functools.partial(self._record, lname)
+
+    def _record(self, lname: str, module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        if id(x) not in self.cache:
+            xs = _as_samples(x.detach())
+            stored = xs.to(self.storage, copy=True) if self.store is None else self.store.keep_captured(xs)
+            self.cache[id(x)] = (x, stored)
+        self.seen[lname].append(self.cache[id(x)][1])
+
+    def end_call(self) -> None:
+        self.cache.clear()
+
+    def stacked(self) -> dict[str, torch.Tensor | DiskTensor]:
+        """``{name: (samples, tokens, in_features)}``; linears that saw the same inputs get the same
+        tensor object (one copy in memory, and prune_model computes its Gram once for all of them)."""
+        missing = [n for n, xs in self.seen.items() if not xs]
+        if missing:
+            raise ValueError(f"{missing[0]} was not called when its block ran; it cannot be calibrated.")
+        stacked: dict[tuple[int, ...], torch.Tensor | DiskTensor] = {}
+        out: dict[str, torch.Tensor | DiskTensor] = {}
+        for n, xs in self.seen.items():
+            key = tuple(id(x) for x in xs)
+            if key not in stacked:
+                combined = self.store.combine(xs) if self.store is not None else None
+                stacked[key] = combined if combined is not None else (xs[0] if len(xs) == 1 else _stack(xs))
+            out[n] = stacked[key]
+        return out
+
+
+def _propagate(call: BlockCall, out: Any, storage: torch.device, store: ActivationStore | None,
+               keep_hidden: Callable[[torch.Tensor], Any] | None) -> None:
+    """Replace ``call``'s hidden states by the block's output ``out`` (its first item when a tuple)."""
+    if isinstance(out, (tuple, list)):
+        out = out[0]
+    if not isinstance(out, torch.Tensor):
+        raise ValueError(
+            f"a block returned {type(out).__name__}; blocks must return their hidden states "
+            "(a tensor, or a tuple whose first item is the tensor)."
+        )
+    if keep_hidden is not None:
+        call.with_hidden(keep_hidden(out.detach()))
+    else:
+        call.with_hidden(out.detach().to(storage) if store is None else store.keep_hidden(out))
+
+
 def run_block(
     block: nn.Module,
     calls: list[BlockCall],
@@ -323,61 +384,24 @@ def run_block(
         ``{name: (samples, tokens, in_features)}`` for every linear in ``capture``.
     """
     capture = dict(capture or {})
-    seen: dict[str, list[torch.Tensor]] = {n: [] for n in capture}
-    # q, k and v usually share one input: store it once. The input itself is kept in the cache
-    # so that its id cannot be reused by another tensor during the same block call.
-    cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def make_hook(lname: str):
-        def hook(module, args):
-            x = args[0]
-            if id(x) not in cache:
-                xs = _as_samples(x.detach())
-                cache[id(x)] = (x, xs.to(storage, copy=True) if store is None else store.keep_captured(xs))
-            seen[lname].append(cache[id(x)][1])
-
-        return hook
-
+    inputs = _CapturedInputs(capture, storage, store)
     if store is not None:
         store.reset("captured" if capture else "hidden")
         if capture and propagate:
             store.reset("hidden")
     with HookOwner() as hooks:
         for lname, linear in capture.items():
-            hooks.pre_hook(linear, make_hook(lname))
+            hooks.pre_hook(linear, inputs.hook(lname))
         for call in calls:
             args, kwargs = call.for_block(index)
             out = block(*move_to(args, device), **move_to(kwargs, device))
             del args, kwargs
-            cache.clear()
+            inputs.end_call()
             if structure is not None and not structure:
                 structure.append(tuple(out[1:]) if isinstance(out, (tuple, list)) else None)
             if propagate:
-                if isinstance(out, (tuple, list)):
-                    out = out[0]
-                if not isinstance(out, torch.Tensor):
-                    raise ValueError(
-                        f"a block returned {type(out).__name__}; blocks must return their hidden states "
-                        "(a tensor, or a tuple whose first item is the tensor)."
-                    )
-                if keep_hidden is not None:
-                    call.with_hidden(keep_hidden(out.detach()))
-                else:
-                    call.with_hidden(out.detach().to(storage) if store is None else store.keep_hidden(out))
-    missing = [n for n, xs in seen.items() if not xs]
-    if missing:
-        raise ValueError(f"{missing[0]} was not called when its block ran; it cannot be calibrated.")
-    # linears that saw the same inputs get the same tensor object (one copy in memory, and
-    # prune_model computes its Gram once for all of them)
-    stacked: dict[tuple[int, ...], torch.Tensor | DiskTensor] = {}
-    out: dict[str, torch.Tensor | DiskTensor] = {}
-    for n, xs in seen.items():
-        key = tuple(id(x) for x in xs)
-        if key not in stacked:
-            combined = store.combine(xs) if store is not None else None
-            stacked[key] = combined if combined is not None else (xs[0] if len(xs) == 1 else _stack(xs))
-        out[n] = stacked[key]
-    return out
+                _propagate(call, out, storage, store, keep_hidden)
+    return inputs.stacked()
 
 
 def capture_linear_input(

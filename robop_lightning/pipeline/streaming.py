@@ -42,6 +42,67 @@ class _BlockNotCalled(Exception):
     """A forward pass ended without calling a block (``args[0]``: its index)."""
 
 
+class _PassThrough:
+    """Stands in for block ``index``'s ``forward``: records its first call's ``(args, kwargs, slot)``
+    in ``seen`` and hands the hidden states on (with ``rest``); the last block stops the forward."""
+
+    def __init__(self, index: int, last: int, seen: dict[int, tuple[tuple, dict, int | str]], rest: tuple | None,
+                 name: str) -> None:
+        self.index, self.last, self.seen, self.rest, self.name = index, last, seen, rest, name
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        slot = _hidden_slot(args, kwargs, self.name)
+        if self.index not in self.seen:
+            self.seen[self.index] = (args, clean_kwargs(kwargs), slot)
+        if self.index == self.last:
+            raise _StopForward
+        hidden = args[slot] if isinstance(slot, int) else kwargs[slot]
+        return hidden if self.rest is None else (hidden, *self.rest)
+
+
+def _kept_arguments(seen: dict[int, tuple[tuple, dict, int | str]], count: int,
+                    keep: Callable[[torch.Tensor], Any]) -> list[tuple[tuple, dict]]:
+    """Every block's recorded ``(args, kwargs)`` of one batch, ``None`` at the hidden states, tensors kept once."""
+    missing = [i for i in range(count) if i not in seen]
+    if missing:
+        raise _BlockNotCalled(missing[0])
+    memo: dict[int, Any] = {}
+    per_block = []
+    for i in range(count):
+        args, kwargs, slot = seen[i]
+        if isinstance(slot, int):
+            args = tuple(None if j == slot else a for j, a in enumerate(args))
+        else:
+            kwargs = {k: (None if k == slot else v) for k, v in kwargs.items()}
+        per_block.append((kept(args, keep, memo), kept(kwargs, keep, memo)))
+    return per_block
+
+
+def _record_batches(model: nn.Module, blocks: list[nn.Module], batches: list[Any],
+                    forward: Callable[[nn.Module, Any], Any], device: torch.device, rest: tuple | None,
+                    keep: Callable[[torch.Tensor], Any], name: str) -> list[list[tuple[tuple, dict]]]:
+    """One pass per batch with every block's ``forward`` replaced by a :class:`_PassThrough`
+    (restored afterwards, whatever happens): each batch's per-block arguments."""
+    seen: dict[int, tuple[tuple, dict, int | str]] = {}
+    saved = [b.__dict__.get("forward") for b in blocks]
+    recorded: list[list[tuple[tuple, dict]]] = []
+    try:
+        for i, b in enumerate(blocks):
+            b.forward = _PassThrough(i, len(blocks) - 1, seen, rest, name)
+        for batch in batches:
+            seen.clear()
+            with contextlib.suppress(_StopForward):
+                forward(model, move_to(batch, device))
+            recorded.append(_kept_arguments(seen, len(blocks), keep))
+    finally:
+        for b, f in zip(blocks, saved):
+            if f is None:
+                b.__dict__.pop("forward", None)
+            else:
+                b.forward = f
+    return recorded
+
+
 def record_block_args(
     model: nn.Module,
     blocks: list[nn.Module],
@@ -69,43 +130,8 @@ def record_block_args(
     Falls back to the first block's arguments for every block (with a warning) when the model's
     forward cannot run on pass-through blocks.
     """
-    seen: dict[int, tuple[tuple, dict, int | str]] = {}
-    last = len(blocks) - 1
-
-    def passthrough(index: int):
-        def fn(*args, **kwargs):
-            slot = _hidden_slot(args, kwargs, name)
-            if index not in seen:
-                seen[index] = (args, clean_kwargs(kwargs), slot)
-            if index == last:
-                raise _StopForward
-            hidden = args[slot] if isinstance(slot, int) else kwargs[slot]
-            return hidden if rest is None else (hidden, *rest)
-
-        return fn
-
-    saved = [b.__dict__.get("forward") for b in blocks]
-    recorded: list[list[tuple[tuple, dict]]] = []
     try:
-        for i, b in enumerate(blocks):
-            b.forward = passthrough(i)
-        for batch in batches:
-            seen.clear()
-            with contextlib.suppress(_StopForward):
-                forward(model, move_to(batch, device))
-            missing = [i for i in range(len(blocks)) if i not in seen]
-            if missing:
-                raise _BlockNotCalled(missing[0])
-            memo: dict[int, Any] = {}
-            per_block = []
-            for i in range(len(blocks)):
-                args, kwargs, slot = seen[i]
-                if isinstance(slot, int):
-                    args = tuple(None if j == slot else a for j, a in enumerate(args))
-                else:
-                    kwargs = {k: (None if k == slot else v) for k, v in kwargs.items()}
-                per_block.append((kept(args, keep, memo), kept(kwargs, keep, memo)))
-            recorded.append(per_block)
+        recorded = _record_batches(model, blocks, batches, forward, device, rest, keep, name)
     except _BlockNotCalled as err:
         raise ValueError(f"the forward pass finished without calling block {err.args[0]} of the list that starts "
                          f"with {name}; pass blocks= the module list that the model's forward runs, or a `forward` "
@@ -115,12 +141,6 @@ def record_block_args(
                       "block is calibrated with the first block's arguments (right when the model passes all blocks "
                       "the same masks and position encodings).", RuntimeWarning, stacklevel=2)
         return
-    finally:
-        for b, f in zip(blocks, saved):
-            if f is None:
-                b.__dict__.pop("forward", None)
-            else:
-                b.forward = f
     if len(recorded) != len(calls):
         raise ValueError(f"{name}: {len(recorded)} batches recorded for {len(calls)} calls; the calibration "
                          "batches must be the same in every pass.")

@@ -23,6 +23,7 @@ eliminating every weight of every row (``truncate=False`` does that directly).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -116,6 +117,182 @@ def cap(
     return out[0], mask[0]
 
 
+@dataclass
+class _Problems:
+    """``G`` layers' rows cut into diagonal blocks of ``size`` inputs: one elimination problem per (layer, row, block).
+
+    ``weights`` ``(num, size)`` are the padded weights, problem by problem; ``hinv`` the inverse
+    diagonal blocks of every layer (``inverse_of[i]`` is problem ``i``'s); ``pad_of[block_of[i]]``
+    marks the padding of problem ``i``; ``first`` the weights an earlier mask pruned (``None``
+    without one); ``chunk`` how many problems run together.
+    """
+
+    weights: torch.Tensor
+    hinv: torch.Tensor
+    pad_of: torch.Tensor
+    block_of: torch.Tensor
+    inverse_of: torch.Tensor
+    first: torch.Tensor | None
+    pattern: Pattern
+    size: int
+    chunk: int
+
+    @property
+    def count(self) -> int:
+        return self.weights.shape[0]
+
+    @property
+    def padding(self) -> torch.Tensor:
+        """``(num, size)``: True at each problem's padding."""
+        return self.pad_of[self.block_of]
+
+
+def _inverse_blocks(h: torch.Tensor, cols: int, size: int, nb: int, dtype: torch.dtype) -> torch.Tensor:
+    """``(G * nb, size, size)``: the inverses of every layer's diagonal blocks (the last padded with identity)."""
+    groups, dev = h.shape[0], h.device
+    hinv_blocks = torch.empty(groups * nb, size, size, dtype=dtype, device=dev)
+    for g in range(groups):  # one layer's diagonal blocks at a time
+        blocks = torch.eye(size, dtype=torch.float64, device=dev).repeat(nb, 1, 1)
+        for b in range(nb):
+            end = min(cols, (b + 1) * size)
+            blocks[b, : end - b * size, : end - b * size] = h[g, b * size : end, b * size : end]
+        hinv_blocks[g * nb : (g + 1) * nb] = cholesky_inverse(torch.linalg.cholesky(blocks)).to(dtype)
+    return hinv_blocks
+
+
+def _problems(w: torch.Tensor, h: torch.Tensor, pattern: Pattern, block_size: int | None, chunk_bytes: int,
+              dtype: torch.dtype, prior: torch.Tensor | None) -> _Problems:
+    """Cut ``w`` ``(G, rows, cols)`` into the block problems, with the inverse blocks of ``h``."""
+    groups, rows, cols = w.shape
+    dev = w.device
+    size = cols if block_size is None or block_size >= cols else int(block_size)
+    if pattern.kind == "nm" and size % pattern.m:
+        raise ValueError(f"CAP block_size={size} must be a multiple of M={pattern.m} for pattern {pattern}.")
+    nb = math.ceil(cols / size)
+    padded = nb * size
+    hinv_blocks = _inverse_blocks(h, cols, size, nb, dtype)
+    pad = torch.zeros(padded, dtype=torch.bool, device=dev)
+    pad[cols:] = True
+    wp = torch.zeros(groups, rows, padded, dtype=dtype, device=dev)
+    wp[:, :, :cols] = w.to(dtype)
+    problems = wp.view(groups * rows * nb, size)
+    num = problems.shape[0]
+    per_group = rows * nb
+    block_of = torch.arange(num, device=dev) % nb
+    inverse_of = torch.arange(num, device=dev) // per_group * nb + block_of
+    itemsize = torch.finfo(dtype).bits // 8
+    chunk = max(1, chunk_bytes // ((size + 4) * size * itemsize))
+    first_all = None
+    if prior is not None:
+        if pattern.kind == "nm":
+            raise ValueError("CAP cannot keep an earlier mask with an N:M pattern; use 'unstructured' or 'row'.")
+        first_all = torch.zeros(rows, padded, dtype=torch.bool, device=dev)
+        first_all[:, :cols] = ~prior.to(dev)
+        first_all = first_all.view(per_group, size).repeat(groups, 1)
+    return _Problems(problems, hinv_blocks, pad.view(nb, size), block_of, inverse_of, first_all, pattern, size, chunk)
+
+
+def _run(p: _Problems, ids: torch.Tensor, steps: int, trajectory=None, forced=None, counts=None):
+    """Eliminate ``steps`` weights of the problems ``ids``, chunk by chunk (:func:`_eliminate`'s arguments).
+
+    Returns ``(orders, losses, weights, removed)`` of those problems.
+    """
+    size, chunk = p.size, p.chunk
+    dev, dtype = p.weights.device, p.weights.dtype
+    orders = torch.zeros(len(ids), steps, dtype=torch.long, device=dev)
+    losses = torch.full((len(ids), steps), math.inf, dtype=dtype, device=dev)
+    weights = torch.empty(len(ids), size, dtype=dtype, device=dev)
+    removed = torch.empty(len(ids), size, dtype=torch.bool, device=dev)
+    for a in range(0, len(ids), chunk):
+        sel = ids[a : a + chunk]
+        wc, rc = p.weights[sel].clone(), p.pad_of[p.block_of[sel]].clone()
+        orders[a : a + len(sel)], losses[a : a + len(sel)] = _eliminate(
+            wc,
+            p.hinv,
+            rc,
+            steps,
+            p.pattern,
+            trajectory=None if trajectory is None else trajectory[a : a + len(sel)],
+            forced=None if forced is None else forced[a : a + len(sel)],
+            counts=None if counts is None else counts[a : a + len(sel)],
+            first=None if p.first is None else p.first[sel],
+            which=p.inverse_of[sel],
+        )
+        weights[a : a + len(sel)], removed[a : a + len(sel)] = wc, rc
+    return orders, losses, weights, removed
+
+
+def _selected_counts(losses: torch.Tensor, pattern: Pattern, groups: int, rows: int, cols: int, nb: int,
+                     size: int) -> torch.Tensor:
+    """How many steps of each problem the budget selects: the cheapest (running-max) step losses,
+    over each layer (``"unstructured"``, one threshold per layer) or each row (``"row"``)."""
+    num, dev = losses.shape[0], losses.device
+    per_group = rows * nb
+    cum = torch.cummax(losses, dim=1).values
+    if pattern.kind == "unstructured":  # one threshold per layer
+        prune_total = rows * cols - pattern.keep_count(rows, cols)
+        offsets = (torch.arange(groups, device=dev) * (per_group * size))[:, None]
+        chosen = torch.sort(cum.view(groups, per_group * size), dim=1, stable=True).indices[:, :prune_total]
+        return torch.bincount((chosen + offsets).reshape(-1) // size, minlength=num)
+    row_prune = cols - pattern.keep_per_row(cols)
+    per_row = cum.view(groups * rows, nb * size)
+    chosen = torch.sort(per_row, dim=1, stable=True).indices[:, :row_prune]
+    counts = torch.zeros(groups * rows, nb, dtype=torch.long, device=dev)
+    counts.scatter_add_(1, chosen // size, torch.ones_like(chosen))
+    return counts.view(-1)
+
+
+def _eliminate_to_budget(p: _Problems, groups: int, rows: int, cols: int, prior: torch.Tensor | None,
+                         truncate: bool, trajectory_bytes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``"unstructured"`` / ``"row"``: ``(weights, kept)`` of every problem after its share of the budget.
+
+    First pass: record each problem's step losses (made non-decreasing), removal order and
+    weights after every step, but only for as many steps as the budget plausibly needs.
+    A problem whose recorded steps were all selected may need more: it is re-run in full
+    and the shared threshold recomputed. The others are exact, since their unrecorded steps
+    cost at least their first unselected one.
+    """
+    pattern, size, num = p.pattern, p.size, p.count
+    dev, dtype = p.weights.device, p.weights.dtype
+    nb = p.pad_of.shape[0]
+    itemsize = torch.finfo(dtype).bits // 8
+    prune_total = rows * cols - pattern.keep_count(rows, cols)
+    row_prune = cols - pattern.keep_per_row(cols)
+    share = (prune_total / (rows * cols)) if pattern.kind == "unstructured" else row_prune / cols
+    if prior is not None:
+        share = max(share, float(p.first.float().sum(1).max()) / size)
+    steps = min(size, int(math.ceil(size * min(1.0, share * 1.25))) + 8) if truncate else size
+    real = size - p.padding.sum(1)
+    store = num * (size + 1) * size * itemsize <= trajectory_bytes
+    orders = torch.zeros(num, size, dtype=torch.long, device=dev)
+    losses = torch.full((num, size), math.inf, dtype=dtype, device=dev)
+    trajectory = torch.empty(num, size + 1, size, dtype=dtype, device=dev) if store else None
+    everything = torch.arange(num, device=dev)
+    todo, depth = everything, steps
+    while len(todo):
+        traj = None if trajectory is None else torch.empty(len(todo), depth + 1, size, dtype=dtype, device=dev)
+        o, l_, _, _ = _run(p, todo, depth, trajectory=traj)
+        orders[todo, :depth], losses[todo, :depth] = o, l_
+        if traj is not None:
+            trajectory[todo, : depth + 1] = traj
+        counts = _selected_counts(losses, pattern, groups, rows, cols, nb, size)
+        if depth == size:
+            break
+        # problems run to `steps` whose every recorded step was chosen, with steps left
+        saturated = (counts >= steps) & (real > steps)
+        todo, depth = torch.nonzero(saturated).flatten(), size
+    step_ids = torch.arange(size, device=dev)[None, :]
+    # (steps past a problem's last finite loss repeat an index: count, don't overwrite)
+    hits = torch.zeros(num, size, dtype=torch.long, device=dev)
+    hits.scatter_add_(1, orders, (step_ids < counts[:, None]).long())
+    kept = ~((hits > 0) | p.padding)
+    if trajectory is not None:
+        return trajectory[everything, counts], kept
+    # no room for the trajectory: replay each problem's first counts[i] removals
+    _, _, out, _ = _run(p, everything, int(counts.max()), forced=orders, counts=counts)
+    return out, kept
+
+
 def cap_grouped(
     w: torch.Tensor,
     h: torch.Tensor,
@@ -142,118 +319,14 @@ def cap_grouped(
     if prior is not None and prior.shape != w.shape[1:]:
         raise ValueError(f"prior must be a (rows, cols) keep-mask {tuple(w.shape[1:])}, got {tuple(prior.shape)}.")
     groups, rows, cols = w.shape
-    dev = w.device
-    size = cols if block_size is None or block_size >= cols else int(block_size)
-    if pattern.kind == "nm" and size % pattern.m:
-        raise ValueError(f"CAP block_size={size} must be a multiple of M={pattern.m} for pattern {pattern}.")
-    nb = math.ceil(cols / size)
-    padded = nb * size
-    hinv_blocks = torch.empty(groups * nb, size, size, dtype=dtype, device=dev)
-    for g in range(groups):  # one layer's diagonal blocks at a time (the last padded with identity)
-        blocks = torch.eye(size, dtype=torch.float64, device=dev).repeat(nb, 1, 1)
-        for b in range(nb):
-            end = min(cols, (b + 1) * size)
-            blocks[b, : end - b * size, : end - b * size] = h[g, b * size : end, b * size : end]
-        hinv_blocks[g * nb : (g + 1) * nb] = cholesky_inverse(torch.linalg.cholesky(blocks)).to(dtype)
-    pad = torch.zeros(padded, dtype=torch.bool, device=dev)
-    pad[cols:] = True
-
-    wp = torch.zeros(groups, rows, padded, dtype=dtype, device=dev)
-    wp[:, :, :cols] = w.to(dtype)
-    problems = wp.view(groups * rows * nb, size)
-    num = problems.shape[0]
-    per_group = rows * nb
-    block_of = torch.arange(num, device=dev) % nb
-    inverse_of = torch.arange(num, device=dev) // per_group * nb + block_of
-    pad_of = pad.view(nb, size)
-    itemsize = torch.finfo(dtype).bits // 8
-    chunk = max(1, chunk_bytes // ((size + 4) * size * itemsize))
-
-    first_all = None
-    if prior is not None:
-        if pattern.kind == "nm":
-            raise ValueError("CAP cannot keep an earlier mask with an N:M pattern; use 'unstructured' or 'row'.")
-        first_all = torch.zeros(rows, padded, dtype=torch.bool, device=dev)
-        first_all[:, :cols] = ~prior.to(dev)
-        first_all = first_all.view(per_group, size).repeat(groups, 1)
-
-    def run(ids: torch.Tensor, steps: int, trajectory=None, forced=None, counts=None):
-        """Eliminate ``steps`` weights of the problems ``ids``, chunk by chunk."""
-        orders = torch.zeros(len(ids), steps, dtype=torch.long, device=dev)
-        losses = torch.full((len(ids), steps), math.inf, dtype=dtype, device=dev)
-        weights = torch.empty(len(ids), size, dtype=dtype, device=dev)
-        removed = torch.empty(len(ids), size, dtype=torch.bool, device=dev)
-        for a in range(0, len(ids), chunk):
-            sel = ids[a : a + chunk]
-            wc, rc = problems[sel].clone(), pad_of[block_of[sel]].clone()
-            orders[a : a + len(sel)], losses[a : a + len(sel)] = _eliminate(
-                wc,
-                hinv_blocks,
-                rc,
-                steps,
-                pattern,
-                trajectory=None if trajectory is None else trajectory[a : a + len(sel)],
-                forced=None if forced is None else forced[a : a + len(sel)],
-                counts=None if counts is None else counts[a : a + len(sel)],
-                first=None if first_all is None else first_all[sel],
-                which=inverse_of[sel],
-            )
-            weights[a : a + len(sel)], removed[a : a + len(sel)] = wc, rc
-        return orders, losses, weights, removed
-
-    everything = torch.arange(num, device=dev)
+    p = _problems(w, h, pattern, block_size, chunk_bytes, dtype, prior)
     if pattern.kind == "nm":
-        _, _, out, removed = run(everything, size // pattern.m * (pattern.m - pattern.n))
+        steps = p.size // pattern.m * (pattern.m - pattern.n)
+        _, _, out, removed = _run(p, torch.arange(p.count, device=w.device), steps)
         kept = ~removed
     else:
-        # First pass: record each problem's step losses (made non-decreasing), removal order and
-        # weights after every step, but only for as many steps as the budget plausibly needs.
-        # A problem whose recorded steps were all selected may need more: it is re-run in full
-        # and the shared threshold recomputed. The others are exact, since their unrecorded steps
-        # cost at least their first unselected one.
-        prune_total = rows * cols - pattern.keep_count(rows, cols)
-        row_prune = cols - pattern.keep_per_row(cols)
-        share = (prune_total / (rows * cols)) if pattern.kind == "unstructured" else row_prune / cols
-        if prior is not None:
-            share = max(share, float(first_all.float().sum(1).max()) / size)
-        steps = min(size, int(math.ceil(size * min(1.0, share * 1.25))) + 8) if truncate else size
-        real = size - pad_of[block_of].sum(1)
-        store = num * (size + 1) * size * itemsize <= trajectory_bytes
-        orders = torch.zeros(num, size, dtype=torch.long, device=dev)
-        losses = torch.full((num, size), math.inf, dtype=dtype, device=dev)
-        trajectory = torch.empty(num, size + 1, size, dtype=dtype, device=dev) if store else None
-        todo, depth = everything, steps
-        offsets = (torch.arange(groups, device=dev) * (per_group * size))[:, None]
-        while len(todo):
-            traj = None if trajectory is None else torch.empty(len(todo), depth + 1, size, dtype=dtype, device=dev)
-            o, l_, _, _ = run(todo, depth, trajectory=traj)
-            orders[todo, :depth], losses[todo, :depth] = o, l_
-            if traj is not None:
-                trajectory[todo, : depth + 1] = traj
-            cum = torch.cummax(losses, dim=1).values
-            if pattern.kind == "unstructured":  # one threshold per layer
-                chosen = torch.sort(cum.view(groups, per_group * size), dim=1, stable=True).indices[:, :prune_total]
-                counts = torch.bincount((chosen + offsets).reshape(-1) // size, minlength=num)
-            else:
-                per_row = cum.view(groups * rows, nb * size)
-                chosen = torch.sort(per_row, dim=1, stable=True).indices[:, :row_prune]
-                counts = torch.zeros(groups * rows, nb, dtype=torch.long, device=dev)
-                counts.scatter_add_(1, chosen // size, torch.ones_like(chosen))
-                counts = counts.view(-1)
-            if depth == size:
-                break
-            # problems run to `steps` whose every recorded step was chosen, with steps left
-            saturated = (counts >= steps) & (real > steps)
-            todo, depth = torch.nonzero(saturated).flatten(), size
-        step_ids = torch.arange(size, device=dev)[None, :]
-        # (steps past a problem's last finite loss repeat an index: count, don't overwrite)
-        hits = torch.zeros(num, size, dtype=torch.long, device=dev)
-        hits.scatter_add_(1, orders, (step_ids < counts[:, None]).long())
-        kept = ~((hits > 0) | pad_of[block_of])
-        if trajectory is not None:
-            out = trajectory[everything, counts]
-        else:  # no room for the trajectory: replay each problem's first counts[i] removals
-            _, _, out, _ = run(everything, int(counts.max()), forced=orders, counts=counts)
+        out, kept = _eliminate_to_budget(p, groups, rows, cols, prior, truncate, trajectory_bytes)
+    padded = p.pad_of.numel()
     mask = kept.view(groups, rows, padded)[:, :, :cols].contiguous()
     w_hat = out.view(groups, rows, padded)[:, :, :cols].to(torch.float32)
     return w_hat * mask, mask

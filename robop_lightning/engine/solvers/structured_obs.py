@@ -19,10 +19,12 @@ The modules themselves shrink in :mod:`robop_lightning.pipeline.surgery`.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 
@@ -178,6 +180,125 @@ def _augmented(inputs: LayerInputs) -> LayerInputs:
     return LayerInputs(torch.cat([x, ones], dim=-1), name=inputs.name, distributed=inputs.distributed)
 
 
+@dataclass
+class _Groups:
+    """One structured selection, set up: the float64 ``[W, b]`` and what every solve needs.
+
+    ``ridge`` is the damping on the feature columns, raised (and kept raised) when a solve needs
+    it; ``bias_ridge`` a tiny fixed ridge on the constant input (``None`` without a bias).
+    """
+
+    name: str
+    w_full: torch.Tensor
+    idx: torch.Tensor
+    cols: int
+    per_step: int
+    swap_limit: int
+    ridge: float
+    bias_ridge: torch.Tensor | None
+    has_bias: bool
+
+
+class _Solve(NamedTuple):
+    """One greedy selection and its exact compensation (``err``: ``[W, b]`` minus the result)."""
+
+    chosen: list[int]
+    keep_groups: list[int]
+    keep_cols: torch.Tensor
+    new_w: torch.Tensor
+    new_b: torch.Tensor | None
+    err: torch.Tensor
+    losses: list[float]
+    steps: list[int]
+
+
+def _checked_inputs(weight, inputs, groups, remove, damping, bias, name) -> tuple[torch.Tensor, LayerInputs]:
+    """The argument checks of :func:`select_groups`: ``(group index, inputs)``."""
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        raise ValueError(f"{name}: weight must be a 2-D float tensor (out_features, in_features).")
+    rows, cols = weight.shape
+    idx = _group_index(groups, cols, name)
+    g = idx.shape[0]
+    if isinstance(remove, bool) or not isinstance(remove, int) or not 0 <= remove < g:
+        raise ValueError(
+            f"{name}: remove must be an integer in [0, {g - 1}] (at least one of the {g} groups stays), got {remove!r}."
+        )
+    if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not damping >= 0:
+        raise ValueError(f"{name}: damping must be a number >= 0, got {damping!r}.")
+    li = inputs if isinstance(inputs, LayerInputs) else LayerInputs(inputs, name=f"{name}: calibration inputs")
+    if li.in_features != cols:
+        raise ValueError(
+            f"{name}: inputs have {li.in_features} features but the weight has in_features={cols}; pass this layer's inputs."
+        )
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != rows):
+        raise ValueError(f"{name}: bias must have shape ({rows},), got {tuple(bias.shape)}.")
+    return idx, li
+
+
+def _closed_form_loss(uset: ClosedFormSet, h: torch.Tensor, cols: int, e: torch.Tensor) -> float:
+    """The authors' robust loss of ``[E, e_b]``: the set acts on the feature columns only."""
+    return float(((e @ h) * e).sum()) + uset.robust_loss(e[:, :cols]) - inner(uset.h, e[:, :cols])
+
+
+def _prepare_set(uset: UncertaintySet, h: torch.Tensor, aug: LayerInputs, li: LayerInputs, cols: int,
+                 lam0: float) -> tuple[torch.Tensor, Callable[[torch.Tensor], float]]:
+    """Prepare ``uset`` on the (augmented) Gram: ``(the static sets' matrix, the robust loss of an error)``."""
+    if isinstance(uset, ClosedFormSet):
+        # the authors' D acts on the feature columns (the bias column is a constant input)
+        uset.prepare(h[:cols, :cols], li, lam0)
+        h_static = h.clone()
+        if uset.matrix is not None:
+            h_static[:cols, :cols] += uset.matrix
+        return h_static, functools.partial(_closed_form_loss, uset, h, cols)
+    uset.prepare(h, aug, lam0)
+    return uset.effective(), uset.robust_loss
+
+
+def _damped(p: _Groups, h_eff: torch.Tensor) -> torch.Tensor:
+    """``h_eff`` plus the bias ridge and the feature ridge, raised (in ``p``) until definite."""
+    if p.bias_ridge is not None:
+        h_eff = h_eff + torch.diag(p.bias_ridge)
+    hd, p.ridge = damp_until_definite(h_eff, p.ridge, p.name, warn=False, columns=p.cols, float32=False)
+    return hd
+
+
+def _solve(p: _Groups, h_eff: torch.Tensor, count: int, record: int | None = None) -> _Solve:
+    """Greedy OBS under ``h_eff`` (to ``record`` removals for the trajectory), swap-refined, then compensated."""
+    cols, idx = p.cols, p.idx
+    g = idx.shape[0]
+    hd = _damped(p, h_eff)
+    hinv = torch.linalg.inv(hd)  # (cholesky_inverse is ~20x slower on CPU here)
+    hinv = 0.5 * (hinv + hinv.T)
+    order, losses, steps = _greedy(p.w_full.clone(), hinv.clone(), idx, max(count, record or 0), p.per_step)
+    chosen = order[:count]
+    if 0 < count < g <= p.swap_limit:
+        chosen = _swap_refine(p.w_full, hinv, idx, chosen)
+    keep_groups = sorted(set(torch.arange(g).tolist()) - set(chosen))
+    keep_cols = torch.sort(idx[keep_groups].flatten()).values if keep_groups else torch.zeros(0, dtype=torch.long)
+    free = torch.ones(cols, dtype=torch.bool)
+    free[idx.flatten()] = False
+    keep_cols = torch.sort(torch.cat([keep_cols, free.nonzero().flatten()])).values
+    new_w, new_b = compensate(p.w_full[:, :cols], hd, keep_cols, p.w_full[:, cols] if p.has_bias else None)
+    err = p.w_full.clone()
+    err[:, keep_cols] -= new_w
+    if p.has_bias:
+        err[:, cols] -= new_b
+    return _Solve(chosen, keep_groups, keep_cols, new_w, new_b, err, losses, steps)
+
+
+def _alternation_step(p: _Groups, remove: int, trajectory_to: int | None, solves: list[_Solve], h_k: torch.Tensor,
+                      previous):
+    """:func:`alternate`'s solve; every solve is appended to ``solves`` (the first records the trajectory)."""
+    solves.append(_solve(p, h_k, remove, trajectory_to if previous is None else None))
+    return solves[-1], solves[-1].err
+
+
+def _heldout_error(heldout, has_bias: bool, w_full: torch.Tensor, err: torch.Tensor, name: str) -> float:
+    held = heldout if isinstance(heldout, LayerInputs) else LayerInputs(heldout, name=f"{name}: held-out inputs")
+    hh = (_augmented(held) if has_bias else held).gram(device="cpu")
+    return relative_error(hh, w_full, err)
+
+
 def select_groups(
     weight: torch.Tensor,
     inputs: torch.Tensor | LayerInputs,
@@ -227,115 +348,44 @@ def select_groups(
         (torch.Size([8, 8]), 8, True)
     """
     start = time.perf_counter()
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
-        raise ValueError(f"{name}: weight must be a 2-D float tensor (out_features, in_features).")
-    rows, cols = weight.shape
-    idx = _group_index(groups, cols, name)
-    g = idx.shape[0]
-    if isinstance(remove, bool) or not isinstance(remove, int) or not 0 <= remove < g:
-        raise ValueError(
-            f"{name}: remove must be an integer in [0, {g - 1}] (at least one of the {g} groups stays), got {remove!r}."
-        )
-    if not isinstance(damping, (int, float)) or isinstance(damping, bool) or not damping >= 0:
-        raise ValueError(f"{name}: damping must be a number >= 0, got {damping!r}.")
-    li = inputs if isinstance(inputs, LayerInputs) else LayerInputs(inputs, name=f"{name}: calibration inputs")
-    if li.in_features != cols:
-        raise ValueError(
-            f"{name}: inputs have {li.in_features} features but the weight has in_features={cols}; pass this layer's inputs."
-        )
-    if bias is not None and (bias.dim() != 1 or bias.shape[0] != rows):
-        raise ValueError(f"{name}: bias must have shape ({rows},), got {tuple(bias.shape)}.")
-    per_step = per_step or (1 if g <= 256 else math.ceil(g / 256))
+    idx, li = _checked_inputs(weight, inputs, groups, remove, damping, bias, name)
+    cols, g = weight.shape[1], idx.shape[0]
     uset: UncertaintySet = make_uncertainty(uncertainty, radius, coupled)
-
     aug = _augmented(li) if bias is not None else li
     h = aug.gram(device="cpu")
-    n1 = h.shape[0]
     mean_diag = float(h.diagonal()[:cols].mean())
-    lam0 = damping * mean_diag if mean_diag > 0 else 1.0
-    if isinstance(uset, ClosedFormSet):
-        # the authors' D acts on the feature columns (the bias column is a constant input)
-        uset.prepare(h[:cols, :cols], li, lam0)
-        h_static = h.clone()
-        if uset.matrix is not None:
-            h_static[:cols, :cols] += uset.matrix
-        robust_loss = lambda e: float(((e @ h) * e).sum()) + uset.robust_loss(e[:, :cols]) - inner(uset.h, e[:, :cols])  # noqa: E731
-    else:
-        uset.prepare(h, aug, lam0)
-        h_static = uset.effective()
-        robust_loss = uset.robust_loss
-    ridge = [uset.ridge]  # on the feature columns; raised (and kept raised) when a solve needs it
+    h_static, robust_loss = _prepare_set(uset, h, aug, li, cols, damping * mean_diag if mean_diag > 0 else 1.0)
     bias_ridge = None
     if bias is not None:  # a tiny fixed ridge on the constant input
-        bias_ridge = torch.zeros(n1, dtype=torch.float64)
+        bias_ridge = torch.zeros(h.shape[0], dtype=torch.float64)
         bias_ridge[cols] = 1e-12 * float(h[cols, cols])
-
     w_full = weight.detach().to("cpu", torch.float64)
     if bias is not None:
         w_full = torch.cat([w_full, bias.detach().to("cpu", torch.float64)[:, None]], dim=1)
-    all_groups = torch.arange(g)
-
-    def damped(h_eff: torch.Tensor) -> torch.Tensor:
-        if bias_ridge is not None:
-            h_eff = h_eff + torch.diag(bias_ridge)
-        hd, ridge[0] = damp_until_definite(h_eff, ridge[0], name, warn=False, columns=cols, float32=False)
-        return hd
-
-    def solve(h_eff: torch.Tensor, count: int, record: int | None = None):
-        hd = damped(h_eff)
-        hinv = torch.linalg.inv(hd)  # (cholesky_inverse is ~20x slower on CPU here)
-        hinv = 0.5 * (hinv + hinv.T)
-        order, losses, steps = _greedy(w_full.clone(), hinv.clone(), idx, max(count, record or 0), per_step)
-        chosen = order[:count]
-        if 0 < count < g <= swap_limit:
-            chosen = _swap_refine(w_full, hinv, idx, chosen)
-        keep_groups = sorted(set(all_groups.tolist()) - set(chosen))
-        keep_cols = torch.sort(idx[keep_groups].flatten()).values if keep_groups else torch.zeros(0, dtype=torch.long)
-        free = torch.ones(cols, dtype=torch.bool)
-        free[idx.flatten()] = False
-        keep_cols = torch.sort(torch.cat([keep_cols, free.nonzero().flatten()])).values
-        new_w, new_b = compensate(w_full[:, :cols], hd, keep_cols, None if bias is None else w_full[:, cols])
-        err = w_full.clone()
-        err[:, keep_cols] -= new_w
-        if bias is not None:
-            err[:, cols] -= new_b
-        return chosen, keep_groups, keep_cols, new_w, new_b, err, losses, steps
-
+    p = _Groups(name, w_full, idx, cols, per_step or (1 if g <= 256 else math.ceil(g / 256)), swap_limit,
+                uset.ridge, bias_ridge, bias is not None)
     denom = quad(h, w_full)
     rel = lambda v: v / denom if denom > 0 else 0.0  # noqa: E731
-    nominal = lambda e: quad(h, e)  # noqa: E731
     history: list[dict[str, Any]] = []
     if uset.dynamic and remove > 0:
-        solves: list[tuple] = []
-
-        def step(h_k: torch.Tensor, previous):
-            solves.append(solve(h_k, remove, trajectory_to if previous is None else None))
-            return solves[-1], solves[-1][5]
-
-        won, history = alternate(step, h, uset, rounds, nominal)
+        solves: list[_Solve] = []
+        step = functools.partial(_alternation_step, p, remove, trajectory_to, solves)
+        won, history = alternate(step, h, uset, rounds, functools.partial(quad, h))
         first, best = solves[0], won.solution
     else:
-        first = best = solve(h_static if not uset.dynamic else h, remove, trajectory_to)
-    traj_abs, steps = first[6], first[7]
-    chosen, keep_groups, keep_cols, new_w, new_b, err, _, _ = best
-    nom = rel(nominal(err))
-    robust = clamp_robust(nom, rel(robust_loss(err)))
-    heldout_error = None
-    if heldout is not None:
-        held = heldout if isinstance(heldout, LayerInputs) else LayerInputs(heldout, name=f"{name}: held-out inputs")
-        hh = (_augmented(held) if bias is not None else held).gram(device="cpu")
-        heldout_error = relative_error(hh, w_full, err)
+        first = best = _solve(p, h_static if not uset.dynamic else h, remove, trajectory_to)
+    nom = rel(quad(h, best.err))
     return StructuredResult(
-        removed=list(chosen),
-        kept=list(keep_groups),
-        kept_columns=keep_cols,
-        weight=new_w.to(weight.dtype),
-        bias=None if new_b is None else new_b.to(bias.dtype),
+        removed=list(best.chosen),
+        kept=list(best.keep_groups),
+        kept_columns=best.keep_cols,
+        weight=best.new_w.to(weight.dtype),
+        bias=None if best.new_b is None else best.new_b.to(bias.dtype),
         nominal_error=nom,
-        robust_error=robust,
-        heldout_error=heldout_error,
-        trajectory=[rel(v) for v in traj_abs],
-        steps=steps,
+        robust_error=clamp_robust(nom, rel(robust_loss(best.err))),
+        heldout_error=None if heldout is None else _heldout_error(heldout, bias is not None, w_full, best.err, name),
+        trajectory=[rel(v) for v in first.losses],
+        steps=first.steps,
         uncertainty=uset.describe(),
         history=history,
         seconds=time.perf_counter() - start,
