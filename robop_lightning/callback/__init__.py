@@ -1,35 +1,39 @@
-"""``RobOPCallback``: RobOP pruning as a Lightning callback (glue over :func:`prune_model`)."""
+"""``RobOPCallback``: RobOP pruning as a Lightning callback (glue over
+:func:`robop_lightning.pipeline.prune.run_job`)."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 import warnings
-from collections.abc import Mapping
 from itertools import islice
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from robop_lightning.callback.hooks import check_layers_before_sharding, check_schedule, checkpoint_to_restore
-from robop_lightning.callback.hooks import holder, shards_after_setup
+from robop_lightning.callback.hooks import check_layers_before_sharding, checkpoint_to_restore, holder
+from robop_lightning.callback.hooks import optimizer_states_to, shards_after_setup
 from robop_lightning.callback.loaders import calibration_loader
-from robop_lightning.config import PruneConfig, StructuredOptions, is_structured
+from robop_lightning.callback.options import PRUNING_KEYWORDS, CallbackOptions, pruning_config
+from robop_lightning.config import PruneConfig
 from robop_lightning.pipeline.masks import SparsityMasks
-from robop_lightning.pipeline.prune import PruneReport, prune_model
+from robop_lightning.pipeline.prune import PruneReport, run_job
 from robop_lightning.pipeline.resume import fingerprint_batches
 
 __all__ = ["RobOPCallback"]
 
-_ALIASES = {"validation": "val"}
 _STATE_VERSION = 1
+
+
+def _option(source: str, name: str, doc: str) -> property:
+    """A read-only attribute of the callback that reads ``self.<source>.<name>``."""
+    return property(lambda self: getattr(getattr(self, source), name), doc=doc)
 
 
 class RobOPCallback(Callback):
@@ -108,7 +112,7 @@ class RobOPCallback(Callback):
             once (``prune_at="start"``, or in ``validate`` / ``test``).
         fisher: options of ``curvature="fisher"``: ``gradients`` (m), ``block_size`` (B), ``lam``,
             ``batch_size``, ``selection`` (``"global"`` / ``"uniform"``), ``method``
-            (:class:`robop_lightning.pipeline.fisher_step.FisherOptions`).
+            (:class:`robop_lightning.config.FisherOptions`).
         structured_options: with ``pattern="structured"`` (whole heads and MLP channels removed
             physically, :mod:`robop_lightning.pipeline.shrink_step`): ``budget`` (``"layer"`` / ``"global"``),
             ``cost`` (``"params"`` / ``"flops"``), ``min_keep``, ``max_sparsity``, ``per_step``. The
@@ -121,6 +125,9 @@ class RobOPCallback(Callback):
             at a time to this device while the module stays where it is). Every option is checked in
             ``__init__`` by :class:`robop_lightning.config.PruneConfig`.
         calibration: the old name of ``calibration_dataloader`` (deprecated).
+        config: the pruning options as one :class:`robop_lightning.config.PruneConfig` (or a dict of
+            its fields), instead of the keywords from ``sparsity`` to ``device`` (passing both is a
+            ValueError); ``pattern="structured"`` takes its options as ``solver_options`` there.
 
     Raises:
         ValueError: an argument is invalid (raised in ``__init__``, with what to pass instead).
@@ -189,100 +196,72 @@ class RobOPCallback(Callback):
         activation_budget: int | str | None = None,
         device: str | None = None,
         calibration: str | None = None,
+        config: PruneConfig | None = None,
     ) -> None:
+        arguments = dict(locals())  # the first statement: exactly the arguments
         super().__init__()
         if calibration is not None:  # the old name of calibration_dataloader
             warnings.warn("RobOPCallback(calibration=...) is now calibration_dataloader=...", DeprecationWarning,
                           stacklevel=2)
             calibration_dataloader = calibration
-        for what, value in (("targets", targets), ("ignore", ignore)):
-            if value is not None and isinstance(value, str):
-                raise ValueError(f"{what} must be a list of module names or 're:<regex>' patterns, got {value!r} "
-                                 f"(for one name write [{value!r}]).")
-        structured = is_structured(pattern)
-        if structured and solver_options is not None:
-            raise ValueError("pattern='structured' takes structured_options, not solver_options.")
-        if not structured and structured_options is not None:
-            raise ValueError("structured_options only apply to pattern='structured'.")
-        if structured:
-            StructuredOptions.coerce(structured_options)
-        # every option prune_model has, checked in one place (schedules: their largest sparsity)
-        self.config = PruneConfig(
-            sparsity=max(schedule.values()) if isinstance(schedule, Mapping) and schedule else sparsity,
-            pattern=pattern, solver=solver, uncertainty=uncertainty, radius=radius, coupled=coupled, rounds=rounds,
-            damping=damping, solver_options=structured_options if structured else solver_options, auto=auto,
-            targets=targets, ignore=ignore, blocks=blocks, heldout_fraction=heldout_fraction, resume_dir=resume_dir,
-            activation_budget=activation_budget, curvature=curvature, fisher=fisher, device=device,
-        )
-        if isinstance(calibration_batches, bool) or not isinstance(calibration_batches, int) or calibration_batches < 1:
-            raise ValueError(f"calibration_batches must be a positive integer, got {calibration_batches!r}.")
-        if not isinstance(calibration_dataloader, str) or not calibration_dataloader.strip().isidentifier():
-            raise ValueError(
-                f"calibration_dataloader must name a dataloader: 'train', 'val', 'test', 'predict', or X for a "
-                f"datamodule method X_dataloader(); got {calibration_dataloader!r}."
-            )
-        if prune_at != "start" and (isinstance(prune_at, bool) or not isinstance(prune_at, int) or prune_at < 0):
-            raise ValueError(f"prune_at must be 'start' or an epoch number >= 0 (prune at its end), got {prune_at!r}.")
-        if schedule is not None:
-            schedule = check_schedule(schedule, pattern)
-            if prune_at != "start":
-                raise ValueError("pass either prune_at=<epoch> or a schedule: the schedule's epochs say when to prune.")
-        for what, value in (("progress", progress), ("verbose", verbose)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{what} must be true or false, got {value!r}.")
-        if structured and (prune_at != "start" or schedule is not None):
-            raise ValueError(
-                "pattern='structured' shrinks the modules, so it prunes once before training: use prune_at='start' "
-                "without a schedule (then the whole fit is recovery fine-tuning), or trainer.validate / trainer.test."
-            )
-        if curvature == "fisher":
-            clash = [what for what, bad in (("schedule", schedule is not None), ("prune_at=<epoch>", prune_at != "start"))
-                     if bad]
-            if clash:
-                raise ValueError(f"curvature='fisher' (CAP's one-shot pruning with the loss's Fisher) does not take: "
-                                 f"{', '.join(clash)}.")
-
-        self.sparsity = sparsity
-        self.pattern = pattern
-        self.solver = self.config.solver
-        self.uncertainty = self.config.uncertainty
-        self.auto = None if auto is None else dict(auto)
-        self.radius = radius
-        self.targets = list(targets) if targets is not None else None
-        self.ignore = list(ignore) if ignore is not None else None
-        self.calibration_batches = calibration_batches
-        self.calibration_dataloader = _ALIASES.get(calibration_dataloader.strip(), calibration_dataloader.strip())
-        self.prune_at = prune_at
-        self.schedule = schedule
-        self.heldout_fraction = float(heldout_fraction)
-        self.progress = progress
-        self.verbose = verbose
-        self.resume_dir = None if resume_dir is None else os.fspath(resume_dir)
-        self.structured_options = dict(structured_options or {}) if structured else None
-        self.curvature = curvature
-        self.fisher = None if fisher is None else dict(fisher)
-
+        own = CallbackOptions(calibration_batches=calibration_batches, calibration_dataloader=calibration_dataloader,
+                              prune_at=prune_at, schedule=schedule, progress=progress, verbose=verbose)
+        # every option of the pruning job, checked in one place (schedules: their largest sparsity)
+        self.config: PruneConfig = pruning_config(config, {k: v for k, v in arguments.items() if k in PRUNING_KEYWORDS},
+                                                  schedule)
+        self.options: CallbackOptions = own.checked(self.config)
         self.masks: SparsityMasks | None = None
         self.reports: list[PruneReport] = []
         self._done: list[str] = []  # milestones already pruned: "start", "epoch_end:3", "schedule:2"
         self._current_sparsity: float | None = None
 
-    def _prune_arguments(self, trainer: pl.Trainer, pl_module: pl.LightningModule, sparsity: float | None,
-                         milestone: str) -> dict[str, Any]:
-        """``prune_model``'s keyword arguments for one milestone (``"start"``, ``"epoch_end:3"``, ...)."""
-        config = dataclasses.replace(self.config, sparsity=sparsity)
-        kwargs = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-        kwargs["progress"] = self.progress and trainer.is_global_zero
-        kwargs["resume_dir"] = None if self.resume_dir is None else os.path.join(self.resume_dir, milestone.replace(":", "-"))
-        if self.curvature == "fisher":
+    # the options, read from self.config (the pruning job's) and self.options (the callback's own)
+    sparsity = _option("config", "sparsity", "Target sparsity (with a schedule: its largest).")
+    pattern = _option("config", "pattern", "Sparsity pattern.")
+    solver = _option("config", "solver", "Solver (None: chosen per model when pruning).")
+    uncertainty = _option("config", "uncertainty", "Uncertainty set (canonical name).")
+    radius = _option("config", "radius", "Radius of the uncertainty set.")
+    auto = _option("config", "auto", "Options of uncertainty='auto' / radius='auto'.")
+    targets = _option("config", "targets", "Linear layers to prune (None: found).")
+    ignore = _option("config", "ignore", "Linear layers left dense.")
+    heldout_fraction = _option("config", "heldout_fraction", "Share of the calibration samples held out.")
+    resume_dir = _option("config", "resume_dir", "Directory that makes the pruning resumable.")
+    curvature = _option("config", "curvature", "'gram' or 'fisher'.")
+    fisher = _option("config", "fisher", "Options of curvature='fisher'.")
+    calibration_batches = _option("options", "calibration_batches", "Number of calibration batches.")
+    calibration_dataloader = _option("options", "calibration_dataloader", "Name of the calibrating dataloader.")
+    prune_at = _option("options", "prune_at", "'start' or the epoch at whose end to prune.")
+    schedule = _option("options", "schedule", "{epoch: sparsity} of gradual pruning, or None.")
+    progress = _option("options", "progress", "Whether to show a progress bar over blocks.")
+    verbose = _option("options", "verbose", "Whether to print the per-layer table.")
+
+    @property
+    def structured_options(self) -> Any:
+        """The options of ``pattern="structured"`` (``None`` for any other pattern)."""
+        return self.config.solver_options if self.config.structured else None
+
+    def _milestone_config(self, sparsity: float | None, milestone: str) -> PruneConfig:
+        """The job of one milestone (``"start"``, ``"epoch_end:3"``, ...): its sparsity, and its own
+        folder ``<resume_dir>/<milestone>`` when resumable."""
+        resume_dir = self.config.resume_dir
+        if resume_dir is not None:
+            resume_dir = os.path.join(os.fspath(resume_dir), milestone.replace(":", "-"))
+        return dataclasses.replace(self.config, sparsity=sparsity, resume_dir=resume_dir)
+
+    def _run_job(self, trainer: pl.Trainer, pl_module: pl.LightningModule, config: PruneConfig,
+                 prior_masks: dict[str, torch.Tensor] | None = None) -> PruneReport:
+        """Prune ``pl_module`` on the calibration batches with ``config`` (the one call into the pipeline)."""
+        loss_fn = None
+        if config.curvature == "fisher":
             if not callable(getattr(pl_module, "per_sample_loss", None)):
                 raise MisconfigurationException(
                     f"RobOPCallback(curvature='fisher') needs per-sample losses of {type(pl_module).__name__}'s own "
                     "loss: define `def per_sample_loss(self, batch) -> Tensor` returning one loss per sample (shape "
                     "(B,), reduction='none', with the batch's true labels)."
                 )
-            kwargs["loss_fn"] = lambda module, batch: module.per_sample_loss(batch)
-        return kwargs
+            loss_fn = lambda module, batch: module.per_sample_loss(batch)  # noqa: E731
+        return run_job(pl_module, self._calibration_batches(trainer, pl_module), config, loss_fn=loss_fn,
+                       progress=self.progress and trainer.is_global_zero, prior_masks=prior_masks)
 
     # ------------------------------------------------------------------ lifecycle
     @property
@@ -305,7 +284,7 @@ class RobOPCallback(Callback):
                     "RobOPCallback needs FSDPStrategy(use_orig_params=True) (Lightning's default): with flat "
                     "parameters only, the pruned entries of a weight cannot be found after the wrapping."
                 )
-            if self.schedule is not None or self.prune_at != "start" or self.structured_options is not None:
+            if self.schedule is not None or self.prune_at != "start" or self.config.structured:
                 raise MisconfigurationException(
                     f"Under {type(strategy).__name__} RobOPCallback prunes once, in setup, on whole weights before "
                     "the strategy shards them: use prune_at='start' without a schedule (unstructured or N:M)."
@@ -406,8 +385,7 @@ class RobOPCallback(Callback):
     # ------------------------------------------------------------------ pruning
     def _prune_once(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self.pruned:
-            target = max(self.schedule.values()) if self.schedule else self.sparsity
-            self._prune(trainer, pl_module, target, "start")
+            self._prune(trainer, pl_module, self.sparsity, "start")  # with a schedule: its largest sparsity
         elif self.masks is not None and not self.masks.attached:
             self.masks.attach(holder(trainer, pl_module))
 
@@ -423,42 +401,40 @@ class RobOPCallback(Callback):
             self._prune(trainer, pl_module, self.sparsity, f"epoch_end:{self.prune_at}")
 
     def _prune(self, trainer: pl.Trainer, pl_module: pl.LightningModule, sparsity: float | None, *keys: str) -> None:
-        if self.structured_options is not None:  # pattern="structured": the module shrinks, no masks
-            report = self._shrink(trainer, pl_module, sparsity)
-            self._done.extend(keys)
-            self._current_sparsity = report.totals["sparsity"]
-            self.reports.append(report)
-            self._log(trainer, report)
-            return
-        previous = self.masks
-        if previous is not None:
-            previous.detach()
-        try:
-            report = prune_model(
-                pl_module,
-                self._calibration_batches(trainer, pl_module),
-                **self._prune_arguments(trainer, pl_module, sparsity, keys[0]),
-                prior_masks=previous.to_dict() if previous is not None else None,
-            )
-        except BaseException:
-            if previous is not None:  # prune_model restored the weights; restore the hooks too
-                previous.attach(pl_module, trainer.optimizers)
-            raise
-        # gradual pruning: prune_model kept the earlier zeros (prior_masks), so masks only shrink
-        self.masks = SparsityMasks(dict(report.masks))
-        self.masks.attach(pl_module, trainer.optimizers)
-        self._check_ranks(trainer)
+        """Prune to ``sparsity`` for the milestones ``keys`` (the first names the job's resume folder)."""
+        config = self._milestone_config(sparsity, keys[0])
+        if config.structured:  # pattern="structured": the module shrinks, no masks
+            report = self._shrink(trainer, pl_module, config)
+        else:
+            report = self._prune_masks(trainer, pl_module, config)
         self._done.extend(keys)
         self._current_sparsity = report.totals["sparsity"]
         self.reports.append(report)
         self._log(trainer, report)
 
-    def _shrink(self, trainer: pl.Trainer, pl_module: pl.LightningModule, sparsity: float | None) -> PruneReport:
+    def _prune_masks(self, trainer: pl.Trainer, pl_module: pl.LightningModule, config: PruneConfig) -> PruneReport:
+        """Prune with masks, keeping the earlier zeros (gradual pruning: the masks only shrink)."""
+        previous = self.masks
+        if previous is not None:
+            previous.detach()
+        try:
+            report = self._run_job(trainer, pl_module, config, previous.to_dict() if previous is not None else None)
+        except BaseException:
+            if previous is not None:  # the pipeline restored the weights; restore the hooks too
+                previous.attach(pl_module, trainer.optimizers)
+            raise
+        self.masks = SparsityMasks(dict(report.masks))
+        self.masks.attach(pl_module, trainer.optimizers)
+        self._check_ranks(trainer)
+        return report
+
+    def _shrink(self, trainer: pl.Trainer, pl_module: pl.LightningModule, config: PruneConfig) -> PruneReport:
         """``pattern="structured"``: shrink, then rebuild the optimizers when fitting.
 
         Lightning creates the optimizers in ``strategy.setup`` (before ``on_fit_start``), so after the
         parameters change shape ``configure_optimizers`` runs again (``strategy.setup_optimizers``) and
-        the new optimizers move to the device; the LR schedule starts from step 0 of the recovery fine-tune.
+        the new optimizers' states move to the device; the LR schedule starts from step 0 of the recovery
+        fine-tune.
         """
         if trainer.world_size > 1:
             raise MisconfigurationException(
@@ -466,11 +442,10 @@ class RobOPCallback(Callback):
                 "for the old shapes. Shrink first with prune_model(model, batches, pattern='structured'), save, and "
                 "fine-tune the shrunk model under DDP."
             )
-        report = prune_model(pl_module, self._calibration_batches(trainer, pl_module),
-                             **self._prune_arguments(trainer, pl_module, sparsity, "start"))
+        report = self._run_job(trainer, pl_module, config)
         if trainer.state.fn == "fit":
             trainer.strategy.setup_optimizers(trainer)
-            _optimizers_to_device(trainer.strategy.optimizers, trainer.strategy.root_device)
+            optimizer_states_to(trainer.strategy.optimizers, trainer.strategy.root_device)
         return report
 
     def _calibration_batches(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> list[Any]:

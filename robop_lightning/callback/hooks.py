@@ -3,19 +3,21 @@ where the masks attach under sharding strategies."""
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import nn
 
 from robop_lightning.engine.patterns import parse_pattern
 from robop_lightning.pipeline.targets import is_linear
+from robop_lightning.utils.compat import fit_checkpoint_path
 
-__all__ = ["check_schedule", "checkpoint_to_restore", "check_layers_before_sharding", "holder", "shards_after_setup"]
+__all__ = ["check_schedule", "checkpoint_to_restore", "check_layers_before_sharding", "holder", "optimizer_states_to",
+           "shards_after_setup"]
 
 
 def check_schedule(schedule: Any, pattern: str) -> dict[int, float]:
@@ -47,21 +49,30 @@ def check_schedule(schedule: Any, pattern: str) -> dict[int, float]:
 
 
 def checkpoint_to_restore(trainer: pl.Trainer) -> Any:
-    """The checkpoint the running ``fit`` will restore, already in ``setup``.
+    """The checkpoint the running ``fit`` (``validate``, ``test``) will restore, already in ``setup``.
 
-    Lightning sets ``trainer.ckpt_path`` only when it restores, after ``setup`` and ``configure_model``
-    under sharded strategies; the path is then an argument of ``Trainer._run`` on the stack. (If a
-    future Lightning hides it, the fallback prunes in ``setup`` and the restored state replaces the
-    result: the same model, one wasted pruning.)
+    Public first: ``trainer.ckpt_path``, which Lightning sets in advance when the path was given as
+    ``trainer.ckpt_path = path`` before ``trainer.fit(model)``. For ``trainer.fit(model, ckpt_path=path)``
+    Lightning sets it only when it restores, after ``setup``, ``configure_model`` and the sharding, and
+    nothing public holds the path before then: :func:`robop_lightning.utils.compat.fit_checkpoint_path`
+    reads it (the callback asks only under the strategies that shard after ``setup``; elsewhere the
+    restore comes before ``on_fit_start``, where it prunes). If a future Lightning hides it, this is
+    ``None``: the callback prunes in ``setup`` and the restored state replaces the result (the same
+    model, one wasted pruning).
     """
     if trainer.ckpt_path is not None:
         return trainer.ckpt_path
-    frame = sys._getframe(1)
-    while frame is not None:
-        if frame.f_code.co_name == "_run" and frame.f_locals.get("self") is trainer:
-            return frame.f_locals.get("ckpt_path")
-        frame = frame.f_back
-    return None
+    return fit_checkpoint_path(trainer)
+
+
+def optimizer_states_to(optimizers: Iterable[torch.optim.Optimizer], device: torch.device) -> None:
+    """Move the tensors of every optimizer's state to ``device`` (the ``step`` counters stay where
+    they are: some optimizers need them on the CPU)."""
+    for optimizer in optimizers:
+        for state in optimizer.state.values():
+            for key, value in state.items():
+                if key != "step" and isinstance(value, torch.Tensor):
+                    state[key] = value.to(device)
 
 
 def shards_after_setup(strategy: object) -> bool:

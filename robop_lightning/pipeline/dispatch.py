@@ -4,7 +4,9 @@ accelerate's ``AlignDevicesHook`` keeps each offloaded parameter on the ``meta``
 from its ``weights_map`` (host memory or disk) to the execution device for every forward, then drops
 it. Calibration forwards therefore onload one module at a time by themselves; pruning must read a
 weight through the hook and write the result back into the ``weights_map``, or the next forward
-would load the dense weight again. These helpers do that and do nothing for ordinary modules.
+would load the dense weight again. These helpers do that and do nothing for ordinary modules. accelerate
+has no public way to reach an offloaded module's hook (``module._hf_hook``): that one access is in
+:mod:`robop_lightning.utils.compat`.
 
 Example:
     >>> import torch
@@ -29,6 +31,7 @@ import torch
 from torch import nn
 
 from robop_lightning.pipeline.targets import is_transposed
+from robop_lightning.utils.compat import offload_execution_device, offload_weights_map
 
 try:  # the `llm` extra; without accelerate no model can be dispatched by it, so nothing is offloaded
     from accelerate.utils import align_module_device, has_offloaded_params
@@ -58,7 +61,7 @@ def execution_device(model: nn.Module) -> torch.device | None:
     """The device accelerate runs an offloaded ``model``'s modules on (``None``: nothing offloaded)."""
     for module in model.modules():
         if has_offloaded_params(module):
-            return torch.device(module._hf_hook.execution_device)
+            return offload_execution_device(module)
     return None
 
 
@@ -75,7 +78,7 @@ def materialized(module: nn.Module) -> Iterator[nn.Module]:
 def read_weight(module: nn.Module) -> torch.Tensor:
     """``module``'s weight as ``(out, in)`` (:func:`layer_weight`), from accelerate's ``weights_map`` when offloaded."""
     if has_offloaded_params(module):
-        stored = module._hf_hook.weights_map["weight"]
+        stored = offload_weights_map(module)["weight"]
         return stored.T if is_transposed(module) else stored
     return layer_weight(module)
 
@@ -88,7 +91,7 @@ def write_weight(module: nn.Module, value: torch.Tensor) -> None:
     if not has_offloaded_params(module):
         module.weight.data.copy_(value)
         return
-    weights = module._hf_hook.weights_map
+    weights = offload_weights_map(module)
     key = weights.prefix + "weight"
     stored = weights["weight"]
     new = value.detach().to(device=stored.device, dtype=stored.dtype).clone()

@@ -22,7 +22,9 @@ entries this rank holds (possibly none); its mask becomes the same slice of the 
 FSDP1 assigns ``.grad`` itself after its reduce-scatter, so no per-parameter gradient hook fires:
 call :meth:`SparsityMasks.mask_gradients` before each ``optimizer.step()`` (``RobOPCallback`` does, in
 ``on_before_optimizer_step``). Module names may include FSDP1's ``_fsdp_wrapped_module`` and
-activation checkpointing's ``_checkpoint_wrapped_module``: they are matched without them.
+activation checkpointing's ``_checkpoint_wrapped_module``: they are matched without them. (FSDP1 has
+no public accessor for a rank's slice of a weight, nor torch for the wrappers' attribute names: both
+are read in :mod:`robop_lightning.utils.compat`.)
 
 ``torch.nn.utils.parametrize`` was the alternative; it renames the parameters
 (``weight`` -> ``parametrizations.weight.original``) so checkpoints would need rewriting to load
@@ -56,6 +58,8 @@ from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.tensor import DTensor, distribute_tensor
 
+from robop_lightning.utils.compat import fsdp1_shard_ranges, unwrapped_name
+
 __all__ = ["SparsityMasks"]
 
 _BITS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.int32)
@@ -77,9 +81,6 @@ def _like(mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     return mask.to(param.device)
 
 
-_WRAPPERS = frozenset({"_fsdp_wrapped_module", "_checkpoint_wrapped_module", "_orig_mod"})
-
-
 def _submodule(model: nn.Module, name: str) -> nn.Module:
     """``model.get_submodule(name)``, also when wrappers (FSDP1, activation checkpointing,
     ``torch.compile``) sit between the modules of ``name``."""
@@ -87,28 +88,9 @@ def _submodule(model: nn.Module, name: str) -> nn.Module:
         return model.get_submodule(name)
     except AttributeError:
         for full, module in model.named_modules():
-            if ".".join(part for part in full.split(".") if part not in _WRAPPERS) == name:
+            if unwrapped_name(full) == name:
                 return module
         raise
-
-
-def _fsdp1_shards(model: nn.Module) -> dict[int, tuple[int, int]]:
-    """``{id(original parameter): (start, stop)}``: the flattened entries of each parameter that this
-    rank holds under FSDP1 (``use_orig_params=True``); ``(0, 0)`` where it holds none."""
-    shards: dict[int, tuple[int, int]] = {}
-    for fsdp in FullyShardedDataParallel.fsdp_modules(model):
-        flat = getattr(fsdp, "_flat_param", None)
-        if flat is None:
-            continue
-        params, infos = getattr(flat, "_params", None), getattr(flat, "_shard_param_infos", None)
-        if params is None or infos is None:
-            raise ValueError(
-                "RobOP masks need FullyShardedDataParallel(use_orig_params=True) (Lightning's FSDPStrategy default): "
-                "with flat parameters only, the pruned entries of a weight cannot be found."
-            )
-        for param, info in zip(params, infos, strict=True):
-            shards[id(param)] = (info.intra_param_start_idx, info.intra_param_end_idx + 1) if info.in_shard else (0, 0)
-    return shards
 
 
 def _unpack(bits: torch.Tensor, shape: Iterable[int]) -> torch.Tensor:
@@ -207,7 +189,7 @@ class SparsityMasks:
             ValueError: a name is not a module of ``model`` with a ``weight`` of the mask's shape.
         """
         self.detach()
-        shards = _fsdp1_shards(model)
+        shards = fsdp1_shard_ranges(model)
         for name, mask in self._masks.items():
             try:
                 param = _submodule(model, name).weight

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -260,6 +262,45 @@ def test_resume_does_not_prune_twice_and_reinstalls_masks(tmp_path):
     assert _pruned_zero(resumed, second.masks)
 
 
+def test_resume_from_ckpt_path_needs_no_stack_inspection(tmp_path, monkeypatch):
+    """A resumed fit learns what was pruned from the restored state (Lightning restores before
+    on_fit_start): the call-stack lookup of compat.fit_checkpoint_path is never used. Strategies that
+    shard after setup decide in setup, from the public trainer.ckpt_path when it is set in advance."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    import robop_lightning.callback.hooks as hooks
+
+    def inspected(trainer):
+        raise AssertionError("the call stack was inspected")
+
+    monkeypatch.setattr(hooks, "fit_checkpoint_path", inspected)
+    pl.seed_everything(0)
+    first = RobOPCallback(sparsity=0.5, solver="wanda", uncertainty="baseline", calibration_batches=2, verbose=False)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _trainer(tmp_path, [first, ckpt], max_steps=2, enable_checkpointing=True).fit(Classifier(), datamodule=BlobData())
+    resumed, second = Classifier(), RobOPCallback(solver="wanda", uncertainty="baseline", verbose=False)
+    calls = []
+    prune = second._prune
+    second._prune = lambda *args: calls.append(args[-1]) or prune(*args)
+    _trainer(tmp_path, [second], max_steps=4).fit(resumed, datamodule=BlobData(), ckpt_path=ckpt.last_model_path)
+    assert calls == [] and second._done == ["start"] and len(second.reports) == 1
+    assert all(torch.equal(second.masks[n], first.masks[n]) for n in first.masks)
+    assert _pruned_zero(resumed, second.masks)
+
+    sharded = SimpleNamespace(strategy=ModelParallelStrategy.__new__(ModelParallelStrategy), ckpt_path=None)
+    third = RobOPCallback(solver="wanda")
+    third._prune = lambda *args: calls.append(args[-1])
+    sharded.ckpt_path = ckpt.last_model_path  # trainer.ckpt_path = path, then trainer.fit(model)
+    third.setup(sharded, Classifier(), "fit")
+    assert calls == []  # restored after the sharding: not pruned in setup
+    monkeypatch.setattr(hooks, "fit_checkpoint_path", lambda trainer: None)  # fit(ckpt_path=None)
+    sharded.ckpt_path = None
+    third.setup(sharded, Classifier(), "fit")
+    assert calls == ["start"]  # nothing to restore: pruned on whole weights in setup
+
+
 def test_prune_at_epoch_end(tmp_path):
     pl.seed_everything(0)
     model = Classifier("mlp")
@@ -391,6 +432,31 @@ def test_fp16_amp_on_cuda_holds_zeros(tmp_path):
 def test_init_validation(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RobOPCallback(**kwargs)
+
+
+def test_config_instead_of_the_pruning_keywords():
+    from robop_lightning.config import PruneConfig
+
+    keywords = dict(sparsity=0.6, solver="sparsegpt", uncertainty="ellipsoid", targets=["re:fc"], damping=0.05)
+    by_keywords = RobOPCallback(**keywords, calibration_batches=2)
+    by_config = RobOPCallback(config=PruneConfig(**keywords), calibration_batches=2)
+    assert by_config.config == by_keywords.config and by_config.uncertainty == "e" and by_config.sparsity == 0.6
+    assert by_config.targets == ["re:fc"] and by_config.calibration_batches == 2
+    assert RobOPCallback(config=dict(keywords)).config == by_keywords.config  # YAML: a dict of its fields
+    assert RobOPCallback(config=PruneConfig(solver="wanda"), schedule={0: 0.3, 2: 0.6}).sparsity == 0.6
+    structured = RobOPCallback(config=PruneConfig(pattern="structured", solver_options={"budget": "global"}))
+    assert structured.structured_options == {"budget": "global"}
+    with pytest.raises(ValueError, match="either as config=PruneConfig.*not both: got config= and damping, sparsity"):
+        RobOPCallback(config=PruneConfig(), sparsity=0.7, damping=0.1)
+    with pytest.raises(ValueError, match="unknown config 'sparsit'"):
+        RobOPCallback(config={"sparsit": 0.5})
+    with pytest.raises(ValueError, match="curvature='fisher'.*does not take: schedule"):
+        RobOPCallback(config=PruneConfig(solver="cap", curvature="fisher"), schedule={0: 0.5})
+    # every PruneConfig field is a keyword, and "not both" compares the keywords with PruneConfig's defaults
+    parameters = inspect.signature(RobOPCallback).parameters
+    for field in dataclasses.fields(PruneConfig):
+        assert field.name in parameters, f"RobOPCallback has no keyword {field.name} (a PruneConfig field)"
+        assert parameters[field.name].default == field.default, field.name
 
 
 def test_sharded_strategies_refuse_a_schedule(tmp_path):
