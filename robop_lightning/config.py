@@ -237,7 +237,7 @@ class PruneConfig:
             if self.fisher is not None:
                 raise ValueError("fisher options apply to curvature='fisher' only.")
             return
-        clash = [k for k, bad in (("heldout_fraction", self.heldout_fraction > 0), ("resume_dir", self.resume_dir),
+        clash = [k for k, bad in (("heldout_fraction", self.heldout_fraction > 0),
                                   ("activation_budget", self.activation_budget), ("coupled", self.coupled is not None),
                                   ("rounds", self.rounds != 3), ("damping", self.damping != 0.01),
                                   ("solver_options", self.solver_options), ("auto", self.auto),

@@ -43,7 +43,7 @@ from robop_lightning.engine.solvers.fisher_obs import (
 from robop_lightning.pipeline.gradients import LossFn, batch_size_of, per_sample_gradients
 from robop_lightning.pipeline.job import Job, prepare_job
 from robop_lightning.pipeline.walk import BlockWalk
-from robop_lightning.report import PruneReport
+from robop_lightning.report import LayerResult, PruneReport
 from robop_lightning.utils.offload import WeightUndo
 
 __all__ = ["FisherOptions", "FisherStep", "prune_fisher", "prune_model_fisher"]
@@ -154,12 +154,10 @@ class FisherStep:
         self.pruned[n] = out.reshape(w.shape).to(device="cpu", dtype=w.dtype)
         self.report.masks[n] = mask.cpu()
         relative = num / den if den > 0 else 0.0
-        self.report.layers.append({
-            "name": n, "shape": list(w.shape), "parameters": w.numel(),
-            "sparsity": 1.0 - float(mask.float().mean()),
-            "nominal_error": relative, "robust_error": relative, "heldout_error": None, "srank": None,
-            "seconds": self.state[n]["seconds"] + time.perf_counter() - t,
-        })
+        result = LayerResult(self.pruned[n], mask, nominal_error=relative, robust_error=relative,
+                             sparsity=1.0 - float(mask.float().mean()),
+                             seconds=self.state[n]["seconds"] + time.perf_counter() - t)
+        self.report.layers.append(result.to_row(n, w.shape))
         return [n]
 
     def save(self, names: list[str]) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor]]:

@@ -21,7 +21,6 @@ failure leaves the model exactly as it was.
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from typing import Any
 
@@ -113,20 +112,7 @@ class MaskStep:
                 self.undo.save(name, weight)
             write_weight(module, result.weight)
         self.report.masks[name] = (result.mask.T if flip else result.mask).detach().to("cpu", copy=True)
-        self.report.layers.append(
-            {
-                "name": name,
-                "shape": list(weight.shape),
-                "parameters": weight.numel(),
-                "sparsity": float(result.sparsity),
-                "nominal_error": float(result.nominal_error),
-                "robust_error": float(result.robust_error),
-                "heldout_error": None if result.heldout_error is None else float(result.heldout_error),
-                "srank": None if result.srank is None or not math.isfinite(result.srank) else float(result.srank),
-                "seconds": float(result.seconds),
-                **({"selection": result.selection} if result.selection is not None else {}),
-            }
-        )
+        self.report.layers.append(result.to_row(name, weight.shape))
 
     def _streamed(self, walk: BlockWalk, block: nn.Module, names: list[str]) -> dict[str, tuple[Any, Any]]:
         """Each target's (calibration, held-out) statistics, accumulated as the batches pass."""

@@ -304,24 +304,8 @@ class ShrinkStep:
             if p["remove"] > 0:
                 walk.on_undo(u.apply(torch.tensor(r.kept), r.weight, r.bias))
                 mark_shrunk(block)
-            self.report.layers.append(
-                {
-                    "name": u.consumer_name,
-                    "unit": u.name,
-                    "kind": u.kind,
-                    "shape": list(u.consumer.weight.shape),
-                    "parameters": u.n_groups * u.params_per_group,
-                    "sparsity": p["remove"] / u.n_groups,
-                    "groups": u.n_groups,
-                    "kept": u.n_groups - p["remove"],
-                    "removed": sorted(r.removed),
-                    "nominal_error": float(r.nominal_error),
-                    "robust_error": float(r.robust_error),
-                    "heldout_error": r.heldout_error,
-                    "srank": None,
-                    "seconds": float(r.seconds),
-                }
-            )
+            self.report.layers.append(r.to_row(u.consumer_name, u.consumer.weight.shape, u.name, u.kind,
+                                               u.params_per_group))
         return [p["unit"].consumer_name for p in self.plans[name]]
 
     def prune_linear(self, name: str, inputs: torch.Tensor) -> None:  # pragma: no cover - units live in blocks

@@ -293,3 +293,50 @@ def test_prune_model_fisher_equals_the_steps_done_by_hand():
     for (n, (wb, finv, order, _)), count in zip(pieces.items(), counts):
         out, _ = replay_blocks(wb, finv, order, count)
         assert torch.equal(vit.get_submodule(n).weight, out.reshape(vit.get_submodule(n).weight.shape).float()), n
+
+
+def test_fisher_path_resumes_bit_identically_after_an_interruption(tmp_path):
+    """On the shared BlockWalk the Fisher path checkpoints each layer of both passes; a run stopped
+    in the replay pass continues from resume_dir and ends exactly where an uninterrupted run does."""
+    data = [_images(16, s) for s in range(2)]
+    opts = {"gradients": 24, "batch_size": 8}
+    reference = _vit()
+    ref = prune_model(reference, data, sparsity=0.6, solver="cap", uncertainty="trace", curvature="fisher",
+                      loss_fn=_vit_loss, fisher=opts)
+    calls = {"n": 0}
+    total_layers = len(ref.layers)
+    counted = {"n": 0}
+
+    def counting_loss(model, batch):
+        counted["n"] += 1
+        return _vit_loss(model, batch)
+
+    prune_model(_vit(), data, sparsity=0.6, solver="cap", uncertainty="trace", curvature="fisher",
+                loss_fn=counting_loss, fisher=opts)
+    per_pass = counted["n"] // 2
+
+    def flaky_loss(model, batch):  # stop at the second replayed layer (pass 1 makes as many calls as pass 2)
+        calls["n"] += 1
+        if calls["n"] == per_pass + per_pass // total_layers + 1:
+            raise KeyboardInterrupt
+        return _vit_loss(model, batch)
+
+    vit = _vit()
+    before = {n: p.detach().clone() for n, p in vit.state_dict().items()}
+    with pytest.raises(KeyboardInterrupt):
+        prune_model(vit, data, sparsity=0.6, solver="cap", uncertainty="trace", curvature="fisher",
+                    loss_fn=flaky_loss, fisher=opts, resume_dir=tmp_path / "resume")
+    assert all(torch.equal(p, before[n]) for n, p in vit.state_dict().items())  # the undo ran
+    report = prune_model(vit, data, sparsity=0.6, solver="cap", uncertainty="trace", curvature="fisher",
+                         loss_fn=_vit_loss, fisher=opts, resume_dir=tmp_path / "resume")
+    assert len(report.resumed) == 1  # the first replayed layer came from disk
+    for (n, p), q in zip(vit.state_dict().items(), reference.state_dict().values()):
+        assert torch.equal(p, q), n
+    assert [r["nominal_error"] for r in report.layers] == [r["nominal_error"] for r in ref.layers]
+
+
+def test_fisher_path_refuses_a_weight_shared_between_targets():
+    vit = _vit()
+    vit.blocks[1].mlp.fc1.weight = vit.blocks[0].mlp.fc1.weight
+    with pytest.raises(ValueError, match="same tensor"):
+        prune_model_fisher(vit, [_images(8)], _vit_loss, sparsity=0.5, fisher={"gradients": 8})
