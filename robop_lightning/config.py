@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from robop_lightning.utils.offload import parse_bytes
+from robop_lightning.engine.damping import check_engine_options
 from robop_lightning.engine.patterns import parse_pattern
 from robop_lightning.engine.selection import AutoOptions, check_auto_request
 from robop_lightning.engine.solvers.fisher_obs import SELECTIONS
@@ -180,10 +181,7 @@ class PruneConfig:
         else:
             make_uncertainty(self.uncertainty, self.radius, self.coupled)
             object.__setattr__(self, "uncertainty", canonical_set_name(self.uncertainty))
-        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 0:
-            raise ValueError(f"rounds must be a non-negative integer, got {self.rounds!r}.")
-        if isinstance(self.damping, bool) or not isinstance(self.damping, (int, float)) or not self.damping >= 0:
-            raise ValueError(f"damping must be a number >= 0 (relative to mean(diag H)), got {self.damping!r}.")
+        check_engine_options(self.rounds, self.damping)
         if self.structured:
             self._check_structured()
         elif self.solver is not None:

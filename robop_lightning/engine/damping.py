@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import Any
 
 import torch
 
-__all__ = ["positive_definite", "damp_until_definite", "unit_scale"]
+__all__ = ["check_engine_options", "positive_definite", "damp_until_definite", "unit_scale"]
 
 
 def positive_definite(hd: torch.Tensor, float32: bool = True) -> bool:
@@ -74,3 +75,15 @@ def unit_scale(mean_diag: float) -> float:
     if not mean_diag > 0 or 4.0**-30 <= mean_diag <= 4.0**30:
         return 1.0
     return 4.0 ** round(math.log(mean_diag, 4))
+
+
+def check_engine_options(rounds: Any, damping: Any, prefix: str = "") -> None:
+    """``rounds`` (of the min-max alternation) and ``damping`` (Baseline's, relative to ``mean(diag H)``).
+
+    Raises:
+        ValueError: ``rounds`` not an integer >= 0, or ``damping`` not a number >= 0.
+    """
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        raise ValueError(f"{prefix}rounds must be a non-negative integer, got {rounds!r}.")
+    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
+        raise ValueError(f"{prefix}damping must be a number >= 0 (relative to mean(diag H)), got {damping!r}.")

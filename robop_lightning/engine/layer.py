@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from robop_lightning.engine.damping import damp_until_definite, unit_scale
+from robop_lightning.engine.damping import check_engine_options, damp_until_definite, unit_scale
 from robop_lightning.engine.gram import LayerInputs, as_layer_inputs
 from robop_lightning.engine.patterns import Pattern, parse_pattern
 from robop_lightning.report import LayerResult
@@ -163,10 +163,7 @@ def _check_request(weight, sparsity, pattern, solver, uncertainty, radius, coupl
     choose = check_auto_request(uncertainty, radius, solver, name)
     auto_opts = AutoOptions.coerce(auto) if choose else None
     uset: UncertaintySet = make_uncertainty("baseline" if choose else uncertainty, None if choose else radius, coupled)
-    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
-        raise ValueError(f"{name}: rounds must be a non-negative integer, got {rounds!r}.")
-    if isinstance(damping, bool) or not isinstance(damping, (int, float)) or not damping >= 0:
-        raise ValueError(f"{name}: damping must be a number >= 0 (relative to mean(diag H)), got {damping!r}.")
+    check_engine_options(rounds, damping, f"{name}: ")
     options = check_solver_options(solver, solver_options, name)
     prior = _checked_prior(prior_mask, weight, pat, name)
     return _Request(pat, solver, options, prior, uset, auto_opts)

@@ -227,3 +227,28 @@ def test_import_robop_lightning_loads_no_wing_subpackage():
             "'robop_lightning.assets', 'timm'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]", out
+
+
+# single numerical kernels that read best whole (body lines without the docstring), with why
+_LONG_KERNELS: dict[str, str] = {
+    "robop_lightning.engine.solvers.alps.alps": "the ADMM iteration (penalty schedule, support tracking, restart) "
+                                                "as one loop, step for step with the authors' procedure",
+}
+MAX_FUNCTION_LINES = 80
+
+
+def test_no_function_over_about_80_lines():
+    """Functions do one thing: no body (docstring excluded) over 80 lines unless it is a listed kernel."""
+    long = {}
+    for name, path in _modules().items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            body = node.body
+            docstring = (isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                         and isinstance(body[0].value.value, str) and len(body) > 1)
+            start = body[1].lineno if docstring else body[0].lineno
+            lines = node.end_lineno - start + 1
+            if lines > MAX_FUNCTION_LINES and f"{name}.{node.name}" not in _LONG_KERNELS:
+                long[f"{name}.{node.name}"] = lines
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
