@@ -1,19 +1,22 @@
-"""Structured RobOP (issue 7): CPU speed of physically shrunk DeiT-Small, accuracy on the embedded task.
+"""Structured RobOP, whole heads and MLP channels removed: CPU speed of a shrunk DeiT-Small, accuracy on the embedded task.
 
     .venv/bin/python benchmarks/structured_speed.py                  # both parts, ~5 min on 2 shared cores
     .venv/bin/python benchmarks/structured_speed.py --part speed --budgets 0.3 0.5 0.6
     .venv/bin/python benchmarks/structured_speed.py --part accuracy --finetune-batches 300
 
 Speed: timm ``deit_small_patch16_224`` (random weights, ``pretrained=False``), dense and shrunk by
-``prune_model(pattern="structured")`` at several shares of block parameters removed (per-layer budget:
-every block loses that share of its heads and of its MLP channels). Latency is the median of repeated
-``torch.inference_mode`` forwards at batch 1 and batch 32 on ``--threads`` threads; models are timed
-round-robin (dense, 30 %, 50 %, ... then again) so that load from other jobs hits them alike.
+``prune_model(pattern="structured", uncertainty=--speed-set)`` (Baseline by default; speed does not
+depend on the set) at several shares of block parameters removed (per-layer budget: every block loses
+that share of its parameters, its heads rounded and its MLP channels making up the rest). Latency is
+the median of repeated ``torch.inference_mode`` forwards at batch 1 and batch 32 on ``--threads``
+threads; models are timed round-robin (dense, 30 %, 50 %, ... then again) so that load from other
+jobs hits them alike.
 Throughput is images / s at batch 32.
 
 Accuracy: the cached tiny DeiT of ``recipes/deit_cap.py`` (Fashion-MNIST, 28 px) pruned at 50 % of
-block parameters with robust structured OBS under CTE (RobOP-CAP's set for vision), global budget by
-parameters; test accuracy (10k images) before pruning, after, and after recovery fine-tuning with
+block parameters with robust structured OBS under each of ``--sets`` (Baseline and Trace by default)
+and each of ``--budget`` (per-layer and global, counted in parameters); test accuracy (10k images)
+before pruning, after, and after recovery fine-tuning under ``--finetune-sets`` (Trace by default) with
 ``RobOPCallback(pattern="structured")`` (which shrinks at fit start and rebuilds the optimizer).
 
 Writes ``benchmarks/results/structured.json`` (one row per model) and ``structured.md`` (tables).

@@ -20,7 +20,7 @@ Steps (every number written to ``--out``):
    (``solver="alps"``) under the Baseline, Trace, E and CTE sets, beside SparseGPT, Wanda and
    magnitude pruning, all on the SAME calibration windows.
 4. Every model, on identical inputs: perplexity and next-token accuracy on the in-domain and OOD
-   test windows (``exp`` of the mean token NLL over all scored tokens, EVAL.md); corrupted-context
+   test windows (``exp`` of the mean token NLL over all scored tokens, docs/evaluation.md); corrupted-context
    suffix accuracy (random token substitution and character typos at several severities, seeded
    per window, with the performance-drop rate PDR); and the embedding-space sensitivity probe (L2
    PGD on the context embeddings, next to random noise of the same radius; not realizable text).

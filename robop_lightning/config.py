@@ -95,31 +95,46 @@ class FisherOptions:
     """How CAP's empirical Fisher is built and used (a dict with these keys works too).
 
     Attributes:
-        gradients: ``m``, the number of per-sample gradients (CAP's ViT recipes: 4096; the default
-            suits a CPU).
+        gradients: ``m``, the number of gradients (``None``: every calibration sample is used, as
+            many gradients as there are whole mini-batches of ``grad_batch``). Memory does not grow
+            with ``m`` (the Fisher blocks are sums over the gradients, one layer at a time); time does,
+            linearly. CAP's one-shot ViT recipes use 4096.
+        grad_batch: samples per gradient: ``1`` gives per-sample gradients; ``k > 1`` gives CAP's
+            mini-batch gradients (each the gradient of the mean loss over ``k`` samples, one
+            backward pass each; CAP's one-shot scripts use 128).
         block_size: ``B`` (``None``: CAP's 192 where it divides the layer's inputs, else the largest
             divisor up to 128).
         lam: CAP's damping ``lambda`` (Baseline's ``D = m lam I``; every set's eigenvalue floor).
-        batch_size: per-sample gradients computed at once.
+        batch_size: per-sample gradients computed at once (``grad_batch=1``).
         selection: ``"global"`` (one threshold over all target layers, CAP's) or ``"uniform"`` (the
             same sparsity in every layer). ``N:M`` patterns are per group either way.
         method: per-sample gradients by ``"vmap"``, ``"loop"`` or ``"auto"`` (vmap, else the loop).
+        loss: which loss the callback differentiates: ``"task"`` (CAP's: the module's
+            ``task_loss(batch)``, the plain task loss, where it defines one) or ``"training"`` (its
+            ``per_sample_loss(batch)``, the training objective with label smoothing and every
+            head). ``prune_model`` differentiates the ``loss_fn`` it is given.
     """
 
-    gradients: int = 256
+    gradients: int | None = None
+    grad_batch: int = 1
     block_size: int | None = None
     lam: float = 1e-8
     batch_size: int = 32
     selection: str = "global"
     method: str = "auto"
+    loss: str = "task"
 
     @classmethod
     def coerce(cls, value: FisherOptions | dict[str, Any] | None) -> FisherOptions:
         out = coerce_options(cls, value, "fisher option(s)")
-        for key in ("gradients", "batch_size"):
+        for key in ("gradients", "grad_batch", "batch_size"):
             v = getattr(out, key)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"fisher {key} must be a positive integer, got {v!r}.")
+            if (v is not None or key != "gradients") and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"fisher {key} must be a positive integer{' or None' if key == 'gradients' else ''}, "
+                                 f"got {v!r}.")
+        if out.loss not in ("task", "training"):
+            raise ValueError(f"fisher loss must be 'task' (the module's task_loss) or 'training' (its "
+                             f"per_sample_loss), got {out.loss!r}.")
         if out.block_size is not None and (isinstance(out.block_size, bool) or not isinstance(out.block_size, int)
                                            or out.block_size < 1):
             raise ValueError(f"fisher block_size must be a positive integer or None, got {out.block_size!r}.")
@@ -157,7 +172,7 @@ class PruneConfig:
     heldout_fraction: float = 0.0
     resume_dir: str | os.PathLike | None = None
     activation_budget: int | str | None = None
-    curvature: str = "gram"
+    curvature: str | None = None
     fisher: FisherOptions | dict[str, Any] | None = None
     device: str | None = None
 
@@ -227,21 +242,28 @@ class PruneConfig:
         if float(sparsity) > opts.max_sparsity:
             raise ValueError(f"sparsity={sparsity} exceeds max_sparsity={opts.max_sparsity}; raise max_sparsity.")
 
+    def _gram_only(self) -> list[str]:
+        """The options given that only the layer-reconstruction (Gram) path takes."""
+        return [k for k, bad in (("heldout_fraction", self.heldout_fraction > 0),
+                                 ("activation_budget", self.activation_budget), ("coupled", self.coupled is not None),
+                                 ("rounds", self.rounds != 3), ("damping", self.damping != 0.01),
+                                 ("solver_options", self.solver_options), ("auto", self.auto),
+                                 ("device", self.device), ("uncertainty='auto'", self.choose),
+                                 ("pattern='structured'", self.structured))
+                if bad]
+
     def _check_curvature(self) -> None:
-        if self.curvature not in ("gram", "fisher"):
-            raise ValueError(f"curvature must be 'gram' (layer reconstruction) or 'fisher' (CAP's empirical Fisher), "
+        if self.curvature not in (None, "gram", "fisher"):
+            raise ValueError(f"curvature must be 'gram' (layer reconstruction, label-free), 'fisher' (CAP's empirical "
+                             f"Fisher of the loss) or None (fisher for CAP when the loss is known), "
                              f"got {self.curvature!r}.")
-        if self.curvature == "gram":
-            if self.fisher is not None:
+        if self.curvature != "fisher":
+            if self.curvature == "gram" and self.fisher is not None:
                 raise ValueError("fisher options apply to curvature='fisher' only.")
+            if self.fisher is not None:
+                FisherOptions.coerce(self.fisher)
             return
-        clash = [k for k, bad in (("heldout_fraction", self.heldout_fraction > 0),
-                                  ("activation_budget", self.activation_budget), ("coupled", self.coupled is not None),
-                                  ("rounds", self.rounds != 3), ("damping", self.damping != 0.01),
-                                  ("solver_options", self.solver_options), ("auto", self.auto),
-                                  ("device", self.device),
-                                  ("uncertainty='auto'", self.choose))
-                 if bad]
+        clash = [k for k in self._gram_only() if k != "pattern='structured'"]
         if self.solver not in (None, "cap") or clash:
             raise ValueError(
                 "curvature='fisher' is CAP's: use solver='cap'"
@@ -253,6 +275,21 @@ class PruneConfig:
         if parse_pattern(self.pattern, self.sparsity).kind not in ("unstructured", "nm"):
             raise ValueError(f"curvature='fisher' prunes 'unstructured' or 'N:M' patterns, not {self.pattern!r}.")
         FisherOptions.coerce(self.fisher)
+
+    def default_curvature(self, loss_known: bool) -> tuple[str, str]:
+        """``(curvature, why)`` for ``curvature=None``: CAP's Fisher where the solver is CAP, the loss is
+        known and every option fits it; otherwise the label-free Gram path (``why`` says which)."""
+        if self.solver != "cap":
+            return "gram", f"solver {self.solver!r}: layer reconstruction"
+        if not loss_known:
+            return "gram", "CAP without a loss (label-free): pass loss_fn for CAP's Fisher"
+        kind = parse_pattern(self.pattern, self.sparsity).kind if not self.structured else "structured"
+        blockers = self._gram_only() + ([] if self.uncertainty in CLOSED_FORM_SETS else [f"uncertainty={self.uncertainty!r}"])
+        if kind not in ("unstructured", "nm") and "pattern='structured'" not in blockers:
+            blockers.append(f"pattern={self.pattern!r}")
+        if blockers:
+            return "gram", f"CAP on the Gram path: {', '.join(blockers)} only apply there"
+        return "fisher", "CAP with a known loss: CAP's empirical Fisher"
 
     @property
     def fisher_options(self) -> FisherOptions:

@@ -18,7 +18,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
 from robop_lightning.callback.hooks import check_layers_before_sharding, checkpoint_to_restore, holder
-from robop_lightning.callback.hooks import optimizer_states_to, shards_after_setup
+from robop_lightning.callback.hooks import module_loss, optimizer_states_to, shards_after_setup
 from robop_lightning.callback.loaders import calibration_loader
 from robop_lightning.callback.options import PRUNING_KEYWORDS, CallbackOptions, pruning_config
 from robop_lightning.config import PruneConfig
@@ -106,13 +106,16 @@ class RobOPCallback(Callback):
             rerun of the same script after a crash or Ctrl-C continues from the next block with a
             bit-identical result. The calibration batches must be the same in the rerun (seed the
             run, e.g. ``seed_everything``); otherwise the directory is refused with a ValueError.
-        curvature: ``"gram"`` (layer reconstruction, default) or ``"fisher"``: RobOP-CAP with CAP's
-            empirical block Fisher of the module's own loss (``solver="cap"``; the module defines
-            ``per_sample_loss(batch) -> (B,)``; one threshold over all targets by default). Pruned
-            once (``prune_at="start"``, or in ``validate`` / ``test``).
-        fisher: options of ``curvature="fisher"``: ``gradients`` (m), ``block_size`` (B), ``lam``,
-            ``batch_size``, ``selection`` (``"global"`` / ``"uniform"``), ``method``
-            (:class:`robop_lightning.config.FisherOptions`).
+        curvature: ``None`` (default): RobOP-CAP (``solver="cap"``, the default outside language
+            models) prunes with CAP's empirical block Fisher of the module's loss when the module
+            defines ``task_loss(batch) -> (B,)`` (the plain task loss, CAP's) or
+            ``per_sample_loss(batch) -> (B,)`` (its training loss) and the pruning is one-shot
+            (``prune_at="start"``, or in ``validate`` / ``test``); otherwise the label-free Gram path.
+            ``"fisher"`` / ``"gram"`` force one (the report's ``config["curvature_default"]`` says
+            why ``None`` chose).
+        fisher: options of CAP's Fisher: ``gradients`` (m), ``grad_batch``, ``loss`` (``"task"`` /
+            ``"training"``), ``block_size`` (B), ``lam``, ``batch_size``, ``selection``
+            (``"global"`` / ``"uniform"``), ``method`` (:class:`robop_lightning.config.FisherOptions`).
         structured_options: with ``pattern="structured"`` (whole heads and MLP channels removed
             physically, :mod:`robop_lightning.pipeline.shrink_step`): ``budget`` (``"layer"`` / ``"global"``),
             ``cost`` (``"params"`` / ``"flops"``), ``min_keep``, ``max_sparsity``, ``per_step``. The
@@ -186,7 +189,7 @@ class RobOPCallback(Callback):
         verbose: bool = True,
         resume_dir: str | os.PathLike | None = None,
         structured_options: dict[str, Any] | None = None,
-        curvature: Literal["gram", "fisher"] = "gram",
+        curvature: Literal["gram", "fisher"] | None = None,
         fisher: dict[str, Any] | None = None,
         coupled: bool | None = None,
         rounds: int = 3,
@@ -252,14 +255,15 @@ class RobOPCallback(Callback):
                  prior_masks: dict[str, torch.Tensor] | None = None) -> PruneReport:
         """Prune ``pl_module`` on the calibration batches with ``config`` (the one call into the pipeline)."""
         loss_fn = None
-        if config.curvature == "fisher":
-            if not callable(getattr(pl_module, "per_sample_loss", None)):
+        if config.curvature != "gram" and prior_masks is None and self.options.one_shot:
+            loss_fn = module_loss(pl_module, config.fisher_options.loss)
+            if loss_fn is None and config.curvature == "fisher":
                 raise MisconfigurationException(
-                    f"RobOPCallback(curvature='fisher') needs per-sample losses of {type(pl_module).__name__}'s own "
-                    "loss: define `def per_sample_loss(self, batch) -> Tensor` returning one loss per sample (shape "
-                    "(B,), reduction='none', with the batch's true labels)."
+                    f"RobOPCallback(curvature='fisher') needs per-sample losses of {type(pl_module).__name__}: define "
+                    "`def task_loss(self, batch) -> Tensor` (the plain task loss, CAP's) or `def per_sample_loss(self, "
+                    "batch) -> Tensor` (the training loss), one loss per sample (shape (B,), reduction='none', with "
+                    "the batch's true labels)."
                 )
-            loss_fn = lambda module, batch: module.per_sample_loss(batch)  # noqa: E731
         return run_job(pl_module, self._calibration_batches(trainer, pl_module), config, loss_fn=loss_fn,
                        progress=self.progress and trainer.is_global_zero, prior_masks=prior_masks)
 

@@ -16,7 +16,8 @@ from robop_lightning.engine.patterns import parse_pattern
 from robop_lightning.pipeline.targets import is_linear
 from robop_lightning.utils.compat import fit_checkpoint_path
 
-__all__ = ["check_schedule", "checkpoint_to_restore", "check_layers_before_sharding", "holder", "optimizer_states_to",
+__all__ = ["check_schedule", "checkpoint_to_restore", "check_layers_before_sharding", "holder", "module_loss",
+           "optimizer_states_to",
            "shards_after_setup"]
 
 
@@ -99,3 +100,16 @@ def check_layers_before_sharding(pl_module: pl.LightningModule, strategy: object
             "in __init__ (on the host; RobOPCallback(device='cuda') onloads one block at a time), or prune first "
             "with prune_model and fine-tune without the callback."
         )
+
+
+def module_loss(module: Any, which: str) -> Any:
+    """``loss_fn(module, batch) -> (B,)`` from the module's own methods, or ``None`` where it has none.
+
+    ``which="task"``: ``task_loss`` (the plain task loss, CAP's), else ``per_sample_loss``;
+    ``which="training"``: ``per_sample_loss`` (the training objective), else ``task_loss``.
+    """
+    order = ("task_loss", "per_sample_loss") if which == "task" else ("per_sample_loss", "task_loss")
+    for name in order:
+        if callable(getattr(module, name, None)):
+            return lambda m, batch, name=name: getattr(m, name)(batch)
+    return None

@@ -60,6 +60,11 @@ class CallbackOptions:
         _check_flag(self.progress, "progress")
         _check_flag(self.verbose, "verbose")
 
+    @property
+    def one_shot(self) -> bool:
+        """Whether the model is pruned once (no schedule, no ``prune_at=<epoch>``): CAP's Fisher applies."""
+        return self.schedule is None and self.prune_at == "start"
+
     def checked(self, config: PruneConfig) -> CallbackOptions:
         """These options with the schedule checked against ``config``'s pattern, and the combinations
         that ``config`` rules out refused (structured pruning and CAP's Fisher prune once, at start)."""

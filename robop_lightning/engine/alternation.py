@@ -1,4 +1,4 @@
-"""The robust loop every caller shares: SPEC §3's alternation for dynamic sets, and its error measures.
+"""The robust loop every caller shares: the alternation for dynamic sets, and its error measures.
 
 A *dynamic* set (this project's min-max extension: minmax-trace, minmax-e, cvar) has no closed
 form; its worst-case Gram depends on the error of the current solution. :func:`alternate` runs
@@ -13,8 +13,9 @@ the alternating scheme around any solver (a masked one, structured OBS, or a fak
 
 The authors' four sets are static (one solve on ``H + D``) and never enter the loop. The
 remaining pieces, shared by ``prune_layer`` and structured OBS: :func:`quad` (``tr(E H E^T)`` in
-float64), :func:`relative_error` (held-out and calibration errors) and :func:`clamp_robust` (a
-robust loss is never reported below the nominal one it bounds).
+float64; the sets' own, from :mod:`robop_lightning.engine.sets.base`), :func:`relative_error`
+(held-out and calibration errors) and :func:`clamp_robust` (a robust loss is never reported below
+the nominal one it bounds).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from typing import Any, Generic, TypeVar
 import torch
 
 from robop_lightning.engine.sets import UncertaintySet
+from robop_lightning.engine.sets.base import quad
 
 __all__ = ["Round", "alternate", "blown_up", "clamp_robust", "frank_wolfe_step", "quad", "relative_error"]
 
@@ -35,12 +37,6 @@ S = TypeVar("S")
 def frank_wolfe_step(k: int) -> float:
     """``g_k = 2 / (k + 2)``: the step of round ``k`` towards the worst case."""
     return 2 / (k + 2)
-
-
-def quad(h: torch.Tensor, e: torch.Tensor) -> float:
-    """``tr(E H E^T)`` in float64 (the error can be tiny next to ``W``: no float32 cancellation)."""
-    e64 = e.double()
-    return float(((e64 @ h.to(device=e.device, dtype=torch.float64)) * e64).sum())
 
 
 def relative_error(h: torch.Tensor, weight: torch.Tensor, error: torch.Tensor) -> float:
@@ -109,7 +105,7 @@ def alternate(
     nominal: Callable[[torch.Tensor], float],
     describe: Callable[[S, S], dict[str, Any]] | None = None,
 ) -> tuple[Round[S], list[dict[str, Any]]]:
-    """SPEC §3's alternation for a dynamic set: the round of smallest robust loss, and the history.
+    """The alternation for a dynamic set: the round of smallest robust loss, and the history.
 
     Args:
         solve: ``solve(H_k, previous solution or None) -> (solution, error W - W_hat)``.

@@ -189,7 +189,7 @@ class LayerInputs(_SampleCounts):
         return self._all_reduce(out)  # each rank filled its own slice: the sum is the gather
 
     def bootstrap_radius(self, resamples: int = 16, quantile: float = 0.9, seed: int = 0) -> float:
-        """Data-driven radius of the ellipsoid set (SPEC §2, E).
+        """Data-driven radius of minmax-e, the extension's ellipsoid set (its default ``rho``).
 
         The ``quantile`` of ``||H~_b - H~||_F / ||H~||_F`` over bootstrap resamples of the
         calibration samples, with ``H~`` the Jacobi-normalised Gram (the same scaling for all).
@@ -240,7 +240,7 @@ def _reduced(t: torch.Tensor, world: int) -> torch.Tensor:
 
 
 class GramAccumulator:
-    """What a layer's solve needs, accumulated batch by batch where the batches are (SPEC §5).
+    """What a layer's solve needs, accumulated batch by batch where the batches are.
 
     The calibration pipeline adds each batch of a linear's inputs in its forward hook, on the
     compute device, and never stores the activations: the Gram ``H`` (float64), the Gram of every

@@ -1,6 +1,6 @@
 """Sparsity patterns: which weights may be kept, and projecting scores onto a pattern.
 
-Three patterns (SPEC §4):
+The patterns:
 
 * ``"unstructured"``: keep ``k = round((1 - sparsity) * m * n)`` weights anywhere in the layer;
 * ``"row"``: keep ``round((1 - sparsity) * n)`` weights in every output row;

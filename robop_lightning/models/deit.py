@@ -236,6 +236,13 @@ class DeiTClassifier(StructuredCheckpointHooks, LightningModule):
             return batch[0], batch[1], batch[2] if len(batch) == 3 else None
         raise ValueError("DeiTClassifier batches are (images, labels) or (images, labels, dataset_indices).")
 
+    def task_loss(self, batch: Any) -> torch.Tensor:
+        """The plain task loss of every sample, ``(B,)``: cross-entropy of the model's prediction with the
+        true labels (no label smoothing; a distilled DeiT's two heads averaged as at inference). CAP's
+        empirical Fisher differentiates this loss (``RobOPCallback``'s default for RobOP-CAP)."""
+        images, labels, _ = self._unpack(batch)
+        return F.cross_entropy(self(images).float(), labels, reduction="none")
+
     def per_sample_loss(self, batch: Any) -> torch.Tensor:
         """The training loss of every sample, ``(B,)`` (CAP's empirical Fisher: ``curvature="fisher"``)."""
         images, labels, _ = self._unpack(batch)

@@ -1,4 +1,4 @@
-"""Block-by-block capture of calibration activations (SPEC §5), in plain PyTorch.
+"""Block-by-block capture of calibration activations, in plain PyTorch.
 
 The pieces :func:`robop_lightning.pipeline.prune.prune_model` is assembled from:
 

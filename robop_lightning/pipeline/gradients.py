@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["per_sample_gradients", "batch_size_of", "slice_batch"]
+from robop_lightning.utils.compat import tree_leaves, tree_map
+
+__all__ = ["per_sample_gradients", "minibatch_gradient", "batch_size_of", "slice_batch"]
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 
@@ -39,7 +40,7 @@ class _LossModule(nn.Module):
 
 def batch_size_of(batch: Any) -> int:
     """The number of samples of ``batch`` (the first dimension of its first tensor)."""
-    leaves = [x for x in tree_flatten(batch)[0] if isinstance(x, torch.Tensor) and x.dim() > 0]
+    leaves = [x for x in tree_leaves(batch) if isinstance(x, torch.Tensor) and x.dim() > 0]
     if not leaves:
         raise ValueError("a calibration batch must hold at least one tensor with a sample dimension.")
     return leaves[0].shape[0]
@@ -145,3 +146,38 @@ def _loop_gradients(model, names, params, batch, loss_fn, samples):
         for t, flag in zip(targets, flags):
             t.requires_grad_(flag)
     return out
+
+
+def minibatch_gradient(model: nn.Module, names: list[str], batch: Any, loss_fn: LossFn) -> dict[str, torch.Tensor]:
+    """``{name: (1, *shape)}``: the gradient of the mean loss over ``batch`` (CAP's mini-batch gradient).
+
+    One backward pass; equals the mean of the per-sample gradients (:func:`per_sample_gradients`)
+    up to float rounding.
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> net = nn.Linear(3, 2)
+        >>> loss = lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
+        >>> batch = (torch.randn(4, 3), torch.tensor([0, 1, 1, 0]))
+        >>> g = minibatch_gradient(net, ["weight"], batch, loss)["weight"]
+        >>> torch.allclose(g[0], per_sample_gradients(net, ["weight"], batch, loss)["weight"].mean(0), atol=1e-6)
+        True
+    """
+    params = dict(model.named_parameters())
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise ValueError(f"no parameter(s) {', '.join(missing)} in the model.")
+    targets = [params[n] for n in names]
+    flags = [t.requires_grad for t in targets]
+    try:
+        for t in targets:
+            t.requires_grad_(True)
+        with torch.enable_grad():
+            losses = _check_losses(loss_fn(model, batch), batch_size_of(batch))
+            grads = torch.autograd.grad(losses.mean(), targets, allow_unused=True)
+    finally:
+        for t, flag in zip(targets, flags):
+            t.requires_grad_(flag)
+    return {n: (torch.zeros_like(p) if g is None else g).detach().unsqueeze(0)
+            for n, p, g in zip(names, targets, grads)}

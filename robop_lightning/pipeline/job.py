@@ -53,6 +53,7 @@ class Job:
     prior_masks: dict[str, torch.Tensor] | None = None
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None
     solver_default: str | None = None  # why the solver was chosen, when the config left it to the model
+    curvature_default: str | None = None  # why the curvature was chosen, when the config left it open
     start: float = field(default_factory=time.perf_counter)
 
     @property
@@ -85,20 +86,60 @@ class Job:
         return report
 
 
-def _fisher_samples(calibration: Iterable[Any], m: int, batch_size: int) -> list[Any]:
-    """The first ``m`` samples of ``calibration``, re-cut into batches of at most ``batch_size``."""
+def _fisher_samples(calibration: Iterable[Any], gradients: int | None, grad_batch: int, batch_size: int) -> list[Any]:
+    """The calibration samples CAP's Fisher uses, cut into the batches its gradients are taken on.
+
+    ``grad_batch == 1``: each batch cut into pieces of at most ``batch_size`` samples (per-sample
+    gradients), the first ``gradients`` samples (all with ``None``). ``grad_batch > 1``:
+    mini-batches of exactly ``grad_batch`` samples (across batch boundaries), one gradient each, the
+    first ``gradients`` of them (all whole ones with ``None``; a last partial one is left out).
+    """
+    if grad_batch > 1:
+        return _mini_batches(calibration, gradients, grad_batch)
     out, seen = [], 0
     for batch in calibration:
         size = batch_size_of(batch)
         for a in range(0, size, batch_size):
-            if seen >= m:
+            if gradients is not None and seen >= gradients:
                 return out
-            take = min(batch_size, size - a, m - seen)
+            take = min(batch_size, size - a, size if gradients is None else gradients - seen)
             out.append(slice_batch(batch, a, a + take))
             seen += take
-        if seen >= m:
+        if gradients is not None and seen >= gradients:
             break
     return out
+
+
+def _mini_batches(calibration: Iterable[Any], gradients: int | None, grad_batch: int) -> list[Any]:
+    out: list[Any] = []
+    pending: list[Any] = []
+    held = 0
+    for batch in calibration:
+        size, a = batch_size_of(batch), 0
+        while a < size:
+            if gradients is not None and len(out) >= gradients:
+                return out
+            take = min(grad_batch - held, size - a)
+            pending.append(slice_batch(batch, a, a + take))
+            held, a = held + take, a + take
+            if held == grad_batch:
+                out.append(_concat(pending))
+                pending, held = [], 0
+    return out
+
+
+def _concat(pieces: list[Any]) -> Any:
+    """One batch holding the samples of ``pieces`` (slices of batches with the same structure)."""
+    first = pieces[0]
+    if len(pieces) == 1:
+        return first
+    if isinstance(first, torch.Tensor):
+        return torch.cat(pieces) if first.dim() > 0 else first
+    if isinstance(first, (tuple, list)):
+        return type(first)(_concat([p[i] for p in pieces]) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: _concat([p[k] for p in pieces]) for k in first}
+    return first
 
 
 def _check_call(model: nn.Module, config: PruneConfig, forward: Any, loss_fn: Any, prior_masks: Any) -> None:
@@ -156,12 +197,18 @@ def prepare_job(
             targets that match nothing or share a weight, an empty calibration, an accelerate
             dispatch that does not fit ``device`` / ``resume_dir``.
     """
-    _check_call(model, config, forward, loss_fn, prior_masks)
-    solver_default = None
+    solver_default = curvature_default = None
     if config.solver is None:
         solver, solver_default = (("cap", "CAP's Fisher path") if config.curvature == "fisher"
                                   else default_solver(model))
         config = dataclasses.replace(config, solver=solver)
+    if config.curvature is None:  # CAP's Fisher where the loss is known and every option fits it
+        curvature, curvature_default = config.default_curvature(
+            loss_fn is not None and forward is None and not prior_masks)
+        config = dataclasses.replace(config, curvature=curvature)
+        if curvature == "gram":
+            loss_fn = None  # offered (the callback offers the module's loss), not used: the report says why
+    _check_call(model, config, forward, loss_fn, prior_masks)
     structure = find_blocks(model, config.blocks)
     if structure is None and config.structured:
         raise ValueError(
@@ -174,16 +221,20 @@ def prepare_job(
     check_shared_weights(model, modules)
     if config.curvature == "fisher":
         opts = config.fisher_options
-        batches = _fisher_samples(calibration, opts.gradients, opts.batch_size)
+        batches = _fisher_samples(calibration, opts.gradients, opts.grad_batch, opts.batch_size)
     else:
         batches = list(calibration)
     if not batches:
+        if config.curvature == "fisher" and config.fisher_options.grad_batch > 1:
+            raise ValueError(f"curvature='fisher': the calibration holds fewer than grad_batch="
+                             f"{config.fisher_options.grad_batch} samples (one mini-batch gradient); pass more "
+                             "batches, or a smaller grad_batch.")
         raise ValueError("calibration is empty: pass an iterable with at least one batch.")
     home, device = _devices(model, config, modules)
     return Job(model=model, config=config, batches=batches, forward=forward or default_forward, container=container,
                block_list=block_list, names=names, modules=modules, home=home, device=device, progress=progress,
                prior_masks=None if prior_masks is None else dict(prior_masks), loss_fn=loss_fn,
-               solver_default=solver_default)
+               solver_default=solver_default, curvature_default=curvature_default)
 
 
 def check_shared_weights(model: nn.Module, modules: dict[str, nn.Module]) -> None:

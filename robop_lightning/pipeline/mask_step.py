@@ -189,6 +189,8 @@ def _report(job: Job, coverage: dict[str, Any] | None) -> PruneReport:
         "pattern": c.pattern,
         "solver": c.solver,
         **({"solver_default": job.solver_default} if job.solver_default else {}),
+        "curvature": "gram",
+        **({"curvature_default": job.curvature_default} if job.curvature_default else {}),
         **({"coverage": coverage} if coverage else {}),
         "uncertainty": c.uncertainty,
         "radius": c.radius,
@@ -231,7 +233,7 @@ def prune_masks(job: Job) -> PruneReport:
     for name, module in job.modules.items():  # fail before any work, not after the earlier blocks
         shape_check.check_shape(*layer_weight(module).shape, name)
     report = _report(job, coverage)
-    identity = {**{k: v for k, v in report.config.items() if k not in ("coverage", "solver_default")},
+    identity = {**{k: v for k, v in report.config.items() if k not in ("coverage", "solver_default", "curvature_default")},
                 "solver_options": c.solver_options}
     first_name, first = next(iter(job.modules.items()))
     walk = job.open_walk(identity, {n: m.weight for n, m in job.modules.items()}, dtype=(first_name, first.weight.dtype))

@@ -80,7 +80,7 @@ def prune_model(
     prior_masks: dict[str, torch.Tensor] | None = None,
     resume_dir: str | Path | None = None,
     activation_budget: int | str | None = None,
-    curvature: str = "gram",
+    curvature: str | None = None,
     loss_fn: Callable[[nn.Module, Any], torch.Tensor] | None = None,
     fisher: FisherOptions | dict[str, Any] | None = None,
     *,
@@ -136,11 +136,14 @@ def prune_model(
             (:mod:`robop_lightning.utils.offload`). Results equal the in-memory ones up to the float64
             summation order of the Grams. ``None``: everything stays in memory (CPU when the
             model is on an accelerator).
-        curvature: ``"gram"`` (default): each layer's reconstruction error under its input Gram,
-            block by block. ``"fisher"`` (``solver="cap"`` only): CAP's empirical block Fisher of the
-            loss, OBS inside each block and one global threshold
-            (``prune_model_fisher``; needs ``loss_fn``).
-        loss_fn: ``loss_fn(model, batch) -> (B,)`` per-sample losses, for ``curvature="fisher"``.
+        curvature: ``"fisher"``: CAP's empirical block Fisher of the loss, OBS inside each block and
+            one global threshold (RobOP-CAP as its authors pair it; needs ``loss_fn``);
+            ``"gram"``: each layer's reconstruction error under its input Gram, block by block
+            (label-free: no loss needed). ``None`` (default): ``"fisher"`` when the solver is CAP,
+            ``loss_fn`` is given and every option fits it, else ``"gram"`` (the report's
+            ``config["curvature_default"]`` says why).
+        loss_fn: ``loss_fn(model, batch) -> (B,)`` per-sample losses (the task loss, with the batch's
+            labels), for CAP's Fisher.
         fisher: :class:`robop_lightning.config.FisherOptions` (or a dict): ``gradients``,
             ``block_size``, ``lam``, ``batch_size``, ``selection`` (``"global"`` / ``"uniform"``), ``method``.
         coupled, rounds, damping: engine options of :func:`prune_layer` (the extension's coupled

@@ -1,6 +1,6 @@
-"""Structured RobOP: remove whole heads and MLP channels of every block, physically (issue 7).
+"""Structured RobOP: remove whole heads and MLP channels of every block, physically.
 
-Block by block (SPEC §5): each unit of :mod:`robop_lightning.pipeline.surgery` (attention, then MLP) is
+Block by block (the pipeline of docs/method.md): each unit of :mod:`robop_lightning.pipeline.surgery` (attention, then MLP) is
 chosen by robust structured OBS (:func:`robop_lightning.engine.solvers.structured_obs.select_groups`) from
 its consumer's calibration inputs, then the block shrinks and its outputs feed the next block.
 Budgets are per block (``budget="layer"``) or one ranking over the model (``"global"``, in
@@ -120,7 +120,7 @@ def prune_model_structured(
 ) -> PruneReport:
     """Remove whole heads / KV groups and MLP channels of every block, physically, in place.
 
-    Block by block (SPEC §5): the attention unit is pruned first from the block's calibration
+    Block by block: the attention unit is pruned first from the block's calibration
     inputs, then the MLP unit from inputs that went through the pruned attention, then the pruned
     block's outputs feed the next block. Each unit runs :func:`select_groups` (robust structured OBS
     with exact compensation of the consumer, bias included) and the block shrinks.

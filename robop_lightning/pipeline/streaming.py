@@ -1,4 +1,4 @@
-"""What the pipeline streams through a block instead of storing it (SPEC §5): every block's own
+"""What the pipeline streams through a block instead of storing it: every block's own
 arguments, recorded in one cheap pass of the model's forward, and each target's Grams, added in
 its forward hook as the batches pass.
 

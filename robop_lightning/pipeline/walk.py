@@ -1,4 +1,4 @@
-"""One block walk for every kind of pruning (SPEC §5): :class:`BlockWalk` and the :class:`Step` it runs.
+"""One block walk for every kind of pruning: :class:`BlockWalk` and the :class:`Step` it runs.
 
 The walk owns everything that is not the pruning itself::
 

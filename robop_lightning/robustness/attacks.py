@@ -1,4 +1,4 @@
-"""Untargeted PGD and FGSM on [0, 1] images (EVAL.md, "Adversarial"), plain PyTorch.
+"""Untargeted PGD and FGSM on [0, 1] images (docs/evaluation.md, "Vision"), plain PyTorch.
 
 The rules: the model normalises inside its ``forward`` (inputs are [0, 1] pixels); it runs in
 ``eval()`` mode (its mode is restored afterwards); the loss is cross-entropy on float32 logits;

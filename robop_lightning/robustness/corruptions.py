@@ -1,4 +1,4 @@
-"""ImageNet-C-style corruptions in pure torch, seeded per sample (EVAL.md, "Corrupted").
+"""ImageNet-C-style corruptions in pure torch, seeded per sample (docs/evaluation.md, "Vision").
 
 Every corruption takes a batch of images in [0, 1], shape ``(N, C, H, W)`` (``C`` = 1 or 3), and
 returns a tensor of the same shape, dtype and device, clamped to [0, 1]. Random draws (noise,
@@ -9,10 +9,9 @@ it sits in, and a dense and a pruned model see exactly the same corrupted inputs
 Two parameter tables (s = 1..5):
 
 * ``"imagenet"``: Hendrycks' ImageNet-C values (``make_imagenet_c.py``), meant for 224 px.
-* ``"small"``: Hendrycks' CIFAR-10-C values (``make_cifar_c.py``), meant for 28-32 px. EVAL.md
-  lists the noise, contrast, brightness, pixelate and JPEG values; the others (defocus, zoom,
-  motion, elastic, speckle, gaussian_blur, saturate) are taken from ``make_cifar_c.py`` too, not
-  invented.
+* ``"small"``: Hendrycks' CIFAR-10-C values (``make_cifar_c.py``), meant for 28-32 px: all of
+  them (noise, contrast, brightness, pixelate, JPEG, defocus, zoom, motion, elastic, speckle,
+  gaussian_blur, saturate) are taken from ``make_cifar_c.py``, none invented.
 
 Spatial parameters (disk and motion radii, blur sigmas) are in pixels, as in the reference,
 and are not rescaled for other image sizes; the elastic parameters are fractions of the image

@@ -1,4 +1,4 @@
-"""Clean, corrupted and adversarial accuracy in one pass, plus relative mCE (EVAL.md).
+"""Clean, corrupted and adversarial accuracy in one pass, plus relative mCE (docs/evaluation.md).
 
 :class:`RobustnessEvaluator` is an ``nn.Module`` holding one torchmetrics ``MetricCollection``
 (micro ``MulticlassAccuracy``) per condition, cloned with a prefix / postfix so that the logged

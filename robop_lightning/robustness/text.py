@@ -402,7 +402,7 @@ def embedding_pgd(
         model: a Hugging Face causal LM.
         input_ids: ``(N, T)`` windows.
         suffix_len: ``K`` scored tokens.
-        eps: relative radius (EVAL.md: 0.05, 0.1, 0.25).
+        eps: relative radius (typically 0.05, 0.1 or 0.25).
         steps: PGD steps (10-20).
         step_size: absolute L2 step per token, default ``2.5 * eps * r / steps``.
         seed: global seed.

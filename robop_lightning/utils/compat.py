@@ -1,4 +1,4 @@
-"""Every use of a private name of Lightning, torch FSDP or accelerate, in one place.
+"""Every use of a private name of Lightning, torch (FSDP, pytree) or accelerate, in one place.
 
 The rest of the package uses these libraries through their public APIs only. Where no public way
 exists, the access lives here, as a small function that says which library version it was written
@@ -14,16 +14,20 @@ Example:
     'model.layers.0.mlp'
     >>> fsdp1_shard_ranges(torch.nn.Linear(2, 2))  # no FSDP1 unit: nothing sharded
     {}
+    >>> tree_map(lambda x: x.shape[0], {"x": torch.zeros(3, 2), "y": (torch.zeros(3),)})
+    {'x': 3, 'y': (3,)}
 """
 
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.utils import _pytree
 
 __all__ = [
     "WRAPPER_ATTRIBUTES",
@@ -31,6 +35,8 @@ __all__ = [
     "fsdp1_shard_ranges",
     "offload_execution_device",
     "offload_weights_map",
+    "tree_leaves",
+    "tree_map",
     "unwrapped_name",
 ]
 
@@ -112,6 +118,33 @@ def unwrapped_name(name: str) -> str:
     ``named_parameters`` but not out of ``named_modules``, which is what masks of modules need.
     """
     return ".".join(part for part in name.split(".") if part not in WRAPPER_ATTRIBUTES)
+
+
+# ------------------------------------------------------------------------------------- torch pytree
+
+
+def tree_leaves(tree: Any) -> list[Any]:
+    """The leaves of a nested batch (tensors and other values in tuples, lists, dicts, named
+    tuples...), in the order ``torch.func.vmap`` flattens it.
+
+    Written against torch 2.14 (``torch.utils._pytree.tree_leaves``): torch has no public pytree
+    module (no ``torch.utils.pytree``), and per-sample gradients must see a batch exactly as
+    ``vmap`` does: its ``in_dims`` is a tree of the batch's own structure, matched node by node
+    against torch's pytree (types registered with it, such as Hugging Face model outputs, included).
+    No public helper of torch or another library (``lightning_utilities``' ``apply_to_collection``)
+    guarantees the same nodes.
+    """
+    return _pytree.tree_leaves(tree)
+
+
+def tree_map(fn: Callable[[Any], Any], tree: Any) -> Any:
+    """``tree`` with every leaf replaced by ``fn(leaf)``, by torch's pytree (the structure ``vmap``
+    matches ``in_dims`` against).
+
+    Written against torch 2.14 (``torch.utils._pytree.tree_map``): no public equivalent, as for
+    :func:`tree_leaves`.
+    """
+    return _pytree.tree_map(fn, tree)
 
 
 # --------------------------------------------------------------------------------------- accelerate

@@ -6,6 +6,7 @@ import torch
 
 from robop_lightning.engine.damping import damp_until_definite, positive_definite
 from robop_lightning.engine.alternation import alternate, clamp_robust, frank_wolfe_step, quad, relative_error
+from robop_lightning.engine.sets import base as sets_base
 
 
 class FakeSet:
@@ -66,6 +67,14 @@ def test_relative_error_is_the_reconstruction_error_of_the_inputs():
     assert abs(relative_error(x.T @ x, w, e) - direct) < 1e-12 * direct
     assert quad(x.T @ x, e) >= 0
     assert relative_error(torch.zeros(6, 6, dtype=torch.float64), w, e) == 0.0
+
+
+def test_the_loop_and_the_sets_measure_errors_with_one_function():
+    assert quad is sets_base.quad  # tr(E H E^T) is written once, beside the sets
+    g = torch.Generator().manual_seed(1)
+    h, e = torch.randn(5, 5, dtype=torch.float64, generator=g), torch.randn(3, 5, generator=g)
+    h = h @ h.T
+    assert abs(quad(h, e) - float(torch.einsum("ij,jk,ik->", e.double(), h, e.double()))) < 1e-12 * quad(h, e)
 
 
 def test_clamp_robust_only_absorbs_rounding():

@@ -214,7 +214,7 @@ def test_fisher_arguments_are_checked():
     with pytest.raises(ValueError, match="curvature must be"):
         prune_model(vit, data, curvature="hessian")
     with pytest.raises(ValueError, match="apply to curvature='fisher' only"):
-        prune_model(vit, data, loss_fn=_vit_loss)
+        prune_model(vit, data, loss_fn=_vit_loss, curvature="gram")
     with pytest.raises(ValueError, match="valid keys are gradients"):
         FisherOptions.coerce({"m": 4})
     with pytest.raises(ValueError, match="authors' sets"):
@@ -237,13 +237,14 @@ def test_callback_prunes_with_the_modules_own_loss_and_holds_the_zeros(tmp_path)
     g = torch.Generator().manual_seed(0)
     data = DataLoader(TensorDataset(torch.rand(48, 3, 16, 16, generator=g), torch.randint(0, 3, (48,), generator=g)),
                       batch_size=16)
-    robop = RobOPCallback(sparsity=0.5, solver="cap", uncertainty="trace", curvature="fisher",
+    robop = RobOPCallback(sparsity=0.5, solver="cap", uncertainty="trace",  # curvature=None: Fisher, the loss is known
                           fisher={"gradients": 32, "batch_size": 16}, verbose=False, progress=False)
     trainer = Trainer(max_epochs=1, callbacks=[robop], logger=False, enable_checkpointing=False,
                       enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
     trainer.fit(model, data)
     report = robop.reports[-1]
     assert report.config["curvature"] == "fisher" and report.config["uncertainty"] == "trace"
+    assert "known loss" in report.config["curvature_default"]
     assert report.totals["sparsity"] == pytest.approx(0.5, abs=1e-3)
     for name, mask in robop.masks.to_dict().items():  # zeros held through fine-tuning
         assert bool((model.get_submodule(name).weight[~mask] == 0).all())
@@ -251,7 +252,7 @@ def test_callback_prunes_with_the_modules_own_loss_and_holds_the_zeros(tmp_path)
         RobOPCallback(solver="cap", curvature="fisher", schedule={0: 0.3, 1: 0.5})
 
     class NoLoss(DeiTClassifier):
-        per_sample_loss = None
+        task_loss = per_sample_loss = None
 
     bare = NoLoss("deit_tiny_distilled_patch16_224", pretrained=False, num_classes=3, img_size=16,
                   model_kwargs={"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2})
@@ -340,3 +341,57 @@ def test_fisher_path_refuses_a_weight_shared_between_targets():
     vit.blocks[1].mlp.fc1.weight = vit.blocks[0].mlp.fc1.weight
     with pytest.raises(ValueError, match="same tensor"):
         prune_model_fisher(vit, [_images(8)], _vit_loss, sparsity=0.5, fisher={"gradients": 8})
+
+
+def test_curvature_none_is_fishers_where_the_loss_is_known_and_the_gram_path_otherwise():
+    data = [_images(16)]
+    opts = {"gradients": 16}
+    report = prune_model(_vit(), data, sparsity=0.5, solver="cap", loss_fn=_vit_loss, fisher=opts)
+    assert report.config["curvature"] == "fisher" and "known loss" in report.config["curvature_default"]
+    explicit = _vit()
+    prune_model(explicit, data, sparsity=0.5, solver="cap", loss_fn=_vit_loss, fisher=opts, curvature="fisher")
+    chosen = _vit()
+    prune_model(chosen, data, sparsity=0.5, solver="cap", loss_fn=_vit_loss, fisher=opts)
+    assert all(torch.equal(a, b) for a, b in zip(explicit.state_dict().values(), chosen.state_dict().values()))
+    label_free = prune_model(_vit(), data, sparsity=0.5, solver="cap")
+    assert label_free.config["curvature"] == "gram" and "label-free" in label_free.config["curvature_default"]
+    held = prune_model(_vit(), data, sparsity=0.5, solver="cap", loss_fn=_vit_loss, heldout_fraction=0.25)
+    assert held.config["curvature"] == "gram" and "heldout_fraction" in held.config["curvature_default"]
+    other = prune_model(_vit(), data, sparsity=0.5, solver="sparsegpt", loss_fn=_vit_loss)
+    assert other.config["curvature"] == "gram"
+    with pytest.raises(ValueError, match="apply to curvature='fisher' only"):
+        prune_model(_vit(), data, sparsity=0.5, solver="cap", loss_fn=_vit_loss, curvature="gram")
+
+
+def test_mini_batch_gradients_build_caps_fisher_from_one_backward_each():
+    """grad_batch=k: each gradient is that of the mean loss over k samples (mini-batches cut across
+    batch boundaries); the weights equal the steps done by hand from plain autograd gradients."""
+    vit, reference = _vit(), _vit()
+    images, labels = _images(13, 4)
+    data = [(images[:5], labels[:5]), (images[5:], labels[5:])]  # 13 samples: 3 mini-batches of 4, 1 left out
+    names = [n for n, m in reference.named_modules() if isinstance(m, nn.Linear) and n.startswith("blocks.")]
+    pieces = {}
+    for n in names:
+        w = reference.get_submodule(n).weight
+        grads = []
+        for k in range(3):
+            reference.zero_grad()
+            _vit_loss(reference, (images[4 * k: 4 * k + 4], labels[4 * k: 4 * k + 4])).mean().backward()
+            grads.append(w.grad.detach().reshape(-1).clone())
+        g = torch.stack(grads)
+        h = block_grams(g, w.shape[1], 32)
+        finv = set_block_inverse(h, 3, 1e-8, "baseline", None)
+        wb = w.detach().double().reshape(-1, 32)
+        order, cum = eliminate_blocks(wb, finv)
+        pieces[n] = (wb, finv, order, cum)
+    total = sum(p[0].numel() for p in pieces.values())
+    counts = select_counts([p[3] for p in pieces.values()], total - round(0.5 * total))
+    report = prune_model_fisher(vit, data, _vit_loss, sparsity=0.5, uncertainty="baseline",
+                                fisher={"grad_batch": 4, "block_size": 32})
+    assert report.config["gradients_used"] == 3 and report.config["samples_used"] == 12
+    for (n, (wb, finv, order, _)), count in zip(pieces.items(), counts):
+        out, _ = replay_blocks(wb, finv, order, count)
+        torch.testing.assert_close(vit.get_submodule(n).weight, out.reshape(vit.get_submodule(n).weight.shape).float(),
+                                   rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="fewer than grad_batch=32"):
+        prune_model_fisher(_vit(), data, _vit_loss, fisher={"grad_batch": 32})

@@ -1,5 +1,5 @@
 """Each function of robop_lightning.utils.compat (the package's only uses of private names of
-Lightning, torch FSDP and accelerate) against the installed libraries: a test fails with a message
+Lightning, torch (FSDP, pytree) and accelerate) against the installed libraries: a test fails with a message
 naming the private name that changed, so an upgrade that breaks one is found here, not in a fit."""
 
 from __future__ import annotations
@@ -128,6 +128,28 @@ def test_unwrapped_name_knows_every_wrapper_attribute():
     assert names[-1] == "_orig_mod.0._checkpoint_wrapped_module" and compat.unwrapped_name(names[-1]) == "0", (
         f"torch.compile / checkpoint_wrapper now name their inner modules {names}: update compat.WRAPPER_ATTRIBUTES."
     )
+
+
+# --------------------------------------------------------------------------- torch pytree
+def test_tree_helpers_flatten_a_batch_as_vmap_does():
+    """``torch.utils._pytree.tree_leaves`` / ``tree_map``: the structure ``vmap`` matches ``in_dims`` against."""
+    try:
+        from torch.utils import _pytree
+    except ImportError as err:  # pragma: no cover - only on a torch without it
+        pytest.fail(f"torch.utils._pytree is gone ({err}): update compat.tree_leaves / compat.tree_map "
+                    "(to torch's public pytree module, if it has one now).")
+    for name in ("tree_leaves", "tree_map"):
+        assert callable(getattr(_pytree, name, None)), (
+            f"torch.utils._pytree no longer has {name}: update compat.tree_leaves / compat.tree_map."
+        )
+    x, y = torch.randn(3, 2), torch.arange(3)
+    batch = {"x": x, "y": (y, "tag")}
+    leaves = compat.tree_leaves(batch)
+    assert len(leaves) == 3 and leaves[0] is x and leaves[1] is y and leaves[2] == "tag"
+    in_dims = compat.tree_map(lambda v: 0 if isinstance(v, torch.Tensor) else None, batch)
+    assert in_dims == {"x": 0, "y": (0, None)}
+    out = torch.func.vmap(lambda b: b["x"].sum() + b["y"][0], in_dims=(in_dims,))(batch)
+    assert torch.equal(out, x.sum(1) + y)
 
 
 # --------------------------------------------------------------------------- accelerate

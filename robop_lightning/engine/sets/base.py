@@ -6,11 +6,15 @@ import torch
 
 from robop_lightning.engine.gram import LayerInputs
 
-__all__ = ["UncertaintySet", "inner"]
+__all__ = ["UncertaintySet", "quad"]
 
 
-def inner(h: torch.Tensor, e: torch.Tensor) -> float:
-    """``<H, E^T E> = tr(E H E^T)`` in float64."""
+def quad(h: torch.Tensor, e: torch.Tensor) -> float:
+    """``tr(E H E^T) = <H, E^T E>`` in float64 (the error can be tiny next to ``W``: no float32 cancellation).
+
+    The nominal loss of an error ``E`` under the Gram ``H``: every set's robust loss adds to it, and
+    the engine measures its errors with it.
+    """
     e64 = e.double()
     return float(((e64 @ h.to(device=e.device, dtype=torch.float64)) * e64).sum())
 

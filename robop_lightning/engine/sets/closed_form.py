@@ -3,7 +3,7 @@
 ``H = X^T X`` summed over the ``N`` calibration tokens (samples x tokens per sample; under several
 processes the global count) and ``gamma`` the set's radius (the authors' ``--gamma``, 0.01 by
 default for every set). The solver runs **once** on ``H + D``; ``D`` replaces the Baseline damping,
-it is not added to it (SPEC §2a):
+it is not added to it:
 
 ==========  =================================================  ==========================================
 set         ``D``                                              reading
@@ -31,7 +31,7 @@ import math
 import torch
 
 from robop_lightning.engine.gram import LayerInputs
-from robop_lightning.engine.sets.base import UncertaintySet, inner
+from robop_lightning.engine.sets.base import UncertaintySet, quad
 
 __all__ = ["ClosedFormSet", "closed_form_damping", "closed_form_spectrum", "sqrt_psd", "CLOSED_FORM_SETS", "DEFAULT_GAMMA"]
 
@@ -128,9 +128,9 @@ class ClosedFormSet(UncertaintySet):
 
     def robust_loss(self, e: torch.Tensor, nominal: float | None = None) -> float:
         """``<H + D, E^T E>``; ``nominal``: ``<H, E^T E>`` when the caller has it already (saves a product)."""
-        loss = (inner(self.h, e) if nominal is None else nominal) + self.ridge * float(e.double().pow(2).sum())
+        loss = (quad(self.h, e) if nominal is None else nominal) + self.ridge * float(e.double().pow(2).sum())
         if self.matrix is not None:
-            loss += inner(self.matrix, e)
+            loss += quad(self.matrix, e)
         return loss
 
     def describe(self) -> str:

@@ -1,4 +1,4 @@
-"""This project's min-max extension of RobOP (SPEC §2b, §3): not the authors' sets.
+"""This project's min-max extension of RobOP: not the authors' sets (see docs/method.md, "The min-max extension").
 
 The authors define their four sets as closed-form regularisers solved once
 (:mod:`robop_lightning.engine.sets.closed_form`). The sets here are a different reading: the
@@ -15,7 +15,7 @@ cvar            ``{S sum_s q_s H_s : q_s <= 1/(alpha S)}``    the worst ``alpha`
 ==============  ===========================================  ==========================================
 
 ``coupled=False`` gives the per-row forms of minmax-trace (the ridge ``H + r I``) and minmax-e
-(``H + r Diag(H)``), which are static (one solve). Radii are relative (SPEC §1): ``rho`` scales
+(``H + r Diag(H)``), which are static (one solve). Radii are relative: ``rho`` scales
 ``tr(H)`` for minmax-trace and ``||H~||_F`` for minmax-e, ``alpha`` is cvar's tail fraction.
 
 Default radii (``radius=None``):
@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import torch
 
-from robop_lightning.engine.sets.base import UncertaintySet, inner
+from robop_lightning.engine.sets.base import UncertaintySet, quad
 
 __all__ = ["MinMaxTrace", "MinMaxEllipsoid", "CVaR", "cvar_weights", "spectral_norm_sq", "MINMAX_SETS"]
 
@@ -106,8 +106,8 @@ class MinMaxTrace(UncertaintySet):
 
     def robust_loss(self, e):
         if self.coupled:
-            return inner(self.h, e) + self.r * spectral_norm_sq(e)[0]
-        return inner(self.h, e) + self.r * float(e.double().pow(2).sum())
+            return quad(self.h, e) + self.r * spectral_norm_sq(e)[0]
+        return quad(self.h, e) + self.r * float(e.double().pow(2).sum())
 
     def describe(self):
         return f"minmax-trace(rho={self.rho:.3g}{'' if self.coupled else ', per-row'})"
@@ -155,8 +155,8 @@ class MinMaxEllipsoid(UncertaintySet):
 
     def robust_loss(self, e):
         if self.coupled:
-            return inner(self.h, e) + self.r * self._gt_norm(e)
-        return inner(self.h, e) + self.r * float((e.double().pow(2) * self.diag.to(e.device)[None, :]).sum())
+            return quad(self.h, e) + self.r * self._gt_norm(e)
+        return quad(self.h, e) + self.r * float((e.double().pow(2) * self.diag.to(e.device)[None, :]).sum())
 
     def describe(self):
         return f"minmax-e(rho={self.rho:.3g}{'' if self.coupled else ', per-row'})"

@@ -15,7 +15,8 @@ across all blocks of all target layers** chooses how many weights each block los
 (:func:`select_counts`): CAP's global sparsity. ``"uniform"`` puts the threshold per layer; ``N:M``
 removes ``M - N`` of every group (a block holds whole groups).
 
-**The uncertainty sets on the Fisher** (SPEC §2a, with ``H_b = sum_k g_kb g_kb^T`` the block's
+**The uncertainty sets on the Fisher** (the four closed-form sets of
+:mod:`robop_lightning.engine.sets.closed_form`, with ``H_b = sum_k g_kb g_kb^T`` the block's
 Fisher summed over the ``m`` gradients and ``N = m``): the effective block is
 ``F_b = (H_b + D_b) / m`` with ``D_b`` the set's closed form, and Baseline is CAP's own damping,
 ``D_b = m lam I``. Baseline, Trace and CTE are ridges (one Cholesky inverse per block); E's

@@ -1,4 +1,4 @@
-"""Least-squares refit of the kept weights on a fixed mask (the plug-in theorem, SPEC §1).
+"""Least-squares refit of the kept weights on a fixed mask (the plug-in step).
 
 For each output row ``i`` with kept set ``S``:
 ``w_hat_S = w_S + H_SS^-1 H_{S,Sc} w_Sc``, i.e. ``argmin_{w_hat supported on S} (w_hat - w)^T H (w_hat - w)``.

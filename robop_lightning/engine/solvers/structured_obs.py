@@ -12,7 +12,8 @@ are then refitted exactly. A consumer bias is the weight of a constant input: it
 ``X`` as a ones column (never removable), so the refit also corrects the bias through the input
 mean. The uncertainty sets of :mod:`robop_lightning.engine.sets` apply unchanged: static sets (the
 authors' four) hand ``H + D`` to the greedy search, dynamic ones (minmax-trace / minmax-e, cvar) run the
-alternating scheme of SPEC §3 with the whole structured selection as the solver.
+alternating scheme of :func:`robop_lightning.engine.alternation.alternate` with the whole structured
+selection as the solver.
 
 The modules themselves shrink in :mod:`robop_lightning.pipeline.surgery`.
 """
@@ -33,7 +34,6 @@ from robop_lightning.engine.gram import LayerInputs
 from robop_lightning.report import StructuredResult
 from robop_lightning.engine.alternation import alternate, clamp_robust, quad, relative_error
 from robop_lightning.engine.sets import ClosedFormSet, UncertaintySet, make_uncertainty
-from robop_lightning.engine.sets.base import inner
 
 __all__ = ["select_groups", "compensate"]
 
@@ -237,7 +237,7 @@ def _checked_inputs(weight, inputs, groups, remove, damping, bias, name) -> tupl
 
 def _closed_form_loss(uset: ClosedFormSet, h: torch.Tensor, cols: int, e: torch.Tensor) -> float:
     """The authors' robust loss of ``[E, e_b]``: the set acts on the feature columns only."""
-    return float(((e @ h) * e).sum()) + uset.robust_loss(e[:, :cols]) - inner(uset.h, e[:, :cols])
+    return float(((e @ h) * e).sum()) + uset.robust_loss(e[:, :cols]) - quad(uset.h, e[:, :cols])
 
 
 def _prepare_set(uset: UncertaintySet, h: torch.Tensor, aug: LayerInputs, li: LayerInputs, cols: int,
