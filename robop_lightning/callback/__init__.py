@@ -14,6 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DeepSpeedStrategy
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
@@ -216,6 +217,7 @@ class RobOPCallback(Callback):
         self.masks: SparsityMasks | None = None
         self.reports: list[PruneReport] = []
         self._done: list[str] = []  # milestones already pruned: "start", "epoch_end:3", "schedule:2"
+        self._pruned_in_setup = False  # pruned in setup under a sharding strategy, in this run
         self._current_sparsity: float | None = None
 
     # the options, read from self.config (the pruning job's) and self.options (the callback's own)
@@ -296,6 +298,7 @@ class RobOPCallback(Callback):
             if not self.pruned and checkpoint_to_restore(trainer) is None:  # fit, validate or test
                 check_layers_before_sharding(pl_module, strategy)
                 self._prune(trainer, pl_module, self.sparsity, "start")  # before the weights are sharded
+                self._pruned_in_setup = True  # a fit(ckpt_path=...) may still restore a pruned state over it
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -375,6 +378,13 @@ class RobOPCallback(Callback):
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._pruned_in_setup and state_dict.get("done"):
+            rank_zero_warn(
+                "RobOPCallback pruned in setup (on whole weights, before the sharding), then trainer.fit(ckpt_path=...) "
+                "restored a pruned checkpoint over it: the model and masks are the checkpoint's, the pruning in setup "
+                "was spent for nothing. To skip it, give the path before the fit: trainer.ckpt_path = path; "
+                "trainer.fit(model).", category=RuntimeWarning)
+            self._pruned_in_setup = False
         self._done = list(state_dict.get("done", []))
         self._current_sparsity = state_dict.get("sparsity")
         if self.masks is not None:

@@ -14,7 +14,6 @@ from torch import nn
 
 from robop_lightning.engine.patterns import parse_pattern
 from robop_lightning.pipeline.targets import is_linear
-from robop_lightning.utils.compat import fit_checkpoint_path
 
 __all__ = ["check_schedule", "checkpoint_to_restore", "check_layers_before_sharding", "holder", "module_loss",
            "optimizer_states_to",
@@ -50,20 +49,16 @@ def check_schedule(schedule: Any, pattern: str) -> dict[int, float]:
 
 
 def checkpoint_to_restore(trainer: pl.Trainer) -> Any:
-    """The checkpoint the running ``fit`` (``validate``, ``test``) will restore, already in ``setup``.
+    """The checkpoint the running ``fit`` (``validate``, ``test``) will restore, as known in ``setup``.
 
-    Public first: ``trainer.ckpt_path``, which Lightning sets in advance when the path was given as
+    ``trainer.ckpt_path``: Lightning sets it in advance when the path is given as
     ``trainer.ckpt_path = path`` before ``trainer.fit(model)``. For ``trainer.fit(model, ckpt_path=path)``
-    Lightning sets it only when it restores, after ``setup``, ``configure_model`` and the sharding, and
-    nothing public holds the path before then: :func:`robop_lightning.utils.compat.fit_checkpoint_path`
-    reads it (the callback asks only under the strategies that shard after ``setup``; elsewhere the
-    restore comes before ``on_fit_start``, where it prunes). If a future Lightning hides it, this is
-    ``None``: the callback prunes in ``setup`` and the restored state replaces the result (the same
-    model, one wasted pruning).
+    it is set only at the restore, which the strategies that shard after ``setup`` (FSDP,
+    ``ModelParallelStrategy``) do after the sharding; nothing public holds the path before then. There
+    the callback prunes in ``setup`` (on whole weights, as it must) and the restored state then
+    replaces the result: the same model, one pruning spent (a warning says how to skip it).
     """
-    if trainer.ckpt_path is not None:
-        return trainer.ckpt_path
-    return fit_checkpoint_path(trainer)
+    return trainer.ckpt_path
 
 
 def optimizer_states_to(optimizers: Iterable[torch.optim.Optimizer], device: torch.device) -> None:

@@ -1,8 +1,8 @@
 """``prune_layer``: prune one linear layer under an uncertainty set with one of five solvers.
 
-The authors' sets (baseline, trace, e, cte; SPEC §2a) are closed forms: the solver runs once on
-``H + D`` (:mod:`robop_lightning.engine.sets.closed_form`). This project's min-max extension
-(minmax-trace, minmax-e, cvar; SPEC §2b) alternates (SPEC §3, :func:`robop_lightning.engine.alternation.alternate`)
+The authors' sets (baseline, trace, e, cte; docs/method.md) are closed forms: the solver runs once
+on ``H + D`` (:mod:`robop_lightning.engine.sets.closed_form`). This project's min-max extension
+(minmax-trace, minmax-e, cvar) alternates (:func:`robop_lightning.engine.alternation.alternate`)
 for its dynamic sets::
 
     H_0 = H;  W_0 = SOLVE(W, H_0)
@@ -428,7 +428,7 @@ def prune_layer(
     start = time.perf_counter()
     _check_weight(weight, name)
     if isinstance(pattern, str) and pattern.strip().lower() == "structured":
-        # whole input columns (or solver_options["groups"]) by robust structured OBS (issue 7)
+        # whole input columns (or solver_options["groups"]) by robust structured OBS
         return prune_layer_structured(
             weight, inputs, sparsity, uncertainty, radius, coupled, rounds, heldout, damping, solver_options,
             prior_mask, name,

@@ -1,4 +1,4 @@
-"""Every use of a private name of Lightning, torch (FSDP, pytree) or accelerate, in one place.
+"""Every use of a private name of torch (FSDP, pytree) or accelerate, in one place.
 
 The rest of the package uses these libraries through their public APIs only. Where no public way
 exists, the access lives here, as a small function that says which library version it was written
@@ -20,7 +20,6 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +30,6 @@ from torch.utils import _pytree
 
 __all__ = [
     "WRAPPER_ATTRIBUTES",
-    "fit_checkpoint_path",
     "fsdp1_shard_ranges",
     "offload_execution_device",
     "offload_weights_map",
@@ -41,31 +39,6 @@ __all__ = [
 ]
 
 # ---------------------------------------------------------------------------------------- Lightning
-
-
-def fit_checkpoint_path(trainer: Any) -> Any:
-    """The checkpoint the running ``trainer.fit`` / ``validate`` / ``test`` will restore, already in
-    a callback's ``setup`` (``None``: none, or not found).
-
-    Written against Lightning 2.6 (``Trainer._run(self, model, ckpt_path=None, weights_only=None)``).
-    Under strategies that restore after ``setup`` (``FSDPStrategy``, ``ModelParallelStrategy``:
-    ``restore_checkpoint_after_setup``) Lightning sets the public ``trainer.ckpt_path`` only when it
-    restores, after ``setup``, ``configure_model`` and the sharding. No public attribute or hook holds
-    the path passed to ``fit(ckpt_path=...)`` before then: it exists only as the ``ckpt_path``
-    argument of the running ``Trainer._run``, read here from the call stack. Callers try the public
-    ``trainer.ckpt_path`` first (set in advance by ``trainer.ckpt_path = ...``) and need this only
-    under those strategies. If a future Lightning renames ``_run`` or its argument, this returns
-    ``None`` (and the compat test fails).
-    """
-    frame = inspect.currentframe()
-    try:
-        while frame is not None:
-            if frame.f_code.co_name == "_run" and frame.f_locals.get("self") is trainer:
-                return frame.f_locals.get("ckpt_path")
-            frame = frame.f_back
-        return None
-    finally:
-        del frame  # frames hold their locals: break the reference cycle
 
 
 # -------------------------------------------------------------------------------------- torch FSDP1

@@ -262,20 +262,15 @@ def test_resume_does_not_prune_twice_and_reinstalls_masks(tmp_path):
     assert _pruned_zero(resumed, second.masks)
 
 
-def test_resume_from_ckpt_path_needs_no_stack_inspection(tmp_path, monkeypatch):
+def test_resume_from_ckpt_path_needs_no_stack_inspection(tmp_path):
     """A resumed fit learns what was pruned from the restored state (Lightning restores before
-    on_fit_start): the call-stack lookup of compat.fit_checkpoint_path is never used. Strategies that
-    shard after setup decide in setup, from the public trainer.ckpt_path when it is set in advance."""
+    on_fit_start). Strategies that shard after setup decide in setup from the public trainer.ckpt_path:
+    set in advance, the restore is known and nothing is pruned; otherwise they prune on whole weights
+    and a restored pruned state replaces the result, with a warning that says how to skip the work."""
     from types import SimpleNamespace
 
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    import robop_lightning.callback.hooks as hooks
-
-    def inspected(trainer):
-        raise AssertionError("the call stack was inspected")
-
-    monkeypatch.setattr(hooks, "fit_checkpoint_path", inspected)
     pl.seed_everything(0)
     first = RobOPCallback(sparsity=0.5, solver="wanda", uncertainty="baseline", calibration_batches=2, verbose=False)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
@@ -295,10 +290,12 @@ def test_resume_from_ckpt_path_needs_no_stack_inspection(tmp_path, monkeypatch):
     sharded.ckpt_path = ckpt.last_model_path  # trainer.ckpt_path = path, then trainer.fit(model)
     third.setup(sharded, Classifier(), "fit")
     assert calls == []  # restored after the sharding: not pruned in setup
-    monkeypatch.setattr(hooks, "fit_checkpoint_path", lambda trainer: None)  # fit(ckpt_path=None)
-    sharded.ckpt_path = None
+    sharded.ckpt_path = None  # fit(model) or fit(model, ckpt_path=path): not known in setup
     third.setup(sharded, Classifier(), "fit")
-    assert calls == ["start"]  # nothing to restore: pruned on whole weights in setup
+    assert calls == ["start"] and third._pruned_in_setup  # pruned on whole weights in setup
+    with pytest.warns(RuntimeWarning, match="trainer.ckpt_path = path"):
+        third.load_state_dict(second.state_dict())  # fit(ckpt_path=...) restores a pruned state over it
+    assert third._done == ["start"] and all(torch.equal(third.masks[n], first.masks[n]) for n in first.masks)
 
 
 def test_prune_at_epoch_end(tmp_path):

@@ -1,75 +1,16 @@
 """Each function of robop_lightning.utils.compat (the package's only uses of private names of
-Lightning, torch (FSDP, pytree) and accelerate) against the installed libraries: a test fails with a message
+torch (FSDP, pytree) and accelerate) against the installed libraries: a test fails with a message
 naming the private name that changed, so an upgrade that breaks one is found here, not in a fit."""
 
 from __future__ import annotations
 
-import inspect
 import warnings
 
-import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import Callback
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from robop_lightning.utils import compat
-
-
-# --------------------------------------------------------------------------- Lightning
-class _Tiny(pl.LightningModule):
-    def __init__(self) -> None:
-        super().__init__()
-        self.net = nn.Linear(4, 2)
-
-    def training_step(self, batch, batch_idx):
-        return self.net(batch[0]).pow(2).mean()
-
-    def validation_step(self, batch, batch_idx):
-        self.log("loss", self.net(batch[0]).pow(2).mean())
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-
-class _SeenInSetup(Callback):
-    def __init__(self) -> None:
-        self.seen = []
-
-    def setup(self, trainer, pl_module, stage):
-        self.seen.append((stage, compat.fit_checkpoint_path(trainer)))
-
-
-def _trainer(tmp_path, callback) -> pl.Trainer:
-    return pl.Trainer(accelerator="cpu", devices=1, max_steps=1, limit_val_batches=1, callbacks=[callback],
-                      logger=False, enable_progress_bar=False, enable_model_summary=False,
-                      enable_checkpointing=False, default_root_dir=tmp_path)
-
-
-def test_fit_checkpoint_path_reads_the_running_trainers_ckpt_path(tmp_path):
-    """Lightning's ``Trainer._run(model, ckpt_path=...)``: the only place the path passed to
-    ``fit(ckpt_path=...)`` exists before the restore."""
-    parameters = inspect.signature(pl.Trainer._run).parameters
-    assert "ckpt_path" in parameters, (
-        "Lightning's Trainer._run no longer takes ckpt_path: compat.fit_checkpoint_path cannot find the checkpoint "
-        f"a fit will restore (Trainer._run{inspect.signature(pl.Trainer._run)}); update it for this Lightning."
-    )
-    data = DataLoader(TensorDataset(torch.randn(8, 4)), batch_size=4)
-    first = _trainer(tmp_path, _SeenInSetup())
-    first.fit(_Tiny(), data)
-    path = tmp_path / "saved.ckpt"
-    first.save_checkpoint(path)
-
-    seen = _SeenInSetup()
-    trainer = _trainer(tmp_path, seen)
-    trainer.fit(_Tiny(), data, ckpt_path=path)
-    trainer.validate(_Tiny(), data, ckpt_path=path, verbose=False)
-    trainer.validate(_Tiny(), data, verbose=False)
-    assert seen.seen == [("fit", path), ("validate", path), ("validate", None)], (
-        f"compat.fit_checkpoint_path saw {seen.seen}: Lightning's Trainer._run frame or its ckpt_path local changed."
-    )
-    assert compat.fit_checkpoint_path(trainer) is None  # outside a run
 
 
 # --------------------------------------------------------------------------- torch FSDP1
