@@ -27,8 +27,8 @@ if str(Path(__file__).resolve().parent) not in sys.path:  # the sibling helpers,
 import _common as common  # noqa: E402
 
 
-# RobOP-CAP on the layer Gram, and with CAP's empirical Fisher of the loss (curvature="fisher")
-ROBOP_SOLVERS = ("cap", "cap-fisher")
+# RobOP-CAP with CAP's empirical Fisher of the loss (as published), and on the layer Gram (label-free)
+ROBOP_SOLVERS = ("cap", "cap-gram")
 
 
 def model_label(solver: str, uncertainty: str) -> str:
@@ -84,7 +84,7 @@ def compare_to_baseline(models: dict[str, dict], correct: dict[str, dict], args)
     Returns the reference method and ``{name: {"clean" | "corrupt" | "pgd": [estimate, low, high]}}``
     (accuracy differences as fractions; ``pgd`` is ``None`` without attacks).
     """
-    specs = [u for u in args.robop_sets if parse_set_spec(u, allow_auto=True)[0] == "baseline"]
+    specs = [u for u in args.robop_sets if parse_set_spec(u, allow_auto=False)[0] == "baseline"]
     if not specs:
         return None, {}
     reference = model_label("cap", "baseline" if "baseline" in specs else specs[0])

@@ -11,13 +11,14 @@ Steps (each cached or timed, every number written to ``--out``):
    depth 4, 3 heads, 456k parameters) trained on Fashion-MNIST once; the checkpoint is cached under
    ``~/.cache/robop_lightning/recipes/`` (``$ROBOP_CACHE``), keyed by everything that shapes it.
    With ``--pretrained`` (ImageNet) timm's weights are used and nothing is trained.
-2. One-shot ``prune_model`` at every sparsity: RobOP-CAP (``solver="cap"``) under the authors'
-   Baseline, Trace, E and CTE sets (gamma 0.01; ``--robop-sets trace=0.003`` for others; ``auto``
-   lets each layer choose its set and gamma by 4-fold cross-validation over the calibration images),
-   beside SparseGPT, Wanda and magnitude pruning, all on the SAME fixed calibration subset
-   (``--calibration-size`` training images). ``--fisher-sets`` adds RobOP-CAP with CAP's own
-   curvature, the empirical block Fisher of the loss (``curvature="fisher"``: per-sample gradients
-   of the same calibration images with their labels, one threshold over all layers), under those sets.
+2. One-shot ``prune_model`` at every sparsity: RobOP-CAP as its authors pair it, CAP's empirical
+   block Fisher of the loss (``solver="cap"``, ``curvature="fisher"``: per-sample gradients of the
+   calibration images with their labels, OBS per block, one threshold over all layers) under the
+   authors' Baseline, Trace, E and CTE sets (gamma 0.01; ``--robop-sets trace=0.003`` for others);
+   beside it RobOP-CAP on each layer's input Gram (``curvature="gram"``, label-free, per-layer
+   sparsity; ``--gram-sets``, where ``auto`` lets each layer choose its set and gamma by 4-fold
+   cross-validation), and SparseGPT, Wanda and magnitude pruning; all on the SAME fixed calibration
+   subset (``--calibration-size`` training images).
 3. Recovery fine-tuning with ``RobOPCallback`` (masks held) of the best RobOP model and the best
    other method at the highest sparsity, "best" by validation accuracy (never the test set).
 4. Every model is scored on identical inputs (corruption and attack noise seeded by dataset index):
@@ -92,8 +93,8 @@ config = dict(
     sparsity=[0.7, 0.8, 0.9],
     # the authors' sets (gamma 0.01 each); NAME=GAMMA sets a radius (trace=0.003), and the extension's
     # minmax-trace / minmax-e / cvar can be added
-    robop_sets=["baseline", "trace", "e", "cte"],  # RobOP-CAP under each set; add auto (per layer) or trace=auto
-    fisher_sets=["baseline"],  # RobOP-CAP with CAP's empirical Fisher under these sets ([] for none)
+    robop_sets=["baseline", "trace", "e", "cte"],  # RobOP-CAP (CAP's Fisher) under each set
+    gram_sets=["baseline"],  # RobOP-CAP on the layer Gram (label-free) under these sets; auto / trace=auto work here
     fisher_gradients=256,  # m: per-sample gradients (CAP's ViT recipes use 4096; at most --calibration-size)
     fisher_selection="global",  # one threshold over all layers (CAP's), or "uniform"
     auto_scorer="default",  # how auto / NAME=auto score candidates: "default" (CAP itself on 32 rows), "solver" (CAP, all rows) or "admm"
@@ -149,8 +150,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         fast_help="tiny everything: a minute or two, for CI",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    common.check_set_specs(parser, "--robop-sets", args.robop_sets, allow_auto=True)
-    common.check_set_specs(parser, "--fisher-sets", args.fisher_sets, allow_auto=False)
+    common.check_set_specs(parser, "--robop-sets", args.robop_sets, allow_auto=False)
+    common.check_set_specs(parser, "--gram-sets", args.gram_sets, allow_auto=True)
     common.apply_fast(args, FAST, argv)
     imagenet = args.data is not None
     if args.model_kwargs is None:
@@ -255,7 +256,7 @@ def dense_model(args, datamodule, data_id: str, in_chans: int, progress: common.
 def prune_all(args, dense, calibration: list, progress: common.Progress) -> dict[str, dict]:
     """One-shot ``prune_model`` of a copy of ``dense`` per (sparsity, method), all on the same calibration batches."""
     jobs = [(s, "cap", u) for s in args.sparsity for u in args.robop_sets]
-    jobs += [(s, "cap-fisher", u) for s in args.sparsity for u in args.fisher_sets]
+    jobs += [(s, "cap-gram", u) for s in args.sparsity for u in args.gram_sets]
     jobs += [(s, b, "baseline") for s in args.sparsity for b in args.baselines]
     models: dict[str, dict] = {"dense": dict(method="dense", solver=None, uncertainty=None, sparsity=0.0,
                                              model=dense, prune_seconds=0.0, finetuned=False)}  # fmt: skip
@@ -466,12 +467,11 @@ def auto_options(args, set_name: str, radius) -> dict:
 
 
 def fisher_options(args, solver: str) -> dict:
-    """``prune_model`` / ``RobOPCallback`` arguments of the curvature: CAP's Fisher for ``cap-fisher``, the
-    label-free Gram path named explicitly for ``cap`` (``curvature=None`` would pick the Fisher, the
-    module's loss being known), nothing for the baselines."""
-    if solver == "cap":
+    """``prune_model`` / ``RobOPCallback`` arguments of the curvature: CAP's Fisher for ``cap`` (RobOP-CAP as
+    published), the label-free Gram path for ``cap-gram``, nothing for the baselines."""
+    if solver == "cap-gram":
         return {"curvature": "gram"}
-    if solver != "cap-fisher":
+    if solver != "cap":
         return {}
     # the module's training loss (per_sample_loss), in prune_model and in the fine-tuning callback alike
     return {"curvature": "fisher", "fisher": {"gradients": args.fisher_gradients, "selection": args.fisher_selection,

@@ -34,7 +34,8 @@ def fast_run(tmp_path_factory):
     # as a new user runs it, its output sent to a log file; a fresh cache: the tiny dense model is
     # trained here, not taken from an earlier run
     run_script("recipes/deit_cap.py", ["--fast", "--out", str(out), "--cache", str(tmp / "cache"), "--threads", "1",
-                                       "--robop-sets", "baseline", "trace", "e", "cte", "auto"], log=tmp / "log.txt")  # fmt: skip
+                                       "--robop-sets", "baseline", "trace", "e", "cte", "--gram-sets", "baseline", "auto"],
+               log=tmp / "log.txt")  # fmt: skip
     return out, json.loads((out / "results.json").read_text())
 
 
@@ -42,8 +43,8 @@ def test_every_method_is_scored_and_numbers_are_accuracies(fast_run):
     out, results = fast_run
     rows = results["rows"]
     methods = {r["method"] for r in rows}
-    expected = {"dense", "sparsegpt", "wanda", "magnitude", "robop-cap-fisher/baseline"}
-    expected |= {f"robop-cap/{u}" for u in ("baseline", "trace", "e", "cte", "auto")}
+    expected = {"dense", "sparsegpt", "wanda", "magnitude", "robop-cap-gram/baseline", "robop-cap-gram/auto"}
+    expected |= {f"robop-cap/{u}" for u in ("baseline", "trace", "e", "cte")}  # CAP's Fisher, as published
     assert expected <= methods
     assert any(r["finetuned"] for r in rows)  # recovery fine-tuning ran
     for row in rows:
@@ -91,8 +92,8 @@ def test_every_robop_set_is_compared_with_the_baseline_set_image_by_image(fast_r
     rows = {r["name"]: r for r in results["rows"]}
     base = rows["robop-cap/baseline@0.5"]
     assert base["vs_baseline"] == {"clean": [0.0, 0.0, 0.0], "corrupt": [0.0, 0.0, 0.0], "pgd": [0.0, 0.0, 0.0]}
-    for u in ("baseline", "trace", "e", "cte", "auto"):
-        row = rows[f"robop-cap/{u}@0.5"]
+    for u in ("robop-cap/baseline", "robop-cap/trace", "robop-cap/e", "robop-cap/cte", "robop-cap-gram/auto"):
+        row = rows[f"{u}@0.5"]
         assert set(row["vs_baseline"]) == {"clean", "corrupt", "pgd"}, u
         for key, (estimate, low, high) in row["vs_baseline"].items():
             assert -1.0 <= low <= estimate + 1e-12 and estimate - 1e-12 <= high <= 1.0, (u, key, low, estimate, high)
@@ -100,15 +101,16 @@ def test_every_robop_set_is_compared_with_the_baseline_set_image_by_image(fast_r
         for key, column in (("clean", "clean_acc"), ("corrupt", "corrupt_acc"), ("pgd", "pgd_acc@8/255")):
             assert row["vs_baseline"][key][0] == pytest.approx(row[column] - base[column], abs=1e-4), (u, key)
     for row in results["rows"]:
-        if row["solver"] not in ("cap", "cap-fisher"):
+        if row["solver"] not in ("cap", "cap-gram"):
             assert row["vs_baseline"] is None, row["name"]
-    fisher = rows["robop-cap-fisher/baseline@0.5"]  # CAP's own curvature, paired with the Gram version
-    assert fisher["vs_baseline"]["clean"][0] == pytest.approx(fisher["clean_acc"] - base["clean_acc"], abs=1e-4)
+    gram = rows["robop-cap-gram/baseline@0.5"]  # the label-free Gram path, paired with CAP's Fisher
+    assert gram["vs_baseline"]["clean"][0] == pytest.approx(gram["clean_acc"] - base["clean_acc"], abs=1e-4)
+    assert rows["robop-cap/trace@0.5"]["prune_seconds"] > 0
     assert "accuracy minus that of robop-cap/baseline" in results["protocol"]["vs_baseline"]
     table = (out / "comparisons.md").read_text()
     assert "PGD 8/255 diff" in table
-    for u in ("baseline", "trace", "e", "cte", "auto"):
-        assert f"| robop-cap/{u} " in table
+    for u in ("robop-cap/baseline", "robop-cap/trace", "robop-cap/e", "robop-cap/cte", "robop-cap-gram/auto"):
+        assert f"| {u} " in table
     assert "+0.00 [+0.00, +0.00]" in table  # the baseline set against itself
     with open(out / "results.csv", newline="") as f:
         csv_rows = {r["name"]: r for r in csv.DictReader(f)}
