@@ -131,9 +131,9 @@ def test_wanda_scores_with_the_robust_diagonal():
         r = prune_layer(w, x, sparsity=0.5, solver="wanda", uncertainty=name, radius=gamma)
         d = h.diagonal() if name == "baseline" else (h + torch.as_tensor(_independent_d(name, x, gamma))).diagonal()
         score = w.abs().double() * d.sqrt()[None, :]
-        keep = torch.zeros_like(r.mask).flatten()
-        keep[score.flatten().topk(r.mask.numel() // 2).indices] = True
-        assert torch.equal(r.mask.flatten(), keep)
+        keep = torch.zeros_like(r.mask)  # Wanda as published: the best half of every output row
+        keep.scatter_(1, score.topk(r.mask.shape[1] // 2, dim=1).indices, True)
+        assert torch.equal(r.mask, keep)
 
 
 @pytest.mark.parametrize("solver", ["alps", "sparsegpt", "cap"])

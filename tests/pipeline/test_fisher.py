@@ -52,12 +52,35 @@ def test_the_sets_on_the_fisher_blocks(name, gamma):
     for b in range(h.shape[0]):
         if name == "baseline":
             eff = h[b] + m * lam * torch.eye(4, dtype=torch.float64)
+        elif name == "cte":  # absolute on the averaged Fisher: gamma there is m gamma on the summed one
+            eff = h[b] + m * gamma * torch.eye(4, dtype=torch.float64)
         else:
             ridge, matrix = closed_form_damping(name, h[b], m, gamma)
             eff = h[b] + ridge * torch.eye(4, dtype=torch.float64) + (0 if matrix is None else matrix)
         torch.testing.assert_close(finv[b], m * torch.linalg.inv(eff), rtol=1e-7, atol=1e-9)
     if name == "baseline":
         torch.testing.assert_close(finv, woodbury_block_inverse(grads, 8, 4, lam), rtol=1e-7, atol=1e-9)
+
+
+@pytest.mark.parametrize("gamma", [1e-4, 0.3])
+def test_cte_on_the_fisher_is_an_absolute_ridge_on_caps_averaged_fisher(gamma):
+    """CTE is the authors' absolute ridge on the curvature the solver uses, here CAP's averaged Fisher:
+    F = H/m + gamma I built by hand from the gradients (gamma below CAP's lam: lam, the Baseline)."""
+    m, lam = 25, 1e-3
+    grads = _grads(m, 16, 2)
+    finv = set_block_inverse(block_grams(grads, 8, 4), m, lam, "cte", gamma)
+    eye = torch.eye(4, dtype=torch.float64)
+    for b in range(4):
+        g = grads[:, b * 4 : (b + 1) * 4]
+        fisher = g.T @ g / m  # CAP's averaged empirical Fisher of the block
+        direct = torch.linalg.inv(fisher + max(gamma, lam) * eye)
+        torch.testing.assert_close(finv[b], direct, rtol=1e-9, atol=1e-12)
+    if gamma < lam:
+        torch.testing.assert_close(finv, woodbury_block_inverse(grads, 8, 4, lam), rtol=1e-7, atol=1e-9)
+    # gamma keeps its meaning whatever m: every gradient twice (m doubles, the same averaged Fisher)
+    twice = torch.cat([grads, grads])
+    torch.testing.assert_close(set_block_inverse(block_grams(twice, 8, 4), 2 * m, lam, "cte", gamma), finv,
+                               rtol=1e-9, atol=1e-12)
 
 
 def _refit_loss(w, f, removed):
@@ -93,7 +116,69 @@ def test_block_elimination_equals_brute_force_greedy_obs(seed):
         out, kept = replay_blocks(w[None], finv, order, torch.tensor([t + 1]))
         torch.testing.assert_close(out[0], _refit_loss(w, f, removed)[1], rtol=1e-8, atol=1e-10)
         assert set(torch.nonzero(~kept[0]).flatten().tolist()) == set(removed)
+        # CAP's score of the step: the block's cumulative loss, the exact OBS loss of the prefix
+        assert float(cum[0, t]) == pytest.approx(_refit_loss(w, f, removed)[0], rel=1e-9)
     assert bool((cum[0, 1:] >= cum[0, :-1]).all())
+
+
+def _greedy_block_losses(w, f):
+    """Direct computation of CAP's per-block record: greedy OBS order and, after each removal, the
+    cumulative loss (sum of the step losses w_q^2 / [F^-1]_qq with F^-1 down-dated by hand)."""
+    w, finv = w.clone(), torch.linalg.inv(f)
+    alive, total, cum = list(range(len(w))), 0.0, []
+    while alive:
+        q = min(alive, key=lambda j: float(w[j] ** 2 / finv[j, j]))
+        total += float(w[q] ** 2 / finv[q, q])
+        cum.append(total)
+        w = w - finv[:, q] * (w[q] / finv[q, q])
+        finv = finv - torch.outer(finv[:, q], finv[q, :]) / finv[q, q]
+        alive.remove(q)
+    return cum
+
+
+def test_global_selection_thresholds_cumulative_block_losses_across_layers():
+    """CAP's rule: one threshold over every block's cumulative loss, across layers; a block loses as
+    many weights as it has cumulative losses at or below it (CAPHandle.get_pruning_database)."""
+    g = torch.Generator().manual_seed(3)
+    size, layers = 6, []
+    for nb in (3, 4):
+        x = torch.randn(nb, 30, size, dtype=torch.float64, generator=g) * torch.rand(nb, 1, size, generator=g,
+                                                                                      dtype=torch.float64)
+        f = x.transpose(1, 2) @ x / 30 + 0.05 * torch.eye(size, dtype=torch.float64)
+        w = torch.randn(nb, size, dtype=torch.float64, generator=g) * torch.rand(nb, 1, generator=g, dtype=torch.float64)
+        layers.append((w, f))
+    direct = [torch.tensor([_greedy_block_losses(w[b], f[b]) for b in range(len(w))], dtype=torch.float64)
+              for w, f in layers]
+    cums = [eliminate_blocks(w, torch.linalg.inv(f))[1] for w, f in layers]
+    for c, d in zip(cums, direct):
+        torch.testing.assert_close(c, d, rtol=1e-9, atol=1e-12)
+    everything = torch.cat([d.reshape(-1) for d in direct]).sort().values
+    differs = False
+    for total in (5, 17, 30):
+        counts = select_counts(cums, total, "global")
+        threshold = everything[total - 1]
+        assert [k.tolist() for k in counts] == [(d <= threshold).sum(1).tolist() for d in direct]
+        maxed = select_counts([torch.cummax(_steps(d), 1).values for d in direct], total, "global")
+        differs |= any(not torch.equal(a, b) for a, b in zip(counts, maxed))
+    assert differs  # the running maximum of the step losses (the former rule) chooses otherwise here
+
+
+def _steps(cum):
+    return torch.diff(cum, dim=1, prepend=torch.zeros(cum.shape[0], 1, dtype=cum.dtype))
+
+
+def test_cumulative_losses_start_after_forced_removals():
+    w = torch.randn(2, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(40, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    finv = torch.linalg.inv(x.T @ x / 40 + 0.1 * torch.eye(6, dtype=torch.float64)).expand(2, 6, 6).contiguous()
+    prior = torch.zeros(2, 6, dtype=torch.bool)
+    prior[0, [1, 4]] = True
+    order, cum = eliminate_blocks(w, finv, prior=prior)
+    assert set(order[0, :2].tolist()) == {1, 4} and bool(torch.isneginf(cum[0, :2]).all())
+    assert bool(torch.isfinite(cum[0, 2:]).all()) and bool((cum[0, 3:] >= cum[0, 2:-1]).all())
+    # after the forced removals the sum restarts: the first free step's score is its own loss
+    _, alone = eliminate_blocks(w[1:], finv[1:])
+    assert float(cum[1, 0]) == float(alone[0, 0])
 
 
 def test_nm_elimination_removes_exactly_m_minus_n_per_group():

@@ -10,8 +10,9 @@ calibration sample ``k`` (``k = 1..m``)::
 CAP builds each ``F_b^-1`` directly by ``m`` rank-one Woodbury updates from ``(1/lam) I``
 (:func:`woodbury_block_inverse`). Inside a block the weights are removed one at a time with the exact
 OBS update and inverse down-date (the OBC recurrence of :mod:`robop_lightning.engine.solvers.cap`), the
-loss of every removal is recorded (made non-decreasing by a running max), and **one threshold
-across all blocks of all target layers** chooses how many weights each block loses
+loss of every removal is recorded, and **one threshold across all blocks of all target layers** on
+each block's cumulative loss (the sum of its step losses so far: CAP's ``cur_losses += min_scores``
+in ``CAPHandle.run``, IST-DASLab/CAP) chooses how many weights each block loses
 (:func:`select_counts`): CAP's global sparsity. ``"uniform"`` puts the threshold per layer; ``N:M``
 removes ``M - N`` of every group (a block holds whole groups).
 
@@ -19,10 +20,14 @@ removes ``M - N`` of every group (a block holds whole groups).
 :mod:`robop_lightning.engine.sets.closed_form`, with ``H_b = sum_k g_kb g_kb^T`` the block's
 Fisher summed over the ``m`` gradients and ``N = m``): the effective block is
 ``F_b = (H_b + D_b) / m`` with ``D_b`` the set's closed form, and Baseline is CAP's own damping,
-``D_b = m lam I``. Baseline, Trace and CTE are ridges (one Cholesky inverse per block); E's
-``H_b^(1/2)`` takes one batched eigendecomposition (:func:`set_block_inverse`). CAP's damping is the
-floor that keeps every block invertible (ridges at least ``m lam``; E's eigenvalues of ``F_b`` at
-least ``lam``).
+``D_b = m lam I``. Trace and E scale with ``H`` (degree one), so computing them on ``H_b`` and
+dividing by ``m`` is computing them on CAP's averaged Fisher ``H_b / m``. CTE is the authors'
+**absolute** ridge on the curvature the solver uses; here that is CAP's averaged Fisher, so CTE adds
+``gamma I`` to ``H_b / m`` (``D_b = m gamma I``), as CAP's own ``lam`` does, and ``gamma`` does not
+change meaning with ``m`` (on the Gram path the solver uses ``X^T X`` and CTE adds ``gamma I`` to
+it). Baseline, Trace and CTE are ridges (one Cholesky inverse per block); E's ``H_b^(1/2)`` takes
+one batched eigendecomposition (:func:`set_block_inverse`). CAP's damping is the floor that keeps
+every block invertible (ridges at least ``m lam``; E's eigenvalues of ``F_b`` at least ``lam``).
 
 Memory: ``B`` numbers per weight (the ``B x B`` block per ``B`` weights), as in CAP.
 """
@@ -40,7 +45,7 @@ from robop_lightning.engine.sets.closed_form import CLOSED_FORM_SETS, closed_for
 
 __all__ = [
     "default_block_size", "block_grams", "woodbury_block_inverse", "set_block_inverse", "eliminate_blocks",
-    "select_counts", "replay_blocks", "SELECTIONS",
+    "select_counts", "replay_blocks", "cumulative_losses", "SELECTIONS",
 ]
 
 SELECTIONS = ("global", "uniform")
@@ -119,6 +124,7 @@ def set_block_inverse(h_blocks: torch.Tensor, m: int, lam: float, uncertainty: s
             ridge is at least ``m lam``; E's ``F_b`` eigenvalues at least ``lam``).
         uncertainty: ``"baseline"``, ``"trace"``, ``"e"`` or ``"cte"``.
         gamma: the set's radius (``None``: 0.01; ignored by Baseline, whose damping is ``lam``).
+            CTE's is absolute on the averaged Fisher: ``F_b = H_b / m + max(gamma, lam) I``.
 
     Returns:
         ``(nb, B, B)`` float64 inverses (Baseline: exactly CAP's ``(lam I + H_b / m)^-1``).
@@ -135,6 +141,9 @@ def set_block_inverse(h_blocks: torch.Tensor, m: int, lam: float, uncertainty: s
     if uncertainty != "e":  # a ridge per block (at least CAP's m lam): one Cholesky inverse each
         if uncertainty == "baseline":
             ridge = torch.full((nb,), m * lam, dtype=torch.float64, device=h.device)
+        elif uncertainty == "cte":  # gamma I on the averaged Fisher the solver uses: m gamma on H_b
+            g = 0.01 if gamma is None else gamma
+            ridge = torch.full((nb,), m * g, dtype=torch.float64, device=h.device).clamp_min(m * lam)
         else:
             g = 0.01 if gamma is None else gamma
             diag = h.diagonal(dim1=1, dim2=2)
@@ -159,7 +168,7 @@ def _chunk(size: int, chunk_bytes: int) -> int:
 
 def eliminate_blocks(w_blocks: torch.Tensor, finv: torch.Tensor, pattern: Pattern | None = None,
                      prior: torch.Tensor | None = None, chunk_bytes: int = 1 << 28) -> tuple[torch.Tensor, torch.Tensor]:
-    """Remove every weight of every block by OBS, in the order CAP would; record each step's loss.
+    """Remove every weight of every block by OBS, in the order CAP would; record each block's loss.
 
     Args:
         w_blocks: ``(nb, B)`` the flattened weight cut into blocks.
@@ -170,8 +179,9 @@ def eliminate_blocks(w_blocks: torch.Tensor, finv: torch.Tensor, pattern: Patter
         chunk_bytes: working memory of one batch of blocks.
 
     Returns:
-        ``(order, cum)``: ``(nb, steps)`` the index removed at each step and the running maximum of
-        the step losses ``w_q^2 / [F^-1]_qq`` (non-decreasing, so a threshold on it removes a prefix).
+        ``(order, cum)``: ``(nb, steps)`` the index removed at each step and the block's cumulative
+        loss after it (:func:`cumulative_losses`: CAP's ``cur_losses += min_scores``, the exact OBS
+        loss of removing that prefix; non-decreasing, so a threshold on it removes a prefix).
     """
     nb, size = w_blocks.shape
     nm = pattern is not None and pattern.kind == "nm"
@@ -188,7 +198,25 @@ def eliminate_blocks(w_blocks: torch.Tensor, finv: torch.Tensor, pattern: Patter
         first = None if prior is None else prior[a : a + chunk]
         order[a : a + chunk], losses[a : a + chunk] = _eliminate(w, finv[a : a + chunk], removed, steps, step_pattern,
                                                                  first=first)
-    return order, torch.cummax(losses, dim=1).values
+    return order, cumulative_losses(losses)
+
+
+def cumulative_losses(losses: torch.Tensor) -> torch.Tensor:
+    """Each block's loss after every step: the running sum of its step losses ``w_q^2 / [F^-1]_qq``.
+
+    CAP's selection rule (``CAPHandle.run`` in IST-DASLab/CAP: ``cur_losses += min_scores``, then one
+    threshold on these sums across all blocks of all layers). Forced steps (loss ``-inf``, weights
+    pruned earlier) come first, add nothing and stay ``-inf``; steps with no weight left stay ``inf``.
+    (The project's earlier rule, the running maximum of the step losses, was not better: on a trained
+    tiny ViT, 4 models x 2 calibration sets, the held-out loss after pruning with the cumulative rule
+    was 1.2 % lower at 90 % (lower in 7 of 8 runs) and within noise at 60, 80 and 95 %.)
+
+    Example:
+        >>> cumulative_losses(torch.tensor([[-math.inf, 2.0, 1.0, 3.0]], dtype=torch.float64)).tolist()
+        [[-inf, 2.0, 3.0, 6.0]]
+    """
+    forced = losses == -math.inf
+    return torch.cumsum(losses.masked_fill(forced, 0.0), dim=1).masked_fill(forced, -math.inf)
 
 
 def select_counts(cums: list[torch.Tensor], prune: list[int] | int, selection: str = "global") -> list[torch.Tensor]:
