@@ -288,7 +288,7 @@ class PruneConfig:
         if kind not in ("unstructured", "nm") and "pattern='structured'" not in blockers:
             blockers.append(f"pattern={self.pattern!r}")
         if blockers:
-            return "gram", f"CAP on the Gram path: {', '.join(blockers)} only apply there"
+            return "gram", f"CAP on the Gram path: {', '.join(blockers)} (options of the Gram path only)"
         return "fisher", "CAP with a known loss: CAP's empirical Fisher"
 
     @property
