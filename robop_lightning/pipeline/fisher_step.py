@@ -46,9 +46,20 @@ from robop_lightning.pipeline.walk import BlockWalk
 from robop_lightning.report import LayerResult, PruneReport
 from robop_lightning.utils.offload import WeightUndo
 
-__all__ = ["FisherOptions", "FisherStep", "prune_fisher", "prune_model_fisher"]
+__all__ = ["FisherOptions", "FisherStep", "prune_fisher", "prune_model_fisher", "sum_over_ranks"]
 
 log = logging.getLogger("robop_lightning")
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks of the default process group (``t`` itself without one); every rank
+    gets the same result."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    out = t.to(t.device if dist.get_backend() == "nccl" else torch.device("cpu"), copy=True)
+    dist.all_reduce(out)
+    return out.to(t.device)
 
 
 def block_sizes(job: Job, pat: Any, opts: FisherOptions) -> dict[str, int]:
@@ -75,11 +86,10 @@ class FisherStep:
     per layer in ``resume_dir``; the weights are written when every layer is replayed.
     """
 
-    def __init__(self, job: Job, walk: BlockWalk, report: PruneReport, sizes: dict[str, int]) -> None:
-        self.job, self.walk, self.report, self.sizes = job, walk, report, sizes
+    def __init__(self, job: Job, walk: BlockWalk, report: PruneReport, sizes: dict[str, int], m: int) -> None:
+        self.job, self.walk, self.report, self.sizes, self.m = job, walk, report, sizes, m
         self.opts = job.config.fisher_options
         self.pattern = parse_pattern(job.config.pattern, job.config.sparsity)
-        self.m = len(job.batches) if self.opts.grad_batch > 1 else sum(batch_size_of(b) for b in job.batches)
         self.phase = "eliminate"
         self.state: dict[str, dict[str, torch.Tensor | float]] = {}
         self.counts: dict[str, torch.Tensor] = {}
@@ -108,6 +118,7 @@ class FisherStep:
                 else:  # CAP's mini-batch gradients: one per batch of grad_batch samples
                     g = minibatch_gradient(self.job.model, [f"{n}.weight"], b, self.job.loss_fn)[f"{n}.weight"]
                 h += block_grams(g.reshape(g.shape[0], -1), cols, size)
+        h = sum_over_ranks(h)  # under DDP every rank has the Fisher of all ranks' gradients
         return h, set_block_inverse(h, self.m, self.opts.lam, self.job.config.uncertainty, self.job.config.radius)
 
     def prune_unit(self, walk: BlockWalk, n: str) -> list[str]:
@@ -154,6 +165,7 @@ class FisherStep:
             den = float((w_blocks.unsqueeze(1) @ h @ w_blocks.unsqueeze(-1)).sum())
         del h, finv
         mask = kept.reshape(w.shape)
+        self.walk.check_ranks(n, mask, "masks")
         self.pruned[n] = out.reshape(w.shape).to(device="cpu", dtype=w.dtype)
         self.report.masks[n] = mask.cpu()
         relative = num / den if den > 0 else 0.0
@@ -200,8 +212,10 @@ def prune_fisher(job: Job) -> PruneReport:
     c = job.config
     pat = parse_pattern(c.pattern, c.sparsity)
     sizes = block_sizes(job, pat, c.fisher_options)
-    samples = sum(batch_size_of(b) for b in job.batches)
-    m = len(job.batches) if c.fisher_options.grad_batch > 1 else samples
+    local = sum(batch_size_of(b) for b in job.batches)
+    counts = sum_over_ranks(torch.tensor([local, len(job.batches)], dtype=torch.float64))
+    samples, batches = int(counts[0]), int(counts[1])
+    m = batches if c.fisher_options.grad_batch > 1 else samples
     report = PruneReport(config={
         "sparsity": pat.sparsity, "pattern": c.pattern, "solver": "cap", "curvature": "fisher",
         **({"curvature_default": job.curvature_default} if job.curvature_default else {}),
@@ -210,7 +224,7 @@ def prune_fisher(job: Job) -> PruneReport:
     })
     identity = {k: v for k, v in report.config.items() if k != "curvature_default"}
     walk = job.open_walk(identity, {n: mod.weight for n, mod in job.modules.items()})
-    step = FisherStep(job, walk, report, sizes)
+    step = FisherStep(job, walk, report, sizes, m)
     with walk.transaction():
         walk.units(step, job.names, "Fisher blocks", prefix="eliminate")
         step.threshold()

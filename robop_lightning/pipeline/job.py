@@ -142,12 +142,6 @@ def _concat(pieces: list[Any]) -> Any:
     return first
 
 
-def world_size() -> int:
-    """Processes of the default ``torch.distributed`` group (1 without one)."""
-    dist = torch.distributed
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
 def _check_call(model: nn.Module, config: PruneConfig, forward: Any, loss_fn: Any, prior_masks: Any) -> None:
     """The arguments that are code, not data (so not in the config), against the config."""
     fisher = config.curvature == "fisher"
@@ -208,20 +202,13 @@ def prepare_job(
         solver, solver_default = (("cap", "CAP's Fisher path") if config.curvature == "fisher"
                                   else default_solver(model))
         config = dataclasses.replace(config, solver=solver)
-    ranks = world_size()
     if config.curvature is None:  # CAP's Fisher where the loss is known and every option fits it
         curvature, curvature_default = config.default_curvature(
             loss_fn is not None and forward is None and not prior_masks)
-        if curvature == "fisher" and ranks > 1:
-            curvature, curvature_default = "gram", f"{ranks} processes: CAP's Fisher runs in one process"
         config = dataclasses.replace(config, curvature=curvature)
         if curvature == "gram":
             loss_fn = None  # offered (the callback offers the module's loss), not used: the report says why
     _check_call(model, config, forward, loss_fn, prior_masks)
-    if config.curvature == "fisher" and ranks > 1:
-        raise ValueError(f"curvature='fisher' runs in one process (its gradients are not yet summed across the {ranks} "
-                         "ranks, so every rank would choose other masks): prune in one process and fine-tune under "
-                         "DDP / FSDP, or use curvature='gram' (label-free, summed across ranks).")
     structure = find_blocks(model, config.blocks)
     if structure is None and config.structured:
         raise ValueError(

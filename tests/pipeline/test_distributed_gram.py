@@ -117,37 +117,46 @@ def test_structured_pruning_on_two_ranks_equals_one_process(tmp_path):
         torch.testing.assert_close(r0["state"][k], v, rtol=1e-5, atol=1e-6, msg=k)
 
 
+def _fisher_net_and_data(rank: int | None):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    g = torch.Generator().manual_seed(7)
+    x, y = torch.randn(24, 8, generator=g), torch.randint(0, 3, (24,), generator=g)
+    if rank is not None:  # uneven shards: 10 and 14 samples
+        x, y = (x[:10], y[:10]) if rank == 0 else (x[10:], y[10:])
+    return net, [(x, y)]
+
+
+def _fisher_loss(m, b):
+    return torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
+
+
 def _fisher_worker(rank: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        torch.manual_seed(0)
-        net = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
-        g = torch.Generator().manual_seed(rank)
-        data = [(torch.randn(16, 8, generator=g), torch.randint(0, 3, (16,), generator=g))]
-
-        def loss(m, b):
-            return torch.nn.functional.cross_entropy(m(b[0]), b[1], reduction="none")
-
-        report = prune_model(net, data, sparsity=0.5, solver="cap", loss_fn=loss, targets=["0", "2"])
-        try:
-            prune_model(net, data, sparsity=0.5, solver="cap", loss_fn=loss, targets=["0", "2"], curvature="fisher")
-            refused = ""
-        except ValueError as err:
-            refused = str(err)
-        torch.save({"config": report.config, "refused": refused}, os.path.join(out, f"fisher{rank}.pt"))
+        net, data = _fisher_net_and_data(rank)
+        report = prune_model(net, data, sparsity=0.5, solver="cap", uncertainty="trace", loss_fn=_fisher_loss,
+                             targets=["0", "2"], fisher={"block_size": 8})
+        torch.save({"config": report.config, "state": net.state_dict(), "masks": report.masks},
+                   os.path.join(out, f"fisher{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
-def test_fisher_is_not_the_default_under_several_processes(tmp_path):
-    """CAP's Fisher runs in one process (its gradients are not summed across ranks): with a known loss
-    the default falls back to the Gram path (summed across ranks, the same masks), and asking for
-    the Fisher says what to do."""
+def test_fishers_blocks_are_summed_across_ranks(tmp_path):
+    """Under DDP each rank takes the gradients of its own samples and the block Fishers (and m) are
+    summed across ranks: every rank prunes as one process on all the samples would."""
     mp.spawn(_fisher_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
-    for r in range(2):
-        saved = torch.load(tmp_path / f"fisher{r}.pt", weights_only=False)
-        assert saved["config"]["curvature"] == "gram" and "2 processes" in saved["config"]["curvature_default"]
-        assert "runs in one process" in saved["refused"]
+    r0, r1 = (torch.load(tmp_path / f"fisher{r}.pt", weights_only=False) for r in range(2))
+    net, data = _fisher_net_and_data(None)
+    report = prune_model(net, data, sparsity=0.5, solver="cap", uncertainty="trace", loss_fn=_fisher_loss,
+                         targets=["0", "2"], fisher={"block_size": 8})
+    assert r0["config"]["curvature"] == "fisher" and r0["config"]["gradients_used"] == 24
+    for name in report.masks:
+        assert torch.equal(r0["masks"][name], r1["masks"][name]) and torch.equal(r0["masks"][name], report.masks[name])
+    for k, v in net.state_dict().items():
+        assert torch.equal(r0["state"][k], r1["state"][k]), k
+        torch.testing.assert_close(r0["state"][k], v, rtol=1e-5, atol=1e-6, msg=k)
