@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict
 from typing import Any
@@ -49,6 +50,8 @@ from robop_lightning.utils.offload import WeightUndo
 __all__ = ["FisherOptions", "FisherStep", "prune_fisher", "prune_model_fisher", "sum_over_ranks"]
 
 log = logging.getLogger("robop_lightning")
+
+CTE_DOMINATES = 10.0  # CTE's gamma over the averaged Fisher's mean diagonal past which it is warned about
 
 
 def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
@@ -91,6 +94,7 @@ class FisherStep:
         self.opts = job.config.fisher_options
         self.pattern = parse_pattern(job.config.pattern, job.config.sparsity)
         self.phase = "eliminate"
+        self.cte_ratio = 0.0  # CTE's gamma over the largest layer's mean Fisher diagonal
         self.state: dict[str, dict[str, torch.Tensor | float]] = {}
         self.counts: dict[str, torch.Tensor] = {}
         self.pruned: dict[str, torch.Tensor] = {}  # the model stays dense until every layer is replayed
@@ -130,6 +134,10 @@ class FisherStep:
             h, finv = self._blocks(n)
             w = self.job.modules[n].weight.detach().to(torch.float64).reshape(-1, self.sizes[n])
             order, cum = eliminate_blocks(w, finv, self.pattern)
+        if self.job.config.uncertainty == "cte":  # an absolute ridge: how it compares with this Fisher
+            mean_diag = float(h.diagonal(dim1=1, dim2=2).mean()) / self.m
+            gamma = 0.01 if self.job.config.radius is None else float(self.job.config.radius)
+            self.cte_ratio = max(self.cte_ratio, gamma / mean_diag if mean_diag > 0 else float("inf"))
         self.state[n] = {"order": order.cpu(), "cum": cum.cpu(), "seconds": time.perf_counter() - t}
         log.info("%s: Fisher blocks of %d from %d gradients, eliminated in %.1fs", n, self.sizes[n], self.m,
                  time.perf_counter() - t)
@@ -151,6 +159,14 @@ class FisherStep:
                                           for n in names], "uniform")
         self.counts = dict(zip(names, counts))
         self.phase = "replay"
+        if self.cte_ratio > CTE_DOMINATES:
+            self.report.config["cte_ridge_over_fisher"] = self.cte_ratio
+            warnings.warn(
+                f"CTE's ridge gamma={0.01 if self.job.config.radius is None else self.job.config.radius} is up to "
+                f"{self.cte_ratio:.3g}x the mean diagonal of CAP's averaged Fisher here: it outweighs the curvature "
+                "and the pruning drifts away from the loss. CTE is an absolute ridge; choose gamma on this Fisher's "
+                "scale (report.config['cte_ridge_over_fisher'] gives the ratio), or use Trace / E, which scale with it.",
+                RuntimeWarning, stacklevel=2)
 
     def _replay(self, n: str) -> list[str]:
         t = time.perf_counter()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -480,3 +482,21 @@ def test_mini_batch_gradients_build_caps_fisher_from_one_backward_each():
                                    rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="fewer than grad_batch=32"):
         prune_model_fisher(_vit(), data, _vit_loss, fisher={"grad_batch": 32})
+
+
+def test_cte_warns_when_its_absolute_ridge_outweighs_the_fisher():
+    """CTE adds gamma I to CAP's averaged Fisher: a gamma far above the Fisher's scale is warned about
+    (with the ratio in the report); one on its scale is not."""
+    data = [_images(16)]
+    reference = _vit()
+    g = per_sample_gradients(reference, ["blocks.0.attn.qkv.weight"], data[0], _vit_loss)["blocks.0.attn.qkv.weight"]
+    scale = float(g.double().pow(2).mean(0).mean())  # the averaged Fisher's mean diagonal of one layer
+    with pytest.warns(RuntimeWarning, match="outweighs the curvature"):
+        report = prune_model_fisher(_vit(), data, _vit_loss, sparsity=0.5, uncertainty="cte", radius=1e6 * scale,
+                                    fisher={"gradients": 16})
+    assert report.config["cte_ridge_over_fisher"] > 10
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        quiet = prune_model_fisher(_vit(), data, _vit_loss, sparsity=0.5, uncertainty="cte", radius=1e-3 * scale,
+                                   fisher={"gradients": 16})
+    assert "cte_ridge_over_fisher" not in quiet.config
