@@ -1,6 +1,6 @@
 """RobOP-CAP on a DeiT: train once, prune one-shot, fine-tune, and measure clean / corrupted / adversarial accuracy.
 
-    python recipes/deit_cap.py                    # Fashion-MNIST, tiny DeiT, about 10 min on 2 CPU cores
+    python recipes/deit_cap.py                    # Fashion-MNIST, tiny DeiT, about 16 min on 2 CPU cores
     python recipes/deit_cap.py --fast             # the same path in a minute or two (CI)
     python recipes/deit_cap.py --sparsity 0.5 0.6 0.7 --eval-size 1000 --pgd-steps 50 --pgd-restarts 2
     python recipes/deit_cap.py --model deit_small_patch16_224 --pretrained --data /path/to/imagenet --devices 4
