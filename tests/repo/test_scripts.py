@@ -44,15 +44,31 @@ def test_readme_python_blocks_run():
         exec(compile(block, "README.md", "exec"), {"__name__": "__readme__"})
 
 
-@pytest.mark.parametrize("page", sorted(p.name for p in (ROOT / "docs").glob("*.md")))
+def _docs_blocks() -> dict[str, list[str]]:
+    """The runnable python examples of each docs/ page that has any (``# not run`` blocks left out)."""
+    pages = {}
+    for path in sorted((ROOT / "docs").glob("*.md")):
+        blocks = [b for b in re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+                  if not b.lstrip().startswith("# not run")]
+        if blocks:
+            pages[path.name] = blocks
+    return pages
+
+
+def test_the_docs_have_runnable_examples():
+    assert {"usage.md", "large-models.md", "export.md"} <= set(_docs_blocks())
+
+
+@pytest.mark.parametrize("page", sorted(_docs_blocks()))
 def test_docs_python_blocks_run(page, tmp_path, monkeypatch):
-    """Every python example in docs/ runs as written (each page in a fresh namespace, in a temporary directory)."""
+    """Every python example in docs/ checks its own result (an ``assert``) and runs as written (each page
+    in a fresh namespace, in a temporary directory): a failing example fails here."""
     monkeypatch.chdir(tmp_path)
-    text = (ROOT / "docs" / page).read_text()
-    for block in re.findall(r"```python\n(.*?)```", text, flags=re.S):
-        if block.lstrip().startswith("# not run"):
-            continue
-        exec(compile(block, f"docs/{page}", "exec"), {"__name__": "__docs__"})
+    namespace = {"__name__": "__docs__"}
+    for i, block in enumerate(_docs_blocks()[page]):
+        assert re.search(r"^\s*assert ", block, flags=re.M), f"docs/{page} example {i} checks nothing"
+        exec(compile(block, f"docs/{page}", "exec"), namespace)
+        assert len(namespace) > 1, f"docs/{page} example {i} defined nothing"
 
 
 def test_readme_opens_with_the_two_commands():
