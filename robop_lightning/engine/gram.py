@@ -23,7 +23,7 @@ import torch
 
 from robop_lightning.utils.offload import DiskTensor  # activations kept on disk under a budget
 
-__all__ = ["GramAccumulator", "GramInputs", "LayerInputs", "StatsUnavailable", "as_layer_inputs"]
+__all__ = ["GramAccumulator", "GramInputs", "LayerInputs", "StatsUnavailable", "as_layer_inputs", "sum_over_ranks"]
 
 # Elements of a chunk converted to float64 and multiplied at once: 2**22 doubles = 32 MB, as much
 # as the Gram of a 2048-wide layer; larger chunks add memory, not speed (the product is already
@@ -229,6 +229,12 @@ def _gather_counts(local: int, distributed: bool) -> tuple[list[int], int]:
     torch.distributed.all_gather(gathered, t)
     counts = [int(c) for c in gathered]
     return counts, sum(counts[: torch.distributed.get_rank()])
+
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """``t`` summed over the ranks of the default process group (``t`` itself without one; it may be
+    reduced in place); every rank gets the same result."""
+    return _reduced(t, _process_group_size())
 
 
 def _reduced(t: torch.Tensor, world: int) -> torch.Tensor:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from robop_lightning.config import FisherOptions, PruneConfig
+from robop_lightning.engine.gram import sum_over_ranks
 from robop_lightning.engine.patterns import parse_pattern
 from robop_lightning.engine.solvers.fisher_obs import (
     block_grams,
@@ -47,22 +48,11 @@ from robop_lightning.pipeline.walk import BlockWalk
 from robop_lightning.report import LayerResult, PruneReport
 from robop_lightning.utils.offload import WeightUndo
 
-__all__ = ["FisherOptions", "FisherStep", "prune_fisher", "prune_model_fisher", "sum_over_ranks"]
+__all__ = ["FisherOptions", "FisherStep", "prune_fisher", "prune_model_fisher"]
 
 log = logging.getLogger("robop_lightning")
 
 CTE_DOMINATES = 10.0  # CTE's gamma over the averaged Fisher's mean diagonal past which it is warned about
-
-
-def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
-    """``t`` summed over the ranks of the default process group (``t`` itself without one); every rank
-    gets the same result."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return t
-    out = t.to(t.device if dist.get_backend() == "nccl" else torch.device("cpu"), copy=True)
-    dist.all_reduce(out)
-    return out.to(t.device)
 
 
 def block_sizes(job: Job, pat: Any, opts: FisherOptions) -> dict[str, int]:

@@ -11,8 +11,9 @@ included: CAP's gradients use the true labels).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -61,6 +62,29 @@ def _check_losses(losses: torch.Tensor, samples: int) -> torch.Tensor:
     return losses
 
 
+def _named_parameters(model: nn.Module, names: list[str]) -> dict[str, nn.Parameter]:
+    """The model's parameters by name; a ``ValueError`` naming those it lacks."""
+    params = dict(model.named_parameters())
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise ValueError(f"no parameter(s) {', '.join(missing)} in the model.")
+    return params
+
+
+@contextlib.contextmanager
+def _differentiable(targets: list[torch.Tensor]) -> Iterator[None]:
+    """Gradients on for ``targets`` inside (``requires_grad`` and grad mode), as they were after."""
+    flags = [t.requires_grad for t in targets]
+    try:
+        for t in targets:
+            t.requires_grad_(True)
+        with torch.enable_grad():
+            yield
+    finally:
+        for t, flag in zip(targets, flags):
+            t.requires_grad_(flag)
+
+
 def per_sample_gradients(
     model: nn.Module,
     names: list[str],
@@ -90,10 +114,7 @@ def per_sample_gradients(
     """
     if method not in ("auto", "vmap", "loop"):
         raise ValueError(f"method must be 'auto', 'vmap' or 'loop', got {method!r}.")
-    params = dict(model.named_parameters())
-    missing = [n for n in names if n not in params]
-    if missing:
-        raise ValueError(f"no parameter(s) {', '.join(missing)} in the model.")
+    params = _named_parameters(model, names)
     samples = batch_size_of(batch)
     if method in ("auto", "vmap"):
         try:
@@ -133,18 +154,11 @@ def _vmap_gradients(model, names, params, batch, loss_fn, samples):
 def _loop_gradients(model, names, params, batch, loss_fn, samples):
     out = {n: torch.empty((samples, *params[n].shape), dtype=params[n].dtype, device=params[n].device) for n in names}
     targets = [params[n] for n in names]
-    flags = [t.requires_grad for t in targets]
-    try:
-        for t in targets:
-            t.requires_grad_(True)
-        with torch.enable_grad():
-            for i in range(samples):
-                losses = _check_losses(loss_fn(model, slice_batch(batch, i, i + 1)), 1)
-                for n, g in zip(names, torch.autograd.grad(losses.sum(), targets, allow_unused=True)):
-                    out[n][i] = 0 if g is None else g
-    finally:
-        for t, flag in zip(targets, flags):
-            t.requires_grad_(flag)
+    with _differentiable(targets):
+        for i in range(samples):
+            losses = _check_losses(loss_fn(model, slice_batch(batch, i, i + 1)), 1)
+            for n, g in zip(names, torch.autograd.grad(losses.sum(), targets, allow_unused=True)):
+                out[n][i] = 0 if g is None else g
     return out
 
 
@@ -164,20 +178,10 @@ def minibatch_gradient(model: nn.Module, names: list[str], batch: Any, loss_fn: 
         >>> torch.allclose(g[0], per_sample_gradients(net, ["weight"], batch, loss)["weight"].mean(0), atol=1e-6)
         True
     """
-    params = dict(model.named_parameters())
-    missing = [n for n in names if n not in params]
-    if missing:
-        raise ValueError(f"no parameter(s) {', '.join(missing)} in the model.")
+    params = _named_parameters(model, names)
     targets = [params[n] for n in names]
-    flags = [t.requires_grad for t in targets]
-    try:
-        for t in targets:
-            t.requires_grad_(True)
-        with torch.enable_grad():
-            losses = _check_losses(loss_fn(model, batch), batch_size_of(batch))
-            grads = torch.autograd.grad(losses.mean(), targets, allow_unused=True)
-    finally:
-        for t, flag in zip(targets, flags):
-            t.requires_grad_(flag)
+    with _differentiable(targets):
+        losses = _check_losses(loss_fn(model, batch), batch_size_of(batch))
+        grads = torch.autograd.grad(losses.mean(), targets, allow_unused=True)
     return {n: (torch.zeros_like(p) if g is None else g).detach().unsqueeze(0)
             for n, p, g in zip(names, targets, grads)}
