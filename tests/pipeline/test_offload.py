@@ -75,8 +75,11 @@ def _memory_batches() -> list[torch.Tensor]:
 def _peak_rss_increase(budget: str | None) -> int:
     """Bytes by which the peak resident set grows while a fresh process prunes (Linux: VmHWM reset)."""
     root = str(Path(__file__).resolve().parents[2])
+    # freed blocks of 64 KiB and more go back to the system at once, so the resident set follows the
+    # live tensors (see test_original_weights_are_not_held_twice_in_memory)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
     out = subprocess.run([sys.executable, "-c", _MEMORY_CHILD, budget or "none", root], capture_output=True,
-                         text=True, timeout=300, check=True)  # fmt: skip
+                         text=True, timeout=300, check=True, env=env)  # fmt: skip
     return int(out.stdout.strip().splitlines()[-1])
 
 
@@ -102,7 +105,7 @@ def test_activation_budget_bounds_peak_memory_and_keeps_the_result():
     hidden = sum(x.numel() for x in batches) * 4  # one block's input hidden states, float32
     captured = sum(x.numel() for x in batches) * (64 + 256) // 64 * 4  # fc1 and fc2 inputs of one block
     assert hidden < large < captured, (hidden, large, captured)  # hidden states in memory, no captured inputs
-    assert small < 0.75 * large, (small, large)  # measured: 13 MB against 22 MB
+    assert small < 0.75 * large, (small, large)  # measured (4 runs): 11.6-12.0 MB against 23.6-24.0 MB
     with pytest.raises(ValueError, match="activation_budget must be a positive number of bytes"):
         prune_model(copy.deepcopy(net), batches[:1], activation_budget="lots", **job)
 
