@@ -70,15 +70,12 @@ def parse_with_fast(parser, argv, fast: list[str]):
 
 
 def git_commit() -> str | None:
-    """The commit the results are made on (``git rev-parse HEAD``), or ``None`` outside a checkout."""
-    import subprocess
+    """The commit the results are made on (``+dirty`` with uncommitted changes), or ``None`` outside a
+    checkout: the recipes' :func:`_common.git_commit`."""
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "recipes"))
+    from _common import git_commit as commit
 
-    try:
-        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=pathlib.Path(__file__).resolve().parents[1],
-                              capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (done.stdout.strip() or None) if done.returncode == 0 else None
+    return commit()
 
 
 def write_results(out: str | pathlib.Path, payload: dict, markdown: str) -> tuple[pathlib.Path, pathlib.Path]:

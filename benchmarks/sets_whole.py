@@ -159,6 +159,7 @@ def _prune_and_score(dense, calibration, setting: str, solver: str, spec: str, a
         seconds = time.perf_counter() - t
     chosen = [r["selection"]["chosen"] for r in report.layers if "selection" in r]
     return {"method": f"robop-{solver}/{spec}" if solver == args.solver else solver, "setting": setting,
+            "commit": R.git_commit(),
             "chosen": {c: chosen.count(c) for c in sorted(set(chosen))},
             "layer_nominal_error": {r["name"]: r["nominal_error"] for r in report.layers},
             "solver": solver, "set": spec, "seconds": seconds, "sparsity": report.totals["sparsity"],
@@ -198,7 +199,7 @@ def markdown(payload: dict, label: str, dm, splits: list[str]) -> str:
              **{s: OOD_LABELS.get(s.split("/")[-1], s.split("/")[-1]) + tail for s in splits if s != "in-domain"}}
     dense = payload["runs"]["dense"]
     draws = sorted({d for r in rows for d in r["draws"]})
-    md = [f"Command: `{payload['command']}`", "", f"Commit: `{payload['commit']}`", "",
+    md = [f"Command: `{payload['command']}`", "", f"Commit (of the runs): `{payload['commit']}`", "",
           f"Machine: {R.machine_line(payload['machine'])}", "",
           f"Model: {label}; {len(draws)} calibration draws ({', '.join(map(str, draws))}) of "
           f"{proto['calibration_windows']} Shakespeare windows of {proto['seqlen']} tokens (draw 0: the calibration "
@@ -209,10 +210,11 @@ def markdown(payload: dict, label: str, dm, splits: list[str]) -> str:
           "Ratios are each method's perplexity over the RobOP Baseline set's of the same draw and setting, pooled "
           "over the draws, with a two-way bootstrap 95 % interval that resamples draws and windows (below 1: "
           "better than Baseline). Sets are the authors' closed forms (`NAME=GAMMA`; gamma 0.01 when not given).", "",
-          "| setting | method | " + " | ".join(f"{names[s]} ratio [95 % CI]" for s in splits) + " | prune s | x Baseline time |",
-          "|---|---|" + "---|" * (len(splits) + 2)]
+          "| setting | method | draws | " + " | ".join(f"{names[s]} ratio [95 % CI]" for s in splits)
+          + " | prune s | x Baseline time |",
+          "|---|---|---|" + "---|" * (len(splits) + 2)]
     for row in rows:
-        md.append(f"| {row['setting']} | {row['method']} | "
+        md.append(f"| {row['setting']} | {row['method']} | {len(row['draws'])} | "
                   + " | ".join(format_ci(*row[f"ratio_{s}"]) for s in splits)
                   + f" | {row['seconds']:.0f} | {row['time_vs_baseline']:.2f} |")
     md += ["", "Pooled perplexity (over the draws) and each draw's ratio to Baseline:", "",
@@ -315,7 +317,8 @@ def main(argv=None) -> dict:
     protocol = {"model": label, "fast": args.fast, "calibration_windows": args.calibration_windows, "seqlen": dm.seqlen,
                 "draws": args.draws, "eval_windows": {k: len(v) for k, v in evals.items()}, "solver": args.solver,
                 "interval": "two-way (crossed) percentile bootstrap over calibration draws and evaluation windows"}
-    payload = {"command": R.command_line("benchmarks/sets_whole.py", argv), "commit": R.git_commit(),
+    commits = sorted({r.get("commit") or "unrecorded" for r in runs.values() if r["method"] != "dense"})
+    payload = {"command": R.command_line("benchmarks/sets_whole.py", argv), "commit": ", ".join(commits),
                "machine": R.machine(), "protocol": protocol, "runs": runs, "comparisons": comparisons}
     R.publish(args.out, payload, markdown(payload, label, dm, splits))
     return payload

@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -175,13 +176,30 @@ def quiet_trainer(**kwargs) -> Trainer:
 
 # ----------------------------------------------------------------------------- reports
 def environment() -> dict:
-    """The machine a run's numbers (and timings) come from."""
+    """The machine a run's numbers (and timings) come from, and the commit of the code (``None``
+    outside a git checkout; ``+dirty`` when tracked files differ from it)."""
     gpu = "GPU " + torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return dict(
         machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, {gpu}",
         load_average=os.getloadavg() if hasattr(os, "getloadavg") else None,
+        commit=git_commit(),
     )
+
+
+def git_commit() -> str | None:
+    """``git rev-parse HEAD`` of the checkout this file is in (``+dirty`` with uncommitted changes to
+    tracked files), or ``None``."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10)  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if head.returncode != 0 or not head.stdout.strip():
+        return None
+    return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
 def text_table(header: list[str], lines: list[list[str]], left: int = 1) -> str:

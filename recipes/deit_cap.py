@@ -402,7 +402,8 @@ def evaluate_one(args, entry: dict, inputs: dict) -> tuple[dict, dict]:
     entry["eval_seconds"] = time.perf_counter() - t1
     entry["model"] = model.cpu()
     correct = dict(clean=clean_each["test/clean_acc"], corrupt=corrupted_each.get("test/corrupt_acc"),
-                   pgd=attacked_each.get(pgd_top))  # fmt: skip
+                   pgd=attacked_each.get(pgd_top),
+                   **{f"corrupt/{c}": corrupted_each.get(f"test/corrupt_acc/{c}") for c in args.corruptions})  # fmt: skip
     return dict(clean=clean, corrupted=corrupted, attacked=attacked), correct
 
 

@@ -163,11 +163,20 @@ def _check_positive_int(what: str, value: Any, minimum: int = 1) -> None:
         raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}.")
 
 
-def _split(n: int, val_size: int, calibration_size: int, seed: int) -> tuple[torch.Tensor, ...]:
-    """Fixed seeded split of ``range(n)``: (train, val, calibration subset of train)."""
+def _calibration_seed(seed: int, draw: int) -> int:
+    """Seed of calibration draw ``draw``: ``seed + 1`` for draw 0 (the historical subset), then others."""
+    if draw < 0:
+        raise ValueError(f"calibration_draw must be >= 0 (0: the default subset), got {draw}.")
+    return seed + 1 + 1_000_003 * draw
+
+
+def _split(n: int, val_size: int, calibration_size: int, seed: int, draw: int = 0) -> tuple[torch.Tensor, ...]:
+    """Fixed seeded split of ``range(n)``: (train, val, calibration subset of train); ``draw`` picks
+    another calibration subset of the same training split."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     val, train = order[:val_size].sort().values, order[val_size:].sort().values
-    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 1))[:calibration_size]
+    gen = torch.Generator().manual_seed(_calibration_seed(seed, draw))
+    pick = torch.randperm(len(train), generator=gen)[:calibration_size]
     return train, val, train[pick.sort().values]
 
 
@@ -233,6 +242,8 @@ class FashionMNISTDataModule(_SplitDataModule):
         calibration_size: images in the calibration subset.
         val_size: training images held out for validation (0: no validation split).
         seed: seed of the splits.
+        calibration_draw: which calibration subset: ``0`` the default one, ``d > 0`` another random
+            subset of the same training split (train / val / test do not change).
         download: allow torchvision to download when no local copy exists (needs internet).
         return_indices: yield ``(images, labels, indices)`` (else ``(images, labels)``).
 
@@ -264,6 +275,7 @@ class FashionMNISTDataModule(_SplitDataModule):
         seed: int = 0,
         download: bool = False,
         return_indices: bool = True,
+        calibration_draw: int = 0,
     ) -> None:
         super().__init__()
         _check_positive_int("img_size", img_size)
@@ -275,12 +287,14 @@ class FashionMNISTDataModule(_SplitDataModule):
             raise ValueError(f"in_chans must be 1 or 3, got {in_chans!r}.")
         if val_size >= 60000:
             raise ValueError(f"val_size must leave training images (< 60000), got {val_size}.")
+        _calibration_seed(seed, calibration_draw)
         self.save_hyperparameters()
         self.root = root
         self.img_size, self.in_chans = img_size, in_chans
         self.batch_size, self.num_workers = batch_size, num_workers
         self.calibration_size, self.val_size, self.seed = calibration_size, val_size, seed
         self.download, self.return_indices = download, return_indices
+        self.calibration_draw = calibration_draw
         self.folder: Path | None = None
         self._datasets: dict[str, _PixelDataset] = {}
 
@@ -310,7 +324,8 @@ class FashionMNISTDataModule(_SplitDataModule):
                 raise ValueError(f"{folder}: {split} images and labels differ in count.")
         if self.calibration_size > len(data["train_images"]) - self.val_size:
             raise ValueError(f"calibration_size {self.calibration_size} exceeds the training split.")
-        train, val, calibration = _split(len(data["train_images"]), self.val_size, self.calibration_size, self.seed)
+        train, val, calibration = _split(len(data["train_images"]), self.val_size, self.calibration_size, self.seed,
+                                         self.calibration_draw)
 
         def dataset(images: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor) -> _PixelDataset:
             return _PixelDataset(images, labels, positions, self.img_size, self.in_chans, self.return_indices)
@@ -374,6 +389,7 @@ class ImageFolderDataModule(_SplitDataModule):
         num_workers: dataloader workers.
         calibration_size: images in the calibration subset.
         seed: seed of the calibration subset.
+        calibration_draw: which calibration subset: ``0`` the one of ``seed``, ``d > 0`` another one.
         model_name: timm model whose pretrained config gives ``crop_pct`` / interpolation
             (``None``: timm's defaults).
         crop_pct: override the centre-crop fraction.
@@ -401,6 +417,7 @@ class ImageFolderDataModule(_SplitDataModule):
         crop_pct: float | None = None,
         augment: bool = True,
         return_indices: bool = True,
+        calibration_draw: int = 0,
     ) -> None:
         super().__init__()
         if not root:
@@ -411,12 +428,14 @@ class ImageFolderDataModule(_SplitDataModule):
         _check_positive_int("calibration_size", calibration_size)
         if crop_pct is not None and not 0 < crop_pct <= 1:
             raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct!r}.")
+        _calibration_seed(seed, calibration_draw)
         self.save_hyperparameters()
         self.root = Path(root).expanduser()
         self.img_size, self.batch_size, self.num_workers = img_size, batch_size, num_workers
         self.calibration_size, self.seed = calibration_size, seed
         self.model_name, self.crop_pct, self.augment = model_name, crop_pct, augment
         self.return_indices = return_indices
+        self.calibration_draw = calibration_draw
         self._datasets: dict[str, Dataset] = {}
         self.num_classes: int | None = None
         self.classes: list[str] = []
@@ -466,7 +485,8 @@ class ImageFolderDataModule(_SplitDataModule):
                 raise ValueError(f"{self.root}: the class folders of train/ and {Path(other.root).name}/ differ.")
         self.classes, self.num_classes = list(train.classes), len(train.classes)
         n = min(self.calibration_size, len(train))
-        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(self.seed))[:n].sort().values
+        seed = self.seed if not self.calibration_draw else _calibration_seed(self.seed, self.calibration_draw)
+        pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n].sort().values
         self._datasets = {
             "train": _IndexedDataset(train, None, self.return_indices),
             "val": _IndexedDataset(val, None, self.return_indices),

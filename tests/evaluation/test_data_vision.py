@@ -78,6 +78,25 @@ def test_fashion_mnist_splits_from_local_files(tmp_path, compress):
     assert not torch.equal(other.dataset("calibration").positions, calibration.positions)
 
 
+def test_fashion_mnist_calibration_draws_change_only_the_calibration_subset(tmp_path):
+    fake_fashion_mnist(tmp_path)
+    make = lambda draw: FashionMNISTDataModule(root=str(tmp_path), val_size=60, calibration_size=40, seed=3,  # noqa: E731
+                                               calibration_draw=draw)
+    draws = [make(d) for d in (0, 1, 2, 1)]
+    positions = lambda dm, split: dm.dataset(split).positions  # noqa: E731
+    assert torch.equal(positions(draws[0], "calibration"),
+                       FashionMNISTDataModule(root=str(tmp_path), val_size=60, calibration_size=40, seed=3)
+                       .dataset("calibration").positions)  # draw 0 is the default subset
+    assert torch.equal(positions(draws[1], "calibration"), positions(draws[3], "calibration"))
+    assert len({tuple(positions(dm, "calibration").tolist()) for dm in draws[:3]}) == 3
+    for dm in draws[1:3]:
+        assert set(positions(dm, "calibration").tolist()) <= set(positions(dm, "train").tolist())
+        for split in ("train", "val", "test"):
+            assert torch.equal(positions(dm, split), positions(draws[0], split))
+    with pytest.raises(ValueError, match="calibration_draw"):
+        make(-1)
+
+
 def test_fashion_mnist_channels_size_and_plain_pairs(tmp_path):
     fake_fashion_mnist(tmp_path)
     dm = FashionMNISTDataModule(root=str(tmp_path), img_size=32, in_chans=3, val_size=10, calibration_size=8,

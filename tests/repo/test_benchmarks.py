@@ -60,23 +60,60 @@ def test_whole_model_rows_have_the_required_keys():
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))  # weights restored
 
 
-def test_sets_whole_fast_pairs_every_set_with_baseline_and_resumes(tmp_path, monkeypatch):
+def test_sets_whole_fast_pairs_every_set_with_baseline_over_draws_and_resumes(tmp_path, monkeypatch):
     script = load_script("benchmarks/sets_whole.py")
-    argv = ["--fast", "--settings", "0.5", "--sets", "baseline", "trace", "e=0.5", "--baselines", "sparsegpt",
-            "--resamples", "200", "--out", str(tmp_path / "sw")]
+    argv = ["--fast", "--settings", "0.5", "--sets", "baseline", "trace", "--baselines", "sparsegpt", "--draws", "2",
+            "--ood", "brown", "fortunes", "--resamples", "200", "--out", str(tmp_path / "sw")]
     payload = script.main(argv)
     rows = {r["method"]: r for r in payload["comparisons"]}
-    assert set(rows) == {"robop-alps/baseline", "robop-alps/trace", "robop-alps/e=0.5", "sparsegpt"}
-    assert rows["robop-alps/baseline"]["ratio_in-domain"] == [1.0, 1.0, 1.0]
+    assert set(rows) == {"robop-alps/baseline", "robop-alps/trace", "sparsegpt"}
+    splits = ["in-domain", "ood/brown", "ood/fortunes"]
+    base = rows["robop-alps/baseline"]
+    assert base["draws"] == [0, 1] and all(base[f"ratio_{s}"] == [1.0, 1.0, 1.0] for s in splits)
+    runs = payload["runs"]
     for r in rows.values():
-        est, low, high = r["ratio_ood"]
-        assert low <= est <= high and r["time_vs_baseline"] > 0
-        assert abs(r["ppl_in-domain"] / rows["robop-alps/baseline"]["ppl_in-domain"] - r["ratio_in-domain"][0]) < 1e-9
-    assert "| 0.5 | robop-alps/trace |" in (tmp_path / "sw.md").read_text()
+        for split in splits:
+            est, low, high = r[f"ratio_{split}"]
+            assert low <= est <= high and len(r[f"per_draw_{split}"]) == 2
+            # the pooled ratio is the ratio of the pooled perplexities (every draw scores the same windows)
+            assert abs(r[f"ppl_{split}"] / base[f"ppl_{split}"] - est) < 1e-9
+    for split in splits:  # each draw's ratio is that draw's perplexity ratio
+        expected = [runs[f"d{d}_0.5_alps_trace"][split]["ppl"] / runs[f"d{d}_0.5_alps_baseline"][split]["ppl"]
+                    for d in (0, 1)]
+        assert all(abs(a - b) < 1e-9 for a, b in zip(rows["robop-alps/trace"][f"per_draw_{split}"], expected))
+    # the two draws calibrate on different windows, so they prune differently
+    assert runs["d0_0.5_alps_baseline"]["layer_nominal_error"] != runs["d1_0.5_alps_baseline"]["layer_nominal_error"]
+    assert "| 0.5 | robop-alps/trace | 2 |" in (tmp_path / "sw.md").read_text()
     # finished runs are kept: a second invocation prunes nothing
     monkeypatch.setattr(script, "prune_model", lambda *a, **k: (_ for _ in ()).throw(AssertionError("re-pruned")))
     again = script.main(argv)
     assert again["comparisons"] == json.loads(json.dumps(payload["comparisons"]))
+
+
+def test_spread_covers_the_whole_corpus():
+    script = load_script("benchmarks/sets_whole.py")
+    windows = torch.arange(100)[:, None]
+    assert script.spread(windows, 5)[:, 0].tolist() == [0, 25, 50, 74, 99]
+    assert torch.equal(script.spread(windows[:3], 5), windows[:3])
+
+
+def test_deit_draws_fast_compares_every_method_with_the_reference_per_draw(tmp_path):
+    script = load_script("benchmarks/deit_draws.py")
+    argv = ["--fast", "--draws", "2", "--robop-sets", "baseline", "trace", "--gram-sets", "--baselines", "magnitude",
+            "--eval-size", "32", "--adv-size", "8", "--bootstrap", "200", "--cache", str(tmp_path / "cache"),
+            "--out", str(tmp_path / "dd")]
+    payload = script.main(argv)
+    rows = {r["method"]: r for r in payload["comparisons"]}
+    assert set(rows) == {"robop-cap/baseline", "robop-cap/trace", "magnitude"}
+    assert rows["robop-cap/baseline"]["diff_clean"] == [0.0, 0.0, 0.0]
+    for r in rows.values():
+        assert r["draws"] == [0, 1]
+        for key in ("clean", "corrupt", "pgd", "corrupt/contrast"):
+            est, low, high = r[f"diff_{key}"]
+            assert low <= est <= high and len(r[f"per_draw_{key}"]) == 2
+            assert abs(est - sum(r[f"per_draw_{key}"]) / 2) < 1e-9  # same images in every draw: the mean difference
+    md = (tmp_path / "dd.md").read_text()
+    assert "| 0.5 | robop-cap/trace |" in md and "contrast" in md
 
 
 def test_sets_layers_fast_sweeps_gamma_against_baseline(tmp_path):
