@@ -14,8 +14,8 @@ Options can come from a YAML file (``--config``, jsonargparse's convention, as i
 ``--print_config`` writes the current ones); command-line options given after it win.
 Calibration windows are ``--samples`` windows of ``--seqlen`` tokens (the model's BOS first when it
 has one) drawn at random positions (``--seed``) from ``--calibration``: an embedded corpus
-(``shakespeare``, ``brown``, ``pydoc_topics``), a ``.txt`` file or a folder of them. The report is
-written beside the checkpoint (``robop_report.json``) and printed.
+(``shakespeare``, ``brown``, ``python_docs``, ``fortunes``, ``pydoc_topics``), a ``.txt`` file or a
+folder of them. The report is written beside the checkpoint (``robop_report.json``) and printed.
 """
 
 from __future__ import annotations
@@ -73,7 +73,8 @@ def parser():
     p.add_argument("--device", type=str | None, default=None,
                    help="where blocks are calibrated and solved (e.g. cuda); the weights stay on the host")
     p.add_argument("--calibration", type=str, default="shakespeare",
-                   help="an embedded corpus (shakespeare, brown, pydoc_topics), a .txt file or a folder")
+                   help="an embedded corpus (shakespeare, brown, python_docs, fortunes, pydoc_topics), "
+                        "a .txt file or a folder")
     p.add_argument("--samples", type=int, default=128, help="calibration windows")
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per window")
     p.add_argument("--batch_size", type=int, default=8, help="windows per forward")

@@ -74,7 +74,8 @@ def load_corpus(corpus: str | Sequence[str]) -> list[str]:
         docs = [_brown_text(p.read_text(encoding="utf-8", errors="replace"))
                 for p in sorted(root.iterdir()) if re.fullmatch(r"c[a-r]\d\d", p.name)]
     elif corpus == "python_docs":
-        docs = [p.read_text(encoding="utf-8", errors="replace") for p in sorted(require("python-docs").glob("*.rst.txt"))]
+        pages = sorted(require("python-docs").glob("*.rst.txt"))
+        docs = [p.read_text(encoding="utf-8", errors="replace") for p in pages]
     elif corpus == "fortunes":
         root = require("fortunes")
         docs = [_FORTUNE_SEPARATOR.sub("", p.read_text(encoding="utf-8", errors="replace"))

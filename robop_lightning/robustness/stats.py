@@ -113,7 +113,8 @@ def crossed_bootstrap(
 
     def counts(n: int) -> torch.Tensor:
         idx = torch.randint(0, n, (resamples, n), generator=gen)
-        return torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(resamples, n, dtype=torch.float64))
+        hits = torch.ones(resamples, n, dtype=torch.float64)
+        return torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(1, idx, hits)
 
     unit_counts = counts(units)  # first, so that one draw reproduces paired_bootstrap
     values = statistic(counts(draws), unit_counts)
