@@ -72,7 +72,9 @@ def parse_with_fast(parser, argv, fast: list[str]):
 def git_commit() -> str | None:
     """The commit the results are made on (``+dirty`` with uncommitted changes), or ``None`` outside a
     checkout: the recipes' :func:`_common.git_commit`."""
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "recipes"))
+    recipes = str(pathlib.Path(__file__).resolve().parents[1] / "recipes")
+    if recipes not in sys.path:  # called once per run: do not grow sys.path each time
+        sys.path.insert(0, recipes)
     from _common import git_commit as commit
 
     return commit()
