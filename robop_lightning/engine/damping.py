@@ -22,7 +22,7 @@ def positive_definite(hd: torch.Tensor, float32: bool = True) -> bool:
     if not float32:
         return True
     d = hd.diagonal().clamp_min(torch.finfo(hd.dtype).tiny).rsqrt()
-    return int(torch.linalg.cholesky_ex((hd * d[:, None] * d[None, :]).float()).info) == 0
+    return int(torch.linalg.cholesky_ex(hd.mul(d[:, None]).mul_(d[None, :]).float()).info) == 0
 
 
 def damp_until_definite(
@@ -46,12 +46,10 @@ def damp_until_definite(
         >>> lam > 0, positive_definite(hd)
         (True, True)
     """
-    eye = torch.eye(h_eff.shape[0], dtype=h_eff.dtype, device=h_eff.device)
-    if columns is not None:
-        eye.diagonal()[columns:] = 0
     base = lam
     for _ in range(7):
-        hd = h_eff + lam * eye
+        hd = h_eff.clone()
+        hd.diagonal()[:columns].add_(lam)  # h_eff + lam I (only the first ``columns`` entries)
         if positive_definite(hd, float32):
             if lam != base and warn:
                 warnings.warn(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -232,3 +233,66 @@ def test_wanda_row_group_spreads_an_uneven_budget_within_one_per_row():
     # within a row, the kept weights are its best
     for i in range(12):
         assert float(scores[i][mask[i]].min()) >= float(scores[i][~mask[i]].max())
+
+
+# --------------------------------------------------------------------------- SparseGPT's pieces
+def test_upper_inverse_factor_is_the_cholesky_factor_of_the_inverse():
+    """One factorisation of the reversed Gram gives the reference's chol(chol_inverse(chol(H)), upper)."""
+    from robop_lightning.engine.solvers.sparsegpt import upper_inverse_factor
+
+    x = correlated_inputs(40, 2, 48, 5, spread=2.0)  # uneven scales: condition number ~1e8
+    h = LayerInputs(x).gram()
+    h = h + 1e-6 * float(h.diagonal().mean()) * torch.eye(48, dtype=torch.float64)
+    u = upper_inverse_factor(h)
+    ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    assert bool((u.tril(-1) == 0).all()) and bool((u.diagonal() > 0).all())
+    assert torch.allclose(u, ref, rtol=1e-7, atol=1e-9 * float(ref.abs().max()))
+    assert torch.allclose(u.T @ u @ h, torch.eye(48, dtype=torch.float64), atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_smallest_picks_an_exact_count_with_ties_to_the_lowest_index(seed):
+    from robop_lightning.engine.solvers.sparsegpt import smallest
+
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randint(0, 6, (7, 20), generator=g).float()  # many ties
+    scores[0, :3] = -math.inf  # forced first (a prior mask)
+    for k in (0, 1, 37, 140):
+        mask = smallest(scores, k)
+        assert int(mask.sum()) == k
+        # a brute-force order: by value, then by flat index
+        order = sorted(range(scores.numel()), key=lambda i: (float(scores.view(-1)[i]), i))
+        assert sorted(mask.view(-1).nonzero().flatten().tolist()) == sorted(order[:k])
+    counts = torch.randint(0, 21, (7,), generator=g)
+    per_row = smallest(scores, counts, dim=1)
+    assert per_row.sum(1).tolist() == counts.tolist()
+    for r in range(7):
+        order = sorted(range(20), key=lambda j: (float(scores[r, j]), j))
+        assert per_row[r].nonzero().flatten().tolist() == sorted(order[: int(counts[r])])
+    same = smallest(scores, torch.tensor(5), dim=1)
+    assert same.sum(1).tolist() == [5] * 7 and torch.equal(same, smallest(scores, torch.full((7,), 5), dim=1))
+
+
+@pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.5), ("2:4", None)])
+def test_sparsegpt_sub_blocks_only_regroup_the_sums(pattern, sparsity):
+    """The sweep's sub-blocks (a column's update reaches the rest of the block one product per 16
+    columns) give the per-column sweep's masks and its weights up to float32 rounding."""
+    from robop_lightning.engine.solvers.sparsegpt import _sweep, upper_inverse_factor
+
+    x = correlated_inputs(64, 4, 64, 2)
+    w = random_weight(40, 64, 2)
+    u = upper_inverse_factor(_damped(x)).float()
+    pat = parse_pattern(pattern, sparsity)
+    g = torch.Generator().manual_seed(0)
+    start = torch.rand(40, 64, generator=g) < 0.5 if pat.kind != "nm" else torch.zeros(40, 64, dtype=torch.bool)
+    runs = {}
+    for sub in (16, 64):  # 64: one sub-block, every update applied column by column
+        w1, mask1 = w.clone(), start.clone()
+        err = _sweep(w1, u, mask1, pat, None, sub=sub)
+        runs[sub] = (w1, mask1, err)
+    (wg, mg, eg), (wp, mp, ep) = runs[16], runs[64]
+    assert torch.equal(mg, mp) and (pat.kind != "nm" or pat.validate_mask(~mg))
+    assert bool((wg[mg] == 0).all())
+    assert torch.allclose(wg, wp, rtol=1e-5, atol=1e-5 * float(wp.abs().max()))
+    assert torch.allclose(eg, ep, rtol=1e-5, atol=1e-5 * float(ep.abs().max()))
+    assert not torch.equal(wg, wp)  # the grouping did change the rounding: both paths ran

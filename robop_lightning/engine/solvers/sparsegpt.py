@@ -1,11 +1,19 @@
 """SparseGPT (Frantar and Alistarh, 2023): column sweep with lazy batched OBS updates.
 
-Follows the reference algorithm: the damped Gram is inverted through Cholesky, the upper Cholesky
-factor ``U`` of ``H^-1`` drives a left-to-right sweep in blocks of ``block_size`` columns, each block's
-mask is chosen by ``w^2 / U_ii^2``, and the remaining columns receive the error ``err @ U``.
-One difference, for exact budgets: each block prunes an exact count (the layer budget spread over
-blocks by cumulative rounding) instead of thresholding at a quantile, which can be off by ties.
+Follows the reference algorithm: the damped Gram's inverse is factored as ``H^-1 = U^T U`` (``U``
+upper triangular), ``U`` drives a left-to-right sweep in blocks of ``block_size`` columns, each
+block's mask is chosen by ``w^2 / U_ii^2``, and the remaining columns receive the error ``err @ U``.
 Dead inputs (``H_jj = 0``) have their weights zeroed first, as in the reference.
+
+Two differences from the reference, neither changing what is computed:
+
+* exact budgets: each block prunes an exact count (the layer budget spread over blocks by
+  cumulative rounding) instead of thresholding at a quantile, which can be off by ties; the count
+  is found by a selection (``kthvalue``), ties at the threshold going to the lowest indices;
+* ``U`` comes from one Cholesky factorisation and one triangular inverse, in float64, instead of
+  the reference's three factorisations (``chol``, ``cholesky_inverse``, ``chol``): with ``J`` the
+  reversal permutation and ``J H J = L L^T``, ``U = J L^-1 J`` is upper triangular with a positive
+  diagonal and ``U^T U = H^-1``, so it is the reference's factor (up to rounding).
 """
 
 from __future__ import annotations
@@ -15,7 +23,8 @@ import math
 import torch
 
 from robop_lightning.engine.patterns import Pattern
-from robop_lightning.engine.solvers._linalg import cholesky_inverse
+
+__all__ = ["sparsegpt", "upper_inverse_factor", "smallest"]
 
 
 def _spread(total: int, n: int, i1: int, i2: int) -> int:
@@ -23,10 +32,116 @@ def _spread(total: int, n: int, i1: int, i2: int) -> int:
     return round(total * i2 / n) - round(total * i1 / n)
 
 
-def _upper_inverse_factor(h: torch.Tensor) -> torch.Tensor:
-    low = torch.linalg.cholesky(h.double())
-    hinv = cholesky_inverse(low)
-    return torch.linalg.cholesky(hinv, upper=True)
+def upper_inverse_factor(h: torch.Tensor) -> torch.Tensor:
+    """The upper triangular ``U`` with ``U^T U = H^-1`` (float64), for a positive definite ``H``.
+
+    Example:
+        >>> a = torch.randn(8, 5, dtype=torch.float64)
+        >>> h = a.T @ a + torch.eye(5, dtype=torch.float64)
+        >>> u = upper_inverse_factor(h)
+        >>> bool((u.tril(-1) == 0).all()), torch.allclose(u.T @ u, torch.linalg.inv(h))
+        (True, True)
+        >>> torch.allclose(u, torch.linalg.cholesky(torch.linalg.inv(h), upper=True))
+        True
+    """
+    low = torch.linalg.cholesky(h.double().flip(0, 1))
+    eye = torch.eye(h.shape[0], dtype=torch.float64, device=h.device)
+    return torch.linalg.solve_triangular(low, eye, upper=False).flip(0, 1)
+
+
+def smallest(scores: torch.Tensor, k: int | torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mask of the ``k`` smallest entries (``dim=None``: of the whole tensor; else ``k`` per slice along
+    ``dim``, where ``k`` may be a tensor of counts per slice). Ties at the threshold go to the lowest
+    indices, so the count is exact and the result does not depend on a sort's order.
+
+    Example:
+        >>> smallest(torch.tensor([3.0, 1.0, 2.0, 1.0]), 2).tolist()
+        [False, True, False, True]
+        >>> smallest(torch.tensor([[1.0, 1.0, 1.0], [3.0, 2.0, 1.0]]), torch.tensor([2, 1]), dim=1).tolist()
+        [[True, True, False], [False, False, True]]
+    """
+    if dim is None:
+        flat = scores.reshape(1, -1)
+        return smallest(flat, torch.tensor([int(k)], device=scores.device), dim=1).view_as(scores)
+    moved = scores.movedim(dim, -1)
+    n = moved.shape[-1]
+    counts = torch.as_tensor(k, device=scores.device).expand(moved.shape[:-1]).clamp(0, n)
+    if bool((counts == 0).all()):
+        return torch.zeros_like(scores, dtype=torch.bool)
+    thr = _kth(moved, counts)  # the k-th smallest of every slice (-inf where k = 0: nothing below or tied)
+    below = moved < thr[..., None]
+    ties = moved == thr[..., None]
+    need = counts - below.sum(-1)
+    mask = below | (ties & (ties.cumsum(-1) <= need[..., None]))
+    return mask.movedim(-1, dim)
+
+
+def _kth(moved: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """The ``counts``-th smallest value of every slice along the last dim (``-inf`` where a count is 0)."""
+    first = int(counts.reshape(-1)[0])
+    if bool((counts == first).all()):  # one count for all slices: one selection
+        if first == 0:
+            return torch.full(moved.shape[:-1], -math.inf, dtype=moved.dtype, device=moved.device)
+        return torch.kthvalue(moved, first, dim=-1).values
+    ordered = moved.sort(dim=-1).values
+    idx = (counts - 1).clamp_min(0).unsqueeze(-1)
+    return ordered.gather(-1, idx)[..., 0].masked_fill(counts == 0, -math.inf)
+
+
+def _block_mask(tmp: torch.Tensor, pattern: Pattern, pruned: torch.Tensor, prior: torch.Tensor | None,
+                i1: int, cols: int, total_prune: int, row_prune: int) -> torch.Tensor:
+    """The mask (True = pruned) of the block ``[i1, i1 + tmp.shape[1])`` for unstructured and row budgets."""
+    count = tmp.shape[1]
+    i2 = i1 + count
+    if pattern.kind == "unstructured":
+        if prior is None:
+            p = _spread(total_prune, cols, i1, i2)
+        else:  # spread what is left of the budget, never below what must stay pruned
+            forced = int((~prior[:, i1:i2]).sum())
+            p = max(forced, round((total_prune - int(pruned.sum())) * count / (cols - i1)))
+        return smallest(tmp, min(p, tmp.numel()))
+    if prior is None:
+        return smallest(tmp, torch.tensor(_spread(row_prune, cols, i1, i2), device=tmp.device), dim=1)
+    forced = (~prior[:, i1:i2]).sum(1)
+    left = row_prune - pruned.sum(1)
+    per_row = torch.maximum(forced, torch.round(left * count / (cols - i1)).long())
+    return smallest(tmp, per_row, dim=1)
+
+
+SUB_BLOCK = 16  # columns whose updates reach the rest of their block at once (one GEMM)
+
+
+def _sweep(w1: torch.Tensor, u1: torch.Tensor, mask1: torch.Tensor, pattern: Pattern,
+           prior1: torch.Tensor | None, sub: int = SUB_BLOCK) -> torch.Tensor:
+    """OBS sweep of one block in place: ``w1`` becomes the pruned block, ``mask1`` (True = pruned) is
+    filled for N:M patterns as it goes; returns the block's scaled errors (what later columns receive).
+
+    The lazy batching of the reference, one level down: a column's update reaches the columns of
+    its sub-block at once and the rest of the block when the sub-block is done, as one product
+    (the same sums, grouped differently: equal up to float32 rounding).
+    """
+    err1 = torch.zeros_like(w1)
+    diag = u1.diagonal().tolist()
+    count = w1.shape[1]
+    for j1 in range(0, count, sub):
+        j2 = min(j1 + sub, count)
+        for i in range(j1, j2):
+            if pattern.kind == "nm" and i % pattern.m == 0:
+                tmp = w1[:, i : i + pattern.m].pow(2) / u1.diagonal()[i : i + pattern.m].pow(2)[None, :]
+                if prior1 is not None:
+                    tmp = tmp.masked_fill(~prior1[:, i : i + pattern.m], -math.inf)
+                drop = torch.topk(tmp, pattern.m - pattern.n, dim=1, largest=False).indices
+                mask1[:, i : i + pattern.m].scatter_(1, drop, True)
+            col = w1[:, i]
+            pruned = mask1[:, i]
+            err = col.masked_fill(~pruned, 0) / diag[i]  # (w - q) / d, q: the column with its pruned weights zeroed
+            col.masked_fill_(pruned, 0)  # the column becomes q
+            if i + 1 < j2:
+                w1[:, i + 1 : j2] -= err[:, None] * u1[i, i + 1 : j2][None, :]
+            err1[:, i] = err
+        if j2 < count:
+            w1[:, j2:] -= err1[:, j1:j2] @ u1[j1:j2, j2:]
+    return err1
 
 
 def sparsegpt(
@@ -39,62 +154,39 @@ def sparsegpt(
     prior: torch.Tensor | None = None,
     **_,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT on ``w`` ``(m, n)`` with the damped Gram ``h``; returns ``(w_hat, keep)``.
+
+    Example:
+        >>> from robop_lightning.engine.patterns import parse_pattern
+        >>> x = torch.randn(64, 16, dtype=torch.float64)
+        >>> h = x.T @ x + 0.1 * torch.eye(16, dtype=torch.float64)
+        >>> w_hat, keep = sparsegpt(torch.randn(4, 16), h, parse_pattern("2:4", None), block_size=8)
+        >>> int(keep.sum()), bool((w_hat[~keep] == 0).all())
+        (32, True)
+    """
     rows, cols = w.shape
     w = w.float().clone()
     if h_diag is not None:
         w[:, h_diag.to(w.device) == 0] = 0
-    u = _upper_inverse_factor(h).to(device=w.device, dtype=torch.float32)
+    u = upper_inverse_factor(h).to(device=w.device, dtype=torch.float32)
     pruned = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
     total_prune = rows * cols - pattern.keep_count(rows, cols)
     row_prune = cols - pattern.keep_per_row(cols) if pattern.kind == "row" else 0
 
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        count = i2 - i1
         w1 = w[:, i1:i2].clone()
-        q1 = torch.zeros_like(w1)
-        err1 = torch.zeros_like(w1)
         u1 = u[i1:i2, i1:i2]
-        d1 = u1.diagonal()
-        mask1 = torch.zeros_like(w1, dtype=torch.bool)  # True = pruned
-        tmp = w1.pow(2) / d1.pow(2)[None, :]
-        if prior is not None:  # weights pruned earlier go first, whatever their score
-            tmp = tmp.masked_fill(~prior[:, i1:i2], -math.inf)
-        if pattern.kind == "unstructured":
-            if prior is None:
-                p = _spread(total_prune, cols, i1, i2)
-            else:  # spread what is left of the budget, never below what must stay pruned
-                forced = int((~prior[:, i1:i2]).sum())
-                p = max(forced, round((total_prune - int(pruned.sum())) * count / (cols - i1)))
-            if p > 0:
-                mask1.view(-1)[torch.topk(tmp.reshape(-1), min(p, tmp.numel()), largest=False).indices] = True
-        elif pattern.kind == "row":
-            if prior is None:
-                p = _spread(row_prune, cols, i1, i2)
-                if p > 0:
-                    mask1.scatter_(1, torch.topk(tmp, p, dim=1, largest=False).indices, True)
-            else:
-                forced = (~prior[:, i1:i2]).sum(1)
-                left = row_prune - pruned.sum(1)
-                per_row = torch.maximum(forced, torch.round(left * count / (cols - i1)).long())
-                rank = torch.argsort(torch.argsort(tmp, dim=1, stable=True), dim=1)
-                mask1 = rank < per_row[:, None]
-        for i in range(count):
-            col = w1[:, i]
-            d = u1[i, i]
-            if pattern.kind == "nm" and i % pattern.m == 0:
-                tmp = w1[:, i : i + pattern.m].pow(2) / d1[i : i + pattern.m].pow(2)[None, :]
-                if prior is not None:
-                    tmp = tmp.masked_fill(~prior[:, i1 + i : i1 + i + pattern.m], -math.inf)
-                drop = torch.topk(tmp, pattern.m - pattern.n, dim=1, largest=False).indices
-                mask1[:, i : i + pattern.m].scatter_(1, drop, True)
-            q = col.clone()
-            q[mask1[:, i]] = 0
-            q1[:, i] = q
-            err = (col - q) / d
-            w1[:, i:] -= err[:, None] @ u1[i, i:][None, :]
-            err1[:, i] = err
-        w[:, i1:i2] = q1
+        prior1 = None if prior is None else prior[:, i1:i2]
+        if pattern.kind == "nm":
+            mask1 = torch.zeros_like(w1, dtype=torch.bool)  # True = pruned, filled by the sweep
+        else:
+            tmp = w1.pow(2) / u1.diagonal().pow(2)[None, :]
+            if prior1 is not None:  # weights pruned earlier go first, whatever their score
+                tmp = tmp.masked_fill(~prior1, -math.inf)
+            mask1 = _block_mask(tmp, pattern, pruned, prior, i1, cols, total_prune, row_prune)
+        err1 = _sweep(w1, u1, mask1, pattern, prior1)
+        w[:, i1:i2] = w1
         pruned[:, i1:i2] = mask1
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
     keep = ~pruned
