@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
-__all__ = ["check_engine_options", "positive_definite", "damp_until_definite", "unit_scale"]
+__all__ = ["Ridge", "check_engine_options", "positive_definite", "damp_until_definite", "unit_scale"]
 
 
 def positive_definite(hd: torch.Tensor, float32: bool = True) -> bool:
@@ -66,6 +67,32 @@ def damp_until_definite(
         f"{name}: the calibration Gram stays singular even with damping {lam:.3g}; the inputs of this "
         "layer are degenerate. Use more calibration data or a larger `damping`."
     )
+
+
+@dataclass
+class Ridge:
+    """The set's own ridge (``start``), the one the solves add (``base``) and the largest one any
+    solve needed so far (``raised``)."""
+
+    start: float
+    base: float
+    raised: float
+
+    def damp(self, h_eff: torch.Tensor, name: str, memo: Callable[[Callable], Any] | None = None,
+             unit: float = 1.0, float32: bool = True) -> torch.Tensor:
+        """``(h_eff + lam I) / unit`` with ``lam >= base`` raised until numerically positive definite.
+
+        ``unit``: a power of 4 (exact); ``float32``: see :func:`positive_definite`; ``memo(make)``
+        keeps ``make()`` for the layers with the same ``h_eff``.
+        """
+
+        def make() -> tuple[torch.Tensor, float]:
+            hd, lam = damp_until_definite(h_eff, self.base, name, warn=False, float32=float32)
+            return hd / unit, lam
+
+        hd, lam = make() if memo is None else memo(make)
+        self.raised = max(self.raised, lam)
+        return hd
 
 
 def unit_scale(mean_diag: float) -> float:

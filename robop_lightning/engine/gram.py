@@ -18,12 +18,13 @@ while no rank ever holds another rank's activations.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
 from robop_lightning.utils.offload import DiskTensor  # activations kept on disk under a budget
 
-__all__ = ["GramAccumulator", "GramInputs", "LayerInputs", "StatsUnavailable", "as_layer_inputs", "sum_over_ranks"]
+__all__ = ["add_gram", "GramAccumulator", "GramInputs", "LayerInputs", "StatsUnavailable", "as_layer_inputs", "sum_over_ranks"]
 
 # Elements of a chunk converted to float64 and multiplied at once: 2**22 doubles = 32 MB, as much
 # as the Gram of a 2048-wide layer; larger chunks add memory, not speed (the product is already
@@ -35,6 +36,37 @@ _DEVICE_CHUNK_ELEMENTS = 1 << 26
 
 def _chunk_elements(device: torch.device) -> int:
     return _CHUNK_ELEMENTS if device.type == "cpu" else _DEVICE_CHUNK_ELEMENTS
+
+
+GRAM_LEAF = 384  # below this width a Gram is one product
+
+
+def add_gram(target: torch.Tensor, x: torch.Tensor, leaf: int = GRAM_LEAF) -> None:
+    """``target += X^T X`` for a 2-D ``x`` ``(N, n)``, every off-diagonal block computed once.
+
+    ``X^T X`` is symmetric: split the columns in halves ``[A B]``, add ``A^T A`` and ``B^T B``
+    (recursively) and ``A^T B`` to its block and, transposed, to the mirror block. Two levels do
+    5/8 of a full product's multiplications; the entries are the same dot products as
+    ``X^T X``'s, summed in the same precision, and the off-diagonal blocks come out exactly symmetric.
+
+    Example:
+        >>> x = torch.randn(50, 900, dtype=torch.float64)
+        >>> acc = torch.zeros(900, 900, dtype=torch.float64)
+        >>> add_gram(acc, x)
+        >>> bool(torch.allclose(acc, x.T @ x)), bool(torch.equal(acc[:450, 450:], acc[450:, :450].T))
+        (True, True)
+    """
+    n = x.shape[1]
+    if n < 2 * leaf:
+        target.addmm_(x.T, x)
+        return
+    half = n // 2
+    a, b = x[:, :half], x[:, half:]
+    add_gram(target[:half, :half], a, leaf)
+    add_gram(target[half:, half:], b, leaf)
+    off = a.T @ b
+    target[:half, half:] += off
+    target[half:, :half] += off.T
 
 
 def _process_group_size() -> int:
@@ -75,6 +107,30 @@ class _SampleCounts:
         """Calibration tokens over all ranks (``N`` of the authors' sets: rows of ``X``; samples x the
         longest sample, shorter ones counted zero-padded)."""
         return self.num_samples * self.tokens_per_sample
+
+    consumers: int = 1  # layers still to be solved on these statistics (the pipeline sets it for shared inputs)
+
+    def derived(self, key: tuple, make: Callable[[], Any]) -> Any:
+        """``make()``, kept while other layers will be solved on these same statistics.
+
+        q / k / v (and gate / up) share their inputs, hence their Gram: a solver's factorisation of
+        the same damped matrix (SparseGPT's ``U``, ALPS's ``eigh``) is then computed once per block.
+        ``key`` names what is made and from what (set, damping, scale); nothing is kept for a layer
+        whose statistics nobody else uses.
+        """
+        memo = self.__dict__.setdefault("_derived", {})
+        if key in memo:
+            return memo[key]
+        value = make()
+        if self.consumers > 1:
+            memo[key] = value
+        return value
+
+    def release(self) -> None:
+        """One layer is done with these statistics; what :meth:`derived` kept goes with the last one."""
+        self.consumers -= 1
+        if self.consumers <= 0:
+            self.__dict__.pop("_derived", None)
 
 
 @dataclass
@@ -164,8 +220,7 @@ class LayerInputs(_SampleCounts):
                 if not keep.any():
                     continue
                 xc = xc[keep] * w[keep].clamp_min(0).sqrt().view(-1, 1, 1)
-            xc = xc.reshape(-1, n)
-            acc += xc.T @ xc
+            add_gram(acc, xc.reshape(-1, n))
         acc = self._all_reduce(acc)
         _check_finite(acc, self.name)
         acc = 0.5 * (acc + acc.T)
@@ -288,8 +343,7 @@ class GramAccumulator:
     def _add(self, target: torch.Tensor, x: torch.Tensor) -> None:
         step = max(1, _chunk_elements(self.device) // max(x.shape[1] * self.n, 1))
         for a in range(0, x.shape[0], step):
-            xc = x[a : a + step].to(device=self.device, dtype=torch.float64).reshape(-1, self.n)
-            target.addmm_(xc.T, xc)
+            add_gram(target, x[a : a + step].to(device=self.device, dtype=torch.float64).reshape(-1, self.n))
 
     def add(self, x: torch.Tensor) -> None:
         """Add a batch of inputs ``(samples, tokens, n)`` (any float dtype, any device)."""

@@ -29,12 +29,12 @@ from typing import Any
 
 import torch
 
-from robop_lightning.engine.damping import check_engine_options, damp_until_definite, unit_scale
+from robop_lightning.engine.damping import Ridge, check_engine_options, unit_scale
 from robop_lightning.engine.gram import LayerInputs, as_layer_inputs
 from robop_lightning.engine.patterns import Pattern, parse_pattern
 from robop_lightning.report import LayerResult
 from robop_lightning.engine.alternation import alternate, blown_up, clamp_robust, quad, relative_error
-from robop_lightning.engine.solvers import DATA_FREE, SOLVERS, USES_FULL_GRAM, check_solver_options
+from robop_lightning.engine.solvers import DATA_FREE, FLOAT64_FACTOR, SOLVERS, USES_FULL_GRAM, check_solver_options
 from robop_lightning.engine.solvers.refit import refit
 from robop_lightning.engine.solvers.structured_obs import select_groups
 from robop_lightning.engine.selection import (
@@ -82,22 +82,6 @@ class _Request:
 
 
 @dataclass
-class _Ridge:
-    """The set's own ridge (``start``), the one the solves add (``base``) and the largest one any
-    solve needed so far (``raised``)."""
-
-    start: float
-    base: float
-    raised: float
-
-    def damp(self, h_eff: torch.Tensor, name: str) -> torch.Tensor:
-        """``h_eff + lam I`` with ``lam >= base`` raised until numerically positive definite."""
-        hd, lam = damp_until_definite(h_eff, self.base, name, warn=False)
-        self.raised = max(self.raised, lam)
-        return hd
-
-
-@dataclass
 class _Problem:
     """One layer's pruning problem, set up: what the solves and the scoring read.
 
@@ -114,13 +98,14 @@ class _Problem:
     options: dict[str, Any]
     prior: torch.Tensor | None
     uset: UncertaintySet
+    stats: LayerInputs
     held: LayerInputs | None
     h: torch.Tensor
     h_solve: torch.Tensor
     mean_diag: float
     scale: float
     unit: float
-    ridge: _Ridge
+    ridge: Ridge
     selection: SetSelection | None
 
     @property
@@ -219,25 +204,40 @@ def _prepare(weight: torch.Tensor, li: LayerInputs, held: LayerInputs | None, re
     if isinstance(uset, ClosedFormSet) and uset.name != "baseline" and mean_diag > 0:
         scale = float(uset.effective().diagonal().mean()) + ridge
     return _Problem(name=name, weight=weight, w=w, pat=req.pat, solver=req.solver, options=req.options,
-                    prior=req.prior, uset=uset, held=held, h=h, h_solve=h_solve, mean_diag=mean_diag, scale=scale,
-                    unit=unit_scale(scale), ridge=_Ridge(ridge, ridge, ridge), selection=selection)
+                    prior=req.prior, uset=uset, stats=li, held=held, h=h, h_solve=h_solve, mean_diag=mean_diag, scale=scale,
+                    unit=unit_scale(scale), ridge=Ridge(ridge, ridge, ridge), selection=selection)
 
 
 # ----------------------------------------------------------------------------- solves
-def _solve(p: _Problem, h_eff: torch.Tensor, warm: torch.Tensor | None = None, h_diag: torch.Tensor | None = None):
-    """One call of the solver on ``h_eff`` (damped until definite for the solvers that factor it)."""
-    h_damped = h_eff
-    if p.solver in USES_FULL_GRAM:
-        h_damped = p.ridge.damp(h_eff, p.name)
+def _solve(p: _Problem, h_eff: torch.Tensor, warm: torch.Tensor | None = None, h_diag: torch.Tensor | None = None,
+           shared: tuple | None = None):
+    """One call of the solver on ``h_eff`` (damped until definite for the solvers that factor it).
+
+    ``shared``: a key naming ``h_eff`` among the layers with these statistics (the static solves):
+    the damping, the scaling and the solver's factorisation are then made once for all of them.
+    """
+    memo = None
+    if shared is not None and p.mean_diag > 0:
+        key = (*shared, p.ridge.base, p.unit)
+
+        def memo(what, make):
+            return p.stats.derived((what, *key), make)
+
+    if p.solver in USES_FULL_GRAM:  # damped and scaled once for all the layers sharing the key
+        h_damped = p.ridge.damp(h_eff, p.name, memo=None if memo is None else functools.partial(memo, "damped"),
+                                unit=p.unit, float32=p.solver not in FLOAT64_FACTOR)
+    else:
+        h_damped = h_eff / p.unit
     fn = SOLVERS[p.solver] if p.mean_diag > 0 else SOLVERS["magnitude"]
     h_diag = h_eff.diagonal() if h_diag is None else h_diag
-    return fn(p.w, h_damped / p.unit, p.pat, h_diag=h_diag / p.unit, warm=warm, prior=p.prior, **p.options)
+    return fn(p.w, h_damped, p.pat, h_diag=h_diag / p.unit, warm=warm, prior=p.prior, memo=memo, **p.options)
 
 
 def _solve_static(p: _Problem) -> tuple[torch.Tensor, torch.Tensor]:
     """One solve on the set's effective matrix, the ridge raised tenfold while the compensation explodes."""
     for _ in range(7):
-        w_hat, mask = _solve(p, p.uset.effective(), h_diag=p.uset.score_diagonal())
+        w_hat, mask = _solve(p, p.uset.effective(), h_diag=p.uset.score_diagonal(),
+                             shared=(p.solver, p.uset.describe(), p.scale))
         if p.solver not in USES_FULL_GRAM or p.mean_diag == 0 or not blown_up(p.h, p.w, w_hat, mask):
             return w_hat, mask
         # numerically singular H + D (Cholesky passed on rounding noise): the compensation exploded
@@ -283,7 +283,7 @@ def _robust_refit(p: _Problem, solution, h_k: torch.Tensor, phi: float, rounds: 
     for j in range(rounds + 1):
         improved = False
         for h_try, label in candidates:
-            refitted = refit(p.w, p.ridge.damp(h_try, p.name) / p.unit, mask, x0=w_hat)
+            refitted = refit(p.w, p.ridge.damp(h_try, p.name, unit=p.unit), mask, x0=w_hat)
             phi_fit = p.uset.robust_loss(p.w - refitted)
             history.append({"round": label, "robust_loss": phi_fit,
                             "nominal_loss": quad(p.h, p.w - refitted), "mask_change": 0.0})

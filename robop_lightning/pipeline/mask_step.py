@@ -105,8 +105,12 @@ class MaskStep:
         with materialized(module):  # an accelerate-offloaded weight is loaded for the solve
             weight = layer_weight(module)
             with self.walk.timed("solve"):
-                result = prune_layer(weight.detach(), inputs, heldout=heldout, name=name,
-                                     prior_mask=None if prior is None else prior.to(weight.device), **self.layer_kwargs)
+                try:
+                    result = prune_layer(weight.detach(), inputs, heldout=heldout, name=name,
+                                         prior_mask=None if prior is None else prior.to(weight.device),
+                                         **self.layer_kwargs)
+                finally:
+                    inputs.release()
             self.walk.check_ranks(name, result.mask, "masks")
             with self.walk.timed("io"):
                 self.undo.save(name, weight)
@@ -131,6 +135,8 @@ class MaskStep:
                 if id(accs[n]) not in finished:
                     finished[id(accs[n])] = accs[n].finish(distributed=True)
         stats = {n: finished[id(accs[n])] for n in names}
+        for g in finished.values():  # layers sharing inputs share their factorisations (released in _prune)
+            g.consumers = sum(1 for n in names if stats[n] is g)
         return {n: (g, g.heldout) for n, g in stats.items()}
 
     def prune_block(self, walk: BlockWalk, name: str, block: nn.Module) -> list[str]:

@@ -273,3 +273,63 @@ def test_a_model_that_refuses_pass_through_blocks_falls_back_with_a_warning():
         with torch.no_grad():
             block[0].weight.copy_(expected.weight)
             x = block(x)
+
+
+# --------------------------------------------------------------------------- shared factorisations
+@pytest.mark.parametrize("solver,uncertainty,target", [
+    ("sparsegpt", "baseline", "robop_lightning.engine.solvers.sparsegpt.upper_inverse_factor"),
+    ("alps", "trace", "robop_lightning.engine.solvers.alps._normalised_eigh"),
+])
+def test_layers_sharing_inputs_factor_their_gram_once(monkeypatch, solver, uncertainty, target):
+    """q / k / v (and gate / up) see the same inputs: their damped Gram is factored once per block
+    (4 factorisations for the 7 linears of a Llama block, not 7), with the same results as 7."""
+    import importlib
+
+    module_name, fn_name = target.rsplit(".", 1)
+    module = importlib.import_module(module_name)
+    original = getattr(module, fn_name)
+    calls = []
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape[0])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, fn_name, counted)
+    batches = token_batches(vocab=128, batches=2)
+    kwargs = dict(sparsity=0.5, solver=solver, uncertainty=uncertainty, progress=False,
+                  solver_options={"max_iter": 30} if solver == "alps" else None)
+    shared = tiny_llama(layers=2)
+    prune_model(shared, batches, **kwargs)
+    assert len(calls) == 2 * 4, calls
+    calls.clear()
+    from robop_lightning.engine.gram import GramInputs
+
+    monkeypatch.setattr(GramInputs, "derived", lambda self, key, make: make())  # nothing shared
+    alone = tiny_llama(layers=2)
+    prune_model(alone, batches, **kwargs)
+    assert len(calls) == 2 * 7
+    for (name, a), b in zip(shared.state_dict().items(), alone.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_derived_is_kept_for_the_other_consumers_and_dropped_with_the_last():
+    x = torch.randn(4, 3, 5)
+    acc = GramAccumulator(5, torch.device("cpu"))
+    acc.add(x)
+    stats = acc.finish()
+    made = []
+
+    def make():
+        made.append(1)
+        return torch.ones(1)
+
+    assert stats.derived(("u",), make) is not None and len(made) == 1  # one consumer: nothing kept
+    assert stats.derived(("u",), make) is not None and len(made) == 2
+    stats.consumers = 3
+    first = stats.derived(("u",), make)
+    assert stats.derived(("u",), make) is first and len(made) == 3
+    stats.release()
+    stats.release()
+    assert stats.derived(("u",), make) is first  # the last consumer still finds it
+    stats.release()
+    assert stats.derived(("u",), make) is not first and len(made) == 4  # gone with the last one

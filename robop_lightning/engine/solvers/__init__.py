@@ -22,6 +22,8 @@ from robop_lightning.engine.solvers.wanda import wanda
 SOLVERS = {"alps": alps, "cap": cap, "sparsegpt": sparsegpt, "wanda": wanda, "magnitude": magnitude}
 # Solvers whose result depends on more than diag(H) (they need a damped, invertible Gram).
 USES_FULL_GRAM = frozenset({"alps", "cap", "sparsegpt"})
+# Full-Gram solvers that factor it in float64 only (the others need it float32-definite too).
+FLOAT64_FACTOR = frozenset({"sparsegpt"})
 # Solvers whose result does not depend on the calibration data at all.
 DATA_FREE = frozenset({"magnitude"})
 SOLVER_OPTIONS = {name: tuple(f.name for f in dataclasses.fields(cls)) for name, cls in OPTION_TYPES.items()}
@@ -44,4 +46,4 @@ def check_solver_options(solver: str, options: Any, name: str = "layer") -> dict
     return {k: v for k, v in dataclasses.asdict(typed).items() if k in keys}
 
 
-__all__ = ["SOLVERS", "SOLVER_OPTIONS", "OPTION_TYPES", "check_solver_options", "solver_options", "USES_FULL_GRAM", "DATA_FREE", "alps", "cap", "sparsegpt", "wanda", "magnitude", "refit"]
+__all__ = ["SOLVERS", "SOLVER_OPTIONS", "OPTION_TYPES", "check_solver_options", "solver_options", "USES_FULL_GRAM", "FLOAT64_FACTOR", "DATA_FREE", "alps", "cap", "sparsegpt", "wanda", "magnitude", "refit"]

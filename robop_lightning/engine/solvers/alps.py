@@ -56,11 +56,23 @@ problems than float64 (rounding) for about 1 s per 2048-input layer on one CPU t
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import numpy as np
 import torch
 
 from robop_lightning.engine.patterns import Pattern
 from robop_lightning.engine.solvers.refit import masked_pcg
+
+
+def _normalised_eigh(h: torch.Tensor, dev: torch.device):
+    """The authors' normalisation ``H~ = S^-1 H S^-1`` (float32, their order of operations) and the float64
+    ``eigh`` of the float32 matrix the iterates use, as theirs: ``(s, H~, lam, Q)``."""
+    h32 = h.to(device=dev, dtype=torch.float32)
+    s32 = h32.diagonal().clamp_min(0).sqrt() + 1e-8
+    ht = ((h32 / s32).T / s32).T.contiguous()
+    lam, q = torch.linalg.eigh(ht.double())
+    return s32, ht, lam.clamp_min(0), q
 
 
 def alps(
@@ -78,17 +90,16 @@ def alps(
     fallback: bool = True,
     history: list | None = None,
     prior: torch.Tensor | None = None,
+    memo: Callable[[str, Callable[[], Any]], Any] | None = None,
     **_,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """ALPS on ``w`` ``(m, n)`` with the damped Gram ``h``; returns ``(w_hat, keep)`` (see the module).
+
+    ``memo(what, make)``: where the engine keeps what layers with the same ``h`` share (the ``eigh``).
+    """
     rows, cols = w.shape
     dev = w.device
-    # the authors' normalisation, in their float32 and their order of operations
-    h32 = h.to(device=dev, dtype=torch.float32)
-    s32 = h32.diagonal().clamp_min(0).sqrt() + 1e-8
-    ht = ((h32 / s32).T / s32).T.contiguous()
-    # float64 eigh of the float32 matrix the iterates use, as the authors
-    lam, q = torch.linalg.eigh(ht.double())
-    lam = lam.clamp_min(0)
+    s32, ht, lam, q = _normalised_eigh(h, dev) if memo is None else memo("alps:eigh", lambda: _normalised_eigh(h, dev))
 
     b0 = (w.float() * s32[None, :]).T.contiguous()  # (n, m)
     hb0 = (b0.T @ ht).T  # H~ B0, computed as the authors' (W S) H~

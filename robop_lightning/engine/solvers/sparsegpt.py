@@ -13,16 +13,20 @@ Two differences from the reference, neither changing what is computed:
 * ``U`` comes from one Cholesky factorisation and one triangular inverse, in float64, instead of
   the reference's three factorisations (``chol``, ``cholesky_inverse``, ``chol``): with ``J`` the
   reversal permutation and ``J H J = L L^T``, ``U = J L^-1 J`` is upper triangular with a positive
-  diagonal and ``U^T U = H^-1``, so it is the reference's factor (up to rounding).
+  diagonal and ``U^T U = H^-1``, so it is the reference's factor (up to rounding). ``L^-1`` is
+  formed by halves (:func:`~robop_lightning.engine.solvers._linalg.triangular_inverse`). As the
+  factorisation is in float64, the engine asks only for float64 definiteness before it.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import torch
 
 from robop_lightning.engine.patterns import Pattern
+from robop_lightning.engine.solvers._linalg import triangular_inverse
 
 __all__ = ["sparsegpt", "upper_inverse_factor", "smallest"]
 
@@ -44,9 +48,7 @@ def upper_inverse_factor(h: torch.Tensor) -> torch.Tensor:
         >>> torch.allclose(u, torch.linalg.cholesky(torch.linalg.inv(h), upper=True))
         True
     """
-    low = torch.linalg.cholesky(h.double().flip(0, 1))
-    eye = torch.eye(h.shape[0], dtype=torch.float64, device=h.device)
-    return torch.linalg.solve_triangular(low, eye, upper=False).flip(0, 1)
+    return triangular_inverse(torch.linalg.cholesky(h.double().flip(0, 1))).flip(0, 1)
 
 
 def smallest(scores: torch.Tensor, k: int | torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -152,9 +154,12 @@ def sparsegpt(
     h_diag: torch.Tensor | None = None,
     block_size: int = 128,
     prior: torch.Tensor | None = None,
+    memo: Callable[[str, Callable[[], Any]], Any] | None = None,
     **_,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT on ``w`` ``(m, n)`` with the damped Gram ``h``; returns ``(w_hat, keep)``.
+
+    ``memo(what, make)``: where the engine keeps what layers with the same ``h`` share (``U``).
 
     Example:
         >>> from robop_lightning.engine.patterns import parse_pattern
@@ -168,7 +173,10 @@ def sparsegpt(
     w = w.float().clone()
     if h_diag is not None:
         w[:, h_diag.to(w.device) == 0] = 0
-    u = upper_inverse_factor(h).to(device=w.device, dtype=torch.float32)
+    def factor() -> torch.Tensor:
+        return upper_inverse_factor(h).to(device=w.device, dtype=torch.float32)
+
+    u = factor() if memo is None else memo("sparsegpt:U", factor)
     pruned = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
     total_prune = rows * cols - pattern.keep_count(rows, cols)
     row_prune = cols - pattern.keep_per_row(cols) if pattern.kind == "row" else 0
