@@ -33,13 +33,15 @@ def damp_until_definite(
     warn: bool = True,
     columns: int | None = None,
     float32: bool = True,
+    test: Callable[[torch.Tensor], bool] | None = None,
 ) -> tuple[torch.Tensor, float]:
     """``h_eff + lam I``, with ``lam`` raised x10 (up to 6 times) until Cholesky succeeds.
 
     ``warn=False`` leaves the warning to the caller (``prune_layer`` warns once per layer).
     ``columns``: damp only the first ``columns`` diagonal entries, and scale the raise by their
     mean (structured OBS: the last column is a bias's constant input). ``float32=False``: the
-    caller works in float64 only (see :func:`positive_definite`).
+    caller works in float64 only (see :func:`positive_definite`). ``test(hd)``: the caller's own
+    definiteness test instead (a solver whose factorisation fails on an indefinite matrix).
 
     Example:
         >>> h = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=torch.float64)  # singular
@@ -51,7 +53,7 @@ def damp_until_definite(
     for _ in range(7):
         hd = h_eff.clone()
         hd.diagonal()[:columns].add_(lam)  # h_eff + lam I (only the first ``columns`` entries)
-        if positive_definite(hd, float32):
+        if (positive_definite(hd, float32) if test is None else test(hd)):
             if lam != base and warn:
                 warnings.warn(
                     f"{name}: the damped Gram was not positive definite; damping raised from "
@@ -79,20 +81,30 @@ class Ridge:
     raised: float
 
     def damp(self, h_eff: torch.Tensor, name: str, memo: Callable[[Callable], Any] | None = None,
-             unit: float = 1.0, float32: bool = True) -> torch.Tensor:
+             unit: float = 1.0, float32: bool = True, prepare: Callable[[torch.Tensor], Any] | None = None):
         """``(h_eff + lam I) / unit`` with ``lam >= base`` raised until numerically positive definite.
 
         ``unit``: a power of 4 (exact); ``float32``: see :func:`positive_definite`; ``memo(make)``
-        keeps ``make()`` for the layers with the same ``h_eff``.
+        keeps ``make()`` for the layers with the same ``h_eff``. ``prepare(hd)``: a solver's
+        factorisation of the damped, scaled matrix, ``None`` where it is not positive definite; it is
+        then the definiteness test, and ``(hd, its result)`` is returned instead of ``hd``.
         """
 
-        def make() -> tuple[torch.Tensor, float]:
-            hd, lam = damp_until_definite(h_eff, self.base, name, warn=False, float32=float32)
-            return hd / unit, lam
+        def make() -> tuple[torch.Tensor, float, Any]:
+            found: dict[str, Any] = {}
 
-        hd, lam = make() if memo is None else memo(make)
+            def test(hd: torch.Tensor) -> bool:
+                found["hd"] = hd / unit
+                found["factor"] = prepare(found["hd"])
+                return found["factor"] is not None
+
+            hd, lam = damp_until_definite(h_eff, self.base, name, warn=False, float32=float32,
+                                          test=None if prepare is None else test)
+            return (hd / unit if prepare is None else found["hd"]), lam, found.get("factor")
+
+        hd, lam, factor = make() if memo is None else memo(make)
         self.raised = max(self.raised, lam)
-        return hd
+        return hd if prepare is None else (hd, factor)
 
 
 def unit_scale(mean_diag: float) -> float:

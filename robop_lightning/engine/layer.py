@@ -34,7 +34,8 @@ from robop_lightning.engine.gram import LayerInputs, as_layer_inputs
 from robop_lightning.engine.patterns import Pattern, parse_pattern
 from robop_lightning.report import LayerResult
 from robop_lightning.engine.alternation import alternate, blown_up, clamp_robust, quad, relative_error
-from robop_lightning.engine.solvers import DATA_FREE, FLOAT64_FACTOR, SOLVERS, USES_FULL_GRAM, check_solver_options
+from robop_lightning.engine.solvers import (DATA_FREE, FLOAT64_FACTOR, PREPARE, SOLVERS, USES_FULL_GRAM,
+                                            check_solver_options)
 from robop_lightning.engine.solvers.refit import refit
 from robop_lightning.engine.solvers.structured_obs import select_groups
 from robop_lightning.engine.selection import (
@@ -223,14 +224,18 @@ def _solve(p: _Problem, h_eff: torch.Tensor, warm: torch.Tensor | None = None, h
         def memo(what, make):
             return p.stats.derived((what, *key), make)
 
-    if p.solver in USES_FULL_GRAM:  # damped and scaled once for all the layers sharing the key
+    extra = {}
+    if p.solver in USES_FULL_GRAM:  # damped, scaled (and factored) once for the layers sharing the key
+        prepare = PREPARE.get(p.solver) if p.mean_diag > 0 else None
         h_damped = p.ridge.damp(h_eff, p.name, memo=None if memo is None else functools.partial(memo, "damped"),
-                                unit=p.unit, float32=p.solver not in FLOAT64_FACTOR)
+                                unit=p.unit, float32=p.solver not in FLOAT64_FACTOR, prepare=prepare)
+        if prepare is not None:
+            h_damped, extra["factor"] = h_damped
     else:
         h_damped = h_eff / p.unit
     fn = SOLVERS[p.solver] if p.mean_diag > 0 else SOLVERS["magnitude"]
     h_diag = h_eff.diagonal() if h_diag is None else h_diag
-    return fn(p.w, h_damped, p.pat, h_diag=h_diag / p.unit, warm=warm, prior=p.prior, memo=memo, **p.options)
+    return fn(p.w, h_damped, p.pat, h_diag=h_diag / p.unit, warm=warm, prior=p.prior, memo=memo, **extra, **p.options)
 
 
 def _solve_static(p: _Problem) -> tuple[torch.Tensor, torch.Tensor]:

@@ -287,9 +287,7 @@ def test_sparsegpt_sub_blocks_only_regroup_the_sums(pattern, sparsity):
     start = torch.rand(40, 64, generator=g) < 0.5 if pat.kind != "nm" else torch.zeros(40, 64, dtype=torch.bool)
     runs = {}
     for sub in (16, 64):  # 64: one sub-block, every update applied column by column
-        w1, mask1 = w.clone(), start.clone()
-        err = _sweep(w1, u, mask1, pat, None, sub=sub)
-        runs[sub] = (w1, mask1, err)
+        runs[sub] = _sweep(w.clone(), u, start.clone(), pat, None, sub=sub)
     (wg, mg, eg), (wp, mp, ep) = runs[16], runs[64]
     assert torch.equal(mg, mp) and (pat.kind != "nm" or pat.validate_mask(~mg))
     assert bool((wg[mg] == 0).all())

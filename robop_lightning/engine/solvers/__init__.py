@@ -16,6 +16,7 @@ from robop_lightning.engine.solvers.magnitude import magnitude
 from robop_lightning.engine.solvers.options import RENAMED as OPTION_RENAMES
 from robop_lightning.engine.solvers.options import OPTION_TYPES, solver_options
 from robop_lightning.engine.solvers.refit import refit
+from robop_lightning.engine.solvers.sparsegpt import prepare as _sparsegpt_prepare
 from robop_lightning.engine.solvers.sparsegpt import sparsegpt
 from robop_lightning.engine.solvers.wanda import wanda
 
@@ -24,6 +25,9 @@ SOLVERS = {"alps": alps, "cap": cap, "sparsegpt": sparsegpt, "wanda": wanda, "ma
 USES_FULL_GRAM = frozenset({"alps", "cap", "sparsegpt"})
 # Full-Gram solvers that factor it in float64 only (the others need it float32-definite too).
 FLOAT64_FACTOR = frozenset({"sparsegpt"})
+# Solvers whose factorisation of the damped Gram the engine makes (and shares) for them: ``prepare(h)``
+# gives what the solver takes as ``factor=``, or ``None`` where ``h`` is not positive definite.
+PREPARE = {"sparsegpt": _sparsegpt_prepare}
 # Solvers whose result does not depend on the calibration data at all.
 DATA_FREE = frozenset({"magnitude"})
 SOLVER_OPTIONS = {name: tuple(f.name for f in dataclasses.fields(cls)) for name, cls in OPTION_TYPES.items()}
@@ -46,4 +50,4 @@ def check_solver_options(solver: str, options: Any, name: str = "layer") -> dict
     return {k: v for k, v in dataclasses.asdict(typed).items() if k in keys}
 
 
-__all__ = ["SOLVERS", "SOLVER_OPTIONS", "OPTION_TYPES", "check_solver_options", "solver_options", "USES_FULL_GRAM", "FLOAT64_FACTOR", "DATA_FREE", "alps", "cap", "sparsegpt", "wanda", "magnitude", "refit"]
+__all__ = ["SOLVERS", "SOLVER_OPTIONS", "OPTION_TYPES", "check_solver_options", "solver_options", "USES_FULL_GRAM", "FLOAT64_FACTOR", "PREPARE", "DATA_FREE", "alps", "cap", "sparsegpt", "wanda", "magnitude", "refit"]

@@ -21,14 +21,14 @@ Two differences from the reference, neither changing what is computed:
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from robop_lightning.engine.patterns import Pattern
 from robop_lightning.engine.solvers._linalg import triangular_inverse
 
-__all__ = ["sparsegpt", "upper_inverse_factor", "smallest"]
+__all__ = ["sparsegpt", "prepare", "upper_inverse_factor", "smallest"]
 
 
 def _spread(total: int, n: int, i1: int, i2: int) -> int:
@@ -49,6 +49,20 @@ def upper_inverse_factor(h: torch.Tensor) -> torch.Tensor:
         True
     """
     return triangular_inverse(torch.linalg.cholesky(h.double().flip(0, 1))).flip(0, 1)
+
+
+def prepare(h: torch.Tensor) -> torch.Tensor | None:
+    """``U`` of a damped Gram (float32, on ``h``'s device), or ``None`` when its float64 Cholesky
+    factorisation fails: the engine's definiteness test for this solver (no second factorisation).
+
+    Example:
+        >>> prepare(torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)) is None  # indefinite
+        True
+    """
+    low, info = torch.linalg.cholesky_ex(h.double().flip(0, 1))
+    if int(info) != 0:
+        return None
+    return triangular_inverse(low).flip(0, 1).float()
 
 
 def smallest(scores: torch.Tensor, k: int | torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -74,8 +88,9 @@ def smallest(scores: torch.Tensor, k: int | torch.Tensor, dim: int | None = None
     below = moved < thr[..., None]
     ties = moved == thr[..., None]
     need = counts - below.sum(-1)
-    mask = below | (ties & (ties.cumsum(-1) <= need[..., None]))
-    return mask.movedim(-1, dim)
+    if not bool((ties.sum(-1) == need).all()):  # more ties than needed somewhere: the first ones
+        ties &= ties.cumsum(-1) <= need[..., None]
+    return (below | ties).movedim(-1, dim)
 
 
 def _kth(moved: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -84,6 +99,9 @@ def _kth(moved: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     if bool((counts == first).all()):  # one count for all slices: one selection
         if first == 0:
             return torch.full(moved.shape[:-1], -math.inf, dtype=moved.dtype, device=moved.device)
+        if moved.device.type == "cpu" and moved.dim() == 2 and moved.shape[0] == 1:  # NumPy's introselect is faster
+            arr = moved.detach().reshape(-1).numpy()
+            return torch.as_tensor(np.partition(arr, first - 1)[first - 1 : first], dtype=moved.dtype)
         return torch.kthvalue(moved, first, dim=-1).values
     ordered = moved.sort(dim=-1).values
     idx = (counts - 1).clamp_min(0).unsqueeze(-1)
@@ -115,35 +133,38 @@ SUB_BLOCK = 16  # columns whose updates reach the rest of their block at once (o
 
 def _sweep(w1: torch.Tensor, u1: torch.Tensor, mask1: torch.Tensor, pattern: Pattern,
            prior1: torch.Tensor | None, sub: int = SUB_BLOCK) -> torch.Tensor:
-    """OBS sweep of one block in place: ``w1`` becomes the pruned block, ``mask1`` (True = pruned) is
-    filled for N:M patterns as it goes; returns the block's scaled errors (what later columns receive).
+    """OBS sweep of one block: returns the pruned block, its mask (True = pruned; filled for N:M
+    patterns as it goes) and its scaled errors (what later columns receive), each ``(rows, count)``.
 
     The lazy batching of the reference, one level down: a column's update reaches the columns of
     its sub-block at once and the rest of the block when the sub-block is done, as one product
-    (the same sums, grouped differently: equal up to float32 rounding).
+    (the same sums, grouped differently: equal up to float32 rounding). The sweep works on the
+    transposed block, so that every column it reads and writes is contiguous.
     """
-    err1 = torch.zeros_like(w1)
+    wt = w1.T.contiguous()  # (count, rows): column i is wt[i]
+    mt = mask1.T.contiguous()
+    et = torch.empty_like(wt)  # every row is written
     diag = u1.diagonal().tolist()
-    count = w1.shape[1]
+    count = wt.shape[0]
+    zero = torch.zeros((), dtype=wt.dtype, device=wt.device)
     for j1 in range(0, count, sub):
         j2 = min(j1 + sub, count)
         for i in range(j1, j2):
             if pattern.kind == "nm" and i % pattern.m == 0:
-                tmp = w1[:, i : i + pattern.m].pow(2) / u1.diagonal()[i : i + pattern.m].pow(2)[None, :]
+                tmp = wt[i : i + pattern.m].T.pow(2) / u1.diagonal()[i : i + pattern.m].pow(2)[None, :]
                 if prior1 is not None:
                     tmp = tmp.masked_fill(~prior1[:, i : i + pattern.m], -math.inf)
                 drop = torch.topk(tmp, pattern.m - pattern.n, dim=1, largest=False).indices
-                mask1[:, i : i + pattern.m].scatter_(1, drop, True)
-            col = w1[:, i]
-            pruned = mask1[:, i]
-            err = col.masked_fill(~pruned, 0) / diag[i]  # (w - q) / d, q: the column with its pruned weights zeroed
+                mt[i : i + pattern.m].T.scatter_(1, drop, True)
+            col = wt[i]
+            pruned = mt[i]
+            err = torch.div(torch.where(pruned, col, zero), diag[i], out=et[i])  # (w - q) / d, q: col, pruned zeroed
             col.masked_fill_(pruned, 0)  # the column becomes q
             if i + 1 < j2:
-                w1[:, i + 1 : j2] -= err[:, None] * u1[i, i + 1 : j2][None, :]
-            err1[:, i] = err
+                wt[i + 1 : j2] -= u1[i, i + 1 : j2][:, None] * err[None, :]
         if j2 < count:
-            w1[:, j2:] -= err1[:, j1:j2] @ u1[j1:j2, j2:]
-    return err1
+            wt[j2:] -= u1[j1:j2, j2:].T @ et[j1:j2]
+    return wt.T, mt.T, et.T
 
 
 def sparsegpt(
@@ -154,12 +175,12 @@ def sparsegpt(
     h_diag: torch.Tensor | None = None,
     block_size: int = 128,
     prior: torch.Tensor | None = None,
-    memo: Callable[[str, Callable[[], Any]], Any] | None = None,
+    factor: torch.Tensor | None = None,
     **_,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SparseGPT on ``w`` ``(m, n)`` with the damped Gram ``h``; returns ``(w_hat, keep)``.
 
-    ``memo(what, make)``: where the engine keeps what layers with the same ``h`` share (``U``).
+    ``factor``: ``U`` of ``h`` from :func:`prepare` (the engine's, shared by the layers with this ``h``).
 
     Example:
         >>> from robop_lightning.engine.patterns import parse_pattern
@@ -173,17 +194,17 @@ def sparsegpt(
     w = w.float().clone()
     if h_diag is not None:
         w[:, h_diag.to(w.device) == 0] = 0
-    def factor() -> torch.Tensor:
-        return upper_inverse_factor(h).to(device=w.device, dtype=torch.float32)
 
-    u = factor() if memo is None else memo("sparsegpt:U", factor)
+    if factor is None:
+        factor = upper_inverse_factor(h)
+    u = factor.to(device=w.device, dtype=torch.float32)
     pruned = torch.zeros(rows, cols, dtype=torch.bool, device=w.device)
     total_prune = rows * cols - pattern.keep_count(rows, cols)
     row_prune = cols - pattern.keep_per_row(cols) if pattern.kind == "row" else 0
 
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
-        w1 = w[:, i1:i2].clone()
+        w1 = w[:, i1:i2]
         u1 = u[i1:i2, i1:i2]
         prior1 = None if prior is None else prior[:, i1:i2]
         if pattern.kind == "nm":
@@ -193,7 +214,7 @@ def sparsegpt(
             if prior1 is not None:  # weights pruned earlier go first, whatever their score
                 tmp = tmp.masked_fill(~prior1, -math.inf)
             mask1 = _block_mask(tmp, pattern, pruned, prior, i1, cols, total_prune, row_prune)
-        err1 = _sweep(w1, u1, mask1, pattern, prior1)
+        w1, mask1, err1 = _sweep(w1, u1, mask1, pattern, prior1)
         w[:, i1:i2] = w1
         pruned[:, i1:i2] = mask1
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
