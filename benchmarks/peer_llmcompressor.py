@@ -40,8 +40,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -260,6 +262,9 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward, both sides")
     p.add_argument("--threads", type=int, default=2, help="torch threads, both sides")
     p.add_argument("--resamples", type=int, default=2000)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="timed pairs per method (robop, then the peer, alternating); the first pair is scored, "
+                        "the seconds reported are the median over the pairs")
     p.add_argument("--fast", action="store_true", help="a tiny random model on random tokens (seconds; for tests)")
     p.add_argument("--fast-arch", default="llama", choices=["llama", "gemma3"])
     p.add_argument("--peer-venv", default=str(PEER_VENV))
@@ -322,14 +327,7 @@ def main(argv=None) -> dict:
             kw = METHODS[method]
             # robop-lightning
             model = copy.deepcopy(dense)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                t = time.perf_counter()
-                report = prune_model(model, batches, sparsity=args.sparsity, uncertainty="baseline",
-                                     damping=args.damping, progress=False,
-                                     solver_options={"block_size": args.block_size} if method == "sparsegpt" else None,
-                                     **kw)
-                seconds = time.perf_counter() - t
+            report, seconds = robop_prune(model, batches, method, args)
             pruned = sorted(r["name"] for r in report.layers)
             if pruned != sorted(targets):
                 raise RuntimeError(f"robop pruned {len(pruned)} linears, expected the {len(targets)} decoder linears")
@@ -372,6 +370,22 @@ def main(argv=None) -> dict:
                   f"OOD {row['ppl_ood']:9.2f}  sparsity {row['sparsity']:.4f}", flush=True)
             del model, state, robop_zeros
 
+        for method in args.methods:  # further timed pairs, alternating sides; the seconds become medians
+            mine = next(r for r in rows if r["method"] == method and r["side"] == "robop")
+            theirs = next(r for r in rows if r["method"] == method and r["side"] == "llmcompressor")
+            mine["seconds_all"] = [mine["seconds"]]
+            if theirs["status"] == "ok":
+                theirs["seconds_all"] = [theirs["seconds"]]
+            for _ in range(args.repeats - 1):
+                mine["seconds_all"].append(robop_prune(copy.deepcopy(dense), batches, method, args)[1])
+                if theirs["status"] == "ok":
+                    theirs["seconds_all"].append(run_peer(method, job, venv, work, args.peer_timeout)["seconds"])
+                print(f"{method:9s} repeat         robop {mine['seconds_all'][-1]:.1f}s  llmcompressor "
+                      f"{theirs.get('seconds_all', [math.nan])[-1]:.1f}s", flush=True)
+            for r in (mine, theirs):
+                if "seconds_all" in r:
+                    r["seconds"] = statistics.median(r["seconds_all"])
+
     ratios = {}
     for method in args.methods:
         mine = next(r for r in rows if r["method"] == method and r["side"] == "robop")
@@ -379,7 +393,8 @@ def main(argv=None) -> dict:
         if theirs["status"] != "ok":
             ratios[method] = None
             continue
-        ratios[method] = {"seconds": mine["seconds"] / theirs["seconds"]}
+        pairs = [a / b for a, b in zip(mine["seconds_all"], theirs["seconds_all"])]
+        ratios[method] = {"seconds": mine["seconds"] / theirs["seconds"], "seconds_pairs": pairs}
         for s in SPLITS:
             a, b = mine["windows"][s], theirs["windows"][s]
             ratios[method][f"ppl_{s}"] = list(perplexity_ratio_ci(a["nll"], b["nll"], a["tokens"],
@@ -390,7 +405,7 @@ def main(argv=None) -> dict:
     protocol = {"model": label, "calibration_windows": len(calibration), "seqlen": seqlen,
                 "eval_windows": {s: len(evals[s]) for s in SPLITS}, "sparsity": args.sparsity,
                 "damping": args.damping, "block_size": args.block_size, "batch_size": args.batch_size,
-                "threads": args.threads, "targets": len(targets)}
+                "threads": args.threads, "targets": len(targets), "repeats": args.repeats}
     md = [f"Command: `{command}`", "", f"Commit: {R.git_commit()}", "", f"Machine: {R.machine_line(info)}", "",
           f"Peer: llm-compressor {_peer_line(peer)} in `{venv.name}`, a child process run after robop's side "
           f"with the same {args.threads} torch thread(s); its pipeline `{args.peer_pipeline}`.", "",
@@ -400,7 +415,8 @@ def main(argv=None) -> dict:
           f"{len(evals['ood'])} OOD windows, both pruned models scored by the same code here. SparseGPT: "
           f"damping {args.damping:g} mean(diag H), block size {args.block_size}; Wanda: the same share "
           "pruned in every output row. Seconds: the pruning call alone (`prune_model` / `oneshot`), "
-          "model loading and scoring excluded.", "",
+          f"model loading and scoring excluded; the median of {args.repeats} timed pair(s), robop's side then "
+          "the peer's, one after the other (the first pair's models are the ones scored).", "",
           "Mask agreement: the share of decoder-linear weights that both sides prune or both keep.", "",
           "| method | side | prune s | ppl | OOD ppl | sparsity (decoder linears) | mask agreement |",
           "|---|---|---|---|---|---|---|"]
@@ -413,12 +429,13 @@ def main(argv=None) -> dict:
                   f"{_num(r['ppl_ood'])} | {_num(r['sparsity'], '.4f')} | {_num(r.get('mask_agreement'), '.4f')} |")
     md += ["", "Ratios robop / llm-compressor (below 1: robop faster or lower perplexity), perplexity with a "
            "paired bootstrap 95 % interval over windows:", "",
-           "| method | time | ppl [95 % CI] | OOD ppl [95 % CI] |", "|---|---|---|---|"]
+           "| method | time (median) | time per pair | ppl [95 % CI] | OOD ppl [95 % CI] |", "|---|---|---|---|---|"]
     for method, rt in ratios.items():
         if rt is None:
-            md.append(f"| {method} | - | - | - |")
+            md.append(f"| {method} | - | - | - | - |")
         else:
-            md.append(f"| {method} | {rt['seconds']:.2f} | {format_ci(*rt['ppl_in-domain'])} | "
+            per_pair = ", ".join(f"{x:.2f}" for x in rt["seconds_pairs"])
+            md.append(f"| {method} | {rt['seconds']:.2f} | {per_pair} | {format_ci(*rt['ppl_in-domain'])} | "
                       f"{format_ci(*rt['ppl_ood'])} |")
     failed = [r for r in rows if r["status"] == "failed"]
     for r in failed:
@@ -428,6 +445,18 @@ def main(argv=None) -> dict:
                "rows": rows, "ratios": ratios}
     R.publish(args.out, payload, markdown)
     return payload
+
+
+def robop_prune(model: nn.Module, batches: list, method: str, args) -> tuple:
+    """robop-lightning's side of one job on ``model`` (in place): ``(report, seconds of prune_model)``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        t = time.perf_counter()
+        report = prune_model(model, batches, sparsity=args.sparsity, uncertainty="baseline",
+                             damping=args.damping, progress=False,
+                             solver_options={"block_size": args.block_size} if method == "sparsegpt" else None,
+                             **METHODS[method])
+        return report, time.perf_counter() - t
 
 
 def _peer_line(peer: dict) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -204,7 +205,8 @@ def test_llm_scale_fast(tmp_path):
 def test_peer_llmcompressor_fast(tmp_path):
     # no peer venv here: robop's side runs, llm-compressor's is reported missing (nothing installed)
     payload = load_script("benchmarks/peer_llmcompressor.py").main(
-        ["--fast", "--threads", "1", "--peer-venv", str(tmp_path / "no-venv"), "--out", str(tmp_path / "peer")])
+        ["--fast", "--threads", "1", "--repeats", "2", "--peer-venv", str(tmp_path / "no-venv"),
+         "--out", str(tmp_path / "peer")])
     data = json.loads((tmp_path / "peer.json").read_text())
     assert {"command", "commit", "machine", "protocol", "peer", "rows", "ratios"} <= set(data)
     assert data["peer"]["status"] == "missing" and not (tmp_path / "no-venv").exists()
@@ -214,6 +216,7 @@ def test_peer_llmcompressor_fast(tmp_path):
     for method in ("sparsegpt", "wanda"):
         mine, theirs = rows[method, "robop"], rows[method, "llmcompressor"]
         assert mine["status"] == "ok" and mine["seconds"] > 0 and abs(mine["sparsity"] - 0.5) < 1e-3
+        assert len(mine["seconds_all"]) == 2 and mine["seconds"] == statistics.median(mine["seconds_all"])
         assert all(math.isfinite(mine[k]) and mine[k] > 1 for k in ("ppl_in-domain", "ppl_ood"))
         assert theirs["status"] == "missing" and theirs["seconds"] is None and data["ratios"][method] is None
     assert rows["dense", "dense"]["sparsity"] == 0.0 and payload["rows"][0]["method"] == "dense"

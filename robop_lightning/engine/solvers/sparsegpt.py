@@ -5,17 +5,22 @@ upper triangular), ``U`` drives a left-to-right sweep in blocks of ``block_size`
 block's mask is chosen by ``w^2 / U_ii^2``, and the remaining columns receive the error ``err @ U``.
 Dead inputs (``H_jj = 0``) have their weights zeroed first, as in the reference.
 
-Two differences from the reference, neither changing what is computed:
+Three differences from the reference, none changing what is computed beyond float rounding:
 
 * exact budgets: each block prunes an exact count (the layer budget spread over blocks by
   cumulative rounding) instead of thresholding at a quantile, which can be off by ties; the count
-  is found by a selection (``kthvalue``), ties at the threshold going to the lowest indices;
+  is found by a selection (``kthvalue``, NumPy's introselect on CPU), ties at the threshold going
+  to the lowest indices;
 * ``U`` comes from one Cholesky factorisation and one triangular inverse, in float64, instead of
   the reference's three factorisations (``chol``, ``cholesky_inverse``, ``chol``): with ``J`` the
   reversal permutation and ``J H J = L L^T``, ``U = J L^-1 J`` is upper triangular with a positive
   diagonal and ``U^T U = H^-1``, so it is the reference's factor (up to rounding). ``L^-1`` is
   formed by halves (:func:`~robop_lightning.engine.solvers._linalg.triangular_inverse`). As the
-  factorisation is in float64, the engine asks only for float64 definiteness before it.
+  factorisation is in float64, the engine asks only for float64 definiteness, and
+  :func:`prepare` (the factorisation itself) is that test;
+* within a block, a column's update reaches the next columns of its sub-block of 16 at once and the
+  rest of the block as one product per sub-block (the reference's lazy batching one level down:
+  the same sums, grouped differently), on the transposed block so that columns are contiguous.
 """
 
 from __future__ import annotations
