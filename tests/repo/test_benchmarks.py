@@ -250,3 +250,25 @@ def test_export_sizes_fast(tmp_path):
         assert rows[(dtype, "50%", "hf")]["ratio"] == 1.0  # the hf format stores zeros densely
         assert rows[(dtype, "2:4", "compressed-tensors")]["ratio"] < rows[(dtype, "50%", "compressed-tensors")]["ratio"] < 0.8
     assert "| float32 | 2:4 | compressed-tensors |" in (tmp_path / "es.md").read_text()
+
+
+def test_gpu_run_script_dry_runs_every_step_on_the_cpu(tmp_path):
+    """The prepared device script (scripts/gpu_run.sh) at toy sizes: every step runs and writes its results."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}
+    done = subprocess.run(["bash", "scripts/gpu_run.sh", "--dry"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    steps = (tmp_path / "steps.txt").read_text().splitlines()
+    assert [line.split()[0] for line in steps] == ["llm_scale_sparsegpt", "llm_scale_alps_trace", "llm_scale_auto",
+                                                   "sparse_speed"]
+    assert all(" rc=0 " in line for line in steps), [(tmp_path / f"{line.split()[0]}.log").read_text()[-1500:]
+                                                     for line in steps if " rc=0 " not in line]
+    for name in ("llm_scale_sparsegpt", "llm_scale_alps_trace", "llm_scale_auto", "sparse_speed"):
+        assert json.loads((tmp_path / f"{name}.json").read_text())["rows"]
+    assert "torch" in (tmp_path / "machine.txt").read_text()
