@@ -277,6 +277,8 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="benchmarks/results/peer_llmcompressor")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     venv = pathlib.Path(args.peer_venv)
 
     if not args.fast:  # a missing asset stops here, with the fetch command, before any install
@@ -379,7 +381,12 @@ def main(argv=None) -> dict:
             for _ in range(args.repeats - 1):
                 mine["seconds_all"].append(robop_prune(copy.deepcopy(dense), batches, method, args)[1])
                 if theirs["status"] == "ok":
-                    theirs["seconds_all"].append(run_peer(method, job, venv, work, args.peer_timeout)["seconds"])
+                    try:
+                        theirs["seconds_all"].append(run_peer(method, job, venv, work, args.peer_timeout)["seconds"])
+                    except (RuntimeError, subprocess.TimeoutExpired) as err:  # keep the pairs measured so far
+                        print(f"{method:9s} llmcompressor repeat FAILED: {err}", flush=True)
+                        mine["seconds_all"].pop()
+                        break
                 print(f"{method:9s} repeat         robop {mine['seconds_all'][-1]:.1f}s  llmcompressor "
                       f"{theirs.get('seconds_all', [math.nan])[-1]:.1f}s", flush=True)
             for r in (mine, theirs):

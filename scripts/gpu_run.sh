@@ -5,8 +5,8 @@
 #   PYTHON=.venv/bin/python OUT=/tmp/g bash scripts/gpu_run.sh --dry   # the same steps on the CPU, toy sizes
 #
 # Steps, most important first, each under its own time limit so that one slow step cannot eat the
-# others' time (a step that runs out leaves a line in steps.txt and the rest go on); the limits add
-# up to under the device's 600 s per command:
+# others' time (a step that runs out leaves a line in steps.txt and the rest go on); the limits and
+# their 10 s grace add up to under the device's 600 s per command (GNU `timeout` needed):
 #   1. the machine (nvidia-smi, torch), then the CUDA tests (`pytest -m gpu`) when pytest is there;
 #   2. benchmarks/llm_scale.py on random-init Llama-3-8B blocks (2 blocks, 128 x 2048 tokens): the
 #      reference structure and SparseGPT (seconds per block with the breakdown, peak memory,
@@ -20,18 +20,18 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 OUT="${OUT:-$PWD/gpu_out}"
 mkdir -p "$OUT"
-PY="${PYTHON:-python}"  # the device's Python; PYTHON=.venv/bin/python here
+PY="${PYTHON:-$(command -v python || command -v python3)}"  # the device's Python; PYTHON=.venv/bin/python here
 
 if [ "${1:-}" = "--dry" ]; then
   DRY=1; DEV=cpu; SIZE=(--scale 0.03 --tokens 4x64); LIMITS=(0 60 60 60 60); SPEED=(--fast)
 else
-  DRY=0; DEV=cuda; SIZE=(--tokens 128x2048); LIMITS=(45 150 150 120 60); SPEED=()
+  DRY=0; DEV=cuda; SIZE=(--tokens 128x2048); LIMITS=(45 150 150 110 50); SPEED=()
 fi
 
 step() {  # step NAME LIMIT COMMAND...: run, time, record the exit status
   local name=$1 limit=$2; shift 2
   local t0=$SECONDS
-  timeout --signal=INT --kill-after=20 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout --signal=INT --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   local rc=$?
   echo "$name rc=$rc seconds=$((SECONDS - t0)) limit=$limit" | tee -a "$OUT/steps.txt"
 }
@@ -47,5 +47,6 @@ step llm_scale_sparsegpt "${LIMITS[1]}" "${SCALE[@]}" --blocks 2 --methods refer
   --out "$OUT/llm_scale_sparsegpt"
 step llm_scale_alps_trace "${LIMITS[2]}" "${SCALE[@]}" --blocks 1 --methods alps+trace --out "$OUT/llm_scale_alps_trace"
 step llm_scale_auto "${LIMITS[3]}" "${SCALE[@]}" --blocks 1 --methods auto --out "$OUT/llm_scale_auto"
-step sparse_speed "${LIMITS[4]}" "$PY" benchmarks/sparse_speed.py --device "$DEV" "${SPEED[@]}" --out "$OUT/sparse_speed"
+step sparse_speed "${LIMITS[4]}" "$PY" benchmarks/sparse_speed.py --device "$DEV" ${SPEED[@]+"${SPEED[@]}"} --out "$OUT/sparse_speed"
 cat "$OUT/steps.txt"
+! grep -qv " rc=0 " "$OUT/steps.txt"  # the script's status: every step ran to the end

@@ -39,6 +39,7 @@ def _chunk_elements(device: torch.device) -> int:
 
 
 GRAM_LEAF = 384  # below this width a Gram is one product
+_OFF_COLUMNS = 1024  # columns of an off-diagonal block computed at once (half x 1024 float64 at most)
 
 
 def add_gram(target: torch.Tensor, x: torch.Tensor, leaf: int = GRAM_LEAF) -> None:
@@ -64,9 +65,10 @@ def add_gram(target: torch.Tensor, x: torch.Tensor, leaf: int = GRAM_LEAF) -> No
     a, b = x[:, :half], x[:, half:]
     add_gram(target[:half, :half], a, leaf)
     add_gram(target[half:, half:], b, leaf)
-    off = a.T @ b
-    target[:half, half:] += off
-    target[half:, :half] += off.T
+    for c in range(half, n, _OFF_COLUMNS):  # A^T B in column chunks: a bounded temporary
+        off = a.T @ x[:, c : c + _OFF_COLUMNS]
+        target[:half, c : c + _OFF_COLUMNS] += off
+        target[c : c + _OFF_COLUMNS, :half] += off.T
 
 
 def _process_group_size() -> int:

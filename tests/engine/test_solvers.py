@@ -120,14 +120,15 @@ def _reference_sparsegpt(w, h, sparsity, blocksize, percdamp=0.01):
     return w, ~pruned
 
 
-@pytest.mark.parametrize("seed", range(2))
-def test_sparsegpt_matches_reference_numerics(seed):
+@pytest.mark.parametrize("seed,blocksize", [(0, 16), (1, 16), (0, 32), (1, 64)])
+def test_sparsegpt_matches_reference_numerics(seed, blocksize):
+    """Blocks of 32 and 64 run the grouped in-block updates (sub-blocks of 16) against the reference's per-column ones."""
     x = correlated_inputs(64, 4, 64, seed)
     w = random_weight(16, 64, seed)
     h = LayerInputs(x).gram()
-    ref_w, ref_mask = _reference_sparsegpt(w, h, 0.5, blocksize=16)
+    ref_w, ref_mask = _reference_sparsegpt(w, h, 0.5, blocksize=blocksize)
     hd = h + 0.01 * float(h.diagonal().mean()) * torch.eye(64, dtype=torch.float64)
-    w_hat, mask = SOLVERS["sparsegpt"](w, hd, parse_pattern("unstructured", 0.5), block_size=16)
+    w_hat, mask = SOLVERS["sparsegpt"](w, hd, parse_pattern("unstructured", 0.5), block_size=blocksize)
     assert torch.equal(mask, ref_mask)
     assert torch.allclose(w_hat.double(), ref_w, atol=1e-4, rtol=1e-4)
 
@@ -240,14 +241,15 @@ def test_upper_inverse_factor_is_the_cholesky_factor_of_the_inverse():
     """One factorisation of the reversed Gram gives the reference's chol(chol_inverse(chol(H)), upper)."""
     from robop_lightning.engine.solvers.sparsegpt import upper_inverse_factor
 
-    x = correlated_inputs(40, 2, 48, 5, spread=2.0)  # uneven scales: condition number ~1e8
-    h = LayerInputs(x).gram()
-    h = h + 1e-6 * float(h.diagonal().mean()) * torch.eye(48, dtype=torch.float64)
-    u = upper_inverse_factor(h)
-    ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    assert bool((u.tril(-1) == 0).all()) and bool((u.diagonal() > 0).all())
-    assert torch.allclose(u, ref, rtol=1e-7, atol=1e-9 * float(ref.abs().max()))
-    assert torch.allclose(u.T @ u @ h, torch.eye(48, dtype=torch.float64), atol=1e-6)
+    for n in (48, 600):  # 600: the triangular inverse recurses (leaves of 256 and less)
+        x = correlated_inputs(2 * n // 3, 2, n, 5, spread=2.0)  # uneven scales: condition number ~1e8
+        h = LayerInputs(x).gram()
+        h = h + 1e-6 * float(h.diagonal().mean()) * torch.eye(n, dtype=torch.float64)
+        u = upper_inverse_factor(h)
+        ref = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+        assert bool((u.tril(-1) == 0).all()) and bool((u.diagonal() > 0).all())
+        assert torch.allclose(u, ref, rtol=1e-6, atol=1e-9 * float(ref.abs().max()))
+        assert torch.allclose(u.T @ u @ h, torch.eye(n, dtype=torch.float64), atol=1e-6)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -273,22 +275,23 @@ def test_smallest_picks_an_exact_count_with_ties_to_the_lowest_index(seed):
     assert same.sum(1).tolist() == [5] * 7 and torch.equal(same, smallest(scores, torch.full((7,), 5), dim=1))
 
 
-@pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.5), ("2:4", None)])
+@pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.5), ("2:4", None), ("1:3", None)])
 def test_sparsegpt_sub_blocks_only_regroup_the_sums(pattern, sparsity):
     """The sweep's sub-blocks (a column's update reaches the rest of the block one product per 16
     columns) give the per-column sweep's masks and its weights up to float32 rounding."""
     from robop_lightning.engine.solvers.sparsegpt import _sweep, upper_inverse_factor
 
-    x = correlated_inputs(64, 4, 64, 2)
-    w = random_weight(40, 64, 2)
+    n = 63 if pattern == "1:3" else 64  # 1:3: groups straddle the sub-blocks of 16 (rounded up to 18)
+    x = correlated_inputs(64, 4, n, 2)
+    w = random_weight(40, n, 2)
     u = upper_inverse_factor(_damped(x)).float()
     pat = parse_pattern(pattern, sparsity)
     g = torch.Generator().manual_seed(0)
-    start = torch.rand(40, 64, generator=g) < 0.5 if pat.kind != "nm" else torch.zeros(40, 64, dtype=torch.bool)
+    start = torch.rand(40, n, generator=g) < 0.5 if pat.kind != "nm" else torch.zeros(40, n, dtype=torch.bool)
     runs = {}
-    for sub in (16, 64):  # 64: one sub-block, every update applied column by column
+    for sub in (16, n):  # n: one sub-block, every update applied column by column
         runs[sub] = _sweep(w.clone(), u, start.clone(), pat, None, sub=sub)
-    (wg, mg, eg), (wp, mp, ep) = runs[16], runs[64]
+    (wg, mg, eg), (wp, mp, ep) = runs[16], runs[n]
     assert torch.equal(mg, mp) and (pat.kind != "nm" or pat.validate_mask(~mg))
     assert bool((wg[mg] == 0).all())
     assert torch.allclose(wg, wp, rtol=1e-5, atol=1e-5 * float(wp.abs().max()))

@@ -255,9 +255,13 @@ def test_export_sizes_fast(tmp_path):
 def test_gpu_run_script_dry_runs_every_step_on_the_cpu(tmp_path):
     """The prepared device script (scripts/gpu_run.sh) at toy sizes: every step runs and writes its results."""
     import os
+    import shutil
     import subprocess
     import sys
     from pathlib import Path
+
+    if shutil.which("timeout") is None:
+        pytest.skip("scripts/gpu_run.sh needs GNU timeout")
 
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable}

@@ -99,7 +99,7 @@ def alps(
     """
     rows, cols = w.shape
     dev = w.device
-    s32, ht, lam, q = _normalised_eigh(h, dev) if memo is None else memo("alps:eigh", lambda: _normalised_eigh(h, dev))
+    s32, ht, lam, q = _normalised_eigh(h, dev) if memo is None else memo(f"alps:eigh:{dev}", lambda: _normalised_eigh(h, dev))
 
     b0 = (w.float() * s32[None, :]).T.contiguous()  # (n, m)
     hb0 = (b0.T @ ht).T  # H~ B0, computed as the authors' (W S) H~

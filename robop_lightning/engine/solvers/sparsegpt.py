@@ -152,6 +152,8 @@ def _sweep(w1: torch.Tensor, u1: torch.Tensor, mask1: torch.Tensor, pattern: Pat
     diag = u1.diagonal().tolist()
     count = wt.shape[0]
     zero = torch.zeros((), dtype=wt.dtype, device=wt.device)
+    if pattern.kind == "nm":  # a group's columns must all be up to date when its mask is chosen
+        sub = -(-sub // pattern.m) * pattern.m
     for j1 in range(0, count, sub):
         j2 = min(j1 + sub, count)
         for i in range(j1, j2):
@@ -196,6 +198,8 @@ def sparsegpt(
         (32, True)
     """
     rows, cols = w.shape
+    if pattern.kind == "nm":  # blocks of whole N:M groups (the pattern divides the layer's width)
+        block_size = -(-block_size // pattern.m) * pattern.m
     w = w.float().clone()
     if h_diag is not None:
         w[:, h_diag.to(w.device) == 0] = 0
