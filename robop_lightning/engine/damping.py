@@ -16,8 +16,8 @@ __all__ = ["Ridge", "check_engine_options", "positive_definite", "damp_until_def
 
 
 def positive_definite(hd: torch.Tensor, float32: bool = True) -> bool:
-    """Cholesky succeeds in float64 and (``float32=True``), Jacobi-normalised, in float32 (solvers
-    such as CAP and SparseGPT eliminate in float32: a Gram that is only float64-definite breaks them)."""
+    """Cholesky succeeds in float64 and (``float32=True``), Jacobi-normalised, in float32 (CAP
+    eliminates in float32 and ALPS iterates in float32: a Gram that is only float64-definite breaks them)."""
     if int(torch.linalg.cholesky_ex(hd).info) != 0:
         return False
     if not float32:
@@ -80,31 +80,34 @@ class Ridge:
     base: float
     raised: float
 
-    def damp(self, h_eff: torch.Tensor, name: str, memo: Callable[[Callable], Any] | None = None,
-             unit: float = 1.0, float32: bool = True, prepare: Callable[[torch.Tensor], Any] | None = None):
-        """``(h_eff + lam I) / unit`` with ``lam >= base`` raised until numerically positive definite.
+    def damp(self, h_eff: torch.Tensor, name: str, unit: float = 1.0,
+             prepare: Callable[[torch.Tensor], Any] | None = None,
+             memo: Callable[[Callable], Any] | None = None) -> tuple[torch.Tensor, Any]:
+        """``((h_eff + lam I) / unit, factor)`` with ``lam >= base`` raised until positive definite.
 
-        ``unit``: a power of 4 (exact); ``float32``: see :func:`positive_definite`; ``memo(make)``
-        keeps ``make()`` for the layers with the same ``h_eff``. ``prepare(hd)``: a solver's
-        factorisation of the damped, scaled matrix, ``None`` where it is not positive definite; it is
-        then the definiteness test, and ``(hd, its result)`` is returned instead of ``hd``.
+        ``unit``: a power of 4 (exact). ``prepare(hd)``: the solver's factorisation of the damped,
+        scaled matrix, ``None`` where it is not positive definite: it is then the definiteness test
+        (else :func:`positive_definite`) and its result the ``factor`` returned (else ``None``).
+        ``memo(make)`` keeps ``make()`` for the layers with the same ``h_eff``.
         """
 
         def make() -> tuple[torch.Tensor, float, Any]:
-            found: dict[str, Any] = {}
+            if prepare is None:
+                hd, lam = damp_until_definite(h_eff, self.base, name, warn=False)
+                return hd / unit, lam, None
+            found: list = []
 
             def test(hd: torch.Tensor) -> bool:
-                found["hd"] = hd / unit
-                found["factor"] = prepare(found["hd"])
-                return found["factor"] is not None
+                scaled = hd / unit if unit != 1.0 else hd
+                found[:] = [scaled, prepare(scaled)]
+                return found[1] is not None
 
-            hd, lam = damp_until_definite(h_eff, self.base, name, warn=False, float32=float32,
-                                          test=None if prepare is None else test)
-            return (hd / unit if prepare is None else found["hd"]), lam, found.get("factor")
+            lam = damp_until_definite(h_eff, self.base, name, warn=False, test=test)[1]
+            return found[0], lam, found[1]
 
         hd, lam, factor = make() if memo is None else memo(make)
         self.raised = max(self.raised, lam)
-        return hd if prepare is None else (hd, factor)
+        return hd, factor
 
 
 def unit_scale(mean_diag: float) -> float:

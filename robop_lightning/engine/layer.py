@@ -34,8 +34,7 @@ from robop_lightning.engine.gram import LayerInputs, as_layer_inputs
 from robop_lightning.engine.patterns import Pattern, parse_pattern
 from robop_lightning.report import LayerResult
 from robop_lightning.engine.alternation import alternate, blown_up, clamp_robust, quad, relative_error
-from robop_lightning.engine.solvers import (DATA_FREE, FLOAT64_FACTOR, PREPARE, SOLVERS, USES_FULL_GRAM,
-                                            check_solver_options)
+from robop_lightning.engine.solvers import DATA_FREE, PREPARE, SOLVERS, USES_FULL_GRAM, check_solver_options
 from robop_lightning.engine.solvers.refit import refit
 from robop_lightning.engine.solvers.structured_obs import select_groups
 from robop_lightning.engine.selection import (
@@ -217,25 +216,18 @@ def _solve(p: _Problem, h_eff: torch.Tensor, warm: torch.Tensor | None = None, h
     ``shared``: a key naming ``h_eff`` among the layers with these statistics (the static solves):
     the damping, the scaling and the solver's factorisation are then made once for all of them.
     """
-    memo = None
-    if shared is not None and p.mean_diag > 0:
-        key = (*shared, p.ridge.base, p.unit)
-
-        def memo(what, make):
-            return p.stats.derived((what, *key), make)
-
-    extra = {}
-    if p.solver in USES_FULL_GRAM:  # damped, scaled (and factored) once for the layers sharing the key
+    factor = None
+    if p.solver in USES_FULL_GRAM:  # damped, scaled and factored once for the layers sharing the key
+        memo = None
+        if shared is not None and p.mean_diag > 0:
+            memo = functools.partial(p.stats.derived, ("damped", *shared, p.ridge.base, p.unit))
         prepare = PREPARE.get(p.solver) if p.mean_diag > 0 else None
-        h_damped = p.ridge.damp(h_eff, p.name, memo=None if memo is None else functools.partial(memo, "damped"),
-                                unit=p.unit, float32=p.solver not in FLOAT64_FACTOR, prepare=prepare)
-        if prepare is not None:
-            h_damped, extra["factor"] = h_damped
+        h_damped, factor = p.ridge.damp(h_eff, p.name, unit=p.unit, prepare=prepare, memo=memo)
     else:
         h_damped = h_eff / p.unit
     fn = SOLVERS[p.solver] if p.mean_diag > 0 else SOLVERS["magnitude"]
     h_diag = h_eff.diagonal() if h_diag is None else h_diag
-    return fn(p.w, h_damped, p.pat, h_diag=h_diag / p.unit, warm=warm, prior=p.prior, memo=memo, **extra, **p.options)
+    return fn(p.w, h_damped, p.pat, h_diag=h_diag / p.unit, warm=warm, prior=p.prior, factor=factor, **p.options)
 
 
 def _solve_static(p: _Problem) -> tuple[torch.Tensor, torch.Tensor]:
@@ -288,7 +280,7 @@ def _robust_refit(p: _Problem, solution, h_k: torch.Tensor, phi: float, rounds: 
     for j in range(rounds + 1):
         improved = False
         for h_try, label in candidates:
-            refitted = refit(p.w, p.ridge.damp(h_try, p.name, unit=p.unit), mask, x0=w_hat)
+            refitted = refit(p.w, p.ridge.damp(h_try, p.name, unit=p.unit)[0], mask, x0=w_hat)
             phi_fit = p.uset.robust_loss(p.w - refitted)
             history.append({"round": label, "robust_loss": phi_fit,
                             "nominal_loss": quad(p.h, p.w - refitted), "mask_change": 0.0})

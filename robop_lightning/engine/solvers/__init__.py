@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from robop_lightning.engine.solvers.alps import alps
+from robop_lightning.engine.solvers.alps import prepare as _alps_prepare
 from robop_lightning.engine.solvers.cap import cap
 from robop_lightning.engine.solvers.magnitude import magnitude
 from robop_lightning.engine.solvers.options import RENAMED as OPTION_RENAMES
@@ -23,11 +24,10 @@ from robop_lightning.engine.solvers.wanda import wanda
 SOLVERS = {"alps": alps, "cap": cap, "sparsegpt": sparsegpt, "wanda": wanda, "magnitude": magnitude}
 # Solvers whose result depends on more than diag(H) (they need a damped, invertible Gram).
 USES_FULL_GRAM = frozenset({"alps", "cap", "sparsegpt"})
-# Full-Gram solvers that factor it in float64 only (the others need it float32-definite too).
-FLOAT64_FACTOR = frozenset({"sparsegpt"})
-# Solvers whose factorisation of the damped Gram the engine makes (and shares) for them: ``prepare(h)``
-# gives what the solver takes as ``factor=``, or ``None`` where ``h`` is not positive definite.
-PREPARE = {"sparsegpt": _sparsegpt_prepare}
+# Solvers whose factorisation of the damped Gram the engine makes (and shares between layers with the
+# same Gram): ``prepare(h)`` gives what the solver takes as ``factor=``, or ``None`` where ``h`` is not
+# positive definite as the solver needs it (SparseGPT: its float64 Cholesky; ALPS: float64 and float32).
+PREPARE = {"alps": _alps_prepare, "sparsegpt": _sparsegpt_prepare}
 # Solvers whose result does not depend on the calibration data at all.
 DATA_FREE = frozenset({"magnitude"})
 SOLVER_OPTIONS = {name: tuple(f.name for f in dataclasses.fields(cls)) for name, cls in OPTION_TYPES.items()}
@@ -50,4 +50,4 @@ def check_solver_options(solver: str, options: Any, name: str = "layer") -> dict
     return {k: v for k, v in dataclasses.asdict(typed).items() if k in keys}
 
 
-__all__ = ["SOLVERS", "SOLVER_OPTIONS", "OPTION_TYPES", "check_solver_options", "solver_options", "USES_FULL_GRAM", "FLOAT64_FACTOR", "PREPARE", "DATA_FREE", "alps", "cap", "sparsegpt", "wanda", "magnitude", "refit"]
+__all__ = ["SOLVERS", "SOLVER_OPTIONS", "OPTION_TYPES", "check_solver_options", "solver_options", "USES_FULL_GRAM", "PREPARE", "DATA_FREE", "alps", "cap", "sparsegpt", "wanda", "magnitude", "refit"]

@@ -56,11 +56,10 @@ problems than float64 (rounding) for about 1 s per 2048-input layer on one CPU t
 
 from __future__ import annotations
 
-from typing import Any, Callable
-
 import numpy as np
 import torch
 
+from robop_lightning.engine.damping import positive_definite
 from robop_lightning.engine.patterns import Pattern
 from robop_lightning.engine.solvers.refit import masked_pcg
 
@@ -73,6 +72,17 @@ def _normalised_eigh(h: torch.Tensor, dev: torch.device):
     ht = ((h32 / s32).T / s32).T.contiguous()
     lam, q = torch.linalg.eigh(ht.double())
     return s32, ht, lam.clamp_min(0), q
+
+
+def prepare(h: torch.Tensor):
+    """The normalisation and ``eigh`` of a damped Gram (on ``h``'s device), or ``None`` when it is
+    not positive definite in float64 and, Jacobi-scaled, in float32 (what the float32 iterates need).
+
+    Example:
+        >>> prepare(torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)) is None  # indefinite
+        True
+    """
+    return _normalised_eigh(h, h.device) if positive_definite(h) else None
 
 
 def alps(
@@ -90,16 +100,16 @@ def alps(
     fallback: bool = True,
     history: list | None = None,
     prior: torch.Tensor | None = None,
-    memo: Callable[[str, Callable[[], Any]], Any] | None = None,
+    factor: tuple | None = None,
     **_,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """ALPS on ``w`` ``(m, n)`` with the damped Gram ``h``; returns ``(w_hat, keep)`` (see the module).
 
-    ``memo(what, make)``: where the engine keeps what layers with the same ``h`` share (the ``eigh``).
+    ``factor``: :func:`prepare`'s result for ``h`` (the engine's, shared by the layers with this ``h``).
     """
     rows, cols = w.shape
     dev = w.device
-    s32, ht, lam, q = _normalised_eigh(h, dev) if memo is None else memo(f"alps:eigh:{dev}", lambda: _normalised_eigh(h, dev))
+    s32, ht, lam, q = (_normalised_eigh(h, dev) if factor is None else (t.to(dev) for t in factor))
 
     b0 = (w.float() * s32[None, :]).T.contiguous()  # (n, m)
     hb0 = (b0.T @ ht).T  # H~ B0, computed as the authors' (W S) H~

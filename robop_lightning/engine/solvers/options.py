@@ -29,7 +29,7 @@ __all__ = ["AlpsOptions", "CapOptions", "MagnitudeOptions", "SparseGPTOptions", 
            "ENGINE_ARGS", "solver_options"]
 
 # What the engine passes itself; everything else keyword-only in a solver's signature is a user option.
-ENGINE_ARGS = frozenset({"warm", "prior", "h_diag", "history", "memo", "factor"})
+ENGINE_ARGS = frozenset({"warm", "prior", "h_diag", "history", "factor"})
 # Old spellings still accepted, with a warning.
 RENAMED = {"sparsegpt": {"blocksize": "block_size"}}
 

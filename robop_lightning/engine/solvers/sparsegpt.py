@@ -53,7 +53,15 @@ def upper_inverse_factor(h: torch.Tensor) -> torch.Tensor:
         >>> torch.allclose(u, torch.linalg.cholesky(torch.linalg.inv(h), upper=True))
         True
     """
-    return triangular_inverse(torch.linalg.cholesky(h.double().flip(0, 1))).flip(0, 1)
+    u = _upper_or_none(h)
+    if u is None:
+        raise ValueError("the damped Gram is not positive definite: its Cholesky factorisation failed.")
+    return u
+
+
+def _upper_or_none(h: torch.Tensor) -> torch.Tensor | None:
+    low, info = torch.linalg.cholesky_ex(h.double().flip(0, 1))
+    return None if int(info) != 0 else triangular_inverse(low).flip(0, 1)
 
 
 def prepare(h: torch.Tensor) -> torch.Tensor | None:
@@ -64,10 +72,8 @@ def prepare(h: torch.Tensor) -> torch.Tensor | None:
         >>> prepare(torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)) is None  # indefinite
         True
     """
-    low, info = torch.linalg.cholesky_ex(h.double().flip(0, 1))
-    if int(info) != 0:
-        return None
-    return triangular_inverse(low).flip(0, 1).float()
+    u = _upper_or_none(h)
+    return None if u is None else u.float()
 
 
 def smallest(scores: torch.Tensor, k: int | torch.Tensor, dim: int | None = None) -> torch.Tensor:
