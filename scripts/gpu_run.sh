@@ -11,8 +11,11 @@
 #   2. benchmarks/llm_scale.py on random-init Llama-3-8B blocks (2 blocks, 128 x 2048 tokens): the
 #      reference structure and SparseGPT (seconds per block with the breakdown, peak memory,
 #      projected minutes for 32 layers);
-#   3. ALPS + Trace on one such block, then 4. auto on one block (the per-block figures);
-#   5. benchmarks/sparse_speed.py: 2:4 kernels against dense on the Llama-3-8B linear shapes.
+#   3. ALPS + Trace on one such block;
+#   4. benchmarks/alps_parts.py: where ALPS's time goes on each Llama-3-8B linear shape (eigh,
+#      resolvents, ADMM products, the mask selection against torch.kthvalue, updates, CG);
+#   5. auto on one block (the per-block figures);
+#   6. benchmarks/sparse_speed.py: 2:4 kernels against dense on the Llama-3-8B linear shapes.
 # Weights never travel: everything is random-init of real shapes. The library is imported from
 # this checkout (PYTHONPATH), so nothing needs installing beyond torch / transformers / lightning.
 set -u
@@ -23,9 +26,9 @@ mkdir -p "$OUT"
 PY="${PYTHON:-$(command -v python || command -v python3)}"  # the device's Python; PYTHON=.venv/bin/python here
 
 if [ "${1:-}" = "--dry" ]; then
-  DRY=1; DEV=cpu; SIZE=(--scale 0.03 --tokens 4x64); LIMITS=(0 60 60 60 60); SPEED=(--fast)
+  DRY=1; DEV=cpu; SIZE=(--scale 0.03 --tokens 4x64); LIMITS=(0 60 60 60 60 60); SPEED=(--fast); PARTS=(--fast)
 else
-  DRY=0; DEV=cuda; SIZE=(--tokens 128x2048); LIMITS=(45 150 150 110 50); SPEED=()
+  DRY=0; DEV=cuda; SIZE=(--tokens 128x2048); LIMITS=(45 130 120 75 80 40); SPEED=(); PARTS=(--repeats 1)
 fi
 
 step() {  # step NAME LIMIT COMMAND...: run, time, record the exit status
@@ -46,7 +49,8 @@ SCALE=("$PY" benchmarks/llm_scale.py --device "$DEV" --config llama3-8b "${SIZE[
 step llm_scale_sparsegpt "${LIMITS[1]}" "${SCALE[@]}" --blocks 2 --methods reference sparsegpt \
   --out "$OUT/llm_scale_sparsegpt"
 step llm_scale_alps_trace "${LIMITS[2]}" "${SCALE[@]}" --blocks 1 --methods alps+trace --out "$OUT/llm_scale_alps_trace"
-step llm_scale_auto "${LIMITS[3]}" "${SCALE[@]}" --blocks 1 --methods auto --out "$OUT/llm_scale_auto"
-step sparse_speed "${LIMITS[4]}" "$PY" benchmarks/sparse_speed.py --device "$DEV" ${SPEED[@]+"${SPEED[@]}"} --out "$OUT/sparse_speed"
+step alps_parts "${LIMITS[3]}" "$PY" benchmarks/alps_parts.py --device "$DEV" "${PARTS[@]}" --out "$OUT/alps_parts"
+step llm_scale_auto "${LIMITS[4]}" "${SCALE[@]}" --blocks 1 --methods auto --out "$OUT/llm_scale_auto"
+step sparse_speed "${LIMITS[5]}" "$PY" benchmarks/sparse_speed.py --device "$DEV" ${SPEED[@]+"${SPEED[@]}"} --out "$OUT/sparse_speed"
 cat "$OUT/steps.txt"
 ! grep -qv " rc=0 " "$OUT/steps.txt"  # the script's status: every step ran to the end

@@ -202,6 +202,22 @@ def test_llm_scale_fast(tmp_path):
         assert line in md
 
 
+def test_alps_parts_fast_accounts_for_the_solve(tmp_path):
+    payload = load_script("benchmarks/alps_parts.py").main(["--fast", "--out", str(tmp_path / "ap")])
+    data = json.loads((tmp_path / "ap.json").read_text())
+    assert [r["name"] for r in data["rows"]] == [r["name"] for r in payload["rows"]] == [
+        "q/o_proj", "k/v_proj", "gate/up_proj", "down_proj"]
+    assert [r["shape"] for r in data["rows"]] == ["64x64", "16x64", "228x64", "64x228"]  # llm_scale's widths at 0.016
+    for row in data["rows"]:
+        assert row["solve_seconds"] > 0 and row["iterations"] >= 3 and row["rho_values"] >= 1
+        assert set(row["parts"]) == {"eigh", "resolvent", "product", "select", "update", "cg"}
+        assert (row["parts"]["resolvent"] > 0) == (row["path"] == "formed resolvent")  # wide layers: two products
+        assert row["model_seconds"] == pytest.approx(sum(row["parts"].values()))
+        assert row["kthvalue_seconds"] is None  # the old accelerator path is not timed on a CPU
+    assert [r["path"] for r in data["rows"]] == ["formed resolvent", "two products", "formed resolvent", "two products"]
+    assert "| down_proj | 64x228 |" in (tmp_path / "ap.md").read_text()
+
+
 def test_peer_llmcompressor_fast(tmp_path):
     # no peer venv here: robop's side runs, llm-compressor's is reported missing (nothing installed)
     payload = load_script("benchmarks/peer_llmcompressor.py").main(
@@ -269,10 +285,10 @@ def test_gpu_run_script_dry_runs_every_step_on_the_cpu(tmp_path):
                           timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     steps = (tmp_path / "steps.txt").read_text().splitlines()
-    assert [line.split()[0] for line in steps] == ["llm_scale_sparsegpt", "llm_scale_alps_trace", "llm_scale_auto",
-                                                   "sparse_speed"]
+    assert [line.split()[0] for line in steps] == ["llm_scale_sparsegpt", "llm_scale_alps_trace", "alps_parts",
+                                                   "llm_scale_auto", "sparse_speed"]
     assert all(" rc=0 " in line for line in steps), [(tmp_path / f"{line.split()[0]}.log").read_text()[-1500:]
                                                      for line in steps if " rc=0 " not in line]
-    for name in ("llm_scale_sparsegpt", "llm_scale_alps_trace", "llm_scale_auto", "sparse_speed"):
+    for name in ("llm_scale_sparsegpt", "llm_scale_alps_trace", "alps_parts", "llm_scale_auto", "sparse_speed"):
         assert json.loads((tmp_path / f"{name}.json").read_text())["rows"]
     assert "torch" in (tmp_path / "machine.txt").read_text()

@@ -35,7 +35,7 @@ the other one on the two-product path below. Differences that only change roundi
   ``n^3`` per rho is what the authors pay);
 * the resolvent is formed once per value of rho (the authors re-form it at every check);
 * the unstructured top-k is a ``O(m n)`` selection of the k-th largest magnitude (``numpy.partition``
-  on CPU, ``kthvalue`` on an accelerator) plus a comparison, and ``N:M`` (``M <= 8``) ranks each
+  on CPU, a radix select on an accelerator: ``torch.kthvalue`` is slow on one large slice there) plus a comparison, and ``N:M`` (``M <= 8``) ranks each
   weight by ``M - 1`` comparisons within its group;
 * the CG is Jacobi-preconditioned (the authors' is not; ``diag(H~)`` is 1 up to the ``1e-8``, so
   the preconditioner is the identity up to rounding) and runs its ``pcg_iters`` iterations (the
@@ -56,11 +56,11 @@ problems than float64 (rounding) for about 1 s per 2048-input layer on one CPU t
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from robop_lightning.engine.damping import positive_definite
 from robop_lightning.engine.patterns import Pattern
+from robop_lightning.engine.solvers._select import kth_smallest
 from robop_lightning.engine.solvers.refit import masked_pcg
 
 
@@ -215,16 +215,12 @@ def support(scores: torch.Tensor, pattern: Pattern, kept: int, prior: torch.Tens
 def _top_k_mask(a: torch.Tensor, k: int) -> torch.Tensor:
     """Bool mask of the ``k`` largest entries of ``a`` (ties at the threshold: first in memory order).
 
-    Selects the k-th largest value in ``O(numel)`` (``numpy.partition`` on CPU, ``kthvalue``
-    elsewhere) and compares, instead of a ``topk`` over the whole layer.
+    Selects the k-th largest value in ``O(numel)`` (:func:`~robop_lightning.engine.solvers._select.kth_smallest`:
+    ``numpy.partition`` on CPU, a radix select elsewhere) and compares, instead of a ``topk`` over the
+    whole layer.
     """
     flat = a.reshape(-1)
-    total = flat.numel()
-    if flat.device.type == "cpu" and flat.dtype in (torch.float32, torch.float64):
-        arr = flat.detach().numpy()
-        thr = torch.as_tensor(np.partition(arr, total - k)[total - k], dtype=flat.dtype)
-    else:
-        thr = torch.kthvalue(flat, total - k + 1).values
+    thr = kth_smallest(flat, flat.numel() - k + 1)
     keep = flat >= thr
     extra = int(keep.sum()) - k
     if extra > 0:  # ties at the threshold: keep the first ones only

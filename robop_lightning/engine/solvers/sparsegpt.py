@@ -9,7 +9,8 @@ Three differences from the reference, none changing what is computed beyond floa
 
 * exact budgets: each block prunes an exact count (the layer budget spread over blocks by
   cumulative rounding) instead of thresholding at a quantile, which can be off by ties; the count
-  is found by a selection (``kthvalue``, NumPy's introselect on CPU), ties at the threshold going
+  is found by a selection (NumPy's introselect on CPU, a radix select on an accelerator, where
+  ``torch.kthvalue`` is slow on one large slice), ties at the threshold going
   to the lowest indices;
 * ``U`` comes from one Cholesky factorisation and one triangular inverse, in float64, instead of
   the reference's three factorisations (``chol``, ``cholesky_inverse``, ``chol``): with ``J`` the
@@ -27,11 +28,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from robop_lightning.engine.patterns import Pattern
 from robop_lightning.engine.solvers._linalg import triangular_inverse
+from robop_lightning.engine.solvers._select import kth_smallest
 
 __all__ = ["sparsegpt", "prepare", "upper_inverse_factor", "smallest"]
 
@@ -110,9 +111,8 @@ def _kth(moved: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     if bool((counts == first).all()):  # one count for all slices: one selection
         if first == 0:
             return torch.full(moved.shape[:-1], -math.inf, dtype=moved.dtype, device=moved.device)
-        if moved.device.type == "cpu" and moved.dim() == 2 and moved.shape[0] == 1:  # NumPy's introselect is faster
-            arr = moved.detach().reshape(-1).numpy()
-            return torch.as_tensor(np.partition(arr, first - 1)[first - 1 : first], dtype=moved.dtype)
+        if moved.dim() == 2 and moved.shape[0] == 1:  # one slice: NumPy's introselect or a radix select
+            return kth_smallest(moved, first).reshape(1)
         return torch.kthvalue(moved, first, dim=-1).values
     ordered = moved.sort(dim=-1).values
     idx = (counts - 1).clamp_min(0).unsqueeze(-1)
