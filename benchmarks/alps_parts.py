@@ -132,7 +132,7 @@ def measure(label: str, rows: int, cols: int, pattern, args, device: torch.devic
 
     def update():
         x = (v + rho * b0) / rho
-        d = x * supp
+        d = x * supp.to(x.dtype)
         v.add_(rho * (b0 - d))
         _ = hb0 - v + rho * d
         return int((supp != supp).sum())

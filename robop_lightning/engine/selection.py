@@ -269,7 +269,7 @@ def _admm_scores(w: torch.Tensor, lam: torch.Tensor, q: torch.Tensor, h: torch.T
     b0 = w.T.contiguous()  # (n, m), the solver layout
     p0 = lam_c[:, :, None] * (q.T @ b0)[:, None, :]  # Q^T H_c B0, (n, C, m)
     keep = project(b0[:, None, :].expand(n, cands, m))
-    d = b0[:, None, :] * keep
+    d = b0[:, None, :] * keep.to(b0.dtype)
     v = torch.zeros_like(d)
     rho = (_ADMM_RHO0 * lam_c.mean(0))[None, :, None]
     for _ in range(_ADMM_STEPS):
@@ -277,7 +277,7 @@ def _admm_scores(w: torch.Tensor, lam: torch.Tensor, q: torch.Tensor, h: torch.T
         b = (q @ ((p0 + rhs) / (lam_c[:, :, None] + rho)).reshape(n, -1)).view(n, cands, m)
         z = b + v / rho
         keep = project(z)
-        d = z * keep
+        d = z * keep.to(z.dtype)
         v += rho * (b - d)
         rho = rho * _ADMM_GROWTH
     # masked PCG on every candidate's support, warm-started at d: min over X on the mask of (X - W) H_c (X - W)^T

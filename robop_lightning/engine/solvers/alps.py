@@ -118,7 +118,7 @@ def alps(
 
     def project(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         keep = support(x.abs(), pattern, kept, prior)
-        return x * keep, keep
+        return x * keep.to(x.dtype), keep
 
     # The authors form (H~ + rho I)^-1 as one n x n matrix (float64, rounded to float32) for every
     # rho; for wide layers two n x n x m products per iteration are cheaper than n^3 per rho.
@@ -151,7 +151,7 @@ def alps(
         v += rho * (b - d)
         if it % check_every:
             continue
-        flips = int((new_supp != supp).sum())
+        flips = int(torch.count_nonzero(new_supp != supp))
         ratio = flips / k
         if history is not None:
             history.append({"iteration": it, "rho": rho, "flips": flips})
@@ -196,7 +196,7 @@ def alps(
                 bt, supp = bt0, supp0
     w_hat = bt / s32[None, :]
     mask = supp.T.contiguous()
-    return w_hat * mask, mask
+    return w_hat * mask.to(w_hat.dtype), mask
 
 
 def support(scores: torch.Tensor, pattern: Pattern, kept: int, prior: torch.Tensor | None = None) -> torch.Tensor:
@@ -222,7 +222,7 @@ def _top_k_mask(a: torch.Tensor, k: int) -> torch.Tensor:
     flat = a.reshape(-1)
     thr = kth_smallest(flat, flat.numel() - k + 1)
     keep = flat >= thr
-    extra = int(keep.sum()) - k
+    extra = int(torch.count_nonzero(keep)) - k
     if extra > 0:  # ties at the threshold: keep the first ones only
         ties = torch.nonzero(flat == thr).flatten()
         keep[ties[ties.numel() - extra :]] = False

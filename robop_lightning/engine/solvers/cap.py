@@ -329,4 +329,4 @@ def cap_grouped(
     padded = p.pad_of.numel()
     mask = kept.view(groups, rows, padded)[:, :, :cols].contiguous()
     w_hat = out.view(groups, rows, padded)[:, :, :cols].to(torch.float32)
-    return w_hat * mask, mask
+    return w_hat * mask.to(w_hat.dtype), mask

@@ -9,4 +9,4 @@ from robop_lightning.engine.patterns import Pattern
 
 def magnitude(w: torch.Tensor, h: torch.Tensor, pattern: Pattern, *, prior: torch.Tensor | None = None, **_):
     mask = pattern.select(w.abs(), prior=prior)
-    return w * mask, mask
+    return w * mask.to(w.dtype), mask

@@ -234,4 +234,4 @@ def sparsegpt(
         pruned[:, i1:i2] = mask1
         w[:, i2:] -= err1 @ u[i1:i2, i2:]
     keep = ~pruned
-    return w * keep, keep
+    return w * keep.to(w.dtype), keep

@@ -39,7 +39,7 @@ def wanda(w: torch.Tensor, h: torch.Tensor, pattern: Pattern, *, group: str = "r
         mask = per_row_select(scores, pattern.keep_count(*w.shape), prior)
     else:
         mask = pattern.select(scores, prior=prior)
-    return w * mask, mask
+    return w * mask.to(w.dtype), mask
 
 
 def per_row_select(scores: torch.Tensor, total: int, prior: torch.Tensor | None = None) -> torch.Tensor:
