@@ -7,7 +7,8 @@
     .venv/bin/python benchmarks/llm_scale.py --fast --out /tmp/ls    # seconds: tiny CPU run, every method
 
 The model is ``transformers.LlamaForCausalLM`` with random weights, the named configuration
-(``llama3-8b``: hidden 4096, MLP 14336, 32 heads, 8 KV heads; ``llama2-7b``: 4096, 11008, 32 / 32)
+(``llama3-8b``: hidden 4096, MLP 14336, 32 heads, 8 KV heads; ``llama2-7b``: 4096, 11008, 32 / 32;
+``gemma3-270m``: Gemma 3 270M's shapes, 640, 2048, 4 / 1 heads of 256, in Llama blocks)
 cut to ``--blocks`` decoder layers and a 1024-token vocabulary (the embedding is not pruned), in
 ``--dtype`` (bfloat16 on CUDA, float32 on CPU). ``--scale s`` shrinks the width: the head size
 stays 128 while at least one group of query heads fits (heads and KV heads then scale), below that
@@ -63,10 +64,12 @@ from robop_lightning.pipeline.prune import prune_model  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# name: (hidden, intermediate, heads, kv heads, layers of the full model, vocabulary, rope theta, rms eps)
+# name: (hidden, intermediate, heads, kv heads, layers of the full model, vocabulary, rope theta, rms eps,
+#        head size where it is not hidden / heads)
 CONFIGS = {
-    "llama3-8b": (4096, 14336, 32, 8, 32, 128256, 500000.0, 1e-5),
-    "llama2-7b": (4096, 11008, 32, 32, 32, 32000, 10000.0, 1e-5),
+    "llama3-8b": (4096, 14336, 32, 8, 32, 128256, 500000.0, 1e-5, None),
+    "llama2-7b": (4096, 11008, 32, 32, 32, 32000, 10000.0, 1e-5, None),
+    "gemma3-270m": (640, 2048, 4, 1, 18, 262144, 1000000.0, 1e-6, 256),  # its shapes in Llama blocks
 }
 # method: (solver, uncertainty) of prune_model; "reference" is this file's re-creation
 METHODS = {
@@ -85,9 +88,13 @@ BREAKDOWN = ("forward", "capture", "solve", "io")
 # --------------------------------------------------------------------------- model and data
 def scaled_shape(name: str, scale: float) -> dict:
     """Hidden / MLP width, heads, KV heads and head size of ``name`` shrunk by ``scale`` (a valid config)."""
-    hidden, inter, heads, kv, layers, vocab, theta, eps = CONFIGS[name]
+    hidden, inter, heads, kv, layers, vocab, theta, eps, head_dim = CONFIGS[name]
     group = heads // kv
-    head_dim = hidden // heads
+    head_dim = head_dim or hidden // heads
+    common = {"full_layers": layers, "full_vocab": vocab, "rope_theta": theta, "rms_norm_eps": eps}
+    if scale == 1:
+        return {"hidden_size": hidden, "intermediate_size": inter, "num_attention_heads": heads,
+                "num_key_value_heads": kv, "head_dim": head_dim, **common}
     target = hidden * scale
     if target >= head_dim * group:  # full-size heads: whole KV groups
         kv_s = max(1, round(target / (head_dim * group)))
@@ -97,8 +104,7 @@ def scaled_shape(name: str, scale: float) -> dict:
         head_dim = max(4, 4 * round(target / heads_s / 4))
     inter_s = max(4, 4 * round(inter * scale / 4))
     return {"hidden_size": heads_s * head_dim, "intermediate_size": inter_s, "num_attention_heads": heads_s,
-            "num_key_value_heads": kv_s, "head_dim": head_dim, "full_layers": layers, "full_vocab": vocab,
-            "rope_theta": theta, "rms_norm_eps": eps}
+            "num_key_value_heads": kv_s, "head_dim": head_dim, **common}
 
 
 def build_model(name: str, scale: float, blocks: int, seqlen: int, dtype: torch.dtype, device: torch.device):

@@ -85,7 +85,9 @@ def _comm_device() -> torch.device:
 
 
 def _check_finite(t: torch.Tensor, what: str) -> None:
-    if not torch.isfinite(t).all():
+    # the extremes are finite exactly when every entry is (a NaN propagates through both): two
+    # reductions instead of a boolean copy of a Gram (0.6 ms against 15 ms at 2048 x 2048)
+    if not bool(torch.isfinite(torch.stack(torch.aminmax(t))).all()):
         raise ValueError(
             f"{what} contains NaN or Inf values. Pruning needs finite calibration statistics: "
             "check the calibration data and the layers before this one (an overflow in half "
@@ -225,7 +227,7 @@ class LayerInputs(_SampleCounts):
             add_gram(acc, xc.reshape(-1, n))
         acc = self._all_reduce(acc)
         _check_finite(acc, self.name)
-        acc = 0.5 * (acc + acc.T)
+        acc = _symmetrized(acc)
         if sample_weights is None:
             self._gram = acc
         return acc
@@ -292,6 +294,36 @@ def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
     """``t`` summed over the ranks of the default process group (``t`` itself without one; it may be
     reduced in place); every rank gets the same result."""
     return _reduced(t, _process_group_size())
+
+
+_SYM_TILE = 256
+
+
+def _symmetrized(h: torch.Tensor) -> torch.Tensor:
+    """``(H + H^T) / 2`` of one Gram or a stack of them (the last two dimensions); on a CPU ``h`` itself,
+    symmetrised in place tile by tile.
+
+    The entries are the same either way (``(a + b) * 0.5`` at ``(i, j)`` and at ``(j, i)``). On a CPU a
+    whole transposed sum into a fresh tensor is slow (page faults and strided reads: 26 ms at
+    2048 x 2048, 226 ms at 4096), tiles of 256 that stay in cache take 8 and 32 ms; an accelerator
+    does the whole sum at once.
+
+    Example:
+        >>> h = torch.randn(600, 600, dtype=torch.float64)
+        >>> torch.equal(_symmetrized(h.clone()), 0.5 * (h + h.T))
+        True
+    """
+    if h.device.type != "cpu":
+        return torch.add(h, h.transpose(-1, -2)).mul_(0.5)
+    n = h.shape[-1]
+    for i in range(0, n, _SYM_TILE):
+        diag = h[..., i : i + _SYM_TILE, i : i + _SYM_TILE]
+        diag.copy_(torch.add(diag, diag.transpose(-1, -2)).mul_(0.5))
+        for j in range(i + _SYM_TILE, n, _SYM_TILE):
+            up, low = h[..., i : i + _SYM_TILE, j : j + _SYM_TILE], h[..., j : j + _SYM_TILE, i : i + _SYM_TILE]
+            up.add_(low.transpose(-1, -2)).mul_(0.5)
+            low.copy_(up.transpose(-1, -2))
+    return h
 
 
 def _reduced(t: torch.Tensor, world: int) -> torch.Tensor:
@@ -416,18 +448,17 @@ class GramInputs(_SampleCounts):
         if acc.folds:  # local residue r holds global fold (offset + r) mod K
             order = [(r - offset) % acc.folds for r in range(acc.folds)]
             folds = _reduced(acc.acc[order], world)
-            folds = 0.5 * (folds + folds.transpose(1, 2))
+            folds = _symmetrized(folds)
             h = folds.sum(0)
         else:
-            h = _reduced(acc.acc, world)
-            h = 0.5 * (h + h.T)
+            h = _symmetrized(_reduced(acc.acc, world))
         _check_finite(h, acc.name)
         out = cls(h, counts, tokens, folds, acc.name, distributed)
         out.heldout = None
         if acc.held is not None:
             held = _reduced(acc.held, world)
             _check_finite(held, acc.name + " (held out)")
-            out.heldout = cls(0.5 * (held + held.T), _gather_counts(acc.heldout, distributed)[0], acc.tokens,
+            out.heldout = cls(_symmetrized(held), _gather_counts(acc.heldout, distributed)[0], acc.tokens,
                               name=acc.name + " (held out)", distributed=distributed)
         return out
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import robop_lightning.engine.gram as gram_module
@@ -23,3 +24,15 @@ def test_bootstrap_radius_shrinks_with_more_samples():
     many = LayerInputs(correlated_inputs(512, 4, 12, 0)).bootstrap_radius()
     assert 0 < many < few
     assert LayerInputs(correlated_inputs(1, 4, 12, 0)).bootstrap_radius() == 0.0
+
+
+@pytest.mark.parametrize("shape", [(5, 5), (300, 300), (3, 530, 530)])
+def test_symmetrized_in_tiles_equals_the_whole_transposed_sum(shape):
+    """The CPU's in-place tiled symmetrisation gives (H + H^T) / 2 exactly, for one Gram or a stack of them
+    (widths below, at and across the tile of 256)."""
+    from robop_lightning.engine.gram import _symmetrized
+
+    h = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    expected = 0.5 * (h + h.transpose(-1, -2))
+    out = _symmetrized(h)
+    assert out is h and torch.equal(out, expected)
