@@ -12,7 +12,9 @@ import os
 import pathlib
 import platform
 import resource
+import statistics
 import sys
+import time
 
 import torch
 from torch import nn
@@ -50,6 +52,27 @@ def machine_line(info: dict) -> str:
     load = ", ".join(f"{x:.2f}" for x in info["loadavg"])
     return (f"{info['cpu']} ({info['cpu_count']} cores visible, {info['threads']} torch threads), "
             f"torch {info['torch']}, device {info['device']}{gpu}; load average (1, 5, 15 min) {load}")
+
+
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA), so that a timer measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def timed(fn, device: torch.device, warmup: int, repeats: int) -> float:
+    """Median wall seconds of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    seconds = []
+    for _ in range(repeats):
+        sync(device)
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        seconds.append(time.perf_counter() - t)
+    return statistics.median(seconds)
 
 
 def command_line(script: str, argv) -> str:

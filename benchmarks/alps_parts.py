@@ -39,9 +39,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import statistics
 import sys
-import time
 
 import torch
 
@@ -55,25 +53,6 @@ from robop_lightning.engine.solvers.refit import masked_pcg  # noqa: E402
 
 FAST = ["--config", "llama3-8b", "--scale", "0.016", "--device", "cpu", "--repeats", "1", "--threads", "1"]
 PARTS = ("eigh", "resolvent", "product", "select", "update", "cg")
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device, repeats: int, warmup: int = 1) -> float:
-    """Median wall seconds of ``fn()`` over ``repeats`` calls, after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    seconds = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        seconds.append(time.perf_counter() - t)
-    return statistics.median(seconds)
 
 
 def layer_shapes(shape: dict) -> list[tuple[str, int, int]]:
@@ -102,30 +81,30 @@ def measure(label: str, rows: int, cols: int, pattern, args, device: torch.devic
     w, h = problem(rows, cols, args.tokens_per_input, device)
     history: list = []
     # the solve and the eigh are the long parts: no untimed call (the libraries are warm, see main)
-    solve_s = timed(lambda: (history.clear(), alps(w, h, pattern, history=history)), device, args.repeats, 0)
+    solve_s = R.timed(lambda: (history.clear(), alps(w, h, pattern, history=history)), device, 0, args.repeats)
     iterations = max([e["iteration"] for e in history], default=0)
     rhos = [e["rho"] for e in history]
     rho_values = 1 + sum(1 for a, b in zip(rhos, rhos[1:]) if a != b)
 
     s32, ht, lam, q = _normalised_eigh(h, device)
-    eigh_s = timed(lambda: _normalised_eigh(h, device), device, args.repeats, 0)
+    eigh_s = R.timed(lambda: _normalised_eigh(h, device), device, 0, args.repeats)
     explicit = cols < 2 * rows
     b0 = (w.float() * s32[None, :]).T.contiguous()  # (in, out), the solver's layout
     hb0 = (b0.T @ ht).T
     kept = pattern.keep_count(rows, cols)
     rho = 0.1
     if explicit:
-        resolvent_s = timed(lambda: (q @ ((1 / (lam + rho)) * q).T).float(), device, args.repeats)
+        resolvent_s = R.timed(lambda: (q @ ((1 / (lam + rho)) * q).T).float(), device, 1, args.repeats)
         m32 = (q @ ((1 / (lam + rho)) * q).T).float()
-        product_s = timed(lambda: m32 @ (hb0 + rho * b0), device, args.repeats)
+        product_s = R.timed(lambda: m32 @ (hb0 + rho * b0), device, 1, args.repeats)
     else:
         resolvent_s = 0.0
         q32, d32 = q.float(), (lam + rho).float()[:, None]
-        product_s = timed(lambda: q32 @ ((q32.T @ (rho * b0)) / d32), device, args.repeats)
+        product_s = R.timed(lambda: q32 @ ((q32.T @ (rho * b0)) / d32), device, 1, args.repeats)
     scores = b0.abs()
-    select_s = timed(lambda: support(scores, pattern, kept), device, args.repeats)
+    select_s = R.timed(lambda: support(scores, pattern, kept), device, 1, args.repeats)
     flat = scores.reshape(-1)
-    kth_s = (timed(lambda: torch.kthvalue(flat, flat.numel() - kept + 1), device, args.repeats)
+    kth_s = (R.timed(lambda: torch.kthvalue(flat, flat.numel() - kept + 1), device, 1, args.repeats)
              if pattern.kind == "unstructured" and device.type != "cpu" else None)
     v = torch.zeros_like(b0)
     supp = support(scores, pattern, kept)
@@ -137,9 +116,9 @@ def measure(label: str, rows: int, cols: int, pattern, args, device: torch.devic
         _ = hb0 - v + rho * d
         return int((supp != supp).sum())
 
-    update_s = timed(update, device, args.repeats)
+    update_s = R.timed(update, device, 1, args.repeats)
     fits = 1.3  # the fit on ADMM's support (10 iterations) and the fallback's 3-iteration screen of the start's
-    cg_s = timed(lambda: masked_pcg(b0.T, ht, supp.T, x0=b0.T, iters=10, hw=hb0), device, args.repeats)
+    cg_s = R.timed(lambda: masked_pcg(b0.T, ht, supp.T, x0=b0.T, iters=10, hw=hb0), device, 1, args.repeats)
     parts = {"eigh": eigh_s, "resolvent": resolvent_s * rho_values, "product": product_s * iterations,
              "select": select_s * iterations, "update": update_s * iterations, "cg": cg_s * fits}
     model = sum(parts.values())

@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import statistics
 import sys
-import time
 
 import torch
 from torch import nn
@@ -66,26 +64,6 @@ def magnitude_24(weight: torch.Tensor) -> torch.Tensor:
     groups = weight.reshape(-1, 4)
     keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, groups.abs().topk(2, dim=1).indices, True)
     return (groups * keep).reshape(weight.shape)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.inference_mode()
-def timed(fn, device: torch.device, warmup: int, repeats: int) -> float:
-    """Median wall seconds of ``fn()`` over ``repeats`` calls, after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    seconds = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        fn()
-        _sync(device)
-        seconds.append(time.perf_counter() - t)
-    return statistics.median(seconds)
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -121,11 +99,11 @@ def bench_layers(shape: dict, tokens_list: list[int], dtype, device, args, kerne
         for tokens in tokens_list:
             x = torch.randn(tokens, in_f, generator=g).to(device=device, dtype=dtype)
             row = _row("layer", label, f"{out_f}x{in_f}", tokens,
-                       timed(lambda: F.linear(x, dense_w), device, args.warmup, args.repeats))
+                       R.timed(lambda: F.linear(x, dense_w), device, args.warmup, args.repeats))
             if isinstance(layer.weight, torch.sparse.SparseSemiStructuredTensor):
                 with torch.inference_mode():
                     error = _rel(layer(x), F.linear(x, dense_w))
-                _finish(row, timed(lambda: layer(x), device, args.warmup, args.repeats), error)
+                _finish(row, R.timed(lambda: layer(x), device, args.warmup, args.repeats), error)
             else:
                 row["status"] = "2:4 kernel unavailable"
             rows.append(row)
@@ -159,7 +137,7 @@ def bench_model(shape: dict, dtype, device, args, kernel: dict) -> dict:
         return m(input_ids=ids, use_cache=False).logits
 
     row = _row("model", f"LlamaForCausalLM, {args.blocks} blocks", f"{args.batch}x{args.seqlen}", tokens,
-               timed(lambda: forward(model), device, args.warmup, args.repeats))
+               R.timed(lambda: forward(model), device, args.warmup, args.repeats))
     row["pruned_layers"] = len(report.masks)
     with torch.inference_mode():
         reference = forward(model)
@@ -172,7 +150,7 @@ def bench_model(shape: dict, dtype, device, args, kernel: dict) -> dict:
         return row
     with torch.inference_mode():
         error = _rel(forward(sparse), reference)
-    return _finish(row, timed(lambda: forward(sparse), device, args.warmup, args.repeats), error)
+    return _finish(row, R.timed(lambda: forward(sparse), device, args.warmup, args.repeats), error)
 
 
 def _num(v, fmt: str, unit: str = "") -> str:

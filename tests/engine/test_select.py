@@ -17,7 +17,8 @@ from tests.engine_helpers import correlated_inputs, random_weight
 def _awkward(n: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     """Values with many ties, both zeros, both infinities, subnormals and a wide range of exponents."""
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, generator=g, dtype=torch.float64) * torch.exp(4 * torch.randn(n, generator=g, dtype=torch.float64))
+    spread = torch.exp(4 * torch.randn(n, generator=g, dtype=torch.float64))
+    x = torch.randn(n, generator=g, dtype=torch.float64) * spread
     x[: n // 4] = x[: n // 4].round()  # ties
     x[n // 4 : n // 4 + 5] = -0.0
     x[n // 4 + 5 : n // 4 + 9] = 0.0

@@ -35,8 +35,9 @@ the other one on the two-product path below. Differences that only change roundi
   ``n^3`` per rho is what the authors pay);
 * the resolvent is formed once per value of rho (the authors re-form it at every check);
 * the unstructured top-k is a ``O(m n)`` selection of the k-th largest magnitude (``numpy.partition``
-  on CPU, a radix select on an accelerator: ``torch.kthvalue`` is slow on one large slice there) plus a comparison, and ``N:M`` (``M <= 8``) ranks each
-  weight by ``M - 1`` comparisons within its group;
+  on CPU, a radix select on an accelerator, where ``torch.kthvalue`` is slow on one large slice)
+  plus a comparison, and ``N:M`` (``M <= 8``) ranks each weight by ``M - 1`` comparisons within its
+  group;
 * the CG is Jacobi-preconditioned (the authors' is not; ``diag(H~)`` is 1 up to the ``1e-8``, so
   the preconditioner is the identity up to rounding) and runs its ``pcg_iters`` iterations (the
   authors' stop test on the unmasked residual never fires before them on a pruned support).

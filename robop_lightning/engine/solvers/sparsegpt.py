@@ -10,8 +10,7 @@ Three differences from the reference, none changing what is computed beyond floa
 * exact budgets: each block prunes an exact count (the layer budget spread over blocks by
   cumulative rounding) instead of thresholding at a quantile, which can be off by ties; the count
   is found by a selection (NumPy's introselect on CPU, a radix select on an accelerator, where
-  ``torch.kthvalue`` is slow on one large slice), ties at the threshold going
-  to the lowest indices;
+  ``torch.kthvalue`` is slow on one large slice), ties at the threshold going to the lowest indices;
 * ``U`` comes from one Cholesky factorisation and one triangular inverse, in float64, instead of
   the reference's three factorisations (``chol``, ``cholesky_inverse``, ``chol``): with ``J`` the
   reversal permutation and ``J H J = L L^T``, ``U = J L^-1 J`` is upper triangular with a positive
