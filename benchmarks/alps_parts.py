@@ -26,6 +26,11 @@ each on CUDA):
   introselect, which it still uses), ``update``: one iteration's element-wise work;
 * ``cg``: the final conjugate-gradient fit (``pcg_iters`` iterations).
 
+For the wide layers (two products per iteration, no formed resolvent) also the alternative that
+would skip the ``eigh``: a float64 Cholesky factor of ``H~ + rho I`` per value of rho and two float32
+triangular solves per iteration, against the ``eigh`` and the products the solver spends (whether
+that route would pay on the device; it is not built).
+
 ``model`` adds them up as the solver runs them: eigh + resolvents x values of rho + iterations x
 (product + select + update) + CG x 1.3 (the fallback's 3-iteration screen of the start support beside
 the 10-iteration fit; a start within 25 % of ADMM's loss gets 7 more, not counted); ``model /
@@ -56,10 +61,11 @@ PARTS = ("eigh", "resolvent", "product", "select", "update", "cg")
 
 
 def layer_shapes(shape: dict) -> list[tuple[str, int, int]]:
-    """``(label, out, in)`` of the distinct linear shapes of a Llama block."""
+    """``(label, out, in)`` of the distinct linear shapes of a Llama block, the largest solves first (a
+    run cut short by a time limit keeps those)."""
     h, m = shape["hidden_size"], shape["intermediate_size"]
     kv = shape["num_key_value_heads"] * shape["head_dim"]
-    return [("q/o_proj", h, h), ("k/v_proj", kv, h), ("gate/up_proj", m, h), ("down_proj", h, m)]
+    return [("down_proj", h, m), ("gate/up_proj", m, h), ("q/o_proj", h, h), ("k/v_proj", kv, h)]
 
 
 def problem(rows: int, cols: int, tokens_per_input: float, device: torch.device, seed: int = 0):
@@ -109,12 +115,11 @@ def measure(label: str, rows: int, cols: int, pattern, args, device: torch.devic
     v = torch.zeros_like(b0)
     supp = support(scores, pattern, kept)
 
-    def update():
+    def update():  # the iteration's element-wise work outside the product and the selection
         x = (v + rho * b0) / rho
         d = x * supp.to(x.dtype)
         v.add_(rho * (b0 - d))
-        _ = hb0 - v + rho * d
-        return int((supp != supp).sum())
+        return x.abs()
 
     update_s = R.timed(update, device, 1, args.repeats)
     fits = 1.3  # the fit on ADMM's support (10 iterations) and the fallback's 3-iteration screen of the start's
@@ -122,6 +127,7 @@ def measure(label: str, rows: int, cols: int, pattern, args, device: torch.devic
     parts = {"eigh": eigh_s, "resolvent": resolvent_s * rho_values, "product": product_s * iterations,
              "select": select_s * iterations, "update": update_s * iterations, "cg": cg_s * fits}
     model = sum(parts.values())
+    cholesky = None if explicit else cholesky_route(ht, b0, rho, rho_values, iterations, device, args.repeats)
     print(f"[alps_parts] {label} {rows}x{cols}: solve {solve_s:.2f} s, {iterations} iterations, "
           + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()), flush=True)
     return {"name": label, "shape": f"{rows}x{cols}", "path": "formed resolvent" if explicit else "two products",
@@ -129,23 +135,44 @@ def measure(label: str, rows: int, cols: int, pattern, args, device: torch.devic
             "per_call": {"eigh": eigh_s, "resolvent": resolvent_s, "product": product_s, "select": select_s,
                          "kthvalue": kth_s, "update": update_s, "cg": cg_s},
             "kthvalue_seconds": None if kth_s is None else kth_s * iterations,
-            "model_seconds": model, "model_over_solve": model / solve_s}
+            "model_seconds": model, "model_over_solve": model / solve_s,
+            "eigh_route_seconds": None if explicit else parts["eigh"] + parts["product"],
+            "cholesky_route_seconds": cholesky}
+
+
+def cholesky_route(ht: torch.Tensor, b0: torch.Tensor, rho: float, rho_values: int, iterations: int,
+                   device: torch.device, repeats: int) -> float:
+    """Seconds of the alternative for a wide layer: no ``eigh``, a float64 Cholesky factor of
+    ``H~ + rho I`` per value of rho and two float32 triangular solves per iteration (not what the
+    solver does; the figure says whether it would pay on this device)."""
+    shifted = ht.double() + rho * torch.eye(ht.shape[0], dtype=torch.float64, device=device)
+    factor_s = R.timed(lambda: torch.linalg.cholesky(shifted).float(), device, 1, repeats)
+    low = torch.linalg.cholesky(shifted).float()
+
+    def solves():
+        return torch.linalg.solve_triangular(low.T, torch.linalg.solve_triangular(low, b0, upper=False), upper=True)
+
+    return factor_s * rho_values + R.timed(solves, device, 1, repeats) * iterations
 
 
 def markdown(command: str, info: dict, payload: dict) -> str:
     lines = [f"Command: `{command}`", "", f"Commit: {payload['commit']}", "", f"Machine: {R.machine_line(info)}", "",
              f"Pattern: {payload['config']['pattern']}; shapes of {payload['config']['config']} at scale "
              f"{payload['config']['scale']}; Gram of {payload['config']['tokens_per_input']} x in inputs.", "",
-             "| layer | out x in | ALPS s | iterations | " + " | ".join(PARTS) + " | model / ALPS | kthvalue instead |",
-             "|---|---|---|---|" + "---|" * len(PARTS) + "---|---|"]
+             "| layer | out x in | ALPS s | iterations | " + " | ".join(PARTS)
+             + " | model / ALPS | kthvalue instead | eigh + products | Cholesky route |",
+             "|---|---|---|---|" + "---|" * len(PARTS) + "---|---|---|---|"]
     for r in payload["rows"]:
         share = " | ".join(f"{r['parts'][p]:.2f} ({r['parts'][p] / r['solve_seconds']:.0%})" for p in PARTS)
-        kth = "-" if r["kthvalue_seconds"] is None else f"{r['kthvalue_seconds']:.2f} s"
+        kth, eig, chol = (("-" if r[k] is None else f"{r[k]:.2f} s") for k in
+                          ("kthvalue_seconds", "eigh_route_seconds", "cholesky_route_seconds"))
         lines.append(f"| {r['name']} | {r['shape']} | {r['solve_seconds']:.2f} | {r['iterations']} | {share} | "
-                     f"{r['model_over_solve']:.2f} | {kth} |")
+                     f"{r['model_over_solve']:.2f} | {kth} | {eig} | {chol} |")
     lines += ["", "Parts: seconds over the whole solve (share of the ALPS seconds): per-call medians x the calls "
               "the solve makes. `kthvalue instead`: the iterations' selections by `torch.kthvalue` (the "
-              "accelerator path before the radix select; not timed on a CPU)."]
+              "accelerator path before the radix select; not timed on a CPU). Wide layers (two products): "
+              "`eigh + products` is what the solver spends on them, `Cholesky route` what a float64 Cholesky "
+              "factor per value of rho and two triangular solves per iteration would (not built)."]
     return "\n".join(lines) + "\n"
 
 
@@ -170,15 +197,17 @@ def main(argv=None) -> dict:
     shape = llm_scale.scaled_shape(args.config, args.scale)
     w, h = problem(64, 64, 2.0, device)
     alps(w, h, pattern)  # the libraries' first calls (cuBLAS, cuSOLVER handles) before anything is timed
-    rows = [measure(label, out_f, in_f, pattern, args, device) for label, out_f, in_f in layer_shapes(shape)
-            if args.layers is None or label in args.layers]
     info = R.machine(device)
     command = R.command_line("benchmarks/alps_parts.py", argv)
     payload = {"command": command, "commit": R.git_commit(), "machine": info, "device": str(device),
                "config": {"config": args.config, "scale": args.scale, "pattern": args.pattern,
                           "sparsity": args.sparsity, "tokens_per_input": args.tokens_per_input,
                           "repeats": args.repeats},
-               "rows": rows}
+               "rows": []}
+    for label, out_f, in_f in layer_shapes(shape):
+        if args.layers is None or label in args.layers:
+            payload["rows"].append(measure(label, out_f, in_f, pattern, args, device))
+            R.write_results(args.out, payload, markdown(command, info, payload))  # each layer as it is done
     R.publish(args.out, payload, markdown(command, info, payload))
     return payload
 

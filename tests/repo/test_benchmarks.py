@@ -206,15 +206,19 @@ def test_alps_parts_fast_accounts_for_the_solve(tmp_path):
     payload = load_script("benchmarks/alps_parts.py").main(["--fast", "--out", str(tmp_path / "ap")])
     data = json.loads((tmp_path / "ap.json").read_text())
     assert [r["name"] for r in data["rows"]] == [r["name"] for r in payload["rows"]] == [
-        "q/o_proj", "k/v_proj", "gate/up_proj", "down_proj"]
-    assert [r["shape"] for r in data["rows"]] == ["64x64", "16x64", "228x64", "64x228"]  # llm_scale's widths at 0.016
+        "down_proj", "gate/up_proj", "q/o_proj", "k/v_proj"]  # the largest solves first
+    assert [r["shape"] for r in data["rows"]] == ["64x228", "228x64", "64x64", "16x64"]  # llm_scale's widths at 0.016
     for row in data["rows"]:
         assert row["solve_seconds"] > 0 and row["iterations"] >= 3 and row["rho_values"] >= 1
         assert set(row["parts"]) == {"eigh", "resolvent", "product", "select", "update", "cg"}
         assert (row["parts"]["resolvent"] > 0) == (row["path"] == "formed resolvent")  # wide layers: two products
         assert row["model_seconds"] == pytest.approx(sum(row["parts"].values()))
         assert row["kthvalue_seconds"] is None  # the old accelerator path is not timed on a CPU
-    assert [r["path"] for r in data["rows"]] == ["formed resolvent", "two products", "formed resolvent", "two products"]
+        wide = row["path"] == "two products"
+        assert (row["cholesky_route_seconds"] is not None) == wide and (row["eigh_route_seconds"] is not None) == wide
+        if wide:
+            assert row["cholesky_route_seconds"] > 0 and row["eigh_route_seconds"] >= row["parts"]["eigh"]
+    assert [r["path"] for r in data["rows"]] == ["two products", "formed resolvent", "formed resolvent", "two products"]
     assert "| down_proj | 64x228 |" in (tmp_path / "ap.md").read_text()
 
 
