@@ -60,6 +60,14 @@ FAST = ["--config", "llama3-8b", "--scale", "0.016", "--device", "cpu", "--repea
 PARTS = ("eigh", "resolvent", "product", "select", "update", "cg")
 
 
+def timed_value(fn, device: torch.device, warmup: int, repeats: int):
+    """``(seconds, result)``: :func:`_real_layers.timed`'s median, and the last call's result (so that a
+    part the benchmark goes on with is computed once more only for its timing)."""
+    last = []
+    seconds = R.timed(lambda: last.__setitem__(slice(None), [fn()]), device, warmup, repeats)
+    return seconds, last[0]
+
+
 def layer_shapes(shape: dict) -> list[tuple[str, int, int]]:
     """``(label, out, in)`` of the distinct linear shapes of a Llama block, the largest solves first (a
     run cut short by a time limit keeps those)."""
@@ -92,28 +100,25 @@ def measure(label: str, rows: int, cols: int, pattern, args, device: torch.devic
     rhos = [e["rho"] for e in history]
     rho_values = 1 + sum(1 for a, b in zip(rhos, rhos[1:]) if a != b)
 
-    s32, ht, lam, q = _normalised_eigh(h, device)
-    eigh_s = R.timed(lambda: _normalised_eigh(h, device), device, 0, args.repeats)
+    eigh_s, (s32, ht, lam, q) = timed_value(lambda: _normalised_eigh(h, device), device, 0, args.repeats)
     explicit = cols < 2 * rows
     b0 = (w.float() * s32[None, :]).T.contiguous()  # (in, out), the solver's layout
     hb0 = (b0.T @ ht).T
     kept = pattern.keep_count(rows, cols)
     rho = 0.1
     if explicit:
-        resolvent_s = R.timed(lambda: (q @ ((1 / (lam + rho)) * q).T).float(), device, 1, args.repeats)
-        m32 = (q @ ((1 / (lam + rho)) * q).T).float()
+        resolvent_s, m32 = timed_value(lambda: (q @ ((1 / (lam + rho)) * q).T).float(), device, 1, args.repeats)
         product_s = R.timed(lambda: m32 @ (hb0 + rho * b0), device, 1, args.repeats)
     else:
         resolvent_s = 0.0
         q32, d32 = q.float(), (lam + rho).float()[:, None]
         product_s = R.timed(lambda: q32 @ ((q32.T @ (rho * b0)) / d32), device, 1, args.repeats)
     scores = b0.abs()
-    select_s = R.timed(lambda: support(scores, pattern, kept), device, 1, args.repeats)
+    select_s, supp = timed_value(lambda: support(scores, pattern, kept), device, 1, args.repeats)
     flat = scores.reshape(-1)
     kth_s = (R.timed(lambda: torch.kthvalue(flat, flat.numel() - kept + 1), device, 1, args.repeats)
              if pattern.kind == "unstructured" and device.type != "cpu" else None)
     v = torch.zeros_like(b0)
-    supp = support(scores, pattern, kept)
 
     def update():  # the iteration's element-wise work outside the product and the selection
         x = (v + rho * b0) / rho
@@ -146,8 +151,7 @@ def cholesky_route(ht: torch.Tensor, b0: torch.Tensor, rho: float, rho_values: i
     ``H~ + rho I`` per value of rho and two float32 triangular solves per iteration (not what the
     solver does; the figure says whether it would pay on this device)."""
     shifted = ht.double() + rho * torch.eye(ht.shape[0], dtype=torch.float64, device=device)
-    factor_s = R.timed(lambda: torch.linalg.cholesky(shifted).float(), device, 1, repeats)
-    low = torch.linalg.cholesky(shifted).float()
+    factor_s, low = timed_value(lambda: torch.linalg.cholesky(shifted).float(), device, 1, repeats)
 
     def solves():
         return torch.linalg.solve_triangular(low.T, torch.linalg.solve_triangular(low, b0, upper=False), upper=True)

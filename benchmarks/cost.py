@@ -89,11 +89,6 @@ class PeakRSS:
         self.peak = max(self.peak, _rss())
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _mb(x: float) -> float:
     return x / 2**20
 
@@ -167,11 +162,11 @@ def _one(model, batches, sparsity, solver, targets, device, model_bytes, hidden_
         torch.cuda.empty_cache()
     with warnings.catch_warnings(), PeakRSS() as mem:
         warnings.simplefilter("ignore", RuntimeWarning)
-        _sync(device)
+        R.sync(device)
         t = time.perf_counter()
         report = prune_model(model, batches, sparsity=sparsity, solver=solver, uncertainty=name, radius=radius,
                              targets=targets, progress=False, device=onload)
-        _sync(device)
+        R.sync(device)
         seconds = time.perf_counter() - t
     layers = report.layers
     row = {
@@ -199,10 +194,10 @@ def _one(model, batches, sparsity, solver, targets, device, model_bytes, hidden_
 
 # --------------------------------------------------------------------------- parts 2 and 3
 def _timed(fn, device):
-    _sync(device)
+    R.sync(device)
     t = time.perf_counter()
     fn()
-    _sync(device)
+    R.sync(device)
     return time.perf_counter() - t
 
 

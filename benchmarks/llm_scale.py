@@ -141,11 +141,6 @@ def parse_tokens(text: str) -> tuple[int, int]:
 
 
 # --------------------------------------------------------------------------- timing helpers
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class Clock:
     """Accumulates synchronized wall seconds per phase: ``with clock("solve"): ...``."""
 
@@ -157,11 +152,11 @@ class Clock:
 
         class _Phase:
             def __enter__(self):
-                _sync(clock.device)
+                R.sync(clock.device)
                 self.t = time.perf_counter()
 
             def __exit__(self, *exc):
-                _sync(clock.device)
+                R.sync(clock.device)
                 clock.seconds[phase] = clock.seconds.get(phase, 0.0) + time.perf_counter() - self.t
 
         return _Phase()
@@ -321,10 +316,10 @@ def dense_forward_seconds(model, batches: list[dict], device: torch.device) -> f
     seconds = 0.0
     for layer in layers:
         layer(inputs[0][0], **inputs[0][1])  # warm-up
-        _sync(device)
+        R.sync(device)
         t = time.perf_counter()
         outputs = [(_hidden(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
-        _sync(device)
+        R.sync(device)
         seconds += time.perf_counter() - t
         inputs = outputs
     return seconds / len(layers)
@@ -340,7 +335,7 @@ def run_method(method: str, model, original: dict, batches: list[dict], args, de
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     report = None
-    _sync(device)
+    R.sync(device)
     with PeakRSS() as peak:
         t = time.perf_counter()
         if method == "reference":
@@ -348,7 +343,7 @@ def run_method(method: str, model, original: dict, batches: list[dict], args, de
         else:
             report = prune_model(model, batches, sparsity=args.sparsity, pattern=args.pattern, solver=solver,
                                  uncertainty=uncertainty, blocks="model.layers", device=device, progress=False)
-        _sync(device)
+        R.sync(device)
         seconds = time.perf_counter() - t
     row = {"method": method, "solver": solver, "uncertainty": uncertainty, "pattern": args.pattern,
            "seconds": seconds, "seconds_per_block": seconds / blocks,

@@ -405,7 +405,8 @@ class GramAccumulator:
                 self._add(self.acc[r], x[picked.to(x.device)])
 
     def finish(self, distributed: bool = False) -> GramInputs:
-        """The statistics as :class:`GramInputs` (summed over ranks under ``torch.distributed``).
+        """The statistics as :class:`GramInputs` (summed over ranks under ``torch.distributed``). Call it
+        once, after the last batch: the Grams it returns may be this accumulator's own (symmetrised in place).
 
         Raises:
             StatsUnavailable: fewer or more samples arrived than ``expected`` (the split was wrong).

@@ -68,7 +68,7 @@ def test_solvers_give_the_same_result_with_the_radix_select(solver, monkeypatch)
         calls.append(k)
         return radix_kth_smallest(values, k)
 
-    monkeypatch.setattr(module, "kth_smallest", radix)
+    monkeypatch.setattr(importlib.import_module("robop_lightning.engine.solvers._select"), "kth_smallest", radix)
     w_radix, keep_radix = fn(w, h, pattern)
     assert calls, "the solver did not select through kth_smallest"
     assert torch.equal(keep_cpu, keep_radix) and torch.equal(w_cpu, w_radix)

@@ -14,10 +14,12 @@ arithmetic: the value returned is the exact k-th smallest, the one ``kthvalue`` 
 
 from __future__ import annotations
 
+import bisect
+
 import numpy as np
 import torch
 
-__all__ = ["kth_smallest", "radix_kth_smallest"]
+__all__ = ["kth_smallest", "radix_kth_smallest", "extreme_mask"]
 
 # float dtype -> (integer view, bits, digit widths from the most significant digit)
 _LAYOUT = {
@@ -42,6 +44,30 @@ def kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
         arr = flat.detach().numpy()
         return torch.as_tensor(np.partition(arr, k - 1)[k - 1], dtype=flat.dtype)
     return radix_kth_smallest(flat, k)
+
+
+def extreme_mask(values: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
+    """Bool mask (``values``' shape) of its ``k`` largest (``largest=False``: smallest) entries, exactly
+    ``k``: the entries beyond the k-th value, then as many entries equal to it as the count needs,
+    the first in memory order.
+
+    Example:
+        >>> extreme_mask(torch.tensor([1.0, 3.0, 3.0, 2.0]), 2).tolist()
+        [False, True, True, False]
+        >>> extreme_mask(torch.tensor([3.0, 1.0, 2.0, 1.0]), 1, largest=False).tolist()
+        [False, True, False, False]
+    """
+    flat = values.reshape(-1)
+    total = flat.numel()
+    if k <= 0 or k >= total:
+        return torch.full_like(values, k > 0, dtype=torch.bool)
+    thr = kth_smallest(flat, total - k + 1 if largest else k)
+    keep = flat >= thr if largest else flat <= thr
+    extra = int(torch.count_nonzero(keep)) - k
+    if extra > 0:  # ties at the threshold: keep the first ones only
+        ties = torch.nonzero(flat == thr).flatten()
+        keep[ties[ties.numel() - extra :]] = False
+    return keep.view_as(values)
 
 
 def radix_kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -71,10 +97,9 @@ def radix_kth_smallest(values: torch.Tensor, k: int) -> torch.Tensor:
         digit = keys >> shift
         # the first digit holds the sign: shifted arithmetically it lies in [-2^(w-1), 2^(w-1))
         digit = digit + (1 << (width - 1)) if i == 0 else digit & ((1 << width) - 1)
-        counts = torch.bincount(digit.reshape(-1), minlength=1 << width)
-        below = counts.cumsum(0)
-        bucket = int(torch.searchsorted(below, torch.tensor([k], device=below.device, dtype=below.dtype)))
-        k -= int(below[bucket - 1]) if bucket else 0
+        below = torch.bincount(digit.reshape(-1), minlength=1 << width).cumsum(0).tolist()  # one read-back
+        bucket = bisect.bisect_left(below, k)  # the first bucket whose running count reaches k
+        k -= below[bucket - 1] if bucket else 0
         keys = keys[digit == bucket]
     key = keys[:1]
     key = torch.where(key < 0, key ^ flip, key)

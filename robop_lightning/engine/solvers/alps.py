@@ -61,7 +61,7 @@ import torch
 
 from robop_lightning.engine.damping import positive_definite
 from robop_lightning.engine.patterns import Pattern
-from robop_lightning.engine.solvers._select import kth_smallest
+from robop_lightning.engine.solvers._select import extreme_mask
 from robop_lightning.engine.solvers.refit import masked_pcg
 
 
@@ -207,27 +207,10 @@ def support(scores: torch.Tensor, pattern: Pattern, kept: int, prior: torch.Tens
     fast selections below; other patterns, and any ``prior`` mask, go through ``pattern.select``.
     """
     if pattern.kind == "unstructured" and prior is None and 0 < kept < scores.numel():
-        return _top_k_mask(scores, kept)
+        return extreme_mask(scores, kept)
     if pattern.kind == "nm" and prior is None and pattern.m <= 8:
         return _nm_mask(scores, pattern.n, pattern.m)
     return pattern.select(scores.T, prior=prior).T
-
-
-def _top_k_mask(a: torch.Tensor, k: int) -> torch.Tensor:
-    """Bool mask of the ``k`` largest entries of ``a`` (ties at the threshold: first in memory order).
-
-    Selects the k-th largest value in ``O(numel)`` (:func:`~robop_lightning.engine.solvers._select.kth_smallest`:
-    ``numpy.partition`` on CPU, a radix select elsewhere) and compares, instead of a ``topk`` over the
-    whole layer.
-    """
-    flat = a.reshape(-1)
-    thr = kth_smallest(flat, flat.numel() - k + 1)
-    keep = flat >= thr
-    extra = int(torch.count_nonzero(keep)) - k
-    if extra > 0:  # ties at the threshold: keep the first ones only
-        ties = torch.nonzero(flat == thr).flatten()
-        keep[ties[ties.numel() - extra :]] = False
-    return keep.view_as(a)
 
 
 def _nm_mask(a: torch.Tensor, n: int, m: int) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch
 
 from robop_lightning.engine.patterns import Pattern
 from robop_lightning.engine.solvers._linalg import triangular_inverse
-from robop_lightning.engine.solvers._select import kth_smallest
+from robop_lightning.engine.solvers._select import extreme_mask
 
 __all__ = ["sparsegpt", "prepare", "upper_inverse_factor", "smallest"]
 
@@ -94,8 +94,7 @@ def smallest(scores: torch.Tensor, k: int | torch.Tensor, dim: int | None = None
         [[True, True, False], [False, False, True]]
     """
     if dim is None:
-        flat = scores.reshape(1, -1)
-        return smallest(flat, torch.tensor([int(k)], device=scores.device), dim=1).view_as(scores)
+        return extreme_mask(scores, min(max(int(k), 0), scores.numel()), largest=False)
     moved = scores.movedim(dim, -1)
     n = moved.shape[-1]
     counts = torch.as_tensor(k, device=scores.device).expand(moved.shape[:-1]).clamp(0, n)
@@ -116,8 +115,6 @@ def _kth(moved: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     if bool((counts == first).all()):  # one count for all slices: one selection
         if first == 0:
             return torch.full(moved.shape[:-1], -math.inf, dtype=moved.dtype, device=moved.device)
-        if moved.dim() == 2 and moved.shape[0] == 1:  # one slice: NumPy's introselect or a radix select
-            return kth_smallest(moved, first).reshape(1)
         return torch.kthvalue(moved, first, dim=-1).values
     ordered = moved.sort(dim=-1).values
     idx = (counts - 1).clamp_min(0).unsqueeze(-1)
@@ -148,7 +145,7 @@ SUB_BLOCK = 16  # columns whose updates reach the rest of their block at once (o
 
 
 def _sweep(w1: torch.Tensor, u1: torch.Tensor, mask1: torch.Tensor, pattern: Pattern,
-           prior1: torch.Tensor | None, sub: int = SUB_BLOCK) -> torch.Tensor:
+           prior1: torch.Tensor | None, sub: int = SUB_BLOCK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """OBS sweep of one block: returns the pruned block, its mask (True = pruned; filled for N:M
     patterns as it goes) and its scaled errors (what later columns receive), each ``(rows, count)``.
 
@@ -165,11 +162,12 @@ def _sweep(w1: torch.Tensor, u1: torch.Tensor, mask1: torch.Tensor, pattern: Pat
     zero = torch.zeros((), dtype=wt.dtype, device=wt.device)
     if pattern.kind == "nm":  # a group's columns must all be up to date when its mask is chosen
         sub = -(-sub // pattern.m) * pattern.m
+        d2 = u1.diagonal().pow(2)  # the OBS denominators of the block, once
     for j1 in range(0, count, sub):
         j2 = min(j1 + sub, count)
         for i in range(j1, j2):
             if pattern.kind == "nm" and i % pattern.m == 0:
-                tmp = wt[i : i + pattern.m].T.pow(2) / u1.diagonal()[i : i + pattern.m].pow(2)[None, :]
+                tmp = wt[i : i + pattern.m].T.pow(2) / d2[i : i + pattern.m][None, :]
                 if prior1 is not None:
                     tmp = tmp.masked_fill(~prior1[:, i : i + pattern.m], -math.inf)
                 drop = torch.topk(tmp, pattern.m - pattern.n, dim=1, largest=False).indices
