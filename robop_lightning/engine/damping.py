@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 import torch
 
-__all__ = ["Ridge", "check_engine_options", "positive_definite", "damp_until_definite", "unit_scale"]
+__all__ = ["Ridge", "check_engine_options", "positive_definite", "damp_until", "damp_until_definite", "factored",
+           "unit_scale"]
 
 
 def positive_definite(hd: torch.Tensor, float32: bool = True) -> bool:
@@ -26,42 +27,44 @@ def positive_definite(hd: torch.Tensor, float32: bool = True) -> bool:
     return int(torch.linalg.cholesky_ex(hd.mul(d[:, None]).mul_(d[None, :]).float()).info) == 0
 
 
-def damp_until_definite(
+def damp_until(
     h_eff: torch.Tensor,
     lam: float,
     name: str,
+    accept: Callable[[torch.Tensor], Any],
     warn: bool = True,
     columns: int | None = None,
-    float32: bool = True,
-    test: Callable[[torch.Tensor], bool] | None = None,
-) -> tuple[torch.Tensor, float]:
-    """``h_eff + lam I``, with ``lam`` raised x10 (up to 6 times) until Cholesky succeeds.
+    stacklevel: int = 3,
+) -> tuple[Any, float]:
+    """``(accept(h_eff + lam I), lam)``, with ``lam`` raised x10 (up to 6 times) while ``accept`` returns
+    ``None`` (the matrix is not definite enough for the caller; else what the caller keeps of it, such
+    as a solver's factorisation).
 
     ``warn=False`` leaves the warning to the caller (``prune_layer`` warns once per layer).
     ``columns``: damp only the first ``columns`` diagonal entries, and scale the raise by their
-    mean (structured OBS: the last column is a bias's constant input). ``float32=False``: the
-    caller works in float64 only (see :func:`positive_definite`). ``test(hd)``: the caller's own
-    definiteness test instead (a solver whose factorisation fails on an indefinite matrix).
+    mean (structured OBS: the last column is a bias's constant input).
 
     Example:
         >>> h = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=torch.float64)  # singular
-        >>> hd, lam = damp_until_definite(h, 0.0, "layer", warn=False)
-        >>> lam > 0, positive_definite(hd)
+        >>> low, lam = damp_until(h, 0.0, "layer", lambda hd: torch.linalg.cholesky_ex(hd)[0]
+        ...                       if int(torch.linalg.cholesky_ex(hd).info) == 0 else None, warn=False)
+        >>> lam > 0, bool((low.diagonal() > 0).all())
         (True, True)
     """
     base = lam
     for _ in range(7):
         hd = h_eff.clone()
         hd.diagonal()[:columns].add_(lam)  # h_eff + lam I (only the first ``columns`` entries)
-        if (positive_definite(hd, float32) if test is None else test(hd)):
+        kept = accept(hd)
+        if kept is not None:
             if lam != base and warn:
                 warnings.warn(
                     f"{name}: the damped Gram was not positive definite; damping raised from "
                     f"{base:.3g} to {lam:.3g} (rank-deficient or badly scaled calibration inputs).",
                     RuntimeWarning,
-                    stacklevel=3,
+                    stacklevel=stacklevel,
                 )
-            return hd, lam
+            return kept, lam
         # x10, starting no lower than 1e-6 of the Gram's scale (an absolute ridge can be far below it)
         scale = float(h_eff.diagonal()[:columns].mean())
         lam = max(lam * 10, 1e-6 * (scale if scale > 0 else 1.0))
@@ -69,6 +72,41 @@ def damp_until_definite(
         f"{name}: the calibration Gram stays singular even with damping {lam:.3g}; the inputs of this "
         "layer are degenerate. Use more calibration data or a larger `damping`."
     )
+
+
+def damp_until_definite(
+    h_eff: torch.Tensor,
+    lam: float,
+    name: str,
+    warn: bool = True,
+    columns: int | None = None,
+    float32: bool = True,
+) -> tuple[torch.Tensor, float]:
+    """``h_eff + lam I``, with ``lam`` raised x10 (up to 6 times) until :func:`positive_definite`
+    (``float32=False``: the caller works in float64 only); see :func:`damp_until`.
+
+    Example:
+        >>> h = torch.tensor([[1.0, 1.0], [1.0, 1.0]], dtype=torch.float64)  # singular
+        >>> hd, lam = damp_until_definite(h, 0.0, "layer", warn=False)
+        >>> lam > 0, positive_definite(hd)
+        (True, True)
+    """
+    return damp_until(h_eff, lam, name, lambda hd: hd if positive_definite(hd, float32) else None, warn, columns,
+                      stacklevel=4)
+
+
+def factored(prepare: Callable[[torch.Tensor], Any], unit: Callable[[torch.Tensor], float]):
+    """An ``accept`` for :func:`damp_until`: ``(hd / unit(hd), prepare(hd / unit(hd)))``, or ``None``
+    where the solver's factorisation ``prepare`` fails (``unit``: the power of 4 the solver's matrix
+    is divided by)."""
+
+    def accept(hd: torch.Tensor):
+        u = unit(hd)
+        scaled = hd / u if u != 1.0 else hd
+        factor = prepare(scaled)
+        return None if factor is None else (scaled, factor)
+
+    return accept
 
 
 @dataclass
@@ -95,15 +133,8 @@ class Ridge:
             if prepare is None:
                 hd, lam = damp_until_definite(h_eff, self.base, name, warn=False)
                 return hd / unit, lam, None
-            found: list = []
-
-            def test(hd: torch.Tensor) -> bool:
-                scaled = hd / unit if unit != 1.0 else hd
-                found[:] = [scaled, prepare(scaled)]
-                return found[1] is not None
-
-            lam = damp_until_definite(h_eff, self.base, name, warn=False, test=test)[1]
-            return found[0], lam, found[1]
+            (scaled, factor), lam = damp_until(h_eff, self.base, name, factored(prepare, lambda hd: unit), warn=False)
+            return scaled, lam, factor
 
         hd, lam, factor = make() if memo is None else memo(make)
         self.raised = max(self.raised, lam)

@@ -37,11 +37,11 @@ from typing import Any
 
 import torch
 
-from robop_lightning.engine.damping import damp_until_definite, unit_scale
+from robop_lightning.engine.damping import damp_until, damp_until_definite, factored, unit_scale
 from robop_lightning.engine.gram import GramInputs, LayerInputs
 from robop_lightning.utils.typed import coerce_options
 from robop_lightning.engine.patterns import Pattern
-from robop_lightning.engine.solvers import DATA_FREE, SOLVERS, USES_FULL_GRAM
+from robop_lightning.engine.solvers import DATA_FREE, PREPARE, SOLVERS, USES_FULL_GRAM
 from robop_lightning.engine.solvers.alps import support
 from robop_lightning.engine.solvers.cap import cap_grouped
 from robop_lightning.engine.sets import CLOSED_FORM_SETS, canonical_set_name, parse_set_spec
@@ -437,18 +437,22 @@ def select_uncertainty(
 _GROUP_BYTES = 1 << 28  # float64 Grams of the candidates CAP scores together (256 MiB)
 
 
-def _solve_gram(fold: dict[str, Any], ridge: float, c: float, scorer: str, name: str) -> torch.Tensor:
-    """``H_train + c H_train^(1/2) + ridge I`` of one candidate (damped until definite for the solvers that
-    factor it), divided by its power-of-4 unit; the fold caches its square root."""
+def _solve_gram(fold: dict[str, Any], ridge: float, c: float, scorer: str, name: str) -> tuple[torch.Tensor, Any]:
+    """``H_train + c H_train^(1/2) + ridge I`` of one candidate divided by its power-of-4 unit, and the
+    solver's factorisation of it (damped until that succeeds, as in the layer's own solve; ``None``
+    for the solvers that factor nothing); the fold caches its square root."""
     h_train = fold["h_train"]
     if c and "root" not in fold:  # one H_train^(1/2) per fold, every gamma of E
         fold["root"] = sqrt_psd(h_train).to(h_train.dtype)
     h_eff = h_train + c * fold["root"] if c else h_train
+    unit = lambda hd: unit_scale(float(hd.diagonal().mean()))  # noqa: E731
+    if scorer in PREPARE:
+        return damp_until(h_eff, ridge, name, factored(PREPARE[scorer], unit), warn=False)[0]
     if scorer in USES_FULL_GRAM:
         h_solve, _ = damp_until_definite(h_eff, ridge, name, warn=False)
     else:
         h_solve = h_eff + ridge * torch.eye(h_eff.shape[0], dtype=h_eff.dtype, device=h_eff.device)
-    return h_solve / unit_scale(float(h_solve.diagonal().mean()))
+    return h_solve / unit(h_solve), None
 
 
 def _candidate_weights(w: torch.Tensor, prior: torch.Tensor | None, fold: dict[str, Any], cands: Sequence[Candidate],
@@ -473,14 +477,14 @@ def _candidate_weights(w: torch.Tensor, prior: torch.Tensor | None, fold: dict[s
     if scorer != "cap":  # one candidate's Gram at a time
         out = []
         for ridge, c in shifts:
-            hs = _solve_gram(fold, ridge, c, scorer, name)
-            out.append(SOLVERS[scorer](w, hs, pattern, h_diag=hs.diagonal(), prior=prior)[0])
+            hs, factor = _solve_gram(fold, ridge, c, scorer, name)
+            out.append(SOLVERS[scorer](w, hs, pattern, h_diag=hs.diagonal(), prior=prior, factor=factor)[0])
         return out
     # CAP: candidates in the same batched elimination steps, as many at a time as _GROUP_BYTES allows
     per = max(1, _GROUP_BYTES // (h_train.shape[0] ** 2 * 8))
     out = []
     for a in range(0, len(shifts), per):
-        grams = torch.stack([_solve_gram(fold, ridge, c, scorer, name) for ridge, c in shifts[a : a + per]])
+        grams = torch.stack([_solve_gram(fold, ridge, c, scorer, name)[0] for ridge, c in shifts[a : a + per]])
         out += list(cap_grouped(w.expand(len(grams), -1, -1), grams, pattern, prior=prior)[0])
         del grams
     return out
